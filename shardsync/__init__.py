@@ -1,0 +1,1 @@
+"""slipstream.shardsync: the change log reader, shard export, delta sync, sync server and client."""

