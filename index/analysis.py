@@ -1,0 +1,86 @@
+"""Lexical analysis: text → terms, run once in Python on the write path and for queries.
+
+Both backends index exactly the terms this module produces, so the server and a
+device shard see the same vocabulary. The pipeline (analyser ``en-1``, recorded in
+every shard):
+
+1. Unicode NFKC normalisation, then `str.casefold()`.
+2. Tokens are maximal runs of letters and digits (Unicode categories L* and N*);
+   everything else separates tokens. Tokens longer than 64 characters are dropped.
+3. English stop words (the classic 33-word Lucene list) are removed.
+4. Snowball English stemming (`snowballstemmer`, which uses PyStemmer's C code
+   when installed; both give the same stems).
+
+Changing any step changes what shards contain: bump `ANALYZER` when you do.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+import snowballstemmer
+
+from .doc import IndexDoc
+
+ANALYZER = "en-1"
+MAX_TOKEN_LENGTH = 64
+
+STOP_WORDS = frozenset(
+    "a an and are as at be but by for if in into is it no not of on or such that the "
+    "their then there these they this to was will with".split()
+)
+
+_TOKEN = re.compile(r"[^\W_]+")
+_stemmer = snowballstemmer.stemmer("english")
+
+
+@lru_cache(maxsize=200_000)
+def _stem(token: str) -> str:
+    return _stemmer.stemWord(token)
+
+
+def analyze(text: str) -> list[str]:
+    """The terms of `text`, in order (duplicates kept, so callers can count them)."""
+    if not text:
+        return []
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return [
+        _stem(tok)
+        for tok in _TOKEN.findall(folded)
+        if len(tok) <= MAX_TOKEN_LENGTH and tok not in STOP_WORDS
+    ]
+
+
+def query_terms(text: str) -> list[str]:
+    """The distinct terms of a query, sorted (the order every score sums in)."""
+    return sorted(set(analyze(text)))
+
+
+@dataclass(frozen=True, slots=True)
+class LexicalFields:
+    """A document's analysed fields: per-term (title, body) frequencies and field lengths.
+
+    The title field holds the title and the keywords; the body field holds the body.
+    """
+
+    tf: dict[str, tuple[int, int]]
+    len_title: int
+    len_body: int
+
+    @property
+    def terms(self) -> list[str]:
+        return sorted(self.tf)
+
+
+def analyze_doc(doc: IndexDoc) -> LexicalFields:
+    title_terms = analyze(doc.title)
+    for keyword in doc.keywords:
+        title_terms.extend(analyze(keyword))
+    body_terms = analyze(doc.body)
+    title_tf, body_tf = Counter(title_terms), Counter(body_terms)
+    tf = {t: (title_tf.get(t, 0), body_tf.get(t, 0)) for t in sorted(title_tf.keys() | body_tf.keys())}
+    return LexicalFields(tf=tf, len_title=len(title_terms), len_body=len(body_terms))

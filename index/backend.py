@@ -1,0 +1,115 @@
+"""The contract between `SearchIndex` and a storage backend, and the values that cross it.
+
+A backend stores prepared rows and answers three questions — which scope rows hold
+these terms, which rows are nearest this vector, and what a handful of rows look like.
+It never scores: `ranking` does, identically for every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .analysis import LexicalFields
+from .doc import DocKey, IndexDoc, check_filter_value, check_identifier
+from .errors import DimensionMismatchError, UnknownSpaceError, ValidationError
+from .ranking import LexicalCandidate, ScopeStats
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedDoc:
+    """A document ready to store: analysed terms and one vector (or None) per space.
+
+    `pending` lists the spaces whose embedding failed; the row is lexical-only there
+    until a later pass fills the vector in.
+    """
+
+    doc: IndexDoc
+    lexical: LexicalFields
+    vectors: Mapping[str, np.ndarray | None]
+    pending: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which partitions a query reads: `partitions`, or every partition when it is None."""
+
+    partitions: tuple[str, ...] | None
+
+    @classmethod
+    def of(cls, partition: str | Sequence[str] | None, all_partitions: bool) -> "Scope":
+        if partition is not None and all_partitions:
+            raise ValidationError("give either partition= or all_partitions=True, not both")
+        if partition is None:
+            return cls(None)
+        parts = (partition,) if isinstance(partition, str) else tuple(partition)
+        if not parts or not all(isinstance(p, str) and p for p in parts):
+            raise ValidationError("partition must be a non-empty string or a non-empty list of them")
+        return cls(tuple(sorted(set(parts))))
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Row filters: object types, node kinds and attrs containment (scalar values only)."""
+
+    object_types: tuple[str, ...] | None = None
+    node_kinds: tuple[str, ...] | None = None
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, object_types: Sequence[str] | None, node_kinds: Sequence[str] | None,
+           attrs: Mapping[str, Any] | None) -> "Filters":
+        def names(value: Sequence[str] | None, what: str) -> tuple[str, ...] | None:
+            if value is None:
+                return None
+            if isinstance(value, str):
+                value = [value]
+            if not all(isinstance(v, str) for v in value):
+                raise ValidationError(f"{what} must be strings")
+            return tuple(sorted(set(value)))
+
+        checked: dict[str, Any] = {}
+        for key, value in (attrs or {}).items():
+            checked[check_identifier(key, "attrs filter key")] = check_filter_value(key, value)
+        return cls(names(object_types, "object_types"), names(node_kinds, "node_kinds"), checked)
+
+
+def check_vector(space: str, dims: Mapping[str, int], vector: object) -> np.ndarray:
+    """A float32 vector for `space`, or a typed error naming what is wrong."""
+    if space not in dims:
+        raise UnknownSpaceError(
+            f"unknown embedding space {space!r}; the backend defines {sorted(dims) or 'no spaces'}"
+        )
+    arr = np.asarray(vector, dtype=np.float32)
+    if arr.ndim != 1:
+        raise ValidationError(f"a vector for space {space!r} must be one-dimensional")
+    if arr.shape[0] != dims[space]:
+        raise DimensionMismatchError(space, dims[space], int(arr.shape[0]))
+    if not np.all(np.isfinite(arr)):
+        raise ValidationError(f"a vector for space {space!r} has NaN or infinite components")
+    return arr
+
+
+class Backend(Protocol):
+    """What `SearchIndex` needs from storage. Both backends implement it."""
+
+    spaces: Mapping[str, int]
+    requires_scope: bool
+
+    def write(self, docs: Sequence[PreparedDoc]) -> None: ...
+
+    def delete(self, object_type: str, object_id: str, node_kind: str | None) -> int: ...
+
+    def scope_stats(self, scope: Scope) -> ScopeStats: ...
+
+    def lexical_candidates(self, terms: Sequence[str], scope: Scope,
+                           filters: Filters) -> list[LexicalCandidate]: ...
+
+    def semantic_candidates(self, space: str, query: np.ndarray, scope: Scope, filters: Filters,
+                            depth: int, scope_size: int
+                            ) -> tuple[list[DocKey], np.ndarray, bool]: ...
+
+    def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]: ...

@@ -1,0 +1,357 @@
+"""The Postgres backend: the server's search table (pgvector + tsvector), in a schema of its own.
+
+Layout (schema ``slipstream`` by default, created and migrated by `create_schema`):
+
+* ``migrations(version, name, applied_at)`` and ``spaces(name, dim)``;
+* ``docs`` — one row per (object_type, object_id, node_kind): content, JSONB
+  ``payload``/``attrs``, analysed term frequencies ``tf`` (JSONB ``{"term": [title, body]}``),
+  ``tsv`` (the same terms as a ``tsvector``, built with ``array_to_tsvector`` — the
+  ``simple`` treatment: no re-parsing, no re-stemming) with a GIN index, field lengths,
+  a ``deleted`` flag for tombstones, and one ``vector(d)`` column per space with an
+  HNSW cosine index.
+
+Searches within a scope of at most `exact_limit` rows (default 20,000) rank vectors
+exactly: pgvector's distance picks candidates with a margin and `ranking` computes the
+exact cosine. Larger scopes use HNSW with ``hnsw.iterative_scan`` and the results say
+they are approximate; a filtered HNSW query that comes back short falls back to exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from .backend import Filters, PreparedDoc, Scope, check_vector
+from .doc import DocKey, check_identifier
+from .errors import ConfigurationError, MissingDependencyError
+from .ranking import CANDIDATE_MARGIN, LexicalCandidate, ScopeStats, parse_tf
+
+try:
+    import psycopg
+    from psycopg import sql
+    from psycopg.types.json import Jsonb
+    from psycopg_pool import ConnectionPool
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise MissingDependencyError(
+        "PostgresBackend requires the 'server' extra: pip install 'slipstream[server]'"
+    ) from exc
+
+DEFAULT_EXACT_LIMIT = 20_000
+
+_MIGRATIONS: list[tuple[int, str, str]] = [
+    (1, "search table", """
+CREATE TABLE {s}.spaces (name text PRIMARY KEY, dim integer NOT NULL);
+CREATE TABLE {s}.docs (
+    id bigserial PRIMARY KEY,
+    object_type text NOT NULL,
+    object_id text NOT NULL,
+    node_kind text NOT NULL,
+    partition text NOT NULL,
+    title text NOT NULL DEFAULT '',
+    body text NOT NULL DEFAULT '',
+    keywords jsonb NOT NULL DEFAULT '[]',
+    payload jsonb NOT NULL DEFAULT '{{}}',
+    attrs jsonb NOT NULL DEFAULT '{{}}',
+    source_updated_at timestamptz,
+    tf jsonb NOT NULL DEFAULT '{{}}',
+    tsv tsvector NOT NULL DEFAULT '',
+    len_title integer NOT NULL DEFAULT 0,
+    len_body integer NOT NULL DEFAULT 0,
+    deleted boolean NOT NULL DEFAULT false,
+    pending_spaces text[] NOT NULL DEFAULT '{{}}',
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (object_type, object_id, node_kind)
+);
+CREATE INDEX docs_tsv ON {s}.docs USING gin (tsv);
+CREATE INDEX docs_scope ON {s}.docs (partition) INCLUDE (len_title, len_body) WHERE NOT deleted;
+CREATE INDEX docs_attrs ON {s}.docs USING gin (attrs jsonb_path_ops);
+"""),
+]
+
+
+def tsquery_any(terms: Sequence[str]) -> str:
+    """A tsquery literal matching any of `terms` (quoted lexemes, no re-parsing)."""
+    return " | ".join("'" + t.replace("\\", "\\\\").replace("'", "''") + "'" for t in terms)
+
+
+class PostgresBackend:
+    """The search table in Postgres. `conninfo` is a DSN or an open `ConnectionPool`."""
+
+    requires_scope = True
+
+    def __init__(self, conninfo: str | ConnectionPool, *, schema: str = "slipstream",
+                 spaces: Mapping[str, int] | None = None, exact_limit: int = DEFAULT_EXACT_LIMIT,
+                 ef_search: int = 100, iterative_scan: bool = True,
+                 create_schema: bool = True, pool_size: int = 4) -> None:
+        self.schema = check_identifier(schema, "schema")
+        self.spaces: dict[str, int] = {}
+        for name, dim in (spaces or {}).items():
+            check_identifier(name, "embedding space")
+            if not isinstance(dim, int) or not 1 <= dim <= 16000:
+                raise ConfigurationError(f"space {name!r} needs a dimension from 1 to 16000, got {dim!r}")
+            self.spaces[name] = dim
+        self.exact_limit = exact_limit
+        self.ef_search = ef_search
+        self.iterative_scan = iterative_scan
+        self._s = sql.Identifier(self.schema)
+        if isinstance(conninfo, ConnectionPool):
+            self._pool, self._owns_pool = conninfo, False
+        else:
+            self._ensure_extension(conninfo)
+            self._pool = ConnectionPool(conninfo, min_size=1, max_size=pool_size,
+                                        configure=_configure, open=True)
+            self._owns_pool = True
+        if create_schema:
+            self.create_schema()
+
+    @staticmethod
+    def _ensure_extension(conninfo: str) -> None:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            try:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            except psycopg.Error as exc:
+                raise ConfigurationError(
+                    "the pgvector extension is not available in this database: install pgvector "
+                    f"on the server, or have a superuser run CREATE EXTENSION vector ({exc})"
+                ) from exc
+
+    @contextmanager
+    def connection(self, conn: psycopg.Connection | None = None) -> Iterator[psycopg.Connection]:
+        """The caller's connection (inside its transaction), or a pooled one committed on exit."""
+        if conn is not None:
+            yield conn
+            return
+        with self._pool.connection() as pooled:
+            yield pooled
+
+    def close(self) -> None:
+        if self._owns_pool:
+            self._pool.close()
+
+    def _q(self, text: str, **idents: str) -> sql.Composed:
+        return sql.SQL(text).format(s=self._s, **{k: sql.Identifier(v) for k, v in idents.items()})
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def create_schema(self) -> None:
+        """Create or migrate the schema and the space columns. Idempotent; safe to run concurrently."""
+        with self.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"slipstream:{self.schema}",))
+            conn.execute(self._q("CREATE SCHEMA IF NOT EXISTS {s}"))
+            conn.execute(self._q(
+                "CREATE TABLE IF NOT EXISTS {s}.migrations (version integer PRIMARY KEY, "
+                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"))
+            done = {v for (v,) in conn.execute(self._q("SELECT version FROM {s}.migrations"))}
+            for version, name, script in _MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in filter(str.strip, script.split(";\n")):
+                    conn.execute(self._q(statement))
+                conn.execute(self._q("INSERT INTO {s}.migrations (version, name) VALUES (%s, %s)"),
+                             (version, name))
+            existing = dict(conn.execute(self._q("SELECT name, dim FROM {s}.spaces")).fetchall())
+            for name, dim in self.spaces.items():
+                if name in existing:
+                    if existing[name] != dim:
+                        raise ConfigurationError(
+                            f"space {name!r} is {existing[name]}-d in {self.schema}.docs, not {dim}-d; "
+                            "use the existing dimension or a new schema"
+                        )
+                    continue
+                column, index = f"emb_{name}", f"docs_emb_{name}_hnsw"
+                conn.execute(sql.SQL("ALTER TABLE {s}.docs ADD COLUMN {c} vector({d})").format(
+                    s=self._s, c=sql.Identifier(column), d=sql.Literal(dim)))
+                conn.execute(self._q("CREATE INDEX {i} ON {s}.docs USING hnsw ({c} vector_cosine_ops)",
+                                     i=index, c=column))
+                conn.execute(self._q("INSERT INTO {s}.spaces VALUES (%s, %s)"), (name, dim))
+            for name, dim in existing.items():
+                self.spaces.setdefault(name, dim)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def write(self, docs: Sequence[PreparedDoc], conn: psycopg.Connection | None = None) -> None:
+        """Upsert prepared rows in one transaction (or inside the caller's, given `conn`)."""
+        spaces = list(self.spaces)
+        rows = []
+        for p in docs:
+            d = p.doc
+            vectors = [check_vector(s, self.spaces, p.vectors[s]) if p.vectors.get(s) is not None
+                       else None for s in spaces]
+            rows.append((
+                d.object_type, d.object_id, d.node_kind, d.partition, d.title, d.body,
+                Jsonb(list(d.keywords)), Jsonb(d.payload), Jsonb(d.attrs), d.source_updated_at,
+                Jsonb(p.lexical.tf), p.lexical.terms, p.lexical.len_title, p.lexical.len_body,
+                list(p.pending), *vectors,
+            ))
+        if not rows:
+            return
+        emb_cols = [sql.Identifier(f"emb_{s}") for s in spaces]
+        columns = sql.SQL(", ").join([
+            sql.Identifier(c) for c in (
+                "object_type", "object_id", "node_kind", "partition", "title", "body", "keywords",
+                "payload", "attrs", "source_updated_at", "tf", "tsv", "len_title", "len_body",
+                "pending_spaces")
+        ] + emb_cols)
+        values = sql.SQL(", ").join(
+            [sql.Placeholder()] * 11 + [sql.SQL("array_to_tsvector(%s::text[])")]
+            + [sql.Placeholder()] * (3 + len(spaces)))
+        updates = sql.SQL(", ").join(
+            sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c)) for c in (
+                "partition", "title", "body", "keywords", "payload", "attrs", "source_updated_at",
+                "tf", "tsv", "len_title", "len_body", "pending_spaces", *[f"emb_{s}" for s in spaces]))
+        stmt = sql.SQL(
+            "INSERT INTO {s}.docs ({columns}) VALUES ({values}) "
+            "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
+            "deleted = false, updated_at = now()"
+        ).format(s=self._s, columns=columns, values=values, updates=updates)
+        with self.connection(conn) as c, c.transaction():
+            with c.cursor() as cur:
+                cur.executemany(stmt, rows)
+
+    def delete(self, object_type: str, object_id: str, node_kind: str | None = None,
+               conn: psycopg.Connection | None = None) -> int:
+        """Tombstone rows: content, terms and vectors stripped; key and partition kept."""
+        nulls = sql.SQL("").join(
+            sql.SQL(", {c} = NULL").format(c=sql.Identifier(f"emb_{s}")) for s in self.spaces)
+        stmt = sql.SQL(
+            "UPDATE {s}.docs SET deleted = true, title = '', body = '', keywords = '[]', "
+            "payload = '{{}}', attrs = '{{}}', tf = '{{}}', tsv = '', len_title = 0, len_body = 0, "
+            "pending_spaces = '{{}}', updated_at = now(){nulls} "
+            "WHERE object_type = %s AND object_id = %s AND NOT deleted"
+            + (" AND node_kind = %s" if node_kind is not None else "")
+        ).format(s=self._s, nulls=nulls)
+        params = [object_type, object_id] + ([node_kind] if node_kind is not None else [])
+        with self.connection(conn) as c, c.transaction():
+            return c.execute(stmt, params).rowcount
+
+    # -- reads ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _scope(scope: Scope) -> tuple[sql.Composable, list[Any]]:
+        if scope.partitions is None:
+            return sql.SQL("true"), []
+        return sql.SQL("partition = ANY(%s)"), [list(scope.partitions)]
+
+    @staticmethod
+    def _filters(filters: Filters) -> tuple[sql.Composable, list[Any]]:
+        parts: list[sql.Composable] = []
+        params: list[Any] = []
+        if filters.object_types is not None:
+            parts.append(sql.SQL("object_type = ANY(%s)"))
+            params.append(list(filters.object_types))
+        if filters.node_kinds is not None:
+            parts.append(sql.SQL("node_kind = ANY(%s)"))
+            params.append(list(filters.node_kinds))
+        if filters.attrs:
+            parts.append(sql.SQL("attrs @> %s"))
+            params.append(Jsonb(dict(filters.attrs)))
+        return (sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")), params
+
+    def scope_stats(self, scope: Scope) -> ScopeStats:
+        where, params = self._scope(scope)
+        stmt = sql.SQL(
+            "SELECT count(*), coalesce(sum(len_title), 0), coalesce(sum(len_body), 0) "
+            "FROM {s}.docs WHERE {where} AND NOT deleted").format(s=self._s, where=where)
+        with self.connection() as c:
+            n, lt, lb = c.execute(stmt, params).fetchone()
+        return ScopeStats(int(n), int(lt), int(lb))
+
+    def lexical_candidates(self, terms: Sequence[str], scope: Scope, filters: Filters) -> list[LexicalCandidate]:
+        if not terms:
+            return []
+        where, sparams = self._scope(scope)
+        fsql, fparams = self._filters(filters)
+        tf_cols = sql.SQL(", ").join([sql.SQL("tf -> %s")] * len(terms))
+        stmt = sql.SQL(
+            "SELECT object_type, object_id, node_kind, len_title, len_body, ({f}), {tf} "
+            "FROM {s}.docs WHERE {where} AND NOT deleted AND tsv @@ %s::tsquery"
+        ).format(s=self._s, f=fsql, tf=tf_cols, where=where)
+        with self.connection() as c:
+            rows = c.execute(stmt, [*fparams, *terms, *sparams, tsquery_any(terms)]).fetchall()
+        return [
+            LexicalCandidate(key=(r[0], r[1], r[2]), len_title=r[3], len_body=r[4],
+                             tfs=tuple(parse_tf(v) for v in r[6:]), selected=bool(r[5]))
+            for r in rows
+        ]
+
+    def semantic_candidates(self, space: str, query: np.ndarray, scope: Scope, filters: Filters,
+                            depth: int, scope_size: int) -> tuple[list[DocKey], np.ndarray, bool]:
+        q = check_vector(space, self.spaces, query)
+        col = sql.Identifier(f"emb_{space}")
+        where, sparams = self._scope(scope)
+        fsql, fparams = self._filters(filters)
+        with self.connection() as c, c.transaction():
+            if scope_size > self.exact_limit:
+                c.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(
+                    sql.Literal(int(min(1000, max(self.ef_search, depth))))))
+                c.execute("SET LOCAL hnsw.iterative_scan = "
+                          + ("relaxed_order" if self.iterative_scan else "off"))
+                rows = c.execute(sql.SQL(
+                    "SELECT object_type, object_id, node_kind, {col} FROM {s}.docs "
+                    "WHERE {where} AND NOT deleted AND {f} AND {col} IS NOT NULL "
+                    "ORDER BY {col} <=> %s::vector LIMIT %s"
+                ).format(s=self._s, col=col, where=where, f=fsql),
+                    [*sparams, *fparams, q, depth]).fetchall()
+                if len(rows) >= depth:
+                    return _unpack(rows, self.spaces[space], approximate=True)
+            # Exact: candidates within CANDIDATE_MARGIN of the depth-th distance, scored exactly later.
+            rows = c.execute(sql.SQL(
+                "WITH c AS MATERIALIZED ("
+                " SELECT object_type, object_id, node_kind, {col} AS v, ({col} <=> %s::vector) + 0 AS d"
+                " FROM {s}.docs WHERE {where} AND NOT deleted AND {f} AND {col} IS NOT NULL) "
+                "SELECT object_type, object_id, node_kind, v FROM c WHERE d <= coalesce("
+                " (SELECT d FROM c ORDER BY d LIMIT 1 OFFSET %s), 'Infinity'::float8) + %s"
+            ).format(s=self._s, col=col, where=where, f=fsql),
+                [q, *sparams, *fparams, depth - 1, CANDIDATE_MARGIN]).fetchall()
+        return _unpack(rows, self.spaces[space], approximate=False)
+
+    def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
+        if not keys:
+            return {}
+        cols = list(zip(*keys))
+        stmt = sql.SQL(
+            "SELECT object_type, object_id, node_kind, partition, title, payload, attrs FROM {s}.docs "
+            "WHERE (object_type, object_id, node_kind) IN "
+            "(SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]))").format(s=self._s)
+        with self.connection() as c:
+            rows = c.execute(stmt, [list(cols[0]), list(cols[1]), list(cols[2])]).fetchall()
+        return {(r[0], r[1], r[2]): {"partition": r[3], "title": r[4], "payload": r[5], "attrs": r[6]}
+                for r in rows}
+
+    def get(self, object_type: str, object_id: str, node_kind: str = "leaf") -> dict[str, Any] | None:
+        """One stored row (tombstones included) as a dict, vectors under `vectors`."""
+        with self.connection() as c:
+            cur = c.execute(self._q(
+                "SELECT * FROM {s}.docs WHERE object_type = %s AND object_id = %s AND node_kind = %s"),
+                (object_type, object_id, node_kind))
+            row = cur.fetchone()
+            if row is None:
+                return None
+            out = dict(zip([d.name for d in cur.description], row))
+        out["vectors"] = {s: out.pop(f"emb_{s}") for s in self.spaces if f"emb_{s}" in out}
+        out["vectors"] = {s: _as_array(v) for s, v in out["vectors"].items()
+                          if v is not None}
+        return out
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    from pgvector.psycopg import register_vector
+
+    register_vector(conn)
+
+
+def _unpack(rows: list[tuple], dim: int, *, approximate: bool) -> tuple[list[DocKey], np.ndarray, bool]:
+    keys = [(r[0], r[1], r[2]) for r in rows]
+    if not rows:
+        return keys, np.zeros((0, dim), np.float32), approximate
+    return keys, np.stack([_as_array(r[3]) for r in rows]), approximate
+
+
+def _as_array(value: Any) -> np.ndarray:
+    """pgvector's loader gives a `Vector` (newer releases) or an ndarray; we want float32."""
+    if hasattr(value, "to_numpy"):
+        value = value.to_numpy()
+    return np.asarray(value, dtype=np.float32)

@@ -1,0 +1,442 @@
+"""The SQLite backend: a device shard, searchable offline. Standard library and NumPy only.
+
+The file is the shard interchange format, version 1 (documented in docs/shard-format.md):
+
+* ``meta(key, value)`` — ``format_version``, ``analyzer``, ``generation`` (bumped by
+  every write transaction) and, for synced shards, ``cursor``.
+* ``migrations(version, name, applied_at)`` — schema versions applied.
+* ``spaces(name, dim)`` — the embedding spaces this shard carries.
+* ``docs`` — one row per (object_type, object_id, node_kind), with the analysed term
+  frequencies as JSON ``{"term": [title_tf, body_tf]}``, field lengths, and a
+  ``deleted`` flag (tombstones keep their key and partition, nothing else).
+* ``docs_fts`` — FTS5 over the analysed terms, space-separated (the terms are already
+  normalised and stemmed; FTS5 only finds candidates, it never re-stems or scores).
+* ``vectors(doc_id, space, vec)`` — little-endian float32 blobs.
+
+Semantic search keeps one float32 matrix per space in memory, rebuilt when the
+shard's generation changes, and scores a query with one matrix-vector product.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .analysis import ANALYZER
+from .backend import Filters, PreparedDoc, Scope, check_vector
+from .doc import DocKey, check_identifier
+from .errors import ConfigurationError
+from .ranking import LexicalCandidate, ScopeStats, margin_cut, parse_tf
+
+FORMAT_VERSION = 1
+
+_MIGRATIONS: list[tuple[int, str, str]] = [
+    (1, "shard format 1", """
+CREATE TABLE IF NOT EXISTS spaces (name TEXT PRIMARY KEY, dim INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS docs (
+    id INTEGER PRIMARY KEY,
+    object_type TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    node_kind TEXT NOT NULL,
+    partition TEXT NOT NULL,
+    title TEXT NOT NULL DEFAULT '',
+    body TEXT NOT NULL DEFAULT '',
+    keywords TEXT NOT NULL DEFAULT '[]',
+    payload TEXT NOT NULL DEFAULT '{}',
+    attrs TEXT NOT NULL DEFAULT '{}',
+    source_updated_at TEXT,
+    tf TEXT NOT NULL DEFAULT '{}',
+    len_title INTEGER NOT NULL DEFAULT 0,
+    len_body INTEGER NOT NULL DEFAULT 0,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    pending_spaces TEXT NOT NULL DEFAULT '[]',
+    updated_at TEXT NOT NULL,
+    UNIQUE (object_type, object_id, node_kind)
+);
+CREATE INDEX IF NOT EXISTS docs_scope ON docs (partition, deleted, len_title, len_body);
+CREATE VIRTUAL TABLE IF NOT EXISTS docs_fts USING fts5 (terms, tokenize = 'unicode61 remove_diacritics 0');
+CREATE TABLE IF NOT EXISTS vectors (
+    doc_id INTEGER NOT NULL,
+    space TEXT NOT NULL,
+    vec BLOB NOT NULL,
+    PRIMARY KEY (doc_id, space)
+) WITHOUT ROWID;
+"""),
+]
+
+
+def fts_match(terms: Sequence[str]) -> str:
+    """An FTS5 query matching rows that hold any of `terms` (each quoted as a phrase)."""
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+
+
+def _placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def attrs_sql(attrs: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    """SQL testing attrs containment for scalar values, with the same meaning as jsonb `@>`."""
+    parts: list[str] = []
+    params: list[Any] = []
+    for key, value in attrs.items():
+        path = f"$.{check_identifier(key, 'attrs filter key')}"
+        if value is None:
+            parts.append("json_type(attrs, ?) = 'null'")
+            params.append(path)
+        elif isinstance(value, bool):
+            parts.append("json_type(attrs, ?) = ?")
+            params += [path, "true" if value else "false"]
+        elif isinstance(value, (int, float)):
+            parts.append("(json_type(attrs, ?) IN ('integer', 'real') AND json_extract(attrs, ?) = ?)")
+            params += [path, path, value]
+        else:
+            parts.append("(json_type(attrs, ?) = 'text' AND json_extract(attrs, ?) = ?)")
+            params += [path, path, value]
+    return (" AND ".join(parts) or "1"), params
+
+
+def filters_sql(filters: Filters) -> tuple[str, list[Any]]:
+    parts: list[str] = []
+    params: list[Any] = []
+    if filters.object_types is not None:
+        parts.append(f"object_type IN ({_placeholders(len(filters.object_types))})")
+        params += filters.object_types
+    if filters.node_kinds is not None:
+        parts.append(f"node_kind IN ({_placeholders(len(filters.node_kinds))})")
+        params += filters.node_kinds
+    if filters.attrs:
+        sql, p = attrs_sql(filters.attrs)
+        parts.append(sql)
+        params += p
+    return (" AND ".join(parts) or "1"), params
+
+
+def scope_sql(scope: Scope) -> tuple[str, list[Any]]:
+    if scope.partitions is None:
+        return "1", []
+    return f"partition IN ({_placeholders(len(scope.partitions))})", list(scope.partitions)
+
+
+@dataclass
+class _SpaceMatrix:
+    generation: int
+    ids: np.ndarray
+    keys: list[DocKey]
+    matrix: np.ndarray
+    inv_norms: np.ndarray
+    partitions: np.ndarray
+    object_types: np.ndarray
+    node_kinds: np.ndarray
+
+
+class SQLiteBackend:
+    """A search index in one SQLite file (or ``:memory:``), in shard format 1."""
+
+    requires_scope = False
+
+    def __init__(self, path: str | Path = ":memory:", *, spaces: Mapping[str, int] | None = None) -> None:
+        self.path = str(path)
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+        self._matrices: dict[str, _SpaceMatrix] = {}
+        self._check_fts5()
+        if self.path != ":memory:":
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._migrate()
+        self.spaces = self._init_spaces(dict(spaces or {}))
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _check_fts5(self) -> None:
+        try:
+            self._conn.execute("CREATE VIRTUAL TABLE temp.fts5_probe USING fts5(x)")
+            self._conn.execute("DROP TABLE temp.fts5_probe")
+        except sqlite3.OperationalError as exc:
+            raise ConfigurationError(
+                "this SQLite build lacks the FTS5 extension; use a Python whose bundled SQLite has FTS5"
+            ) from exc
+
+    def _migrate(self) -> None:
+        c = self._conn
+        with self._lock:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                c.execute(
+                    "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, "
+                    "name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+                )
+                done = {v for (v,) in c.execute("SELECT version FROM migrations")}
+                for version, name, script in _MIGRATIONS:
+                    if version in done:
+                        continue
+                    for statement in filter(str.strip, script.split(";\n")):
+                        c.execute(statement)
+                    c.execute("INSERT INTO migrations VALUES (?, ?, ?)", (version, name, _now()))
+                meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
+                if meta.get("analyzer", ANALYZER) != ANALYZER:
+                    raise ConfigurationError(
+                        f"shard {self.path} was analysed with {meta['analyzer']!r}, this library uses "
+                        f"{ANALYZER!r}; re-export the shard"
+                    )
+                c.executemany(
+                    "INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                    [("format_version", str(FORMAT_VERSION)), ("analyzer", ANALYZER), ("generation", "0")],
+                )
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def _init_spaces(self, wanted: dict[str, int]) -> dict[str, int]:
+        existing = dict(self._conn.execute("SELECT name, dim FROM spaces").fetchall())
+        for name, dim in wanted.items():
+            check_identifier(name, "embedding space")
+            if not isinstance(dim, int) or dim < 1:
+                raise ConfigurationError(f"space {name!r} needs a positive integer dimension, got {dim!r}")
+            if name in existing and existing[name] != dim:
+                raise ConfigurationError(
+                    f"space {name!r} is {existing[name]}-d in {self.path}, not {dim}-d; "
+                    "use the shard's dimension or a new shard"
+                )
+        new = [(n, d) for n, d in wanted.items() if n not in existing]
+        if new:
+            with self._tx():
+                self._conn.executemany("INSERT INTO spaces VALUES (?, ?)", new)
+        return {**existing, **wanted}
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One write transaction; bumps the shard generation so caches see the change."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._conn.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"
+                )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        return self._conn
+
+    def meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def write(self, docs: Sequence[PreparedDoc]) -> None:
+        rows = []
+        for p in docs:
+            vectors = {s: check_vector(s, self.spaces, v) for s, v in p.vectors.items() if v is not None}
+            rows.append((p, vectors))
+        if not rows:
+            return
+        c = self._conn
+        now = _now()
+        with self._tx():
+            for p, vectors in rows:
+                d = p.doc
+                (doc_id,) = c.execute(
+                    """INSERT INTO docs (object_type, object_id, node_kind, partition, title, body,
+                           keywords, payload, attrs, source_updated_at, tf, len_title, len_body,
+                           deleted, pending_spaces, updated_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)
+                       ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET
+                           partition = excluded.partition, title = excluded.title, body = excluded.body,
+                           keywords = excluded.keywords, payload = excluded.payload,
+                           attrs = excluded.attrs, source_updated_at = excluded.source_updated_at,
+                           tf = excluded.tf, len_title = excluded.len_title,
+                           len_body = excluded.len_body, deleted = 0,
+                           pending_spaces = excluded.pending_spaces, updated_at = excluded.updated_at
+                       RETURNING id""",
+                    (
+                        d.object_type, d.object_id, d.node_kind, d.partition, d.title, d.body,
+                        json.dumps(list(d.keywords)), json.dumps(d.payload), json.dumps(d.attrs),
+                        d.source_updated_at.isoformat() if d.source_updated_at else None,
+                        json.dumps(p.lexical.tf, separators=(",", ":")),
+                        p.lexical.len_title, p.lexical.len_body, json.dumps(list(p.pending)), now,
+                    ),
+                ).fetchone()
+                c.execute("DELETE FROM docs_fts WHERE rowid = ?", (doc_id,))
+                if p.lexical.tf:
+                    c.execute("INSERT INTO docs_fts (rowid, terms) VALUES (?, ?)",
+                              (doc_id, " ".join(p.lexical.tf)))
+                c.execute("DELETE FROM vectors WHERE doc_id = ?", (doc_id,))
+                c.executemany(
+                    "INSERT INTO vectors (doc_id, space, vec) VALUES (?, ?, ?)",
+                    [(doc_id, s, v.astype("<f4").tobytes()) for s, v in vectors.items()],
+                )
+
+    def delete(self, object_type: str, object_id: str, node_kind: str | None = None) -> int:
+        c = self._conn
+        with self._tx():
+            sql = "SELECT id FROM docs WHERE object_type = ? AND object_id = ? AND deleted = 0"
+            params: list[Any] = [object_type, object_id]
+            if node_kind is not None:
+                sql += " AND node_kind = ?"
+                params.append(node_kind)
+            ids = [i for (i,) in c.execute(sql, params)]
+            for doc_id in ids:
+                self._tombstone(doc_id)
+        return len(ids)
+
+    def _tombstone(self, doc_id: int) -> None:
+        c = self._conn
+        c.execute(
+            """UPDATE docs SET deleted = 1, title = '', body = '', keywords = '[]', payload = '{}',
+                   attrs = '{}', tf = '{}', len_title = 0, len_body = 0, pending_spaces = '[]',
+                   updated_at = ? WHERE id = ?""",
+            (_now(), doc_id),
+        )
+        c.execute("DELETE FROM docs_fts WHERE rowid = ?", (doc_id,))
+        c.execute("DELETE FROM vectors WHERE doc_id = ?", (doc_id,))
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def scope_stats(self, scope: Scope) -> ScopeStats:
+        where, params = scope_sql(scope)
+        n, lt, lb = self._conn.execute(
+            f"SELECT count(*), coalesce(sum(len_title), 0), coalesce(sum(len_body), 0) "
+            f"FROM docs WHERE {where} AND deleted = 0",
+            params,
+        ).fetchone()
+        return ScopeStats(int(n), int(lt), int(lb))
+
+    def lexical_candidates(self, terms: Sequence[str], scope: Scope, filters: Filters) -> list[LexicalCandidate]:
+        if not terms:
+            return []
+        where, sparams = scope_sql(scope)
+        fsql, fparams = filters_sql(filters)
+        tf_cols = ", ".join("json_extract(d.tf, ?)" for _ in terms)
+        paths = ['$."' + t + '"' for t in terms]
+        sql = (
+            f"SELECT d.object_type, d.object_id, d.node_kind, d.len_title, d.len_body, ({fsql}), {tf_cols} "
+            f"FROM docs_fts JOIN docs d ON d.id = docs_fts.rowid "
+            f"WHERE docs_fts MATCH ? AND {where} AND d.deleted = 0"
+        )
+        rows = self._conn.execute(sql, [*fparams, *paths, fts_match(terms), *sparams]).fetchall()
+        return [
+            LexicalCandidate(
+                key=(r[0], r[1], r[2]), len_title=r[3], len_body=r[4],
+                tfs=tuple(parse_tf(v) for v in r[6:]), selected=bool(r[5]),
+            )
+            for r in rows
+        ]
+
+    def _matrix(self, space: str) -> _SpaceMatrix:
+        (generation,) = self._conn.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'generation'").fetchone()
+        cached = self._matrices.get(space)
+        if cached is not None and cached.generation == generation:
+            return cached
+        rows = self._conn.execute(
+            """SELECT d.id, d.object_type, d.object_id, d.node_kind, d.partition, v.vec
+               FROM vectors v JOIN docs d ON d.id = v.doc_id
+               WHERE v.space = ? AND d.deleted = 0 ORDER BY d.id""",
+            (space,),
+        ).fetchall()
+        dim = self.spaces[space]
+        matrix = np.frombuffer(b"".join(r[5] for r in rows), dtype="<f4").reshape(len(rows), dim)
+        matrix = matrix.astype(np.float32)
+        norms = np.linalg.norm(matrix, axis=1) if rows else np.zeros(0, np.float32)
+        with np.errstate(divide="ignore"):
+            inv = np.where(norms > 0, 1.0 / norms, 0.0).astype(np.float32)
+        built = _SpaceMatrix(
+            generation=generation,
+            ids=np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)),
+            keys=[(r[1], r[2], r[3]) for r in rows],
+            matrix=matrix, inv_norms=inv,
+            partitions=np.array([r[4] for r in rows], dtype=object),
+            object_types=np.array([r[1] for r in rows], dtype=object),
+            node_kinds=np.array([r[3] for r in rows], dtype=object),
+        )
+        self._matrices[space] = built
+        return built
+
+    def semantic_candidates(self, space: str, query: np.ndarray, scope: Scope, filters: Filters,
+                            depth: int, scope_size: int) -> tuple[list[DocKey], np.ndarray, bool]:
+        with self._lock:
+            m = self._matrix(space)
+        if not m.keys:
+            return [], np.zeros((0, self.spaces[space]), np.float32), False
+        mask = np.ones(len(m.keys), dtype=bool)
+        if scope.partitions is not None:
+            mask &= np.isin(m.partitions, list(scope.partitions))
+        if filters.object_types is not None:
+            mask &= np.isin(m.object_types, list(filters.object_types))
+        if filters.node_kinds is not None:
+            mask &= np.isin(m.node_kinds, list(filters.node_kinds))
+        if filters.attrs:
+            sql, params = attrs_sql(filters.attrs)
+            allowed = np.fromiter(
+                (i for (i,) in self._conn.execute(f"SELECT id FROM docs WHERE deleted = 0 AND {sql}", params)),
+                dtype=np.int64,
+            )
+            mask &= np.isin(m.ids, allowed)
+        idx = np.flatnonzero(mask)
+        if idx.size == 0:
+            return [], np.zeros((0, self.spaces[space]), np.float32), False
+        q = np.asarray(query, dtype=np.float32)
+        if idx.size == len(m.keys):
+            approx = (m.matrix @ q) * m.inv_norms
+        else:
+            approx = (m.matrix[idx] @ q) * m.inv_norms[idx]
+        approx = approx / max(float(np.linalg.norm(q)), 1e-30)
+        keep = idx[approx >= margin_cut(approx, depth)]
+        return [m.keys[i] for i in keep], m.matrix[keep], False
+
+    def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
+        out: dict[DocKey, dict[str, Any]] = {}
+        keys = list(keys)
+        for start in range(0, len(keys), 300):
+            chunk = keys[start:start + 300]
+            values = ",".join("(?, ?, ?)" for _ in chunk)
+            rows = self._conn.execute(
+                f"""SELECT object_type, object_id, node_kind, partition, title, payload, attrs
+                    FROM docs WHERE (object_type, object_id, node_kind) IN (VALUES {values})""",
+                [part for key in chunk for part in key],
+            )
+            for r in rows:
+                out[(r[0], r[1], r[2])] = {
+                    "partition": r[3], "title": r[4],
+                    "payload": json.loads(r[5]), "attrs": json.loads(r[6]),
+                }
+        return out
+
+    def get(self, object_type: str, object_id: str, node_kind: str = "leaf") -> dict[str, Any] | None:
+        """One stored row (tombstones included) as a dict, for inspection and tests."""
+        cur = self._conn.execute(
+            "SELECT * FROM docs WHERE object_type = ? AND object_id = ? AND node_kind = ?",
+            (object_type, object_id, node_kind),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        out = dict(zip([c[0] for c in cur.description], row))
+        out["vectors"] = {
+            s: np.frombuffer(v, dtype="<f4").copy()
+            for s, v in self._conn.execute("SELECT space, vec FROM vectors WHERE doc_id = ?", (out["id"],))
+        }
+        return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
