@@ -9,8 +9,9 @@ The file is the shard interchange format, version 1 (documented in docs/shard-fo
 * ``docs`` — one row per (object_type, object_id, node_kind), with the analysed term
   frequencies as JSON ``{"term": [title_tf, body_tf]}``, field lengths, and a
   ``deleted`` flag (tombstones keep their key and partition, nothing else).
-* ``docs_fts`` — FTS5 over the analysed terms, space-separated (the terms are already
-  normalised and stemmed; FTS5 only finds candidates, it never re-stems or scores).
+* ``docs_fts`` — FTS5 over the analysed terms, space-separated, each written by
+  `fts_token` (terms are already normalised and stemmed; FTS5 only finds candidates,
+  it never re-stems or scores).
 * ``vectors(doc_id, space, vec)`` — little-endian float32 blobs.
 
 Semantic search keeps one float32 matrix per space in memory, rebuilt when the
@@ -74,9 +75,15 @@ CREATE TABLE IF NOT EXISTS vectors (
 ]
 
 
+def fts_token(term: str) -> str:
+    """How a term is written into ``docs_fts``: itself when plain ASCII letters and digits,
+    else ``x`` + hex of its UTF-8 — so FTS5's tokenizer never splits or folds a term."""
+    return term if term.isascii() and term.isalnum() else "x" + term.encode("utf-8").hex()
+
+
 def fts_match(terms: Sequence[str]) -> str:
-    """An FTS5 query matching rows that hold any of `terms` (each quoted as a phrase)."""
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+    """An FTS5 query matching rows that hold any of `terms`."""
+    return " OR ".join(f'"{fts_token(t)}"' for t in terms)
 
 
 def _placeholders(n: int) -> str:
@@ -279,7 +286,7 @@ class SQLiteBackend:
                 c.execute("DELETE FROM docs_fts WHERE rowid = ?", (doc_id,))
                 if p.lexical.tf:
                     c.execute("INSERT INTO docs_fts (rowid, terms) VALUES (?, ?)",
-                              (doc_id, " ".join(p.lexical.tf)))
+                              (doc_id, " ".join(map(fts_token, p.lexical.tf))))
                 c.execute("DELETE FROM vectors WHERE doc_id = ?", (doc_id,))
                 c.executemany(
                     "INSERT INTO vectors (doc_id, space, vec) VALUES (?, ?, ?)",
