@@ -1,13 +1,18 @@
-"""The pgoutput decoder: byte fixtures per message, and fuzzing."""
+"""The pgoutput decoder: byte fixtures per message, fuzzing, and a real server's output."""
 
 from __future__ import annotations
 
+import random
 import struct
-from datetime import UTC, datetime, timedelta
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg.types.json import Jsonb
 from slipstream.worker.pgoutput import (
     NULL,
     UNCHANGED,
@@ -30,6 +35,7 @@ from slipstream.worker.pgoutput import (
     Update,
     decode,
 )
+from slipstream.worker.relations import RelationCache, TupleShapeError, UnknownRelationError
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 TS = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
@@ -455,3 +461,258 @@ def mutated(draw: st.DrawFn) -> tuple[bytes, bool]:
 @given(mutated())
 def test_mutated_messages_only_raise_decode_error(case: tuple[bytes, bool]) -> None:
     decodes_or_raises_decode_error(*case)
+
+
+# --- RelationCache ------------------------------------------------------------------------
+
+
+def test_relation_cache_builds_rows_with_markers_and_keys() -> None:
+    cache = RelationCache()
+    cache.add(Relation(7, "public", "items", "d", COLUMNS))
+    assert 7 in cache and cache.key_columns(7) == ("id",)
+    assert cache.new_row(Insert(7, ("42", NULL, "x"))) == {"id": 42, "title": None, "body": "x"}
+    update = Update(7, ("41", NULL, NULL), "K", ("42", "t", UNCHANGED))
+    assert cache.new_row(update) == {"id": 42, "title": "t", "body": UNCHANGED}
+    assert cache.old_row(update) == {"id": 41}
+    assert cache.old_row(Update(7, None, None, ("1", "a", "b"))) is None
+    assert cache.key(Delete(7, ("5", NULL, NULL), "K")) == {"id": 5}
+
+
+def test_relation_cache_full_old_row_and_binary_values() -> None:
+    cache = RelationCache()
+    cache.add(
+        Relation(7, "public", "items", "f", (Column(1, "id", 23, -1), Column(1, "b", 17, -1)))
+    )
+    delete = Delete(7, ("3", b"\x00raw"), "O")
+    assert cache.old_row(delete) == {"id": 3, "b": b"\x00raw"}
+
+
+def test_relation_cache_later_relation_replaces_earlier() -> None:
+    cache = RelationCache()
+    cache.add(Relation(7, "public", "items", "d", COLUMNS))
+    cache.add(Relation(7, "public", "items", "d", (*COLUMNS[:2], Column(0, "extra", 20, -1))))
+    assert cache.new_row(Insert(7, ("1", "a", "99"))) == {"id": 1, "title": "a", "extra": 99}
+    with pytest.raises(TupleShapeError, match="has 4 columns"):
+        cache.new_row(Insert(7, ("1", "a", "99", "x")))
+
+
+def test_relation_cache_unknown_oid_is_a_typed_error() -> None:
+    cache = RelationCache()
+    with pytest.raises(UnknownRelationError, match="OID 99") as info:
+        cache.new_row(Insert(99, ("1",)))
+    assert info.value.oid == 99
+    assert isinstance(info.value, DecodeError)
+
+
+# --- a real server's output ----------------------------------------------------------------
+
+
+def slot_messages(conn: psycopg.Connection, slot: str, *options: str) -> list[bytes]:
+    rows = conn.execute(
+        "SELECT data FROM pg_logical_slot_get_binary_changes(%s, NULL, NULL, VARIADIC %s)",
+        (slot, list(options)),
+    ).fetchall()
+    return [bytes(r[0]) for r in rows]
+
+
+def decode_stream(chunks: list[bytes]) -> list[Event]:
+    """Decode a slot's output in order, tracking Stream Start/Stop as a client must."""
+    events: list[Event] = []
+    streaming = False
+    for data in chunks:
+        ev = decode(data, in_stream=streaming)
+        if isinstance(ev, StreamStart):
+            streaming = True
+        elif isinstance(ev, StreamStop):
+            streaming = False
+        events.append(ev)
+    return events
+
+
+def replay(events: list[Event]) -> list[tuple]:
+    """Changes as (op, table, old row, new row), decoded through a RelationCache."""
+    cache = RelationCache()
+    out: list[tuple] = []
+    for ev in events:
+        if isinstance(ev, Relation):
+            cache.add(ev)
+        elif isinstance(ev, Insert):
+            out.append(("I", cache.get(ev.relation_oid).name, None, cache.new_row(ev)))
+        elif isinstance(ev, Update):
+            rel = cache.get(ev.relation_oid).name
+            out.append(("U", rel, cache.old_row(ev), cache.new_row(ev)))
+        elif isinstance(ev, Delete):
+            out.append(("D", cache.get(ev.relation_oid).name, cache.old_row(ev), None))
+        elif isinstance(ev, Truncate):
+            rels = sorted(cache.get(oid).name for oid in ev.relation_oids)
+            out.append(("T", tuple(rels), ev.cascade, ev.restart_identity))
+    return out
+
+
+@pytest.fixture
+def conn(pg_dsn: str):
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        # The test server runs with synchronous_commit=off, and the slot functions read only
+        # WAL that is flushed: without this, the last commits may not be decoded yet.
+        conn.execute("SET synchronous_commit = on")
+        yield conn
+
+
+def new_slot(conn: psycopg.Connection) -> str:
+    slot = f"s_{uuid.uuid4().hex[:10]}"
+    conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    return slot
+
+
+def test_real_server_changes_decode_to_what_was_written(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TYPE mood AS ENUM ('happy', 'sad')")
+    conn.execute(
+        """CREATE TABLE items (
+            id int PRIMARY KEY, big bigint, price numeric, ratio float8, ok bool, title text,
+            label varchar(20), doc jsonb, at timestamptz, at_local timestamp, day date,
+            uid uuid, blob bytea, nums int[], tags text[], grid int[], feeling mood, body text)"""
+    )
+    conn.execute("ALTER TABLE items ALTER COLUMN body SET STORAGE EXTERNAL")
+    conn.execute("CREATE TABLE audit (n int, note text)")
+    conn.execute("ALTER TABLE audit REPLICA IDENTITY FULL")
+    conn.execute("CREATE PUBLICATION pub FOR TABLE items, audit")
+    slot = new_slot(conn)
+
+    body = "".join(random.Random(7).choices("abcdefghij klmnop", k=20_000))
+    row1 = {
+        "id": 1,
+        "big": -(2**62),
+        "price": Decimal("12345.678900"),
+        "ratio": 0.1,
+        "ok": True,
+        "title": 'héllo, "world"',
+        "label": "x" * 20,
+        "doc": {"a": [1, 2.5, None], "b": "ü"},
+        "at": datetime(2024, 1, 2, 3, 4, 5, 123456, tzinfo=UTC),
+        "at_local": datetime(1999, 12, 31, 23, 59, 59),
+        "day": date(2024, 2, 29),
+        "uid": uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+        "blob": b"\x00\x01\xfe\xff",
+        "nums": [1, None, -3],
+        "tags": ["a b", 'c"d', "back\\slash", "NULL", "", None, "{x}", "a,b"],
+        "grid": [[1, 2], [3, 4]],
+        "feeling": "happy",
+        "body": body,
+    }
+    insert = "INSERT INTO items ({}) VALUES ({})".format(
+        ", ".join(row1), ", ".join(["%s"] * len(row1))
+    )
+    conn.execute(insert, [Jsonb(v) if k == "doc" else v for k, v in row1.items()])
+    conn.execute("INSERT INTO items (id) VALUES (2)")
+    conn.execute("UPDATE items SET title = 'changed', nums = '{}' WHERE id = 1")
+    conn.execute("UPDATE items SET id = 3 WHERE id = 2")
+    conn.execute("SELECT pg_logical_emit_message(true, 'slip', 'in a transaction')")
+    conn.execute("SELECT pg_logical_emit_message(false, 'slip', '\\x00ff'::bytea)")
+    conn.execute("ALTER TABLE items ADD COLUMN extra int DEFAULT 7")
+    conn.execute("UPDATE items SET ok = false WHERE id = 1")
+    conn.execute("ALTER TABLE items DROP COLUMN label")
+    conn.execute("INSERT INTO items (id, extra) VALUES (4, 42)")
+    conn.execute("DELETE FROM items WHERE id = 3")
+    conn.execute("INSERT INTO audit VALUES (1, 'one')")
+    conn.execute("UPDATE audit SET note = 'uno'")
+    conn.execute("DELETE FROM audit")
+    conn.execute("TRUNCATE items, audit RESTART IDENTITY")
+
+    conn.execute("SET TimeZone = 'Asia/Kolkata'")  # timestamptz arrives as '...+05:30'
+    events = decode_stream(
+        slot_messages(
+            conn, slot, "proto_version", "1", "publication_names", "pub", "messages", "true"
+        )
+    )
+
+    begins = [e for e in events if isinstance(e, Begin)]
+    commits = [e for e in events if isinstance(e, Commit)]
+    # One per transaction that changed a published table or emitted a transactional
+    # message; pgoutput sends nothing for the DDL-only ones.
+    assert len(begins) == len(commits) == 12
+    assert all(b.final_lsn == c.commit_lsn for b, c in zip(begins, commits, strict=True))
+    assert [c.commit_lsn for c in commits] == sorted(c.commit_lsn for c in commits)
+    assert all(b.commit_ts.tzinfo is UTC for b in begins)
+    assert all(e.xid is None for e in events if isinstance(e, STREAMABLE))
+
+    # A Type message for the enum goes before each Relation message of the table using it.
+    types = [(t.namespace, t.name) for t in events if isinstance(t, Type)]
+    assert types and set(types) == {("public", "mood")}
+    item_relations = [e for e in events if isinstance(e, Relation) and e.name == "items"]
+    shapes = [[c.name for c in r.columns] for r in item_relations]
+    assert shapes[0] == list(row1)
+    assert shapes[-1] == [c for c in row1 if c != "label"] + ["extra"]
+    assert any("extra" in s and "label" in s for s in shapes)
+    assert item_relations[0].replica_identity == "d"
+    assert [c.name for c in item_relations[0].columns if c.is_key] == ["id"]
+
+    messages = [e for e in events if isinstance(e, Message)]
+    assert [(m.transactional, m.prefix, m.content) for m in messages] == [
+        (True, "slip", b"in a transaction"),
+        (False, "slip", b"\x00\xff"),
+    ]
+
+    nulls = {k: None for k in row1 if k != "id"}
+    changed = {**row1, "title": "changed", "nums": [], "body": UNCHANGED}
+    assert replay(events) == [
+        ("I", "items", None, row1),
+        ("I", "items", None, {**nulls, "id": 2}),
+        ("U", "items", None, changed),  # the TOASTed body was not touched: 'u'
+        ("U", "items", {"id": 2}, {**nulls, "id": 3}),
+        ("U", "items", None, {**changed, "ok": False, "extra": 7}),
+        ("I", "items", None, {**{k: None for k in row1 if k != "label"}, "id": 4, "extra": 42}),
+        ("D", "items", {"id": 3}, None),
+        ("I", "audit", None, {"n": 1, "note": "one"}),
+        ("U", "audit", {"n": 1, "note": "one"}, {"n": 1, "note": "uno"}),
+        ("D", "audit", {"n": 1, "note": "uno"}, None),
+        ("T", ("audit", "items"), False, True),
+    ]
+    update = next(e for e in events if isinstance(e, Update))
+    assert update.new[-1] is UNCHANGED
+
+
+def test_real_server_streams_large_transactions_in_protocol_v2(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE big (id int PRIMARY KEY, payload text)")
+    conn.execute("CREATE PUBLICATION pub FOR TABLE big")
+    slot = new_slot(conn)
+    fill = "INSERT INTO big SELECT g, repeat(%s, 100) FROM generate_series(%s::int, %s::int) g"
+    with conn.transaction():
+        conn.execute(fill, ("x", 1, 1000))
+        # A subtransaction streamed before its rollback is decoded: a Stream Abort.
+        # (A whole transaction already aborted when decoding reaches it is not streamed.)
+        with conn.transaction():
+            conn.execute(fill, ("y", 1001, 4000))
+            raise psycopg.Rollback()
+        conn.execute(fill, ("x", 1001, 3000))
+    conn.execute("INSERT INTO big VALUES (0, 'small')")
+
+    conn.execute("SET logical_decoding_work_mem = '64kB'")
+    events = decode_stream(
+        slot_messages(
+            conn, slot, "proto_version", "2", "publication_names", "pub", "streaming", "on"
+        )
+    )
+
+    starts = [e for e in events if isinstance(e, StreamStart)]
+    assert len(starts) >= 2 and starts[0].first_segment and not starts[-1].first_segment
+    assert sum(isinstance(e, StreamStop) for e in events) == len(starts)
+    committed = next(e for e in events if isinstance(e, StreamCommit))
+    aborted = next(e for e in events if isinstance(e, StreamAbort))
+    assert {s.xid for s in starts} == {committed.xid} == {aborted.xid}
+    assert aborted.subxid != aborted.xid
+    assert aborted.abort_lsn is None  # only with streaming = parallel
+    assert committed.commit_ts.tzinfo is UTC
+    assert all(
+        isinstance(e, (Insert, Relation)) for e in events if isinstance(e, STREAMABLE) and e.xid
+    )
+
+    # Streamed changes carry their (sub)transaction's xid, so the rolled-back ones can go.
+    streamed = [e for e in events if isinstance(e, Insert) and e.xid is not None]
+    assert {e.xid for e in streamed} == {committed.xid, aborted.subxid}
+    assert sum(e.xid == committed.xid for e in streamed) == 3000
+    assert all(e.new[1] == "y" * 100 for e in streamed if e.xid == aborted.subxid)
+    kept = [ev for ev in events if not (isinstance(ev, Insert) and ev.xid == aborted.subxid)]
+    assert sorted(row[3]["id"] for row in replay(kept)) == list(range(3001))
+    # The small transaction after it is not streamed: plain Begin, Insert, Commit.
+    assert [type(e) for e in events[-3:]] == [Begin, Insert, Commit]
+    assert events[-2].xid is None and events[-2].new == ("0", "small")
