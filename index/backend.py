@@ -1,8 +1,9 @@
 """The contract between `SearchIndex` and a storage backend, and the values that cross it.
 
-A backend stores prepared rows and answers three questions — which scope rows hold
-these terms, which rows are nearest this vector, and what a handful of rows look like.
-It never scores: `ranking` does, identically for every backend.
+A backend stores prepared rows and answers: how big is this scope, which rows rank
+first for these terms, which rows are nearest this vector, and what a handful of
+rows look like. Scores follow `ranking` exactly, whichever way a backend computes
+them (the reference scorer over candidates, or its vectorised twin).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from .analysis import LexicalFields
 from .doc import DocKey, IndexDoc, check_filter_value, check_identifier
 from .errors import DimensionMismatchError, UnknownSpaceError, ValidationError
-from .ranking import LexicalCandidate, ScopeStats
+from .ranking import ScopeStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +106,10 @@ class Backend(Protocol):
 
     def scope_stats(self, scope: Scope) -> ScopeStats: ...
 
-    def lexical_candidates(self, terms: Sequence[str], scope: Scope,
-                           filters: Filters) -> list[LexicalCandidate]: ...
+    def lexical_rank(self, terms: Sequence[str], scope: Scope, filters: Filters,
+                     stats: ScopeStats, depth: int) -> list[tuple[DocKey, float]]:
+        """The first `depth` rows by BM25 (`ranking.bm25_rank`'s order and scores, exactly)."""
+        ...
 
     def semantic_candidates(self, space: str, query: np.ndarray, scope: Scope, filters: Filters,
                             depth: int, scope_size: int

@@ -27,7 +27,7 @@ import numpy as np
 from .backend import Filters, PreparedDoc, Scope, check_vector
 from .doc import DocKey, check_identifier
 from .errors import ConfigurationError, MissingDependencyError
-from .ranking import CANDIDATE_MARGIN, LexicalCandidate, ScopeStats, parse_tf
+from .ranking import CANDIDATE_MARGIN, LexicalCandidate, ScopeStats, bm25_rank, parse_tf
 
 try:
     import psycopg
@@ -105,7 +105,11 @@ class PostgresBackend:
                                         configure=_configure, open=True)
             self._owns_pool = True
         if create_schema:
-            self.create_schema()
+            try:
+                self.create_schema()
+            except BaseException:
+                self.close()
+                raise
 
     @staticmethod
     def _ensure_extension(conninfo: str) -> None:
@@ -258,6 +262,10 @@ class PostgresBackend:
         with self.connection() as c:
             n, lt, lb = c.execute(stmt, params).fetchone()
         return ScopeStats(int(n), int(lt), int(lb))
+
+    def lexical_rank(self, terms: Sequence[str], scope: Scope, filters: Filters, stats: ScopeStats,
+                     depth: int) -> list[tuple[DocKey, float]]:
+        return bm25_rank(terms, stats, self.lexical_candidates(terms, scope, filters))[:depth]
 
     def lexical_candidates(self, terms: Sequence[str], scope: Scope, filters: Filters) -> list[LexicalCandidate]:
         if not terms:

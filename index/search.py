@@ -170,7 +170,7 @@ class SearchIndex:
         depth = channel_depth(k)
         stats = self.backend.scope_stats(scope)
         terms = query_terms(query)
-        lexical = ranking.bm25_rank(terms, stats, self.backend.lexical_candidates(terms, scope, filters))
+        lexical = self.backend.lexical_rank(terms, scope, filters, stats, depth)
 
         semantic: list[tuple[Any, float]] = []
         approximate = False

@@ -14,8 +14,10 @@ The file is the shard interchange format, version 1 (documented in docs/shard-fo
   it never re-stems or scores).
 * ``vectors(doc_id, space, vec)`` — little-endian float32 blobs.
 
-Semantic search keeps one float32 matrix per space in memory, rebuilt when the
-shard's generation changes, and scores a query with one matrix-vector product.
+Queries run on `ShardCache`: postings and one float32 matrix per space in memory,
+kept in step with this backend's own writes and reloaded when another connection
+changed the shard. BM25 is vectorised over the postings; a semantic query is one
+matrix-vector product.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from .backend import Filters, PreparedDoc, Scope, check_vector
 from .doc import DocKey, check_identifier
 from .errors import ConfigurationError
 from .ranking import LexicalCandidate, ScopeStats, margin_cut, parse_tf
+from .shard_cache import CachedRow, ShardCache
 
 FORMAT_VERSION = 1
 
@@ -133,18 +135,6 @@ def scope_sql(scope: Scope) -> tuple[str, list[Any]]:
     return f"partition IN ({_placeholders(len(scope.partitions))})", list(scope.partitions)
 
 
-@dataclass
-class _SpaceMatrix:
-    generation: int
-    ids: np.ndarray
-    keys: list[DocKey]
-    matrix: np.ndarray
-    inv_norms: np.ndarray
-    partitions: np.ndarray
-    object_types: np.ndarray
-    node_kinds: np.ndarray
-
-
 class SQLiteBackend:
     """A search index in one SQLite file (or ``:memory:``), in shard format 1."""
 
@@ -154,7 +144,7 @@ class SQLiteBackend:
         self.path = str(path)
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
-        self._matrices: dict[str, _SpaceMatrix] = {}
+        self._cache: ShardCache | None = None
         self._check_fts5()
         if self.path != ":memory:":
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -223,12 +213,12 @@ class SQLiteBackend:
         return {**existing, **wanted}
 
     @contextmanager
-    def _tx(self) -> Iterator[None]:
-        """One write transaction; bumps the shard generation so caches see the change."""
+    def _tx(self) -> Iterator[int]:
+        """One write transaction, yielding the generation it started from; bumps it on commit."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield
+                yield self._generation()
                 self._conn.execute(
                     "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"
                 )
@@ -259,7 +249,8 @@ class SQLiteBackend:
             return
         c = self._conn
         now = _now()
-        with self._tx():
+        cached: list[CachedRow] = []
+        with self._tx() as generation:
             for p, vectors in rows:
                 d = p.doc
                 (doc_id,) = c.execute(
@@ -292,10 +283,13 @@ class SQLiteBackend:
                     "INSERT INTO vectors (doc_id, space, vec) VALUES (?, ?, ?)",
                     [(doc_id, s, v.astype("<f4").tobytes()) for s, v in vectors.items()],
                 )
+                cached.append(CachedRow(doc_id, d.key, d.partition, p.lexical.len_title,
+                                        p.lexical.len_body, p.lexical.tf, vectors))
+            self._after_write(generation, lambda cache: cache.add(cached))
 
     def delete(self, object_type: str, object_id: str, node_kind: str | None = None) -> int:
         c = self._conn
-        with self._tx():
+        with self._tx() as generation:
             sql = "SELECT id FROM docs WHERE object_type = ? AND object_id = ? AND deleted = 0"
             params: list[Any] = [object_type, object_id]
             if node_kind is not None:
@@ -304,7 +298,19 @@ class SQLiteBackend:
             ids = [i for (i,) in c.execute(sql, params)]
             for doc_id in ids:
                 self._tombstone(doc_id)
+            self._after_write(generation, lambda cache: cache.remove(ids))
         return len(ids)
+
+    def _after_write(self, generation: int, apply) -> None:
+        """Keep the cache in step with our own write; drop it if someone else wrote since."""
+        cache = self._cache
+        if cache is None:
+            return
+        if cache.generation != generation:
+            self._cache = None
+            return
+        apply(cache)
+        cache.generation = generation + 1
 
     def _tombstone(self, doc_id: int) -> None:
         c = self._conn
@@ -319,16 +325,78 @@ class SQLiteBackend:
 
     # -- reads ----------------------------------------------------------------------------
 
+    def _generation(self) -> int:
+        (value,) = self._conn.execute(
+            "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'generation'").fetchone()
+        return int(value)
+
+    def cache(self) -> ShardCache:
+        """The in-memory structures, loaded (or reloaded after another connection wrote)."""
+        with self._lock:
+            generation = self._generation()
+            if self._cache is None or self._cache.generation != generation:
+                self._cache = self._load_cache(generation)
+            return self._cache
+
+    def _load_cache(self, generation: int) -> ShardCache:
+        cache = ShardCache(self.spaces, generation)
+        vectors: dict[int, dict[str, np.ndarray]] = {}
+        for doc_id, space, blob in self._conn.execute(
+                "SELECT v.doc_id, v.space, v.vec FROM vectors v JOIN docs d ON d.id = v.doc_id "
+                "WHERE d.deleted = 0"):
+            if space in self.spaces:
+                vectors.setdefault(doc_id, {})[space] = np.frombuffer(blob, dtype="<f4")
+        rows = self._conn.execute(
+            "SELECT id, object_type, object_id, node_kind, partition, len_title, len_body, tf "
+            "FROM docs WHERE deleted = 0 ORDER BY id")
+        cache.add(CachedRow(r[0], (r[1], r[2], r[3]), r[4], r[5], r[6],
+                            {t: (v[0], v[1]) for t, v in json.loads(r[7]).items()},
+                            vectors.get(r[0], {})) for r in rows)
+        cache.merge()
+        return cache
+
+    def _selection(self, cache: ShardCache, scope: Scope, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
+        """(scope mask, selected mask) over the cache's slots."""
+        in_scope = cache.scope_mask(scope.partitions)
+        selected = in_scope.copy()
+        if filters.object_types is not None:
+            selected &= np.isin(cache.labels("object_type"), list(filters.object_types))
+        if filters.node_kinds is not None:
+            selected &= np.isin(cache.labels("node_kind"), list(filters.node_kinds))
+        if filters.attrs:
+            sql, params = attrs_sql(filters.attrs)
+            allowed = np.fromiter(
+                (i for (i,) in self._conn.execute(f"SELECT id FROM docs WHERE deleted = 0 AND {sql}", params)),
+                dtype=np.int64)
+            selected &= np.isin(cache.doc_ids.view, allowed)
+        return in_scope, selected
+
     def scope_stats(self, scope: Scope) -> ScopeStats:
-        where, params = scope_sql(scope)
-        n, lt, lb = self._conn.execute(
-            f"SELECT count(*), coalesce(sum(len_title), 0), coalesce(sum(len_body), 0) "
-            f"FROM docs WHERE {where} AND deleted = 0",
-            params,
-        ).fetchone()
-        return ScopeStats(int(n), int(lt), int(lb))
+        cache = self.cache()
+        return cache.stats(cache.scope_mask(scope.partitions))
+
+    def lexical_rank(self, terms: Sequence[str], scope: Scope, filters: Filters, stats: ScopeStats,
+                     depth: int) -> list[tuple[DocKey, float]]:
+        """The top `depth` rows by BM25, computed with NumPy over the in-memory postings."""
+        if not terms:
+            return []
+        cache = self.cache()
+        in_scope, selected = self._selection(cache, scope, filters)
+        slots, scores = cache.bm25(terms, in_scope, selected, stats)
+        if slots.size > depth:
+            kth = np.partition(scores, slots.size - depth)[slots.size - depth]
+            keep = scores >= kth
+            slots, scores = slots[keep], scores[keep]
+        ranked = sorted(((cache.keys[i], float(v)) for i, v in zip(slots, scores)),
+                        key=lambda kv: (-kv[1], kv[0]))
+        return ranked[:depth]
 
     def lexical_candidates(self, terms: Sequence[str], scope: Scope, filters: Filters) -> list[LexicalCandidate]:
+        """Candidates straight from FTS5 and the stored term frequencies, for the reference scorer.
+
+        This is the plain-SQL path another reader of the shard format would take; the
+        tests check it ranks exactly as `lexical_rank` does.
+        """
         if not terms:
             return []
         where, sparams = scope_sql(scope)
@@ -349,66 +417,22 @@ class SQLiteBackend:
             for r in rows
         ]
 
-    def _matrix(self, space: str) -> _SpaceMatrix:
-        (generation,) = self._conn.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'generation'").fetchone()
-        cached = self._matrices.get(space)
-        if cached is not None and cached.generation == generation:
-            return cached
-        rows = self._conn.execute(
-            """SELECT d.id, d.object_type, d.object_id, d.node_kind, d.partition, v.vec
-               FROM vectors v JOIN docs d ON d.id = v.doc_id
-               WHERE v.space = ? AND d.deleted = 0 ORDER BY d.id""",
-            (space,),
-        ).fetchall()
-        dim = self.spaces[space]
-        matrix = np.frombuffer(b"".join(r[5] for r in rows), dtype="<f4").reshape(len(rows), dim)
-        matrix = matrix.astype(np.float32)
-        norms = np.linalg.norm(matrix, axis=1) if rows else np.zeros(0, np.float32)
-        with np.errstate(divide="ignore"):
-            inv = np.where(norms > 0, 1.0 / norms, 0.0).astype(np.float32)
-        built = _SpaceMatrix(
-            generation=generation,
-            ids=np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)),
-            keys=[(r[1], r[2], r[3]) for r in rows],
-            matrix=matrix, inv_norms=inv,
-            partitions=np.array([r[4] for r in rows], dtype=object),
-            object_types=np.array([r[1] for r in rows], dtype=object),
-            node_kinds=np.array([r[3] for r in rows], dtype=object),
-        )
-        self._matrices[space] = built
-        return built
-
     def semantic_candidates(self, space: str, query: np.ndarray, scope: Scope, filters: Filters,
                             depth: int, scope_size: int) -> tuple[list[DocKey], np.ndarray, bool]:
-        with self._lock:
-            m = self._matrix(space)
-        if not m.keys:
-            return [], np.zeros((0, self.spaces[space]), np.float32), False
-        mask = np.ones(len(m.keys), dtype=bool)
-        if scope.partitions is not None:
-            mask &= np.isin(m.partitions, list(scope.partitions))
-        if filters.object_types is not None:
-            mask &= np.isin(m.object_types, list(filters.object_types))
-        if filters.node_kinds is not None:
-            mask &= np.isin(m.node_kinds, list(filters.node_kinds))
-        if filters.attrs:
-            sql, params = attrs_sql(filters.attrs)
-            allowed = np.fromiter(
-                (i for (i,) in self._conn.execute(f"SELECT id FROM docs WHERE deleted = 0 AND {sql}", params)),
-                dtype=np.int64,
-            )
-            mask &= np.isin(m.ids, allowed)
-        idx = np.flatnonzero(mask)
+        cache = self.cache()
+        _, selected = self._selection(cache, scope, filters)
+        idx = np.flatnonzero(selected & cache.has_vector[space].view)
         if idx.size == 0:
             return [], np.zeros((0, self.spaces[space]), np.float32), False
         q = np.asarray(query, dtype=np.float32)
-        if idx.size == len(m.keys):
-            approx = (m.matrix @ q) * m.inv_norms
+        matrix, inv = cache.vectors[space].view, cache.inv_norm[space].view
+        if idx.size == matrix.shape[0]:
+            approx = (matrix @ q) * inv
         else:
-            approx = (m.matrix[idx] @ q) * m.inv_norms[idx]
+            approx = (matrix[idx] @ q) * inv[idx]
         approx = approx / max(float(np.linalg.norm(q)), 1e-30)
         keep = idx[approx >= margin_cut(approx, depth)]
-        return [m.keys[i] for i in keep], m.matrix[keep], False
+        return [cache.keys[i] for i in keep], matrix[keep], False
 
     def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
         out: dict[DocKey, dict[str, Any]] = {}

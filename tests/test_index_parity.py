@@ -129,3 +129,27 @@ def test_server_and_shard_rank_identically(server, history, query_list) -> None:
                 assert (x is None) == (y is None)
                 if x is not None:
                     assert x == pytest.approx(y, abs=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(history=ops, query_list=st.lists(queries, min_size=1, max_size=4))
+def test_shard_cache_ranks_exactly_as_the_plain_sql_reader(history, query_list) -> None:
+    """The vectorised BM25 over in-memory postings equals the reference scorer over FTS5 rows."""
+    from slipstream.index.backend import Filters, Scope
+    from slipstream.index.ranking import bm25_rank
+    from slipstream.index.analysis import query_terms
+
+    backend = SQLiteBackend(spaces={"local": DIM})
+    shard = SearchIndex(backend, HashingEmbedder(DIM))
+    for op, arg in history:
+        if op == "upsert":
+            shard.upsert_many(_dedupe(arg))
+        else:
+            shard.delete(*arg)
+    for q in query_list:
+        terms = query_terms(q["query"])
+        for scope in (Scope(None), Scope((SHARD_PARTITION,)), Scope(("p2", "p3"))):
+            filters = Filters.of(q.get("object_types"), q.get("node_kinds"), q.get("attrs"))
+            stats = backend.scope_stats(scope)
+            reference = bm25_rank(terms, stats, backend.lexical_candidates(terms, scope, filters))
+            assert backend.lexical_rank(terms, scope, filters, stats, 10_000) == reference

@@ -1,0 +1,207 @@
+"""In-memory search structures over a SQLite shard's live rows, kept in step with its writes.
+
+A device answers a query with NumPy, not with a row-at-a-time scan: rows live in
+*slots* (growable column arrays), term frequencies in an inverted index (a sorted
+base plus a small delta that is merged when it grows), and each embedding space in
+one float32 matrix with a row per slot. Writes made through the owning backend are
+applied incrementally; a change made by another connection (the shard's generation
+moved) makes the backend reload the whole cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .doc import DocKey
+from .ranking import B, K1, W_BODY, W_TITLE, ScopeStats
+
+
+@dataclass(frozen=True, slots=True)
+class CachedRow:
+    """What the cache needs of one live row."""
+
+    doc_id: int
+    key: DocKey
+    partition: str
+    len_title: int
+    len_body: int
+    tf: Mapping[str, tuple[int, int]]
+    vectors: Mapping[str, np.ndarray]
+
+
+class _Column:
+    """A growable NumPy column (capacity doubling)."""
+
+    def __init__(self, dtype, width: int = 0) -> None:
+        self.width = width
+        shape = (16, width) if width else (16,)
+        self.data = np.zeros(shape, dtype=dtype)
+        self.n = 0
+
+    def append(self, value) -> None:
+        if self.n == self.data.shape[0]:
+            grown = np.zeros((self.n * 2, *self.data.shape[1:]), dtype=self.data.dtype)
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+        self.data[self.n] = value
+        self.n += 1
+
+    @property
+    def view(self) -> np.ndarray:
+        return self.data[: self.n]
+
+
+class ShardCache:
+    """Slots, postings and per-space matrices for the live rows of one shard."""
+
+    MERGE_MIN = 20_000
+
+    def __init__(self, dims: Mapping[str, int], generation: int) -> None:
+        self.generation = generation
+        self.dims = dict(dims)
+        self.keys: list[DocKey] = []
+        self.slot_of: dict[int, int] = {}  # doc_id -> live slot
+        self.doc_ids = _Column(np.int64)
+        self.alive = _Column(np.bool_)
+        self.len_title = _Column(np.int64)
+        self.len_body = _Column(np.int64)
+        self._labels: dict[str, list[str]] = {"partition": [], "object_type": [], "node_kind": []}
+        self._label_arrays: dict[str, np.ndarray] | None = None
+        self.vectors = {s: _Column(np.float32, d) for s, d in self.dims.items()}
+        self.has_vector = {s: _Column(np.bool_) for s in self.dims}
+        self.inv_norm = {s: _Column(np.float32) for s in self.dims}
+        # Inverted index: term -> (start, end) in the sorted base arrays, plus a delta.
+        self.term_ids: dict[str, int] = {}
+        self.base_terms = np.zeros(0, np.int64)
+        self.base_slots = np.zeros(0, np.int64)
+        self.base_tf = np.zeros((0, 2), np.int64)
+        self.base_range: dict[int, tuple[int, int]] = {}
+        self.delta: dict[int, tuple[list[int], list[int], list[int]]] = {}
+        self.delta_size = 0
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    def add(self, rows: Iterable[CachedRow]) -> None:
+        for row in rows:
+            self.remove([row.doc_id])
+            slot = len(self.keys)
+            self.keys.append(row.key)
+            self.slot_of[row.doc_id] = slot
+            self.doc_ids.append(row.doc_id)
+            self.alive.append(True)
+            self.len_title.append(row.len_title)
+            self.len_body.append(row.len_body)
+            self._labels["partition"].append(row.partition)
+            self._labels["object_type"].append(row.key[0])
+            self._labels["node_kind"].append(row.key[2])
+            for space in self.dims:
+                vec = row.vectors.get(space)
+                ok = vec is not None
+                self.vectors[space].append(vec if ok else 0.0)
+                self.has_vector[space].append(ok)
+                norm = float(np.linalg.norm(vec)) if ok else 0.0
+                self.inv_norm[space].append(1.0 / norm if norm > 0 else 0.0)
+            for term, (t, b) in row.tf.items():
+                tid = self.term_ids.setdefault(term, len(self.term_ids))
+                entry = self.delta.setdefault(tid, ([], [], []))
+                entry[0].append(slot)
+                entry[1].append(t)
+                entry[2].append(b)
+                self.delta_size += 1
+        self._label_arrays = None
+        if self.delta_size > max(self.MERGE_MIN, self.base_slots.size // 4):
+            self.merge()
+
+    def remove(self, doc_ids: Iterable[int]) -> None:
+        for doc_id in doc_ids:
+            slot = self.slot_of.pop(doc_id, None)
+            if slot is not None:
+                self.alive.data[slot] = False
+
+    def merge(self) -> None:
+        """Fold the delta into the sorted base, dropping dead slots' postings."""
+        terms = [self.base_terms]
+        slots = [self.base_slots]
+        tfs = [self.base_tf]
+        for tid, (s, t, b) in self.delta.items():
+            terms.append(np.full(len(s), tid, np.int64))
+            slots.append(np.asarray(s, np.int64))
+            tfs.append(np.column_stack([np.asarray(t, np.int64), np.asarray(b, np.int64)]))
+        all_terms, all_slots = np.concatenate(terms), np.concatenate(slots)
+        all_tf = np.concatenate(tfs) if tfs else np.zeros((0, 2), np.int64)
+        keep = self.alive.view[all_slots] if all_slots.size else np.zeros(0, bool)
+        all_terms, all_slots, all_tf = all_terms[keep], all_slots[keep], all_tf[keep]
+        order = np.lexsort((all_slots, all_terms))
+        self.base_terms, self.base_slots, self.base_tf = all_terms[order], all_slots[order], all_tf[order]
+        bounds = np.flatnonzero(np.diff(self.base_terms)) + 1
+        starts = np.concatenate([[0], bounds]) if self.base_terms.size else np.zeros(0, np.int64)
+        ends = np.concatenate([bounds, [self.base_terms.size]]) if self.base_terms.size else starts
+        self.base_range = {int(self.base_terms[s]): (int(s), int(e)) for s, e in zip(starts, ends)}
+        self.delta, self.delta_size = {}, 0
+
+    # -- queries --------------------------------------------------------------------------
+
+    def labels(self, name: str) -> np.ndarray:
+        if self._label_arrays is None:
+            self._label_arrays = {k: np.array(v, dtype=object) for k, v in self._labels.items()}
+        return self._label_arrays[name]
+
+    def scope_mask(self, partitions: Sequence[str] | None) -> np.ndarray:
+        mask = self.alive.view.copy()
+        if partitions is not None:
+            mask &= np.isin(self.labels("partition"), list(partitions))
+        return mask
+
+    def stats(self, scope: np.ndarray) -> ScopeStats:
+        return ScopeStats(int(scope.sum()), int(self.len_title.view[scope].sum()),
+                          int(self.len_body.view[scope].sum()))
+
+    def postings(self, term: str) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, tf[:, (title, body)]) of a term, dead slots included."""
+        tid = self.term_ids.get(term)
+        if tid is None:
+            return np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+        parts_s, parts_tf = [], []
+        if tid in self.base_range:
+            s, e = self.base_range[tid]
+            parts_s.append(self.base_slots[s:e])
+            parts_tf.append(self.base_tf[s:e])
+        if tid in self.delta:
+            ds, dt, db = self.delta[tid]
+            parts_s.append(np.asarray(ds, np.int64))
+            parts_tf.append(np.column_stack([np.asarray(dt, np.int64), np.asarray(db, np.int64)]))
+        if not parts_s:
+            return np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+        return np.concatenate(parts_s), np.concatenate(parts_tf)
+
+    def bm25(self, terms: Sequence[str], scope: np.ndarray, selected: np.ndarray,
+             stats: ScopeStats) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 of every selected slot, vectorised, bit-identical to `ranking.bm25_rank`.
+
+        Returns (slots, scores) for the slots with a positive score.
+        """
+        n_slots = len(self.keys)
+        scores = np.zeros(n_slots, np.float64)
+        hit = np.zeros(n_slots, bool)
+        avgdl = stats.avgdl
+        lt, lb = self.len_title.view, self.len_body.view
+        for term in terms:  # sorted: the same order the reference sums in
+            slots, tf = self.postings(term)
+            in_scope = scope[slots]
+            slots, tf = slots[in_scope], tf[in_scope]
+            df = slots.size
+            if df == 0:
+                continue
+            idf = math.log(1.0 + (stats.n_docs - df + 0.5) / (df + 0.5))
+            sel = selected[slots]
+            slots, tf = slots[sel], tf[sel]
+            tfw = W_TITLE * tf[:, 0] + W_BODY * tf[:, 1]
+            norm = K1 * (1.0 - B + B * (W_TITLE * lt[slots] + W_BODY * lb[slots]) / avgdl)
+            scores[slots] += idf * tfw * (K1 + 1.0) / (tfw + norm)
+            hit[slots] = True
+        found = np.flatnonzero(hit & (scores > 0.0))
+        return found, scores[found]
