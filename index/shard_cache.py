@@ -69,8 +69,9 @@ class ShardCache:
         self.alive = _Column(np.bool_)
         self.len_title = _Column(np.int64)
         self.len_body = _Column(np.int64)
-        self._labels: dict[str, list[str]] = {"partition": [], "object_type": [], "node_kind": []}
-        self._label_arrays: dict[str, np.ndarray] | None = None
+        # Labels as small integer codes, so scope and filter masks are integer compares.
+        self._codes: dict[str, dict[str, int]] = {"partition": {}, "object_type": {}, "node_kind": {}}
+        self._labels = {name: _Column(np.int32) for name in self._codes}
         self.vectors = {s: _Column(np.float32, d) for s, d in self.dims.items()}
         self.has_vector = {s: _Column(np.bool_) for s in self.dims}
         self.inv_norm = {s: _Column(np.float32) for s in self.dims}
@@ -95,9 +96,10 @@ class ShardCache:
             self.alive.append(True)
             self.len_title.append(row.len_title)
             self.len_body.append(row.len_body)
-            self._labels["partition"].append(row.partition)
-            self._labels["object_type"].append(row.key[0])
-            self._labels["node_kind"].append(row.key[2])
+            for name, value in (("partition", row.partition), ("object_type", row.key[0]),
+                                ("node_kind", row.key[2])):
+                codes = self._codes[name]
+                self._labels[name].append(codes.setdefault(value, len(codes)))
             for space in self.dims:
                 vec = row.vectors.get(space)
                 ok = vec is not None
@@ -112,7 +114,6 @@ class ShardCache:
                 entry[1].append(t)
                 entry[2].append(b)
                 self.delta_size += 1
-        self._label_arrays = None
         if self.delta_size > max(self.MERGE_MIN, self.base_slots.size // 4):
             self.merge()
 
@@ -145,15 +146,20 @@ class ShardCache:
 
     # -- queries --------------------------------------------------------------------------
 
-    def labels(self, name: str) -> np.ndarray:
-        if self._label_arrays is None:
-            self._label_arrays = {k: np.array(v, dtype=object) for k, v in self._labels.items()}
-        return self._label_arrays[name]
+    def label_mask(self, name: str, values: Sequence[str]) -> np.ndarray:
+        """Slots whose `name` (partition, object_type or node_kind) is one of `values`."""
+        codes = [self._codes[name][v] for v in values if v in self._codes[name]]
+        column = self._labels[name].view
+        if len(codes) == 1:
+            return column == codes[0]
+        if len(codes) == len(self._codes[name]):
+            return np.ones(column.shape, bool)
+        return np.isin(column, codes)
 
     def scope_mask(self, partitions: Sequence[str] | None) -> np.ndarray:
         mask = self.alive.view.copy()
         if partitions is not None:
-            mask &= np.isin(self.labels("partition"), list(partitions))
+            mask &= self.label_mask("partition", partitions)
         return mask
 
     def stats(self, scope: np.ndarray) -> ScopeStats:

@@ -145,6 +145,7 @@ class SQLiteBackend:
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
         self._cache: ShardCache | None = None
+        self._selection_memo: tuple[Any, tuple[np.ndarray, np.ndarray]] | None = None
         self._check_fts5()
         if self.path != ":memory:":
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -356,19 +357,24 @@ class SQLiteBackend:
         return cache
 
     def _selection(self, cache: ShardCache, scope: Scope, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
-        """(scope mask, selected mask) over the cache's slots."""
+        """(scope mask, selected mask) over the cache's slots; the last one is remembered,
+        since the lexical and semantic channels of one query ask for the same."""
+        memo_key = (id(cache), cache.generation, len(cache.keys), scope, repr(filters))
+        if self._selection_memo is not None and self._selection_memo[0] == memo_key:
+            return self._selection_memo[1]
         in_scope = cache.scope_mask(scope.partitions)
         selected = in_scope.copy()
         if filters.object_types is not None:
-            selected &= np.isin(cache.labels("object_type"), list(filters.object_types))
+            selected &= cache.label_mask("object_type", filters.object_types)
         if filters.node_kinds is not None:
-            selected &= np.isin(cache.labels("node_kind"), list(filters.node_kinds))
+            selected &= cache.label_mask("node_kind", filters.node_kinds)
         if filters.attrs:
             sql, params = attrs_sql(filters.attrs)
             allowed = np.fromiter(
                 (i for (i,) in self._conn.execute(f"SELECT id FROM docs WHERE deleted = 0 AND {sql}", params)),
                 dtype=np.int64)
             selected &= np.isin(cache.doc_ids.view, allowed)
+        self._selection_memo = (memo_key, (in_scope, selected))
         return in_scope, selected
 
     def scope_stats(self, scope: Scope) -> ScopeStats:
@@ -425,31 +431,25 @@ class SQLiteBackend:
         if idx.size == 0:
             return [], np.zeros((0, self.spaces[space]), np.float32), False
         q = np.asarray(query, dtype=np.float32)
+        q = q / np.float32(max(float(np.linalg.norm(q)), 1e-30))
         matrix, inv = cache.vectors[space].view, cache.inv_norm[space].view
         if idx.size == matrix.shape[0]:
             approx = (matrix @ q) * inv
         else:
             approx = (matrix[idx] @ q) * inv[idx]
-        approx = approx / max(float(np.linalg.norm(q)), 1e-30)
         keep = idx[approx >= margin_cut(approx, depth)]
         return [cache.keys[i] for i in keep], matrix[keep], False
 
     def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
         out: dict[DocKey, dict[str, Any]] = {}
-        keys = list(keys)
-        for start in range(0, len(keys), 300):
-            chunk = keys[start:start + 300]
-            values = ",".join("(?, ?, ?)" for _ in chunk)
-            rows = self._conn.execute(
-                f"""SELECT object_type, object_id, node_kind, partition, title, payload, attrs
-                    FROM docs WHERE (object_type, object_id, node_kind) IN (VALUES {values})""",
-                [part for key in chunk for part in key],
-            )
-            for r in rows:
-                out[(r[0], r[1], r[2])] = {
-                    "partition": r[3], "title": r[4],
-                    "payload": json.loads(r[5]), "attrs": json.loads(r[6]),
-                }
+        lookup = self._conn.cursor()
+        for key in keys:  # one unique-index probe each: k is small, and this beats a scan
+            row = lookup.execute(
+                "SELECT partition, title, payload, attrs FROM docs "
+                "WHERE object_type = ? AND object_id = ? AND node_kind = ?", key).fetchone()
+            if row is not None:
+                out[key] = {"partition": row[0], "title": row[1],
+                            "payload": json.loads(row[2]), "attrs": json.loads(row[3])}
         return out
 
     def get(self, object_type: str, object_id: str, node_kind: str = "leaf") -> dict[str, Any] | None:
