@@ -9,12 +9,14 @@ walsender killed, the network cut or silent, and wal_sender_timeout while idle.
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
 from slipstream.index.errors import ConfigurationError, SlipstreamError, ValidationError
 from slipstream.worker.errors import (
     ReplicationConnectionError,
     ReplicationPermissionError,
+    ReplicationProtocolError,
     ReplicationServerError,
     RetryPolicy,
     SlotAlreadyExistsError,
@@ -25,6 +27,15 @@ from slipstream.worker.errors import (
     error_from_server,
 )
 from slipstream.worker.lsn import format_lsn, parse_lsn
+from slipstream.worker.replication_proto import (
+    Keepalive,
+    Wait,
+    XLogData,
+    encode_status_update,
+    parse_copy_data,
+    pg_now_us,
+    read_copy_data_gen,
+)
 
 # --- pure: LSNs, codecs, generators, error policy ---------------------------------
 
@@ -40,6 +51,83 @@ def test_lsn_round_trip() -> None:
     for bad_int in [-1, 2**64, True]:
         with pytest.raises(ValidationError):
             format_lsn(bad_int)
+
+
+def test_parse_xlogdata_from_bytes() -> None:
+    raw = b"w" + struct.pack(">QQq", 0x1_00000010, 0x1_00000020, 123_456) + b"B\x00payload"
+    assert parse_copy_data(raw) == XLogData(0x1_00000010, 0x1_00000020, 123_456, b"B\x00payload")
+    empty = parse_copy_data(memoryview(b"w" + bytes(24)))
+    assert empty == XLogData(0, 0, 0, b"")
+    assert empty.sent_at.isoformat() == "2000-01-01T00:00:00+00:00"
+
+
+def test_parse_keepalive_from_bytes() -> None:
+    raw = b"k" + (0x2A).to_bytes(8, "big") + (1_000_000).to_bytes(8, "big") + b"\x01"
+    assert parse_copy_data(raw) == Keepalive(wal_end=42, send_time=1_000_000, reply_requested=True)
+    assert parse_copy_data(raw[:-1] + b"\x00").reply_requested is False  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"w", b"w" + bytes(23), b"k" + bytes(16), b"k" + bytes(18), b"x" + bytes(30)],
+    ids=["empty", "w-no-header", "w-short", "k-short", "k-long", "unknown-type"],
+)
+def test_malformed_copy_data_raises_protocol_error(raw: bytes) -> None:
+    with pytest.raises(ReplicationProtocolError) as info:
+        parse_copy_data(raw)
+    assert isinstance(info.value, SlipstreamError)
+
+
+def test_status_update_exact_bytes() -> None:
+    encoded = encode_status_update(
+        0x1_00000003, 0x1_00000002, 0x1_00000001, 0x0102030405060708, True
+    )
+    assert encoded == (
+        b"r"
+        + b"\x00\x00\x00\x01\x00\x00\x00\x03"
+        + b"\x00\x00\x00\x01\x00\x00\x00\x02"
+        + b"\x00\x00\x00\x01\x00\x00\x00\x01"
+        + b"\x01\x02\x03\x04\x05\x06\x07\x08"
+        + b"\x01"
+    )
+    assert (
+        encode_status_update(0, 0, 0, 0)[-1:] == b"\x00"
+        and len(encode_status_update(0, 0, 0, 0)) == 34
+    )
+    with pytest.raises(ValidationError):
+        encode_status_update(-1, 0, 0, 0)
+
+
+def test_pg_clock_counts_from_2000() -> None:
+    assert pg_now_us(lambda: 946_684_800 * 10**9) == 0
+    assert pg_now_us(lambda: 946_684_801 * 10**9 + 5_000) == 1_000_005
+
+
+class _FakePGconn:
+    """Just enough libpq for read_copy_data_gen: rows arrive only after consume_input()."""
+
+    def __init__(self, rows: list[bytes]) -> None:
+        self.incoming, self.buffered, self.consumed = list(rows), list[bytes](), 0
+
+    def get_copy_data(self, async_: int) -> tuple[int, memoryview]:
+        if self.buffered:
+            row = self.buffered.pop(0)
+            return len(row), memoryview(row)
+        return 0, memoryview(b"")
+
+    def consume_input(self) -> None:
+        self.consumed += 1
+        self.buffered += self.incoming[:1]
+        del self.incoming[:1]
+
+
+def test_read_copy_data_gen_yields_read_until_a_row_is_buffered() -> None:
+    pgconn = _FakePGconn([b"k" + bytes(17)])
+    gen = read_copy_data_gen(pgconn)  # type: ignore[arg-type]
+    assert next(gen) is Wait.R  # nothing buffered: it asks to wait for the socket
+    with pytest.raises(StopIteration) as done:
+        gen.send(Wait.R)
+    assert done.value.value == b"k" + bytes(17) and pgconn.consumed == 1
 
 
 def test_error_policy_maps_server_errors_to_typed_errors() -> None:
