@@ -131,6 +131,12 @@ class PostgresBackend:
         with self._pool.connection() as pooled:
             yield pooled
 
+    def connect(self, **kwargs: Any) -> psycopg.Connection:
+        """A new dedicated connection (not from the pool), set up for vectors."""
+        conn = psycopg.connect(self._pool.conninfo, **kwargs)
+        _configure(conn)
+        return conn
+
     def close(self) -> None:
         if self._owns_pool:
             self._pool.close()
@@ -215,21 +221,38 @@ class PostgresBackend:
             with c.cursor() as cur:
                 cur.executemany(stmt, rows)
 
-    def delete(self, object_type: str, object_id: str, node_kind: str | None = None,
-               conn: psycopg.Connection | None = None) -> int:
-        """Tombstone rows: content, terms and vectors stripped; key and partition kept."""
+    def _tombstone_set(self) -> sql.Composed:
+        """The SET list that strips a row to a tombstone: key and partition stay."""
         nulls = sql.SQL("").join(
             sql.SQL(", {c} = NULL").format(c=sql.Identifier(f"emb_{s}")) for s in self.spaces)
+        return sql.SQL(
+            "deleted = true, title = '', body = '', keywords = '[]', payload = '{{}}', "
+            "attrs = '{{}}', tf = '{{}}', tsv = '', len_title = 0, len_body = 0, "
+            "pending_spaces = '{{}}', updated_at = now(){nulls}").format(nulls=nulls)
+
+    def delete(self, object_type: str, object_id: str, node_kind: str | None = None,
+               conn: psycopg.Connection | None = None) -> int:
+        """Tombstone an object's rows (or one node kind); returns how many."""
         stmt = sql.SQL(
-            "UPDATE {s}.docs SET deleted = true, title = '', body = '', keywords = '[]', "
-            "payload = '{{}}', attrs = '{{}}', tf = '{{}}', tsv = '', len_title = 0, len_body = 0, "
-            "pending_spaces = '{{}}', updated_at = now(){nulls} "
-            "WHERE object_type = %s AND object_id = %s AND NOT deleted"
+            "UPDATE {s}.docs SET {tomb} WHERE object_type = %s AND object_id = %s AND NOT deleted"
             + (" AND node_kind = %s" if node_kind is not None else "")
-        ).format(s=self._s, nulls=nulls)
+        ).format(s=self._s, tomb=self._tombstone_set())
         params = [object_type, object_id] + ([node_kind] if node_kind is not None else [])
         with self.connection(conn) as c, c.transaction():
             return c.execute(stmt, params).rowcount
+
+    def tombstone_many(self, keys: Sequence[DocKey], conn: psycopg.Connection | None = None) -> int:
+        """Tombstone the given rows (exact keys) in one statement; returns how many changed."""
+        if not keys:
+            return 0
+        stmt = sql.SQL(
+            "UPDATE {s}.docs AS d SET {tomb} "
+            "FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
+            "WHERE d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n AND NOT d.deleted"
+        ).format(s=self._s, tomb=self._tombstone_set())
+        cols = list(zip(*keys))
+        with self.connection(conn) as c, c.transaction():
+            return c.execute(stmt, [list(cols[0]), list(cols[1]), list(cols[2])]).rowcount
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -1,0 +1,241 @@
+"""The apply step: one batch of source changes becomes one transaction on the search database.
+
+For each change, in source commit order, the applier works out the row's full values
+(merging unchanged TOAST values from `source_rows`), maps it to IndexDocs, and
+records the effects: search rows to upsert, search rows to tombstone (deleted rows,
+rows a move or a filter dropped, truncated tables), change-log entries (a tombstone
+in the old partition when a row moves), and the row's new source state. A mapper
+that raises, or a row that cannot be decoded, goes to the dead-letter table and the
+batch goes on. Embedding happens before the transaction opens. Then one transaction
+writes search rows, change log, source state, dead letters and the checkpoint; only
+after it commits may the caller report the new flush LSN (guarantee 1).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import psycopg
+
+from slipstream.index import IndexDoc, SearchIndex
+from slipstream.index.doc import DocKey
+
+from .changes import Batch, SourceChange, decode_row
+from .pgoutput import UNCHANGED
+from .state import ChangeEntry, Checkpoint, DeadLetter, WorkerState
+
+MapperLookup = Callable[[str], Callable[[Mapping[str, object], str], list[IndexDoc]] | None]
+
+# (row_values, docs [[object_type, object_id, node_kind, partition], ...], lsn, deleted)
+SourceState = tuple[dict | None, list, int, bool]
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    checkpoint: Checkpoint
+    transactions: int
+    changes: int
+    upserts: int
+    tombstones: int
+    dead_letters: int
+    seconds: float
+
+
+@dataclass(slots=True)
+class _Effects:
+    """What one batch does to the search side, coalesced per search row."""
+
+    final: dict[DocKey, IndexDoc | None] = field(default_factory=dict)
+    partitions: dict[DocKey, str] = field(default_factory=dict)
+    log: dict[tuple[DocKey, str], tuple[str, int]] = field(default_factory=dict)
+    dead: list[DeadLetter] = field(default_factory=list)
+    truncated: list[tuple[str, int]] = field(default_factory=list)
+
+    def _log(self, key: DocKey, partition: str, op: str, lsn: int) -> None:
+        self.log.pop((key, partition), None)  # re-append: entries keep commit order
+        self.log[(key, partition)] = (op, lsn)
+
+    def upsert(self, doc: IndexDoc, lsn: int) -> None:
+        self.final[doc.key] = doc
+        self.partitions[doc.key] = doc.partition
+        self._log(doc.key, doc.partition, "u", lsn)
+
+    def tombstone(self, key: DocKey, partition: str, lsn: int) -> None:
+        self.final[key] = None
+        self.partitions[key] = partition
+        self._log(key, partition, "d", lsn)
+
+
+class Applier:
+    """Applies batches for one slot through a dedicated search-database connection."""
+
+    def __init__(self, conn: psycopg.Connection, index: SearchIndex, state: WorkerState,
+                 mappers: MapperLookup, slot: str) -> None:
+        self.conn = conn
+        self.index = index
+        self.backend = index.backend
+        self.state = state
+        self.mappers = mappers
+        self.slot = slot
+        self.checkpoint = state.checkpoint(conn, slot)
+        conn.commit()
+
+    # -- planning (no writes) -------------------------------------------------------------
+
+    def _plan(self, batch: Batch) -> tuple[_Effects, dict[tuple[str, str], SourceState]]:
+        wanted = []
+        for c in batch.changes:
+            if c.key is not None:
+                wanted.append((c.relation, c.key))
+            if c.old_key is not None:
+                wanted.append((c.relation, c.old_key))
+        overlay: dict[tuple[str, str], SourceState] = dict(self.state.load_source_rows(self.conn, wanted))
+        touched: set[tuple[str, str]] = set()
+        fx = _Effects()
+        for change in batch.changes:
+            if change.kind == "truncate":
+                self._truncate(change, overlay, touched, fx)
+            elif change.kind == "delete":
+                self._delete(change, overlay, touched, fx)
+            else:
+                self._upsert(change, overlay, touched, fx)
+        self.conn.commit()  # end the read-only snapshot before embedding
+        return fx, {k: overlay[k] for k in touched}
+
+    def _drop_docs(self, docs: list, keep: set[DocKey], lsn: int, fx: _Effects) -> None:
+        for ref in docs:
+            key = (ref[0], ref[1], ref[2])
+            if key not in keep:
+                fx.tombstone(key, ref[3], lsn)
+
+    def _delete(self, change: SourceChange, overlay, touched, fx: _Effects) -> None:
+        k = (change.relation, change.key)
+        prev = overlay.get(k)
+        if prev is None:
+            return
+        if not prev[3]:
+            self._drop_docs(prev[1], set(), change.commit_lsn, fx)
+        overlay[k] = (None, [], change.commit_lsn, True)
+        touched.add(k)
+
+    def _truncate(self, change: SourceChange, overlay, touched, fx: _Effects) -> None:
+        for relation in change.truncated:
+            live = {(relation, rk): docs for rk, docs in self.state.source_rows_of(self.conn, relation)}
+            for k, st in overlay.items():
+                if k[0] == relation:
+                    live.pop(k, None)
+                    if not st[3]:
+                        live[k] = st[1]
+            for k, docs in live.items():
+                self._drop_docs(docs, set(), change.commit_lsn, fx)
+                if k in overlay:
+                    overlay[k] = (None, [], change.commit_lsn, True)
+                    touched.add(k)
+            fx.truncated.append((relation, change.commit_lsn))
+
+    def _upsert(self, change: SourceChange, overlay, touched, fx: _Effects) -> None:
+        k = (change.relation, change.key)
+        prev = overlay.get(k)
+        lsn = change.commit_lsn
+        if change.kind == "snapshot" and prev is not None and prev[2] >= lsn:
+            return  # the stream already applied this row as of a later point
+        base = prev
+        if change.old_key is not None and change.old_key != change.key:
+            old_k = (change.relation, change.old_key)
+            old = overlay.get(old_k)
+            if old is not None:
+                base = old
+                if not old[3]:
+                    self._drop_docs(old[1], set(), lsn, fx)
+                overlay[old_k] = (None, [], lsn, True)
+                touched.add(old_k)
+        values = dict(change.values or {})
+        missing = [c for c, v in values.items() if v is UNCHANGED]
+        if missing:
+            stored = base[0] if base is not None and not base[3] else None
+            if stored is None or any(c not in stored for c in missing):
+                fx.dead.append(DeadLetter(lsn, change.relation, change.key, change.kind,
+                                          {c: v for c, v in values.items() if v is not UNCHANGED},
+                                          f"unchanged TOAST column(s) {missing} but no stored value "
+                                          "for this row; re-run the snapshot for this table"))
+                return
+            for c in missing:
+                values[c] = stored[c]
+        old_docs = prev[1] if prev is not None and not prev[3] else []
+        mapper = self.mappers(change.relation)
+        touched.add(k)
+        if mapper is None:
+            overlay[k] = (values, old_docs, lsn, False)
+            return
+        try:
+            row = decode_row(values, change.columns)
+            docs = mapper(row, "insert" if change.kind == "snapshot" else change.kind)
+            if not isinstance(docs, list) or not all(isinstance(d, IndexDoc) for d in docs):
+                raise TypeError(f"mapper returned {type(docs).__name__}, not a list of IndexDoc")
+            if len({d.key for d in docs}) != len(docs):
+                raise ValueError("mapper returned two docs with the same key")
+        except Exception as exc:  # noqa: BLE001 - a bad row must not stop the stream
+            fx.dead.append(DeadLetter(lsn, change.relation, change.key, change.kind, values,
+                                      _describe(exc)))
+            overlay[k] = (values, old_docs, lsn, False)
+            return
+        new_keys = {d.key for d in docs}
+        for ref in old_docs:
+            key = (ref[0], ref[1], ref[2])
+            if key not in new_keys:
+                fx.tombstone(key, ref[3], lsn)
+        by_key = {(r[0], r[1], r[2]): r[3] for r in old_docs}
+        for doc in docs:
+            old_partition = by_key.get(doc.key)
+            if old_partition is not None and old_partition != doc.partition:
+                fx._log(doc.key, old_partition, "d", lsn)  # the old partition's devices drop it
+            fx.upsert(doc, lsn)
+        overlay[k] = (values, [[d.object_type, d.object_id, d.node_kind, d.partition] for d in docs],
+                      lsn, False)
+
+    # -- the transaction ------------------------------------------------------------------
+
+    def apply(self, batch: Batch, also: Callable[[psycopg.Connection], None] | None = None
+              ) -> ApplyResult:
+        """Apply `batch` in one transaction; `also` runs inside it (e.g. to save copy progress)."""
+        started = time.perf_counter()
+        fx, source_rows = self._plan(batch)
+        upserts = [d for d in fx.final.values() if d is not None]
+        tombstones = [k for k, d in fx.final.items() if d is None]
+        prepared = self.index.prepare(upserts)  # embeddings: before the transaction opens
+        cp = self.checkpoint
+        entries = [ChangeEntry(partition, key[0], key[1], key[2], op, lsn)
+                   for (key, partition), (op, lsn) in fx.log.items()]
+        if batch.snapshot:  # copied rows: the stream position does not move
+            new_cp = Checkpoint(cp.lsn, cp.partial_lsn, cp.partial_offset, cp.last_seq + len(entries))
+        else:
+            new_cp = Checkpoint(
+                lsn=batch.completed[-1].end_lsn if batch.completed else cp.lsn,
+                partial_lsn=batch.partial[0] if batch.partial else None,
+                partial_offset=batch.partial[1] if batch.partial else 0,
+                last_seq=cp.last_seq + len(entries),
+            )
+        with self.conn.transaction():
+            self.backend.write(prepared, conn=self.conn)
+            self.backend.tombstone_many(tombstones, conn=self.conn)
+            self.state.append_changes(self.conn, cp.last_seq + 1, entries)
+            for relation, lsn in fx.truncated:
+                self.state.mark_relation_deleted(self.conn, relation, lsn)
+            self.state.save_source_rows(self.conn, [
+                (rel, key, st[0], st[1], st[2], st[3]) for (rel, key), st in source_rows.items()])
+            self.state.add_dead_letters(self.conn, fx.dead)
+            self.state.save_checkpoint(self.conn, self.slot, new_cp)
+            if also is not None:
+                also(self.conn)
+        self.checkpoint = new_cp
+        return ApplyResult(new_cp, len(batch.completed), len(batch.changes), len(upserts),
+                           len(tombstones), len(fx.dead), time.perf_counter() - started)
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if exc.__cause__ is not None:
+        text += f" (caused by {type(exc.__cause__).__name__}: {exc.__cause__})"
+    return text[:4000]

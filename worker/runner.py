@@ -1,0 +1,207 @@
+"""The streaming loop: read the slot, cut batches, apply them one at a time, report what is durable.
+
+One thread reads the replication stream and assembles batches; one apply thread
+writes them. A batch closes when it reaches `max_changes` or `max_bytes`, or has been
+open `max_seconds` — whichever comes first. At most one batch is in flight: when the
+next one is ready before the previous has committed, reading pauses (back-pressure
+lands on the WAL) while status updates keep the walsender from timing out. The flush
+LSN sent to the server is only ever the checkpoint of a committed apply transaction,
+or — when nothing is pending — the server's own keepalive position, so idle tables
+do not pin WAL. Connection loss and a busy slot are retried with backoff; anything
+else stops the loop with its error.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import psycopg
+
+from .apply import Applier, ApplyResult
+from .assemble import TxnAssembler
+from .changes import Batch, SourceChange, TxnEnd
+from .errors import ReplicationConnectionError, RetryPolicy, classify
+from .pgoutput import decode
+from .replication import Keepalive, ReplicationConnection, XLogData
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerSettings:
+    source_dsn: str
+    slot: str
+    publication: str
+    max_changes: int = 2000
+    max_bytes: int = 8 * 1024 * 1024
+    max_seconds: float = 0.25
+    status_interval: float = 10.0
+    heartbeat_seconds: float = 0.0
+
+
+class StreamRunner:
+    """Follows one slot until stopped. `make_applier` opens a fresh search-side applier."""
+
+    def __init__(self, settings: RunnerSettings, make_applier: Callable[[], Applier], *,
+                 tables: set[str] | None = None, retry: RetryPolicy | None = None,
+                 on_batch: Callable[[ApplyResult, Batch], None] | None = None,
+                 log: Callable[..., None] | None = None) -> None:
+        self.settings = settings
+        self.make_applier = make_applier
+        self.tables = tables
+        self.retry = retry or RetryPolicy()
+        self.on_batch = on_batch
+        self.log = log or (lambda event, **kw: None)
+        self.stopping = threading.Event()
+        self.flushed = 0
+        self.ready = threading.Event()
+        self.last_beat = time.monotonic()
+
+    # -- control --------------------------------------------------------------------------
+
+    def stop(self, *_: object) -> None:
+        self.stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> None:
+        """Run until `stop()`; retries what can be retried, raises what cannot."""
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                self._run_once()
+                return
+            except (ReplicationConnectionError, psycopg.OperationalError, OSError) as exc:
+                err = exc
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if classify(exc) != "retry":
+                    raise
+                err = exc
+            self.ready.clear()
+            decision = self.retry.decide(err if classify(err) == "retry" else
+                                         ReplicationConnectionError(str(err)), attempt)
+            if decision.action != "retry":
+                raise err
+            self.log("reconnecting", reason=str(err)[:300], delay_s=round(decision.delay, 2),
+                     attempt=attempt)
+            attempt += 1
+            if self.stopping.wait(decision.delay):
+                return
+
+    # -- one connection's life ------------------------------------------------------------
+
+    def _run_once(self) -> None:
+        s = self.settings
+        applier = self.make_applier()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slipstream-apply")
+        heartbeat = _Heartbeat(s.source_dsn, s.heartbeat_seconds) if s.heartbeat_seconds > 0 else None
+        try:
+            with ReplicationConnection.connect(s.source_dsn, status_interval=s.status_interval) as conn:
+                cp = applier.checkpoint
+                conn.start_replication(s.slot, cp.lsn, publication_names=[s.publication],
+                                       proto_version=1, messages=True)
+                self.flushed = max(self.flushed, cp.lsn)
+                if self.flushed:
+                    conn.send_status(flushed=self.flushed)
+                self.ready.set()
+                self.log("streaming", slot=s.slot, start_lsn=cp.lsn)
+                self._loop(conn, applier, executor)
+        finally:
+            executor.shutdown(wait=True)
+            if heartbeat is not None:
+                heartbeat.close()
+            applier.conn.close()
+
+    def _loop(self, conn: ReplicationConnection, applier: Applier, executor: ThreadPoolExecutor) -> None:
+        s = self.settings
+        assembler = TxnAssembler(applier.checkpoint, self.tables)
+        batch, opened = Batch(), 0.0
+        in_flight: Future[ApplyResult] | None = None
+        in_flight_batch: Batch | None = None
+
+        def finish(fut: Future[ApplyResult], done: Batch) -> None:
+            result = fut.result()  # re-raises an apply failure
+            if result.checkpoint.lsn > self.flushed:
+                self.flushed = result.checkpoint.lsn
+                conn.send_status(flushed=self.flushed)
+            if self.on_batch is not None:
+                self.on_batch(result, done)
+
+        while True:
+            self.last_beat = time.monotonic()
+            if in_flight is not None and in_flight.done():
+                finish(in_flight, in_flight_batch)
+                in_flight = in_flight_batch = None
+            if self.stopping.is_set():
+                if in_flight is not None:
+                    finish(in_flight, in_flight_batch)
+                conn.send_status()
+                self.log("stopped", flushed_lsn=self.flushed, abandoned_changes=len(batch.changes))
+                return
+            now = time.monotonic()
+            full = len(batch.changes) >= s.max_changes or batch.bytes >= s.max_bytes
+            due = bool(batch) and now - opened >= s.max_seconds
+            if (full or due) and in_flight is None:
+                batch.partial = assembler.position() if assembler.in_transaction else None
+                in_flight, in_flight_batch = executor.submit(applier.apply, batch), batch
+                batch = Batch()
+                continue
+            if full:  # back-pressure: stop reading until the batch in flight commits
+                try:
+                    in_flight.result(timeout=min(1.0, s.status_interval / 2))
+                except TimeoutError:
+                    conn.send_status()
+                continue
+            timeout = 1.0 if not batch else max(0.0, opened + s.max_seconds - now)
+            if in_flight is not None:
+                timeout = min(timeout, 0.005)
+            message = conn.read_message(timeout=timeout)
+            if message is None:
+                continue
+            if isinstance(message, Keepalive):
+                idle = not batch and in_flight is None and not assembler.in_transaction
+                if idle and message.wal_end > self.flushed:
+                    self.flushed = message.wal_end
+                    conn.send_status(flushed=self.flushed)
+                continue
+            if isinstance(message, XLogData):
+                for item in assembler.feed(decode(message.payload)):
+                    if not batch:
+                        opened = time.monotonic()
+                    if isinstance(item, TxnEnd):
+                        batch.completed.append(item)
+                    else:
+                        _add(batch, item)
+
+
+def _add(batch: Batch, change: SourceChange) -> None:
+    batch.changes.append(change)
+    batch.bytes += change.approx_bytes
+
+
+class _Heartbeat:
+    """Emits a transactional logical message every `seconds`, so a slot whose tables are
+    idle still sees transactions it can confirm while other databases write."""
+
+    def __init__(self, dsn: str, seconds: float) -> None:
+        self.dsn, self.seconds = dsn, seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="slipstream-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.seconds):
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute("SELECT pg_logical_emit_message(true, 'slipstream.heartbeat', now()::text)")
+            except psycopg.Error:
+                continue  # the stream's own reconnect loop reports connection trouble
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

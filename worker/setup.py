@@ -1,0 +1,108 @@
+"""`slipstream setup`: make the source and search databases ready, idempotently.
+
+Checks `wal_level`, resolves every configured table's key, creates the search schema
+and the worker's tables, creates or extends the publication (only the configured
+tables — never the search schema, so the worker does not consume its own writes),
+and creates the slot. A new slot exports a snapshot and the tables are copied inside
+it; tables whose copy has not finished (a crash, or a table added to the config
+later) are copied again from where they stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from slipstream.index.errors import ConfigurationError
+
+from .apply import Applier
+from .errors import WalLevelError
+from .replication import ReplicationConnection
+from .snapshot import TableShape, copy_table, pending_tables, split_relation, table_shape
+
+
+@dataclass
+class SetupReport:
+    created_publication: bool = False
+    added_tables: list[str] = field(default_factory=list)
+    created_slot: bool = False
+    copied: dict[str, int] = field(default_factory=dict)
+
+
+def check_wal_level(conn: psycopg.Connection) -> None:
+    (level,) = conn.execute("SHOW wal_level").fetchone()
+    if level != "logical":
+        raise WalLevelError(
+            f"wal_level is {level!r} on the source database; set wal_level = logical "
+            "(ALTER SYSTEM SET wal_level = logical) and restart Postgres")
+
+
+def shapes(conn: psycopg.Connection, tables: Sequence[str], search_schema: str | None) -> list[TableShape]:
+    out = []
+    for relation in tables:
+        schema, _ = split_relation(relation)
+        if search_schema is not None and schema == search_schema:
+            raise ConfigurationError(
+                f"table {relation!r} is in the search schema {search_schema!r}; the worker must not "
+                "index its own tables — remove it from [tables]")
+        out.append(table_shape(conn, relation))
+    return out
+
+
+def ensure_publication(conn: psycopg.Connection, name: str, tables: Sequence[str],
+                       report: SetupReport) -> None:
+    idents = [sql.Identifier(*split_relation(t)) for t in tables]
+    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
+    if exists is None:
+        conn.execute(sql.SQL("CREATE PUBLICATION {p} FOR TABLE {t}").format(
+            p=sql.Identifier(name), t=sql.SQL(", ").join(idents)))
+        report.created_publication = True
+        return
+    present = {f"{s}.{t}" for s, t in conn.execute(
+        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,))}
+    for relation, ident in zip(tables, idents):
+        schema, table = split_relation(relation)
+        if f"{schema}.{table}" not in present:
+            conn.execute(sql.SQL("ALTER PUBLICATION {p} ADD TABLE {t}").format(
+                p=sql.Identifier(name), t=ident))
+            report.added_tables.append(relation)
+
+
+def slot_exists(conn: psycopg.Connection, slot: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+                        (slot,)).fetchone() is not None
+
+
+def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str],
+          applier: Applier, search_schema: str | None, chunk_rows: int = 5000,
+          progress: Callable[[str, int], None] | None = None) -> SetupReport:
+    """Prepare everything `run` needs; safe to run again at any time."""
+    report = SetupReport()
+    with psycopg.connect(source_dsn, autocommit=True) as source:
+        check_wal_level(source)
+        table_shapes = shapes(source, tables, search_schema)
+        ensure_publication(source, publication, tables, report)
+        todo = set(pending_tables(applier, tables))
+        if not slot_exists(source, slot):
+            with ReplicationConnection.connect(source_dsn) as repl:
+                created = repl.create_slot(slot, export_snapshot=True)
+                report.created_slot = True
+                with psycopg.connect(source_dsn) as snap:
+                    snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    snap.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                        sql.Literal(created.snapshot_name)))
+                    for shape in table_shapes:
+                        if shape.relation in todo:
+                            report.copied[shape.relation] = copy_table(
+                                applier, snap, shape, chunk_rows=chunk_rows,
+                                snapshot_lsn=created.consistent_point, progress=progress)
+                    snap.rollback()
+            return report
+        for shape in table_shapes:
+            if shape.relation in todo:
+                report.copied[shape.relation] = copy_table(
+                    applier, source, shape, chunk_rows=chunk_rows, progress=progress)
+    return report

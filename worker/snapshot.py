@@ -1,0 +1,172 @@
+"""Copying existing rows: the initial snapshot and later backfills, chunked and resumable.
+
+A table is read in primary-key order, `chunk_rows` at a time, with every column cast
+to text by the server (the same text pgoutput sends), and each chunk is applied as a
+batch of `snapshot` changes. The chunk's position is saved in `snapshot_progress` in
+the same transaction, so a restarted copy resumes after the last chunk applied.
+
+Consistency with the stream: the first copy runs inside the snapshot exported when
+the slot was created, so it sees exactly the rows committed before the slot's
+consistent point, and the stream then delivers everything after it. A resumed copy
+(the exported snapshot died with the process) or a backfill of a table added later
+reads current rows instead, each chunk stamped with the WAL position at which it was
+read; the applier skips a copied row whenever the stream has already applied that
+row at or after that position, so a copy never overwrites a newer change.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from slipstream.index.errors import ConfigurationError
+
+from .apply import Applier
+from .changes import Batch, SourceChange, row_key
+from .lsn import parse_lsn
+
+
+@dataclass(frozen=True, slots=True)
+class TableShape:
+    """What the copy needs of a source table."""
+
+    relation: str  # schema.table
+    columns: tuple[tuple[str, int, str], ...]  # (name, type oid, SQL type)
+    key: tuple[str, ...]
+
+    @property
+    def type_oids(self) -> tuple[tuple[str, int], ...]:
+        return tuple((n, oid) for n, oid, _ in self.columns)
+
+
+def split_relation(relation: str) -> tuple[str, str]:
+    schema, _, table = relation.partition(".")
+    if not table:
+        return "public", schema
+    return schema, table
+
+
+def table_shape(conn: psycopg.Connection, relation: str) -> TableShape:
+    """Columns and replica-identity key of `relation`, or a ConfigurationError saying what to fix."""
+    schema, table = split_relation(relation)
+    row = conn.execute(
+        "SELECT c.oid, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')", (schema, table)).fetchone()
+    if row is None:
+        raise ConfigurationError(f"table {relation!r} does not exist in the source database; "
+                                 "fix the [tables] key or create the table")
+    oid, ident = row
+    columns = tuple(conn.execute(
+        "SELECT attname, atttypid::int, format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (oid,)).fetchall())
+    if ident == "f":
+        key = tuple(c[0] for c in columns)
+    else:
+        key = tuple(r[0] for r in conn.execute(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a "
+            "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+            "WHERE i.indrelid = %s AND (CASE WHEN %s = 'i' THEN i.indisreplident ELSE i.indisprimary END) "
+            "ORDER BY a.attnum", (oid, ident)).fetchall())
+    if not key or ident == "n":
+        raise ConfigurationError(
+            f"table {relation!r} has no primary key or replica identity, so updates and deletes "
+            f"cannot be followed; add a primary key, or run ALTER TABLE {relation} REPLICA IDENTITY "
+            "USING INDEX <unique index> (or REPLICA IDENTITY FULL)")
+    return TableShape(relation, columns, key)
+
+
+def read_chunks(conn: psycopg.Connection, shape: TableShape, after: Sequence[str] | None,
+                chunk_rows: int) -> Iterator[list[dict[str, str | None]]]:
+    """Rows as {column: text}, in key order after the key `after`, `chunk_rows` at a time."""
+    schema, table = split_relation(shape.relation)
+    types = {n: t for n, _, t in shape.columns}
+    select = sql.SQL(", ").join(sql.SQL("{c}::text").format(c=sql.Identifier(n)) for n, _, _ in shape.columns)
+    key = sql.SQL(", ").join(sql.Identifier(k) for k in shape.key)
+    where = sql.SQL("({key}) > ({vals})").format(
+        key=key, vals=sql.SQL(", ").join(sql.SQL("%s::" + types[k]) for k in shape.key))
+    names = [n for n, _, _ in shape.columns]
+    last = list(after) if after is not None else None
+    while True:
+        stmt = sql.SQL("SELECT {select} FROM {t} {where} ORDER BY {key} LIMIT {n}").format(
+            select=select, t=sql.Identifier(schema, table),
+            where=sql.SQL("WHERE ") + where if last is not None else sql.SQL(""),
+            key=key, n=sql.Literal(chunk_rows))
+        rows = conn.execute(stmt, last or []).fetchall()
+        if not rows:
+            return
+        chunk = [dict(zip(names, r)) for r in rows]
+        yield chunk
+        last = [chunk[-1][k] for k in shape.key]
+        if len(rows) < chunk_rows:
+            return
+
+
+def copy_table(applier: Applier, source: psycopg.Connection, shape: TableShape, *,
+               chunk_rows: int = 5000, snapshot_lsn: int | None = None,
+               progress: Callable[[str, int], None] | None = None) -> int:
+    """Copy one table through `applier`, resuming from its saved position. Returns rows copied.
+
+    `source` must be in the exported snapshot's transaction when `snapshot_lsn` is given
+    (the slot's consistent point); otherwise each chunk is stamped with the WAL position
+    read just before it.
+    """
+    state, conn = applier.state, applier.conn
+    row = conn.execute(state.q("SELECT last_key, rows_copied, done FROM {s}.snapshot_progress "
+                               "WHERE relation = %s"), (shape.relation,)).fetchone()
+    conn.commit()
+    if row is not None and row[2]:
+        return int(row[1])
+    after = row[0] if row is not None else None
+    copied = int(row[1]) if row is not None else 0
+    chunks = read_chunks(source, shape, after, chunk_rows)
+    while True:
+        read_lsn = snapshot_lsn
+        if read_lsn is None:
+            (text,) = source.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            read_lsn = parse_lsn(text)
+        chunk = next(chunks, None)
+        if chunk is None:
+            break
+        batch = Batch(snapshot=True)
+        for values in chunk:
+            batch.changes.append(SourceChange(
+                kind="snapshot", relation=shape.relation, commit_lsn=read_lsn,
+                key=row_key(values, shape.key), values=dict(values), columns=shape.type_oids))
+        copied += len(chunk)
+        last_key = [chunk[-1][k] for k in shape.key]
+        applier.apply(batch, also=_save_progress(applier, shape.relation, last_key, copied, read_lsn, False))
+        if progress is not None:
+            progress(shape.relation, copied)
+    applier.apply(Batch(snapshot=True),
+                  also=_save_progress(applier, shape.relation, after, copied, snapshot_lsn or 0, True))
+    return copied
+
+
+def _save_progress(applier: Applier, relation: str, last_key, copied: int, lsn: int, done: bool):
+    def save(conn: psycopg.Connection) -> None:
+        conn.execute(applier.state.q(
+            "INSERT INTO {s}.snapshot_progress (relation, last_key, rows_copied, read_lsn, done) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (relation) DO UPDATE SET "
+            "last_key = coalesce(excluded.last_key, {s}.snapshot_progress.last_key), "
+            "rows_copied = excluded.rows_copied, read_lsn = excluded.read_lsn, done = excluded.done, "
+            "updated_at = now()"),
+            (relation, Jsonb(last_key) if last_key is not None else None, copied,
+             f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}", done))
+    return save
+
+
+def pending_tables(applier: Applier, relations: Sequence[str]) -> list[str]:
+    """The configured tables whose copy has not finished."""
+    done = {r for (r,) in applier.conn.execute(applier.state.q(
+        "SELECT relation FROM {s}.snapshot_progress WHERE done"))}
+    applier.conn.commit()
+    return [r for r in relations if r not in done]
+
+
+def describe_key(values: Sequence[str]) -> str:
+    return json.dumps(list(values))

@@ -1,0 +1,249 @@
+"""The worker's durable state, beside the search table in the search schema.
+
+* ``checkpoints`` — per slot: the end LSN of the last source transaction fully
+  applied, the position inside a transaction that is partly applied (its commit LSN
+  and how many of its changes are done), and the last change-log sequence number.
+  It is written in the same transaction as the search rows it covers (guarantee 1).
+* ``changes`` — the change log: one row per effect on a search row, ``seq`` assigned
+  by the single apply writer in source commit order (guarantee 3), with the row's
+  partition, so devices read their partition by cursor. ``op`` is ``u`` (upsert) or
+  ``d`` (tombstone); ``source_lsn`` is the source commit it came from.
+* ``source_rows`` — per source row: its last column values as text (to merge
+  unchanged TOAST values, guarantee 6), the search rows it produced (to tombstone
+  them on delete, move or truncate, guarantee 4), and the LSN that last wrote it.
+* ``dead_letters`` — changes whose row could not be mapped, kept with the error.
+* ``snapshot_progress`` — per table: how far the initial copy has got.
+
+Only one worker applies into a schema at a time: `claim_writer` takes a session
+advisory lock, which is what makes the sequence numbers gap-free in commit order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from slipstream.index.doc import check_identifier
+from slipstream.index.errors import ConfigurationError
+
+from .lsn import format_lsn, parse_lsn
+
+_MIGRATIONS: list[tuple[int, str, str]] = [
+    (1, "worker state", """
+CREATE TABLE {s}.checkpoints (
+    slot text PRIMARY KEY,
+    lsn pg_lsn NOT NULL DEFAULT '0/0',
+    partial_lsn pg_lsn,
+    partial_offset integer NOT NULL DEFAULT 0,
+    last_seq bigint NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE {s}.changes (
+    seq bigint PRIMARY KEY,
+    partition text NOT NULL,
+    object_type text NOT NULL,
+    object_id text NOT NULL,
+    node_kind text NOT NULL,
+    op char(1) NOT NULL CHECK (op IN ('u', 'd')),
+    source_lsn pg_lsn,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX changes_partition_seq ON {s}.changes (partition, seq);
+CREATE TABLE {s}.source_rows (
+    relation text NOT NULL,
+    row_key text NOT NULL,
+    row_values jsonb,
+    docs jsonb NOT NULL DEFAULT '[]',
+    lsn pg_lsn NOT NULL,
+    deleted boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (relation, row_key)
+);
+CREATE TABLE {s}.dead_letters (
+    id bigserial PRIMARY KEY,
+    source_lsn pg_lsn,
+    relation text NOT NULL,
+    row_key text,
+    op text NOT NULL,
+    row_values jsonb,
+    error text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    retried_at timestamptz,
+    resolved_at timestamptz
+);
+CREATE INDEX dead_letters_open ON {s}.dead_letters (id) WHERE resolved_at IS NULL;
+CREATE TABLE {s}.snapshot_progress (
+    relation text PRIMARY KEY,
+    last_key jsonb,
+    rows_copied bigint NOT NULL DEFAULT 0,
+    read_lsn pg_lsn,
+    done boolean NOT NULL DEFAULT false,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+"""),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What is durably applied: everything up to `lsn`, plus `partial_offset` changes of
+    the source transaction that commits at `partial_lsn` (when one is partly applied)."""
+
+    lsn: int
+    partial_lsn: int | None
+    partial_offset: int
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEntry:
+    partition: str
+    object_type: str
+    object_id: str
+    node_kind: str
+    op: str
+    source_lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    source_lsn: int | None
+    relation: str
+    row_key: str | None
+    op: str
+    row_values: dict[str, Any] | None
+    error: str
+
+
+def lsn_text(lsn: int) -> str:
+    return format_lsn(lsn)
+
+
+def lsn_int(text: str | None) -> int:
+    return 0 if text is None else parse_lsn(str(text))
+
+
+class WorkerState:
+    """Reads and writes the worker's tables in `schema` (on the search database)."""
+
+    def __init__(self, schema: str = "slipstream") -> None:
+        self.schema = check_identifier(schema, "schema")
+        self._s = sql.Identifier(self.schema)
+
+    def q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(s=self._s)
+
+    def migrate(self, conn: psycopg.Connection) -> None:
+        """Create or upgrade the worker tables. Idempotent; serialised by an advisory lock."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"slipstream:{self.schema}",))
+            conn.execute(self.q("CREATE SCHEMA IF NOT EXISTS {s}"))
+            conn.execute(self.q(
+                "CREATE TABLE IF NOT EXISTS {s}.worker_migrations (version integer PRIMARY KEY, "
+                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"))
+            done = {v for (v,) in conn.execute(self.q("SELECT version FROM {s}.worker_migrations"))}
+            for version, name, script in _MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in filter(str.strip, script.split(";\n")):
+                    conn.execute(self.q(statement))
+                conn.execute(self.q("INSERT INTO {s}.worker_migrations (version, name) VALUES (%s, %s)"),
+                             (version, name))
+
+    def claim_writer(self, conn: psycopg.Connection, slot: str) -> None:
+        """Hold the apply-writer lock for `slot` for this session, or fail clearly."""
+        (ok,) = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
+                             (f"slipstream-writer:{self.schema}:{slot}",)).fetchone()
+        if not ok:
+            raise ConfigurationError(
+                f"another slipstream worker is applying slot {slot!r} into schema {self.schema!r}; "
+                "run one worker per slot (stop the other, or give this one its own slot and schema)")
+
+    def checkpoint(self, conn: psycopg.Connection, slot: str) -> Checkpoint:
+        row = conn.execute(self.q(
+            "SELECT lsn::text, partial_lsn::text, partial_offset, last_seq FROM {s}.checkpoints "
+            "WHERE slot = %s"), (slot,)).fetchone()
+        if row is None:
+            return Checkpoint(0, None, 0, self.max_seq(conn))
+        return Checkpoint(lsn_int(row[0]), lsn_int(row[1]) if row[1] else None, row[2], row[3])
+
+    def max_seq(self, conn: psycopg.Connection) -> int:
+        (seq,) = conn.execute(self.q("SELECT coalesce(max(seq), 0) FROM {s}.changes")).fetchone()
+        return int(seq)
+
+    def save_checkpoint(self, conn: psycopg.Connection, slot: str, cp: Checkpoint) -> None:
+        conn.execute(self.q(
+            "INSERT INTO {s}.checkpoints (slot, lsn, partial_lsn, partial_offset, last_seq) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, "
+            "partial_lsn = excluded.partial_lsn, partial_offset = excluded.partial_offset, "
+            "last_seq = excluded.last_seq, updated_at = now()"),
+            (slot, lsn_text(cp.lsn), lsn_text(cp.partial_lsn) if cp.partial_lsn else None,
+             cp.partial_offset, cp.last_seq))
+
+    def append_changes(self, conn: psycopg.Connection, first_seq: int,
+                       entries: Sequence[ChangeEntry]) -> int:
+        """Append entries with consecutive seqs from `first_seq`; returns the last seq used."""
+        if not entries:
+            return first_seq - 1
+        with conn.cursor().copy(self.q(
+                "COPY {s}.changes (seq, partition, object_type, object_id, node_kind, op, source_lsn) "
+                "FROM STDIN")) as copy:
+            for i, e in enumerate(entries):
+                copy.write_row((first_seq + i, e.partition, e.object_type, e.object_id, e.node_kind,
+                                e.op, lsn_text(e.source_lsn)))
+        return first_seq + len(entries) - 1
+
+    def load_source_rows(self, conn: psycopg.Connection, relation_keys: Iterable[tuple[str, str]]
+                         ) -> dict[tuple[str, str], tuple[dict | None, list, int, bool]]:
+        """(relation, row_key) -> (row_values, docs, lsn, deleted) for the keys that exist."""
+        keys = list(dict.fromkeys(relation_keys))
+        if not keys:
+            return {}
+        rels, rks = [k[0] for k in keys], [k[1] for k in keys]
+        rows = conn.execute(self.q(
+            "SELECT relation, row_key, row_values, docs, lsn::text, deleted FROM {s}.source_rows "
+            "WHERE (relation, row_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"),
+            (rels, rks)).fetchall()
+        return {(r[0], r[1]): (r[2], r[3], lsn_int(r[4]), r[5]) for r in rows}
+
+    def source_rows_of(self, conn: psycopg.Connection, relation: str
+                       ) -> list[tuple[str, list]]:
+        """Every live source row of a relation: (row_key, docs)."""
+        return [(r[0], r[1]) for r in conn.execute(self.q(
+            "SELECT row_key, docs FROM {s}.source_rows WHERE relation = %s AND NOT deleted"),
+            (relation,))]
+
+    def save_source_rows(self, conn: psycopg.Connection,
+                         rows: Sequence[tuple[str, str, dict | None, list, int, bool]]) -> None:
+        """Upsert (relation, row_key, row_values, docs, lsn, deleted) rows."""
+        if not rows:
+            return
+        with conn.cursor() as cur:
+            cur.executemany(self.q(
+                "INSERT INTO {s}.source_rows (relation, row_key, row_values, docs, lsn, deleted) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (relation, row_key) DO UPDATE SET "
+                "row_values = excluded.row_values, docs = excluded.docs, lsn = excluded.lsn, "
+                "deleted = excluded.deleted"),
+                [(rel, key, Jsonb(values) if values is not None else None, Jsonb(docs),
+                  lsn_text(lsn), deleted) for rel, key, values, docs, lsn, deleted in rows])
+
+    def add_dead_letters(self, conn: psycopg.Connection, letters: Sequence[DeadLetter]) -> None:
+        if not letters:
+            return
+        with conn.cursor() as cur:
+            cur.executemany(self.q(
+                "INSERT INTO {s}.dead_letters (source_lsn, relation, row_key, op, row_values, error) "
+                "VALUES (%s, %s, %s, %s, %s, %s)"),
+                [(lsn_text(d.source_lsn) if d.source_lsn else None, d.relation, d.row_key, d.op,
+                  Jsonb(d.row_values) if d.row_values is not None else None, d.error)
+                 for d in letters])
+
+    def mark_relation_deleted(self, conn: psycopg.Connection, relation: str, lsn: int) -> None:
+        """After a TRUNCATE: every source row of `relation` is gone as of `lsn`."""
+        conn.execute(self.q(
+            "UPDATE {s}.source_rows SET deleted = true, row_values = NULL, docs = '[]', lsn = %s "
+            "WHERE relation = %s AND NOT deleted"), (lsn_text(lsn), relation))
