@@ -164,3 +164,34 @@ def test_restart_resumes_from_checkpoint_without_reapplying(app) -> None:
         (confirmed,) = conn.execute(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots").fetchone()
     assert parse_lsn(confirmed) >= parse_lsn(cp) > 0
+
+
+def test_replay_at_or_below_the_checkpoint_is_skipped(app) -> None:
+    """The window between an apply commit and the flush feedback: the slot still points before
+    what is applied. A second slot created before the writes stands for that slot; started
+    from the first slot's checkpoint it must apply only what came after. (The server skips
+    transactions before the requested start; `test_worker_assemble` pins the worker's own
+    skip, which also covers a partly applied transaction.)"""
+    harness, dsn = app
+    harness.setup()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot('replay', 'pgoutput')")
+    harness.start()
+    run_sql(dsn, "INSERT INTO notes (owner, title) VALUES ('alice', 'one'), ('bob', 'two')")
+    harness.wait_caught_up()
+    run_sql(dsn, "UPDATE notes SET title = 'one again' WHERE id = 1")
+    harness.wait_caught_up()
+    harness.stop()
+    before = change_log(dsn)
+    assert len(before) == 3
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO slipstream.checkpoints (slot, lsn, last_seq) "
+                     "SELECT 'replay', lsn, last_seq FROM slipstream.checkpoints WHERE slot = 'slipstream'")
+    replay = Harness(dsn, slot="replay")
+    replay.start()
+    run_sql(dsn, "INSERT INTO notes (owner, title) VALUES ('carol', 'three')")
+    replay.wait_caught_up()
+    replay.close()
+    after = change_log(dsn)
+    assert after[:3] == before
+    assert [row[1:] for row in after[3:]] == [("carol", "3", "u")]

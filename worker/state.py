@@ -20,6 +20,7 @@ advisory lock, which is what makes the sequence numbers gap-free in commit order
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -154,10 +155,19 @@ class WorkerState:
                 conn.execute(self.q("INSERT INTO {s}.worker_migrations (version, name) VALUES (%s, %s)"),
                              (version, name))
 
-    def claim_writer(self, conn: psycopg.Connection, slot: str) -> None:
-        """Hold the apply-writer lock for `slot` for this session, or fail clearly."""
-        (ok,) = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
-                             (f"slipstream-writer:{self.schema}:{slot}",)).fetchone()
+    def claim_writer(self, conn: psycopg.Connection, slot: str, wait_seconds: float = 30.0) -> None:
+        """Hold the apply-writer lock for `slot` for this session, or fail clearly.
+
+        Waits up to `wait_seconds`: a worker that was just killed holds it until the
+        server notices its connection is gone.
+        """
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            (ok,) = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
+                                 (f"slipstream-writer:{self.schema}:{slot}",)).fetchone()
+            if ok or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
         if not ok:
             raise ConfigurationError(
                 f"another slipstream worker is applying slot {slot!r} into schema {self.schema!r}; "
