@@ -10,6 +10,7 @@ import psycopg
 
 from slipstream.index import HashingEmbedder, IndexDoc, PostgresBackend, SearchIndex
 from slipstream.worker.apply import Applier
+from slipstream.worker.errors import RetryPolicy
 from slipstream.worker.runner import RunnerSettings, StreamRunner
 from slipstream.worker.setup import setup
 from slipstream.worker.state import WorkerState
@@ -55,6 +56,7 @@ class Harness:
         self.runner: StreamRunner | None = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.events: list[tuple[str, dict]] = []
 
     def applier(self) -> Applier:
         conn = self.backend.connect()
@@ -72,7 +74,9 @@ class Harness:
             applier.conn.close()
 
     def start(self) -> None:
-        self.runner = StreamRunner(self.settings, self.applier, tables=set(self.mappers))
+        self.runner = StreamRunner(self.settings, self.applier, tables=set(self.mappers),
+                                   retry=RetryPolicy(initial_delay=0.05, max_delay=0.5),
+                                   log=lambda event, **kw: self.events.append((event, kw)))
         self.error = None
 
         def run() -> None:
