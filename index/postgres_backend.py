@@ -254,6 +254,17 @@ class PostgresBackend:
         with self.connection(conn) as c, c.transaction():
             return c.execute(stmt, [list(cols[0]), list(cols[1]), list(cols[2])]).rowcount
 
+    def set_vectors(self, space: str, rows: Sequence[tuple[DocKey, Any]],
+                    conn: psycopg.Connection | None = None) -> None:
+        """Fill one space's vectors for existing rows and clear that space's pending mark."""
+        checked = [(key, check_vector(space, self.spaces, v)) for key, v in rows]
+        stmt = sql.SQL(
+            "UPDATE {s}.docs SET {col} = %s, pending_spaces = array_remove(pending_spaces, %s), "
+            "updated_at = now() WHERE object_type = %s AND object_id = %s AND node_kind = %s "
+            "AND NOT deleted").format(s=self._s, col=sql.Identifier(f"emb_{space}"))
+        with self.connection(conn) as c, c.transaction(), c.cursor() as cur:
+            cur.executemany(stmt, [(v if np.any(v) else None, space, *key) for key, v in checked])
+
     # -- reads ----------------------------------------------------------------------------
 
     @staticmethod

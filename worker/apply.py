@@ -234,6 +234,42 @@ class Applier:
                            len(tombstones), len(fx.dead), time.perf_counter() - started)
 
 
+    def fill_pending(self, limit: int = 256) -> int:
+        """Embed rows left lexical-only by an embedding outage, and log them for devices.
+
+        Returns how many rows got their vectors; an embedder still failing leaves them
+        pending for the next pass.
+        """
+        pending = self.state.pending_rows(self.conn, limit)
+        self.conn.commit()
+        if not pending:
+            return 0
+        docs = [IndexDoc(t, i, n, title=title, body=body, partition=p) for t, i, n, p, title, body, _ in pending]
+        filled: dict[str, dict[int, object]] = {}
+        for space, embedder in self.index.embedders.items():
+            todo = [k for k, row in enumerate(pending) if space in row[6]]
+            if not todo:
+                continue
+            try:
+                vectors = embedder.embed([docs[k].embed_text() for k in todo])
+            except Exception:  # noqa: BLE001 - still down: try again on the next pass
+                continue
+            filled[space] = {k: vectors[j] for j, k in enumerate(todo)}
+        if not filled:
+            return 0
+        done = sorted({k for per in filled.values() for k in per})
+        cp = self.checkpoint
+        entries = [ChangeEntry(docs[k].partition, *docs[k].key, "u", cp.lsn) for k in done]
+        new_cp = Checkpoint(cp.lsn, cp.partial_lsn, cp.partial_offset, cp.last_seq + len(entries))
+        with self.conn.transaction():
+            for space, per in filled.items():
+                self.backend.set_vectors(space, [(docs[k].key, v) for k, v in per.items()], conn=self.conn)
+            self.state.append_changes(self.conn, cp.last_seq + 1, entries)
+            self.state.save_checkpoint(self.conn, self.slot, new_cp)
+        self.checkpoint = new_cp
+        return len(done)
+
+
 def _describe(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     if exc.__cause__ is not None:

@@ -40,6 +40,7 @@ class RunnerSettings:
     max_seconds: float = 0.25
     status_interval: float = 10.0
     heartbeat_seconds: float = 0.0
+    pending_interval: float = 5.0  # how often an idle worker retries pending embeddings
 
 
 class StreamRunner:
@@ -123,6 +124,8 @@ class StreamRunner:
         batch, opened = Batch(), 0.0
         in_flight: Future[ApplyResult] | None = None
         in_flight_batch: Batch | None = None
+        chore: Future[int] | None = None
+        next_chore = time.monotonic() + s.pending_interval
 
         def finish(fut: Future[ApplyResult], done: Batch) -> None:
             result = fut.result()  # re-raises an apply failure
@@ -144,6 +147,12 @@ class StreamRunner:
                 self.log("stopped", flushed_lsn=self.flushed, abandoned_changes=len(batch.changes))
                 return
             now = time.monotonic()
+            if chore is not None and chore.done():
+                chore.result()
+                chore = None
+            if chore is None and in_flight is None and not batch and now >= next_chore:
+                chore = executor.submit(applier.fill_pending)  # same thread: one writer
+                next_chore = now + s.pending_interval
             full = len(batch.changes) >= s.max_changes or batch.bytes >= s.max_bytes
             due = bool(batch) and now - opened >= s.max_seconds
             if (full or due) and in_flight is None:

@@ -257,3 +257,10 @@ class WorkerState:
         conn.execute(self.q(
             "UPDATE {s}.source_rows SET deleted = true, row_values = NULL, docs = '[]', lsn = %s "
             "WHERE relation = %s AND NOT deleted"), (lsn_text(lsn), relation))
+
+    def pending_rows(self, conn: psycopg.Connection, limit: int) -> list[tuple]:
+        """Live search rows waiting for a vector: (type, id, kind, partition, title, body, spaces)."""
+        return conn.execute(self.q(
+            "SELECT object_type, object_id, node_kind, partition, title, body, pending_spaces "
+            "FROM {s}.docs WHERE pending_spaces <> '{{}}' AND NOT deleted ORDER BY id LIMIT %s"),
+            (limit,)).fetchall()
