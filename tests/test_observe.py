@@ -1,0 +1,239 @@
+"""Observability: log lines and metrics exposition.
+
+Logging tests reset structlog around each test (loggers are cached on first use, so
+configuration must come before the first log call) and restore the root logger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import structlog
+from slipstream.index.errors import ConfigurationError, ValidationError
+from slipstream.worker.observe import (
+    BatchLog,
+    Metrics,
+    configure_logging,
+    get_logger,
+)
+
+
+@pytest.fixture
+def clean_logging(capsys):
+    """structlog unconfigured and the root logger as it was, before and after the test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    structlog.reset_defaults()
+    yield capsys
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _json_lines(text: str) -> list[dict]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return [json.loads(line) for line in lines]  # fails if any line is not one JSON object
+
+
+def _sample(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample line `name{labels} value` in exposition text."""
+    pattern = "^" + re.escape(name + (("{" + labels + "}") if labels else "")) + r" (\S+)$"
+    m = re.search(pattern, text, re.MULTILINE)
+    assert m, f"no sample {name}{{{labels}}} in:\n{text}"
+    return float(m.group(1))
+
+
+# --- logging -------------------------------------------------------------------------
+
+
+def test_json_logging_one_object_per_line_with_utc_timestamp(clean_logging):
+    configure_logging(json=True, level="info")
+    log = get_logger("slipstream.test")
+    log.info("first_event", n=1)
+    log.debug("hidden_event")  # below the level: filtered
+    log.warning("second_event", table="public.items")
+    records = _json_lines(clean_logging.readouterr().out)
+    assert [r["event"] for r in records] == ["first_event", "second_event"]
+    for r in records:
+        assert r["timestamp"].endswith(("Z", "+00:00"))
+        datetime.fromisoformat(r["timestamp"])  # valid ISO 8601
+        assert r["logger"] == "slipstream.test"
+    assert records[0]["level"] == "info" and records[0]["n"] == 1
+    assert records[1]["level"] == "warning" and records[1]["table"] == "public.items"
+
+
+def test_logger_made_before_configuration_follows_it(clean_logging):
+    log = get_logger("early")  # as at module scope, before start-up configures logging
+    configure_logging(json=True)
+    log.info("late_event")
+    (record,) = _json_lines(clean_logging.readouterr().out)
+    assert record["event"] == "late_event" and record["logger"] == "early"
+
+
+def test_debug_level_lets_debug_through(clean_logging):
+    configure_logging(level="DEBUG")
+    get_logger("t").debug("dbg")
+    assert [r["event"] for r in _json_lines(clean_logging.readouterr().out)] == ["dbg"]
+
+
+def test_configure_logging_twice_writes_each_line_once(clean_logging):
+    configure_logging()
+    configure_logging()
+    get_logger("t").info("once")
+    logging.getLogger("thirdparty").warning("stdlib %s", "once")
+    records = _json_lines(clean_logging.readouterr().out)
+    assert [r["event"] for r in records] == ["once", "stdlib once"]
+
+
+def test_stdlib_records_share_the_json_stream(clean_logging):
+    configure_logging(level="info")
+    logging.getLogger("thirdparty.pool").info("pool %s", "grown")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logging.getLogger("slipstream.index.search").exception("query failed")
+    logging.getLogger("noisy").debug("not shown")
+    first, second = _json_lines(clean_logging.readouterr().out)
+    assert first["event"] == "pool grown" and first["logger"] == "thirdparty.pool"
+    assert first["level"] == "info" and first["timestamp"].endswith(("Z", "+00:00"))
+    assert second["level"] == "error" and "RuntimeError: boom" in second["exception"]
+    assert set(first) == {"event", "level", "logger", "timestamp"}
+
+
+def test_console_renderer_is_not_json(clean_logging):
+    configure_logging(json=False)
+    get_logger("t").info("human_event", k="v")
+    out = clean_logging.readouterr().out
+    assert "human_event" in out and "k=v" in out
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out.splitlines()[0])
+
+
+def test_bad_level_is_a_configuration_error(clean_logging):
+    with pytest.raises(ConfigurationError, match="verbose"):
+        configure_logging(level="verbose")
+
+
+# --- metrics -------------------------------------------------------------------------
+
+
+def test_render_shows_updated_values():
+    m = Metrics()
+    m.slot_lag_bytes.set(4096)
+    m.slot_lag_seconds.set(1.5)
+    m.count_changes("upsert", 7)
+    m.applied_changes_total.labels(op="delete").inc(2)
+    m.applied_transactions_total.inc(3)
+    m.apply_batch_seconds.observe(0.02)
+    m.batch_changes.observe(9)
+    m.dead_letters_total.labels(table="public.items").inc()
+    m.pending_embeddings.set(11)
+    m.checkpoint_lsn.set(0x16_B374D848)
+    m.reconnects_total.labels(reason="timeout").inc()
+    m.snapshot_rows_total.labels(table="public.items").inc(100)
+    m.observe_commit(datetime.now(UTC) - timedelta(seconds=2))
+    text = m.render().decode()
+    assert _sample(text, "slipstream_slot_lag_bytes") == 4096
+    assert _sample(text, "slipstream_slot_lag_seconds") == 1.5
+    assert _sample(text, "slipstream_applied_changes_total", 'op="upsert"') == 7
+    assert _sample(text, "slipstream_applied_changes_total", 'op="delete"') == 2
+    assert _sample(text, "slipstream_applied_transactions_total") == 3
+    assert _sample(text, "slipstream_apply_batch_seconds_bucket", 'le="0.025"') == 1
+    assert _sample(text, "slipstream_apply_batch_seconds_bucket", 'le="0.01"') == 0
+    assert _sample(text, "slipstream_batch_changes_count") == 1
+    assert _sample(text, "slipstream_dead_letters_total", 'table="public.items"') == 1
+    assert _sample(text, "slipstream_pending_embeddings") == 11
+    assert _sample(text, "slipstream_checkpoint_lsn") == 0x16_B374D848
+    assert _sample(text, "slipstream_reconnects_total", 'reason="timeout"') == 1
+    assert _sample(text, "slipstream_snapshot_rows_total", 'table="public.items"') == 100
+    assert _sample(text, "slipstream_commit_to_apply_seconds_bucket", 'le="1.0"') == 0
+    assert _sample(text, "slipstream_commit_to_apply_seconds_bucket", 'le="2.5"') == 1
+
+
+def test_apply_histogram_spans_a_millisecond_to_ten_seconds():
+    text = Metrics().render().decode()
+    bounds = [
+        float(b) for b in re.findall(r'slipstream_apply_batch_seconds_bucket\{le="([^"+]+)"', text)
+    ]
+    assert min(bounds) == 0.001 and max(bounds) == 10.0
+
+
+def test_both_ops_are_exported_before_any_change():
+    text = Metrics().render().decode()
+    assert _sample(text, "slipstream_applied_changes_total", 'op="upsert"') == 0
+    assert _sample(text, "slipstream_applied_changes_total", 'op="delete"') == 0
+
+
+def test_unknown_op_is_rejected():
+    with pytest.raises(ValidationError, match="insert"):
+        Metrics().count_changes("insert")
+
+
+def test_commit_delay_under_clock_skew_counts_as_zero():
+    m = Metrics()
+    assert m.observe_commit(datetime.now(UTC) + timedelta(seconds=5)) == 0.0
+
+
+def test_two_metrics_instances_are_independent():
+    a, b = Metrics(), Metrics()
+    a.applied_transactions_total.inc(5)
+    a.slot_lag_bytes.set(123)
+    assert _sample(a.render().decode(), "slipstream_applied_transactions_total") == 5
+    assert _sample(b.render().decode(), "slipstream_applied_transactions_total") == 0
+    assert _sample(b.render().decode(), "slipstream_slot_lag_bytes") == 0
+
+
+def test_batch_log_emits_one_line_and_updates_metrics():
+    m = Metrics()
+    with structlog.testing.capture_logs() as logs:
+        BatchLog(m).log_batch(
+            structlog.get_logger(),
+            transactions=2,
+            changes=5,
+            bytes=1234,
+            lag_bytes=800,
+            lag_seconds=0.25,
+            duration_s=0.0123,
+            first_lsn=0x1_00000010,
+            last_lsn=0x1_00000200,
+            ops={"upsert": 4, "delete": 1},
+        )
+    assert len(logs) == 1
+    line = logs[0]
+    assert line["event"] == "batch_applied" and line["log_level"] == "info"
+    assert line["transactions"] == 2 and line["changes"] == 5 and line["bytes"] == 1234
+    assert line["lag_bytes"] == 800 and line["lag_seconds"] == 0.25
+    assert line["duration_s"] == 0.0123
+    assert line["first_lsn"] == "1/10" and line["last_lsn"] == "1/200"
+    text = m.render().decode()
+    assert _sample(text, "slipstream_applied_transactions_total") == 2
+    assert _sample(text, "slipstream_batch_changes_sum") == 5
+    assert _sample(text, "slipstream_apply_batch_seconds_sum") == pytest.approx(0.0123)
+    assert _sample(text, "slipstream_slot_lag_bytes") == 800
+    assert _sample(text, "slipstream_slot_lag_seconds") == 0.25
+    assert _sample(text, "slipstream_checkpoint_lsn") == 0x1_00000200
+    assert _sample(text, "slipstream_applied_changes_total", 'op="upsert"') == 4
+    assert _sample(text, "slipstream_applied_changes_total", 'op="delete"') == 1
+
+
+def test_batch_log_unknown_lag_leaves_gauges_alone():
+    m = Metrics()
+    m.slot_lag_bytes.set(10)
+    with structlog.testing.capture_logs() as logs:
+        BatchLog(m).log_batch(
+            structlog.get_logger(),
+            transactions=1,
+            changes=1,
+            bytes=10,
+            lag_bytes=None,
+            lag_seconds=None,
+            duration_s=0.001,
+            first_lsn=1,
+            last_lsn=2,
+        )
+    assert logs[0]["lag_bytes"] is None and "ops" not in logs[0]
+    assert _sample(m.render().decode(), "slipstream_slot_lag_bytes") == 10
