@@ -1,7 +1,8 @@
-"""Observability: log lines and metrics exposition.
+"""Observability: log lines, metrics exposition and the health server.
 
 Logging tests reset structlog around each test (loggers are cached on first use, so
 configuration must come before the first log call) and restore the root logger.
+The health server is exercised over real HTTP on a free port.
 """
 
 from __future__ import annotations
@@ -9,13 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
+import urllib.error
+import urllib.request
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 import structlog
-from slipstream.index.errors import ConfigurationError, ValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from slipstream.index.errors import ConfigurationError, SlipstreamError, ValidationError
 from slipstream.worker.observe import (
     BatchLog,
+    HealthServer,
+    HealthServerError,
     Metrics,
     configure_logging,
     get_logger,
@@ -237,3 +245,106 @@ def test_batch_log_unknown_lag_leaves_gauges_alone():
         )
     assert logs[0]["lag_bytes"] is None and "ops" not in logs[0]
     assert _sample(m.render().decode(), "slipstream_slot_lag_bytes") == 10
+
+
+# --- health server -------------------------------------------------------------------
+
+
+def _get(port: int, path: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read()
+
+
+def test_metrics_endpoint_serves_prometheus_text():
+    m = Metrics()
+    m.applied_transactions_total.inc(4)
+    with HealthServer(m, readiness=lambda: (True, "streaming")) as hs:
+        assert hs.port > 0
+        status, ctype, body = _get(hs.port, "/metrics")
+    assert status == 200 and ctype == CONTENT_TYPE_LATEST
+    assert _sample(body.decode(), "slipstream_applied_transactions_total") == 4
+
+
+def test_readyz_follows_the_readiness_callable():
+    state = {"ready": False, "why": "snapshotting public.items"}
+    with HealthServer(Metrics(), readiness=lambda: (state["ready"], state["why"])) as hs:
+        status, ctype, body = _get(hs.port, "/readyz")
+        assert status == 503 and ctype == "application/json"
+        assert json.loads(body) == {"ready": False, "reason": "snapshotting public.items"}
+        state.update(ready=True, why="streaming")
+        status, _, body = _get(hs.port, "/readyz")
+        assert status == 200 and json.loads(body)["ready"] is True
+
+
+def test_readiness_that_raises_is_not_ready():
+    def broken() -> tuple[bool, str]:
+        raise psycopg.OperationalError("connection refused")
+
+    with HealthServer(Metrics(), readiness=broken) as hs:
+        status, _, body = _get(hs.port, "/readyz")
+    assert status == 503 and "connection refused" in json.loads(body)["reason"]
+
+
+def test_healthz_goes_stale_without_a_beat():
+    with HealthServer(Metrics(), readiness=lambda: (True, ""), stale_after=0.2) as hs:
+        status, _, body = _get(hs.port, "/healthz")
+        assert status == 200 and body == b"ok\n"
+        time.sleep(0.4)
+        status, _, body = _get(hs.port, "/healthz")
+        assert status == 503 and b"no heartbeat" in body
+        hs.beat()
+        assert _get(hs.port, "/healthz")[0] == 200
+
+
+def test_healthz_uses_the_liveness_callable_when_given():
+    alive = {"ok": True}
+    with HealthServer(
+        Metrics(),
+        readiness=lambda: (True, ""),
+        liveness=lambda: (alive["ok"], "loop"),
+        stale_after=0.01,
+    ) as hs:
+        time.sleep(0.05)  # would be stale by heartbeat; the callable decides instead
+        assert _get(hs.port, "/healthz")[0] == 200
+        alive["ok"] = False
+        assert _get(hs.port, "/healthz")[0] == 503
+
+
+def test_unknown_path_is_404_and_query_strings_are_ignored():
+    with HealthServer(Metrics(), readiness=lambda: (True, "")) as hs:
+        assert _get(hs.port, "/")[0] == 404
+        assert _get(hs.port, "/metricsx")[0] == 404
+        assert _get(hs.port, "/readyz?verbose=1")[0] == 200
+
+
+def test_requests_are_not_logged_to_stdout(clean_logging):
+    configure_logging(level="info")
+    with HealthServer(Metrics(), readiness=lambda: (True, "")) as hs:
+        clean_logging.readouterr()
+        _get(hs.port, "/metrics")
+        _get(hs.port, "/nope")
+    out, err = clean_logging.readouterr()
+    assert "GET /" not in out and "GET /" not in err
+
+
+def test_stop_releases_the_port_and_start_is_required_for_port():
+    hs = HealthServer(Metrics(), readiness=lambda: (True, ""))
+    with pytest.raises(HealthServerError):
+        _ = hs.port
+    hs.start()
+    port = hs.port
+    hs.stop()
+    hs.stop()  # a second stop is harmless
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_port_in_use_is_a_typed_error():
+    with HealthServer(Metrics(), readiness=lambda: (True, "")) as first:
+        second = HealthServer(Metrics(), port=first.port, readiness=lambda: (True, ""))
+        with pytest.raises(HealthServerError, match=str(first.port)) as info:
+            second.start()
+    assert isinstance(info.value, SlipstreamError)
