@@ -1,8 +1,9 @@
-"""Observability: log lines, metrics exposition and the health server.
+"""Observability: log lines, metrics exposition, the health server, and slot lag.
 
 Logging tests reset structlog around each test (loggers are cached on first use, so
 configuration must come before the first log call) and restore the root logger.
-The health server is exercised over real HTTP on a free port.
+The health server is exercised over real HTTP on a free port; slot lag against the
+session's Postgres.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ import pytest
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 from slipstream.index.errors import ConfigurationError, SlipstreamError, ValidationError
+from slipstream.worker.lsn import format_lsn
 from slipstream.worker.observe import (
     BatchLog,
     HealthServer,
     HealthServerError,
     Metrics,
+    SlotLag,
     configure_logging,
     get_logger,
+    lag_from_slot,
 )
 
 
@@ -348,3 +352,32 @@ def test_port_in_use_is_a_typed_error():
         with pytest.raises(HealthServerError, match=str(first.port)) as info:
             second.start()
     assert isinstance(info.value, SlipstreamError)
+
+
+# --- slot lag ------------------------------------------------------------------------
+
+
+def test_lag_from_slot_sees_wal_written_after_the_slot(pg_dsn):
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot('s', 'pgoutput')")
+        before = lag_from_slot(conn, "s")
+        # The test server runs with synchronous_commit=off; with it on, each commit
+        # has written its WAL before returning, so pg_current_wal_lsn() has moved.
+        conn.execute("SET synchronous_commit = on")
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, body text)")
+        conn.execute("INSERT INTO items SELECT g, repeat('x', 100) FROM generate_series(1, 100) g")
+        after = lag_from_slot(conn, "s")
+    assert isinstance(after, SlotLag)
+    assert before is not None and before.lag_bytes is not None
+    assert after.lag_bytes > before.lag_bytes and after.lag_bytes > 0
+    assert after.confirmed_flush_lsn == before.confirmed_flush_lsn  # nobody consumed
+    assert after.restart_lsn is not None and after.restart_lsn <= after.confirmed_flush_lsn
+    assert after.active is False and after.wal_status in ("reserved", "extended")
+    assert format_lsn(after.confirmed_flush_lsn)  # an int LSN, not text
+
+
+def test_lag_from_slot_missing_slot_is_none(pg_dsn):
+    with psycopg.connect(pg_dsn) as conn:
+        assert lag_from_slot(conn, "no_such_slot") is None
+        # a non-autocommit connection is not left idle in transaction
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE

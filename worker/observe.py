@@ -1,4 +1,4 @@
-"""What the worker tells operators: logs, metrics, health endpoints.
+"""What the worker tells operators: logs, metrics, health endpoints and slot lag.
 
 This module owns:
 
@@ -14,8 +14,9 @@ This module owns:
   and the metric updates that go with it.
 * `HealthServer`: `/metrics`, `/healthz` (liveness) and `/readyz` (readiness) over a
   stdlib threaded HTTP server in a daemon thread.
+* `lag_from_slot()`: how far a replication slot trails the server's WAL, in bytes.
 
-Nothing here binds a port at import time.
+Nothing here opens a connection or binds a port at import time.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 from urllib.parse import urlsplit
 
 import structlog
@@ -42,15 +43,17 @@ from prometheus_client import (
     generate_latest,
 )
 from slipstream.index.errors import ConfigurationError, SlipstreamError, ValidationError
-from slipstream.worker.lsn import format_lsn
+from slipstream.worker.lsn import format_lsn, parse_lsn
 
 __all__ = [
     "BatchLog",
     "HealthServer",
     "HealthServerError",
     "Metrics",
+    "SlotLag",
     "configure_logging",
     "get_logger",
+    "lag_from_slot",
 ]
 
 # --- logging -------------------------------------------------------------------------
@@ -489,3 +492,62 @@ def _run_check(check: Check, what: str) -> tuple[bool, str]:
         _log().warning(f"{what}_check_failed", error=repr(exc))
         return False, f"{what} check raised {type(exc).__name__}: {exc}"
     return bool(ok), str(reason)
+
+
+# --- slot lag ------------------------------------------------------------------------
+
+
+class SlotLag(NamedTuple):
+    """A slot's position against the server's WAL. LSNs are ints (see `lsn.py`).
+
+    `lag_bytes` and `confirmed_flush_lsn` are None for a physical slot or a logical
+    slot still being created; `wal_status` is 'reserved', 'extended', 'unreserved' or
+    'lost' (lost: the WAL the slot needs is gone, and it must be recreated).
+    """
+
+    lag_bytes: int | None
+    confirmed_flush_lsn: int | None
+    restart_lsn: int | None
+    active: bool
+    wal_status: str | None
+
+
+# On a standby (logical slots there exist since Postgres 16) pg_current_wal_lsn()
+# raises; the replayed position is the one the slot trails.
+_SLOT_LAG_SQL = """
+SELECT pg_wal_lsn_diff(
+           CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                ELSE pg_current_wal_lsn() END,
+           confirmed_flush_lsn)::bigint,
+       confirmed_flush_lsn::text,
+       restart_lsn::text,
+       active,
+       wal_status
+  FROM pg_replication_slots
+ WHERE slot_name = %s
+"""
+
+
+def lag_from_slot(conn: Any, slot_name: str) -> SlotLag | None:
+    """Read `slot_name`'s lag from `pg_replication_slots`; None if there is no such slot.
+
+    `conn` is an ordinary (not replication) psycopg connection. The query runs in a
+    transaction block of its own (a savepoint if the caller has one open), so a
+    non-autocommit connection is not left idle in transaction.
+
+    The lag is measured to `pg_current_wal_lsn()`, the WAL written out so far (WAL
+    still in the server's buffers does not count). With `synchronous_commit = off` a
+    commit shows up there only once the WAL writer has run (within `wal_writer_delay`).
+    """
+    with conn.transaction():
+        row = conn.execute(_SLOT_LAG_SQL, (slot_name,)).fetchone()
+    if row is None:
+        return None
+    lag, confirmed, restart, active, wal_status = row
+    return SlotLag(
+        lag_bytes=None if lag is None else int(lag),
+        confirmed_flush_lsn=None if confirmed is None else parse_lsn(confirmed),
+        restart_lsn=None if restart is None else parse_lsn(restart),
+        active=bool(active),
+        wal_status=wal_status,
+    )
