@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from slipstream.index.errors import ConfigurationError
 from slipstream.worker.config import (
     ConfigError,
