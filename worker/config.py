@@ -1,0 +1,555 @@
+"""The worker's configuration: frozen dataclasses read from one TOML file.
+
+This module owns what a configuration file may say and every check made on it
+before the worker connects anywhere: `load_config(path)` and `parse_config(data)`
+return a `WorkerConfig` or raise `ConfigError`, whose message starts with the file
+and the exact key path (`tables."public.notes".title`) and ends with the fix.
+Unknown keys are refused, with a "did you mean" suggestion.
+
+Secrets never reach a log through this module: `WorkerConfig.redacted()` is a twin
+with passwords in DSNs and API keys replaced by `***`, `safe_dict()` is that twin as
+plain JSON-able data, and the `repr` of every section that can hold a secret shows
+the redacted form. DSNs and API keys named by `*_env` keys are read from the
+environment only when asked (`resolve_dsn`, `resolve_api_key`), so a file can be
+checked where the secrets are not set.
+
+Checks that need the source database's catalog (id columns defaulting to the
+replica identity, template columns that exist) are made later, by
+`TableConfig.check_columns`, when the worker knows the table's columns.
+`deploy/slipstream.example.toml` is a commented example of every section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from slipstream.index.doc import IDENTIFIER, NODE_KINDS
+from slipstream.worker.templates import Template, TemplateError, json_safe
+from slipstream.worker.tomlreader import (
+    MISSING,
+    ConfigError,
+    TomlReader,
+    did_you_mean,
+    key_path,
+    type_name,
+)
+
+__all__ = [
+    "CHUNK_PAYLOAD_KEYS", "ChunkConfig", "ConfigError", "EmbedderConfig", "FilterConfig",
+    "SearchConfig", "SourceConfig", "TableConfig", "WorkerConfig", "WorkerSettings",
+    "key_path", "load_config", "parse_config", "redact_dsn",
+]
+
+REDACTED = "***"
+# Payload keys the TOML mapper sets on chunk nodes; a table with chunks may not copy
+# columns of these names into its payload.
+CHUNK_PAYLOAD_KEYS = ("parent_id", "chunk_index", "chunk_start")
+_SLOT = re.compile(r"[a-z0-9_]{1,63}")
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_PG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+_EMPTY_TEMPLATE = Template.parse("")
+_DEFAULT_PARTITION = Template.parse("default")
+_URI_DSN = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
+_KV_SECRET = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
+_QUERY_SECRET = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)([^@/?#:]*):[^@]*@", re.IGNORECASE)
+
+
+def redact_dsn(dsn: str) -> str:
+    """`dsn` with any password replaced by ***, in URI or key=value form."""
+    if _URI_DSN.match(dsn):
+        scheme, rest = dsn.split("://", 1)
+        before_query, sep, query = rest.partition("?")
+        userinfo, at, hosts = before_query.rpartition("@")
+        if at and ":" in userinfo:
+            before_query = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{hosts}"
+        return _QUERY_SECRET.sub(lambda m: m[1] + REDACTED, f"{scheme}://{before_query}{sep}{query}")
+    return _KV_SECRET.sub(lambda m: m[1] + REDACTED, dsn)
+
+
+def _redact_url(url: str) -> str:
+    return _URL_USERINFO.sub(lambda m: f"{m[1]}{m[2]}:{REDACTED}@", url)
+
+
+def _env(name: str, path: str, source: str, environ: Mapping[str, str] | None) -> str:
+    value = (os.environ if environ is None else environ).get(name)
+    if not value:
+        raise ConfigError(f"environment variable {name} is not set (or empty); export it "
+                          "before starting the worker", path=path, source=source)
+    return value
+
+
+# -- the sections ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    """[source]: the application database, its replication slot and publication."""
+
+    dsn: str | None = None
+    dsn_env: str | None = None
+    slot: str = "slipstream"
+    publication: str = "slipstream"
+    origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
+
+    def resolve_dsn(self, environ: Mapping[str, str] | None = None) -> str:
+        """The DSN: `dsn`, or the value of the environment variable `dsn_env` names."""
+        if self.dsn is not None:
+            return self.dsn
+        assert self.dsn_env is not None
+        return _env(self.dsn_env, "source.dsn_env", self.origin, environ)
+
+    def redacted(self) -> SourceConfig:
+        return dataclasses.replace(self, dsn=None if self.dsn is None else redact_dsn(self.dsn))
+
+    def __repr__(self) -> str:
+        r = self.redacted()
+        return (f"SourceConfig(dsn={r.dsn!r}, dsn_env={r.dsn_env!r}, slot={r.slot!r}, "
+                f"publication={r.publication!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class SearchConfig:
+    """[search]: where the search schema lives; with no DSN, in the source database."""
+
+    dsn: str | None = None
+    dsn_env: str | None = None
+    schema: str = "slipstream"
+    exact_limit: int = 20000
+    origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
+
+    def resolve_dsn(self, source: SourceConfig, environ: Mapping[str, str] | None = None) -> str:
+        """This section's DSN if it has one, else the source database's."""
+        if self.dsn is not None:
+            return self.dsn
+        if self.dsn_env is not None:
+            return _env(self.dsn_env, "search.dsn_env", self.origin, environ)
+        return source.resolve_dsn(environ)
+
+    def redacted(self) -> SearchConfig:
+        return dataclasses.replace(self, dsn=None if self.dsn is None else redact_dsn(self.dsn))
+
+    def __repr__(self) -> str:
+        r = self.redacted()
+        return (f"SearchConfig(dsn={r.dsn!r}, dsn_env={r.dsn_env!r}, schema={r.schema!r}, "
+                f"exact_limit={r.exact_limit!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedderConfig:
+    """[embedders.<space>]: `hashing` (HashingEmbedder(dim)) or `http` (OpenAI-compatible)."""
+
+    space: str
+    dim: int
+    kind: str = "hashing"
+    url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    api_key: str | None = None
+    batch_size: int = 64
+    timeout: float = 30.0
+    origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
+
+    def resolve_api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The API key: `api_key`, or the variable `api_key_env` names, or None (no auth)."""
+        if self.api_key is not None or self.api_key_env is None:
+            return self.api_key
+        return _env(self.api_key_env, key_path("embedders", self.space, "api_key_env"),
+                    self.origin, environ)
+
+    def redacted(self) -> EmbedderConfig:
+        return dataclasses.replace(
+            self, api_key=None if self.api_key is None else REDACTED,
+            url=None if self.url is None else _redact_url(self.url))
+
+    def __repr__(self) -> str:
+        r = self.redacted()
+        return (f"EmbedderConfig(space={r.space!r}, dim={r.dim!r}, kind={r.kind!r}, url={r.url!r}, "
+                f"model={r.model!r}, api_key_env={r.api_key_env!r}, api_key={r.api_key!r}, "
+                f"batch_size={r.batch_size!r}, timeout={r.timeout!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """[worker]: batching, status updates, heartbeat, HTTP endpoint, mapper modules, snapshot."""
+
+    batch_max_changes: int = 2000
+    batch_max_bytes: int = 8 * 1024 * 1024
+    batch_max_seconds: float = 0.25
+    status_interval_seconds: float = 10.0
+    heartbeat_seconds: float = 0.0
+    http_port: int = 9187
+    mapper_modules: tuple[str, ...] = ()
+    snapshot_chunk_rows: int = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class FilterConfig:
+    """[tables."x".filter]: a row is indexed only if every condition holds.
+
+    `one_of` maps a column to the values it must equal (one of); `not_null` lists
+    columns that must not be NULL. A row that fails maps to no documents.
+    """
+
+    one_of: Mapping[str, tuple[Any, ...]] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}))
+    not_null: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*self.one_of, *self.not_null]))
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkConfig:
+    """[tables."x".chunks]: bodies longer than `size` characters also become chunk nodes."""
+
+    size: int
+    overlap: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TableConfig:
+    """[tables."schema.table"]: how the TOML mapper turns one row into documents.
+
+    With `python` set ("pkg.mod:func"), that callable is the table's mapper and the
+    other fields are unused. Templates are parsed; `id_columns` may be empty, meaning
+    "the replica identity", which the worker fills in from the catalog.
+    """
+
+    table: str
+    object_type: str
+    id_columns: tuple[str, ...] = ()
+    title: Template = _EMPTY_TEMPLATE
+    body: Template = _EMPTY_TEMPLATE
+    partition: Template = _DEFAULT_PARTITION
+    keywords: tuple[str, ...] = ()
+    attrs: tuple[str, ...] = ()
+    payload: tuple[str, ...] = ()
+    spaces: tuple[str, ...] | None = None
+    node_kind: str = "leaf"
+    updated_at: str | None = None
+    filter: FilterConfig | None = None
+    chunks: ChunkConfig | None = None
+    python: str | None = None
+    origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
+
+    @property
+    def path(self) -> str:
+        return key_path("tables", self.table)
+
+    def column_uses(self) -> list[tuple[str, str]]:
+        """(key path, column) for every column the configuration reads from a row."""
+        uses = [(key_path("tables", self.table, "id_columns"), c) for c in self.id_columns]
+        for name in ("title", "body", "partition"):
+            uses += [(key_path("tables", self.table, name), c)
+                     for c in getattr(self, name).columns]
+        for name in ("keywords", "attrs", "payload"):
+            uses += [(key_path("tables", self.table, name), c) for c in getattr(self, name)]
+        if self.updated_at is not None:
+            uses.append((key_path("tables", self.table, "updated_at"), self.updated_at))
+        if self.filter is not None:
+            uses += [(key_path("tables", self.table, "filter", c), c) for c in self.filter.one_of]
+            uses += [(key_path("tables", self.table, "filter", "not_null"), c)
+                     for c in self.filter.not_null]
+        return uses
+
+    def check_columns(self, columns: Collection[str]) -> None:
+        """Raise ConfigError if the configuration names a column the table does not have."""
+        if self.python is not None:
+            return
+        for path, column in self.column_uses():
+            if column not in columns:
+                raise ConfigError(
+                    f"column {column!r} does not exist in {self.table} (its columns: "
+                    f"{', '.join(sorted(columns))}){did_you_mean(column, columns)}",
+                    path=path, source=self.origin)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """The whole file. `origin` is where it was read from (for messages)."""
+
+    source: SourceConfig
+    search: SearchConfig = SearchConfig()
+    spaces: Mapping[str, int] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    embedders: Mapping[str, EmbedderConfig] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}))
+    worker: WorkerSettings = WorkerSettings()
+    tables: Mapping[str, TableConfig] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}))
+    origin: str = "<string>"
+
+    def redacted(self) -> WorkerConfig:
+        """A twin with DSN passwords and API keys replaced by ***, safe to log."""
+        return dataclasses.replace(
+            self, source=self.source.redacted(), search=self.search.redacted(),
+            embedders=MappingProxyType({k: e.redacted() for k, e in self.embedders.items()}))
+
+    def safe_dict(self) -> dict[str, Any]:
+        """The redacted configuration as plain JSON-able data (dicts, lists, scalars)."""
+        return _plain(self.redacted())
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Template):
+        return value.source
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.name != "origin"}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    return json_safe(value)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def load_config(path: str | os.PathLike[str]) -> WorkerConfig:
+    """Read and check the TOML file at `path`."""
+    source = str(path)
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("the configuration file does not exist; pass the path of a TOML file "
+                          "(see deploy/slipstream.example.toml)", source=source) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the configuration file: {exc}", source=source) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", source=source) from None
+    return parse_config(data, source=source)
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "<string>") -> WorkerConfig:
+    """Check already-parsed TOML data and build the `WorkerConfig`."""
+    r = _Reader(source)
+    top = r.section(data, (), ("source", "search", "spaces", "embedders", "worker", "tables"))
+    if "source" not in top:
+        r.fail(("source",), 'missing section; add [source] with dsn = "postgresql://…" '
+               'or dsn_env = "APP_DATABASE_URL"')
+    src = r.section(top["source"], ("source",), ("dsn", "dsn_env", "slot", "publication"))
+    dsn, dsn_env = r.dsn_pair(src, ("source",), required=True)
+    source_cfg = SourceConfig(
+        dsn=dsn, dsn_env=dsn_env, origin=source,
+        slot=r.name(src, ("source", "slot"), "slipstream", _SLOT,
+                    "lower-case letters, digits and underscores, at most 63 characters"),
+        publication=r.identifier(src, ("source", "publication"), "slipstream"))
+
+    sea = r.section(top.get("search", {}), ("search",), ("dsn", "dsn_env", "schema", "exact_limit"))
+    dsn, dsn_env = r.dsn_pair(sea, ("search",), required=False)
+    search_cfg = SearchConfig(
+        dsn=dsn, dsn_env=dsn_env, origin=source,
+        schema=r.identifier(sea, ("search", "schema"), "slipstream"),
+        exact_limit=r.integer(sea, ("search", "exact_limit"), 20000, minimum=1))
+
+    raw_spaces = r.section(top.get("spaces", {}), ("spaces",), None)
+    spaces: dict[str, int] = {}
+    for name in raw_spaces:
+        r.check_name(name, ("spaces", name), "an embedding space name", IDENTIFIER)
+        spaces[name] = r.integer(raw_spaces, ("spaces", name), None, minimum=1, maximum=16000)
+
+    raw_embedders = r.section(top.get("embedders", {}), ("embedders",), None)
+    embedders = {name: r.embedder(raw_embedders[name], name, spaces) for name in raw_embedders}
+    for name in spaces:
+        if name not in embedders:
+            r.fail(("spaces", name), f'this space has no embedder; add [embedders.{name}] with '
+                   f'kind = "hashing" or kind = "http", or remove the space')
+
+    wrk = r.section(top.get("worker", {}), ("worker",),
+                    [f.name for f in dataclasses.fields(WorkerSettings)])
+    d = WorkerSettings()
+    modules = r.str_list(wrk, ("worker", "mapper_modules"), ())
+    for i, module in enumerate(modules):
+        if not _MODULE.fullmatch(module):
+            r.fail(("worker", "mapper_modules", i), f"{module!r} is not a module path; "
+                   'write a dotted import path such as "myapp.search_mappers"')
+    worker_cfg = WorkerSettings(
+        batch_max_changes=r.integer(wrk, ("worker", "batch_max_changes"), d.batch_max_changes, 1),
+        batch_max_bytes=r.integer(wrk, ("worker", "batch_max_bytes"), d.batch_max_bytes, 1),
+        batch_max_seconds=r.number(wrk, ("worker", "batch_max_seconds"), d.batch_max_seconds,
+                                   positive=True),
+        status_interval_seconds=r.number(wrk, ("worker", "status_interval_seconds"),
+                                         d.status_interval_seconds, positive=True),
+        heartbeat_seconds=r.number(wrk, ("worker", "heartbeat_seconds"), d.heartbeat_seconds),
+        http_port=r.integer(wrk, ("worker", "http_port"), d.http_port, 0, maximum=65535),
+        mapper_modules=modules,
+        snapshot_chunk_rows=r.integer(wrk, ("worker", "snapshot_chunk_rows"),
+                                      d.snapshot_chunk_rows, 1))
+
+    raw_tables = r.section(top.get("tables", {}), ("tables",), None)
+    tables = {name: r.table(raw_tables[name], name, spaces) for name in raw_tables}
+    owners: dict[str, str] = {}
+    for name, tcfg in tables.items():
+        if tcfg.python is None and owners.setdefault(tcfg.object_type, name) != name:
+            r.fail(("tables", name, "object_type"), f"{tcfg.object_type!r} is also the object_type "
+                   f"of {owners[tcfg.object_type]}; documents of two tables would share ids and "
+                   "overwrite each other, so give each table its own object_type")
+    return WorkerConfig(
+        source=source_cfg, search=search_cfg, spaces=MappingProxyType(spaces),
+        embedders=MappingProxyType(embedders), worker=worker_cfg,
+        tables=MappingProxyType(tables), origin=source)
+
+
+_TABLE_KEYS = ("object_type", "id_columns", "title", "body", "keywords", "partition", "attrs",
+               "payload", "spaces", "node_kind", "updated_at", "filter", "chunks", "python")
+_EMBEDDER_KEYS = ("kind", "url", "model", "api_key_env", "api_key", "batch_size", "timeout")
+
+
+class _Reader(TomlReader):
+    """The section-specific checks; the generic typed access is `TomlReader`'s."""
+
+    def dsn_pair(self, sec: Mapping[str, Any], path: tuple[str, ...],
+                 required: bool) -> tuple[str | None, str | None]:
+        dsn = self.string(sec, (*path, "dsn"), None, 'a connection string ("postgresql://…")')
+        dsn_env = self.env_name(sec, (*path, "dsn_env"))
+        if dsn is not None and dsn_env is not None:
+            self.fail((*path, "dsn"), "dsn and dsn_env are both set; keep one (dsn_env keeps "
+                      "the password out of the file)")
+        if required and dsn is None and dsn_env is None:
+            self.fail((*path, "dsn"), 'missing; set dsn = "postgresql://user@host/db" or '
+                      'dsn_env = "APP_DATABASE_URL" (an environment variable holding the DSN)')
+        if dsn is not None and "://" in dsn and not _URI_DSN.match(dsn):
+            self.fail((*path, "dsn"), f"{redact_dsn(dsn)!r} is not a Postgres DSN; use "
+                      "postgresql://… or key=value form (host=… dbname=…)")
+        return dsn, dsn_env
+
+    def template(self, sec: Mapping[str, Any], path: tuple[str | int, ...], default: str) -> Template:
+        value = self.get(sec, path, default, (str,), "a template string such as \"{title}\"")
+        try:
+            return Template.parse(value)
+        except TemplateError as exc:
+            self.fail(path, str(exc))
+
+    def spaces(self, sec: Mapping[str, Any], path: tuple[str | int, ...],
+               spaces: Mapping[str, int]) -> tuple[str, ...] | None:
+        names = self.str_list(sec, path, None, "an array of space names")
+        for i, name in enumerate(names or ()):
+            if name not in spaces:
+                known = ", ".join(spaces) or "none are defined"
+                self.fail((*path, i), f"space {name!r} is not defined in [spaces] ({known})"
+                          f"{did_you_mean(name, spaces)}")
+        return names
+
+    def embedder(self, raw: object, name: str, spaces: Mapping[str, int]) -> EmbedderConfig:
+        path: tuple[str, ...] = ("embedders", name)
+        if name not in spaces:
+            self.fail(path, f"there is no space {name!r} in [spaces]; add `{name} = <dimension>` "
+                      f"to [spaces] or remove this embedder{did_you_mean(name, spaces)}")
+        sec = self.section(raw, path, _EMBEDDER_KEYS)
+        kind = self.string(sec, (*path, "kind"), MISSING, '"hashing" or "http"')
+        if kind not in ("hashing", "http"):
+            self.fail((*path, "kind"), f'unknown kind {kind!r}; use "hashing" or "http"'
+                      f"{did_you_mean(kind, ('hashing', 'http'))}")
+        if kind == "hashing":
+            for key in sec:
+                if key != "kind":
+                    self.fail((*path, key), 'only applies to kind = "http"; remove it')
+            return EmbedderConfig(space=name, dim=spaces[name], origin=self.source)
+        url = self.string(sec, (*path, "url"), MISSING, 'the endpoint URL ("https://…/v1")')
+        if not re.match(r"https?://[^/\s]+", url):
+            self.fail((*path, "url"), f"{_redact_url(url)!r} is not an http(s) URL")
+        api_key = self.string(sec, (*path, "api_key"), None)
+        api_key_env = self.env_name(sec, (*path, "api_key_env"))
+        if api_key is not None and api_key_env is not None:
+            self.fail((*path, "api_key"), "api_key and api_key_env are both set; keep "
+                      "api_key_env (it keeps the key out of the file)")
+        return EmbedderConfig(
+            space=name, dim=spaces[name], kind="http", url=url, api_key=api_key,
+            api_key_env=api_key_env, origin=self.source,
+            model=self.string(sec, (*path, "model"), MISSING, "the model name"),
+            batch_size=self.integer(sec, (*path, "batch_size"), 64, 1),
+            timeout=self.number(sec, (*path, "timeout"), 30.0, positive=True))
+
+    def table(self, raw: object, name: str, spaces: Mapping[str, int]) -> TableConfig:
+        path: tuple[str, ...] = ("tables", name)
+        schema, dot, table = name.partition(".")
+        if not dot:
+            nested = isinstance(raw, Mapping) and raw and all(isinstance(v, Mapping) for v in raw.values())
+            example = f'{name}.{next(iter(raw))}' if nested else f"public.{name}"
+            self.fail(path, f'table keys are "schema.table" in quotes; write [tables."{example}"]')
+        for part in (schema, table):
+            if not _PG_NAME.fullmatch(part):
+                self.fail(path, f"{part!r} is not a plain Postgres name; use letters, digits, "
+                          "_ and $, starting with a letter or _, at most 63 characters")
+        sec = self.section(raw, path, _TABLE_KEYS)
+        if "python" in sec:
+            ref = self.string(sec, (*path, "python"), MISSING, '"package.module:function"')
+            module, colon, attr = ref.partition(":")
+            if not colon or not _MODULE.fullmatch(module) or not _MODULE.fullmatch(attr):
+                self.fail((*path, "python"), f"{ref!r} is not an import reference; write "
+                          '"package.module:function"')
+            for key in sec:
+                if key != "python":
+                    self.fail((*path, key), "a table with python = … is mapped by that function "
+                              "alone; remove this key or the python key")
+            return TableConfig(table=name, object_type=table, python=ref, origin=self.source)
+        filter_cfg = chunks = None
+        if "filter" in sec:
+            filter_cfg = self.row_filter(sec["filter"], (*path, "filter"))
+        if "chunks" in sec:
+            chunks = self.chunks(sec["chunks"], (*path, "chunks"))
+        node_kind = self.string(sec, (*path, "node_kind"), "leaf", f"one of {', '.join(NODE_KINDS)}")
+        if node_kind not in NODE_KINDS:
+            self.fail((*path, "node_kind"), f"{node_kind!r} is not a node kind; use one of "
+                      f"{', '.join(NODE_KINDS)}{did_you_mean(node_kind, NODE_KINDS)}")
+        attrs = self.str_list(sec, (*path, "attrs"), ())
+        for i, column in enumerate(attrs):
+            self.check_name(column, (*path, "attrs", i), "usable as an attrs key", IDENTIFIER,
+                            "a column whose name is a plain identifier (a Python mapper can "
+                            "rename others)")
+        payload = self.str_list(sec, (*path, "payload"), ())
+        for i, column in enumerate(payload):
+            if chunks is not None and column in CHUNK_PAYLOAD_KEYS:
+                self.fail((*path, "payload", i), f"{column!r} is a payload key chunk nodes set "
+                          "themselves; drop it here, or write a Python mapper")
+        object_type = self.string(sec, (*path, "object_type"), table)
+        if len(object_type) > 512 or "\x00" in object_type:
+            self.fail((*path, "object_type"), "must be at most 512 characters with no NUL")
+        updated_at = self.string(sec, (*path, "updated_at"), None, "a timestamp column name")
+        return TableConfig(
+            table=name, object_type=object_type, origin=self.source,
+            id_columns=self.str_list(sec, (*path, "id_columns"), ()),
+            title=self.template(sec, (*path, "title"), ""),
+            body=self.template(sec, (*path, "body"), ""),
+            partition=self.template(sec, (*path, "partition"), "default"),
+            keywords=self.str_list(sec, (*path, "keywords"), ()),
+            attrs=attrs, payload=payload, spaces=self.spaces(sec, (*path, "spaces"), spaces),
+            node_kind=node_kind, updated_at=updated_at, filter=filter_cfg, chunks=chunks)
+
+    def row_filter(self, raw: object, path: tuple[str, ...]) -> FilterConfig:
+        sec = self.section(raw, path, None)
+        not_null = self.str_list(sec, (*path, "not_null"), ())
+        one_of: dict[str, tuple[Any, ...]] = {}
+        for column, value in sec.items():
+            if column == "not_null":
+                continue
+            values = value if isinstance(value, list) else [value]
+            if not values:
+                self.fail((*path, column), "is an empty array, so no row could pass; list the "
+                          "values to keep, or remove the key")
+            for i, v in enumerate(values):
+                if not isinstance(v, (str, int, float, bool, datetime, date)):
+                    self.fail((*path, column, i) if isinstance(value, list) else (*path, column),
+                              f"must be a string, number, boolean or date, got {type_name(v)}")
+            one_of[column] = tuple(values)
+        return FilterConfig(one_of=MappingProxyType(one_of), not_null=not_null)
+
+    def chunks(self, raw: object, path: tuple[str, ...]) -> ChunkConfig:
+        sec = self.section(raw, path, ("size", "overlap"))
+        size = self.integer(sec, (*path, "size"), None, 1)
+        overlap = self.integer(sec, (*path, "overlap"), 0, 0)
+        if overlap >= size:
+            self.fail((*path, "overlap"), f"is {overlap}, not less than size ({size}); "
+                      "make it smaller than size (about a tenth of it is usual)")
+        return ChunkConfig(size=size, overlap=overlap)
