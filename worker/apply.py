@@ -41,6 +41,7 @@ class ApplyResult:
     tombstones: int
     dead_letters: int
     seconds: float
+    dead_by_table: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -171,7 +172,7 @@ class Applier:
             return
         try:
             row = decode_row(values, change.columns)
-            docs = mapper(row, "insert" if change.kind == "snapshot" else change.kind)
+            docs = mapper(row, change.kind)
             if not isinstance(docs, list) or not all(isinstance(d, IndexDoc) for d in docs):
                 raise TypeError(f"mapper returned {type(docs).__name__}, not a list of IndexDoc")
             if len({d.key for d in docs}) != len(docs):
@@ -230,8 +231,11 @@ class Applier:
             if also is not None:
                 also(self.conn)
         self.checkpoint = new_cp
+        dead_by_table: dict[str, int] = {}
+        for letter in fx.dead:
+            dead_by_table[letter.relation] = dead_by_table.get(letter.relation, 0) + 1
         return ApplyResult(new_cp, len(batch.completed), len(batch.changes), len(upserts),
-                           len(tombstones), len(fx.dead), time.perf_counter() - started)
+                           len(tombstones), len(fx.dead), time.perf_counter() - started, dead_by_table)
 
 
     def fill_pending(self, limit: int = 256) -> int:

@@ -2,7 +2,8 @@
 
 One thread reads the replication stream and assembles batches; one apply thread
 writes them. A batch closes when it reaches `max_changes` or `max_bytes`, or has been
-open `max_seconds` — whichever comes first. At most one batch is in flight: when the
+open `max_seconds`, or the stream goes quiet between transactions — whichever comes
+first, so a busy stream gets large batches and a quiet one low latency. At most one batch is in flight: when the
 next one is ready before the previous has committed, reading pauses (back-pressure
 lands on the WAL) while status updates keep the walsender from timing out. The flush
 LSN sent to the server is only ever the checkpoint of a committed apply transaction,
@@ -16,7 +17,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -49,12 +50,14 @@ class StreamRunner:
     def __init__(self, settings: RunnerSettings, make_applier: Callable[[], Applier], *,
                  tables: set[str] | None = None, retry: RetryPolicy | None = None,
                  on_batch: Callable[[ApplyResult, Batch], None] | None = None,
+                 backfill: Callable[[Applier], Iterator[object]] | None = None,
                  log: Callable[..., None] | None = None) -> None:
         self.settings = settings
         self.make_applier = make_applier
         self.tables = tables
         self.retry = retry or RetryPolicy()
         self.on_batch = on_batch
+        self.backfill = backfill
         self.log = log or (lambda event, **kw: None)
         self.stopping = threading.Event()
         self.flushed = 0
@@ -124,8 +127,10 @@ class StreamRunner:
         batch, opened = Batch(), 0.0
         in_flight: Future[ApplyResult] | None = None
         in_flight_batch: Batch | None = None
-        chore: Future[int] | None = None
+        chore: Future[object] | None = None
         next_chore = time.monotonic() + s.pending_interval
+        # Tables to copy while streaming: one chunk at a time, between batches, on the apply thread.
+        steps = self.backfill(applier) if self.backfill is not None else None
 
         def finish(fut: Future[ApplyResult], done: Batch) -> None:
             result = fut.result()  # re-raises an apply failure
@@ -148,29 +153,34 @@ class StreamRunner:
                 return
             now = time.monotonic()
             if chore is not None and chore.done():
-                chore.result()
+                if chore.result() is _DONE:
+                    steps = None
                 chore = None
-            if chore is None and in_flight is None and not batch and now >= next_chore:
+            if chore is None and in_flight is None and steps is not None:
+                chore = executor.submit(next, steps, _DONE)
+            elif chore is None and in_flight is None and not batch and now >= next_chore:
                 chore = executor.submit(applier.fill_pending)  # same thread: one writer
                 next_chore = now + s.pending_interval
             full = len(batch.changes) >= s.max_changes or batch.bytes >= s.max_bytes
             due = bool(batch) and now - opened >= s.max_seconds
-            if (full or due) and in_flight is None:
+            if (full or due) and in_flight is None and chore is None:
                 batch.partial = assembler.position() if assembler.in_transaction else None
                 in_flight, in_flight_batch = executor.submit(applier.apply, batch), batch
                 batch = Batch()
                 continue
-            if full:  # back-pressure: stop reading until the batch in flight commits
+            if full:  # back-pressure: stop reading until the work in flight commits
                 try:
-                    in_flight.result(timeout=min(1.0, s.status_interval / 2))
+                    (in_flight or chore).result(timeout=min(1.0, s.status_interval / 2))
                 except TimeoutError:
                     conn.send_status()
                 continue
-            timeout = 1.0 if not batch else max(0.0, opened + s.max_seconds - now)
-            if in_flight is not None:
+            timeout = 1.0 if not batch else max(0.0, min(opened + s.max_seconds - now, IDLE_FLUSH))
+            if in_flight is not None or chore is not None:
                 timeout = min(timeout, 0.005)
             message = conn.read_message(timeout=timeout)
             if message is None:
+                if batch and not assembler.in_transaction:
+                    opened = 0.0  # the stream went quiet between transactions: apply now
                 continue
             if isinstance(message, Keepalive):
                 idle = not batch and in_flight is None and not assembler.in_transaction
@@ -186,6 +196,10 @@ class StreamRunner:
                         batch.completed.append(item)
                     else:
                         _add(batch, item)
+
+
+_DONE = object()
+IDLE_FLUSH = 0.001  # a batch whose stream has been quiet this long is applied without waiting
 
 
 def _add(batch: Batch, change: SourceChange) -> None:

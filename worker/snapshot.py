@@ -16,7 +16,6 @@ row at or after that position, so a copy never overwrites a newer change.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ from slipstream.index.errors import ConfigurationError
 
 from .apply import Applier
 from .changes import Batch, SourceChange, row_key
-from .lsn import parse_lsn
+from .lsn import format_lsn, parse_lsn
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,28 +105,43 @@ def read_chunks(conn: psycopg.Connection, shape: TableShape, after: Sequence[str
             return
 
 
-def copy_table(applier: Applier, source: psycopg.Connection, shape: TableShape, *,
-               chunk_rows: int = 5000, snapshot_lsn: int | None = None,
-               progress: Callable[[str, int], None] | None = None) -> int:
-    """Copy one table through `applier`, resuming from its saved position. Returns rows copied.
+def read_row(conn: psycopg.Connection, shape: TableShape, key: Sequence[str | None]
+             ) -> dict[str, str | None] | None:
+    """One row as {column: text} by its key values (as text), or None if it is gone."""
+    schema, table = split_relation(shape.relation)
+    types = {n: t for n, _, t in shape.columns}
+    stmt = sql.SQL("SELECT {select} FROM {t} WHERE ({key}) = ({vals})").format(
+        select=sql.SQL(", ").join(sql.SQL("{c}::text").format(c=sql.Identifier(n))
+                                  for n, _, _ in shape.columns),
+        t=sql.Identifier(schema, table), key=sql.SQL(", ").join(sql.Identifier(k) for k in shape.key),
+        vals=sql.SQL(", ").join(sql.SQL("%s::" + types[k]) for k in shape.key))
+    row = conn.execute(stmt, list(key)).fetchone()
+    return None if row is None else dict(zip([n for n, _, _ in shape.columns], row))
 
-    `source` must be in the exported snapshot's transaction when `snapshot_lsn` is given
-    (the slot's consistent point); otherwise each chunk is stamped with the WAL position
-    read just before it.
+
+def copy_steps(applier: Applier, source: psycopg.Connection, shape: TableShape, *,
+               chunk_rows: int = 5000, snapshot_lsn: int | None = None,
+               progress: Callable[[str, int], None] | None = None) -> Iterator[int]:
+    """Copy one table through `applier`, one chunk per step, resuming from its saved position.
+
+    Yields the rows copied so far after each chunk's transaction commits. `source`
+    must be inside the exported snapshot when `snapshot_lsn` (the slot's consistent
+    point) is given; otherwise each chunk is stamped with the WAL position read just
+    before it, which is what guards newer streamed changes.
     """
     state, conn = applier.state, applier.conn
     row = conn.execute(state.q("SELECT last_key, rows_copied, done FROM {s}.snapshot_progress "
                                "WHERE relation = %s"), (shape.relation,)).fetchone()
     conn.commit()
     if row is not None and row[2]:
-        return int(row[1])
+        return
     after = row[0] if row is not None else None
     copied = int(row[1]) if row is not None else 0
     chunks = read_chunks(source, shape, after, chunk_rows)
     while True:
         read_lsn = snapshot_lsn
         if read_lsn is None:
-            (text,) = source.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            (text,) = source.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
             read_lsn = parse_lsn(text)
         chunk = next(chunks, None)
         if chunk is None:
@@ -142,8 +156,17 @@ def copy_table(applier: Applier, source: psycopg.Connection, shape: TableShape, 
         applier.apply(batch, also=_save_progress(applier, shape.relation, last_key, copied, read_lsn, False))
         if progress is not None:
             progress(shape.relation, copied)
+        yield copied
     applier.apply(Batch(snapshot=True),
-                  also=_save_progress(applier, shape.relation, after, copied, snapshot_lsn or 0, True))
+                  also=_save_progress(applier, shape.relation, None, copied, snapshot_lsn or 0, True))
+    yield copied
+
+
+def copy_table(applier: Applier, source: psycopg.Connection, shape: TableShape, **kw) -> int:
+    """Copy a whole table at once (see `copy_steps`); returns the rows copied in all."""
+    copied = 0
+    for copied in copy_steps(applier, source, shape, **kw):
+        pass
     return copied
 
 
@@ -156,7 +179,7 @@ def _save_progress(applier: Applier, relation: str, last_key, copied: int, lsn: 
             "rows_copied = excluded.rows_copied, read_lsn = excluded.read_lsn, done = excluded.done, "
             "updated_at = now()"),
             (relation, Jsonb(last_key) if last_key is not None else None, copied,
-             f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}", done))
+             format_lsn(lsn), done))
     return save
 
 
@@ -166,7 +189,3 @@ def pending_tables(applier: Applier, relations: Sequence[str]) -> list[str]:
         "SELECT relation FROM {s}.snapshot_progress WHERE done"))}
     applier.conn.commit()
     return [r for r in relations if r not in done]
-
-
-def describe_key(values: Sequence[str]) -> str:
-    return json.dumps(list(values))
