@@ -20,7 +20,6 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
 
 import snowballstemmer
 
@@ -38,9 +37,17 @@ _TOKEN = re.compile(r"[^\W_]+")
 _stemmer = snowballstemmer.stemmer("english")
 
 
-@lru_cache(maxsize=200_000)
-def _stem(token: str) -> str:
-    return _stemmer.stemWord(token)
+# token -> its term, or "" when the token is dropped (stop word, too long). Bounded.
+_terms: dict[str, str] = {}
+_TERMS_MAX = 500_000
+
+
+def _term(token: str) -> str:
+    if len(_terms) >= _TERMS_MAX:
+        _terms.clear()
+    term = "" if len(token) > MAX_TOKEN_LENGTH or token in STOP_WORDS else _stemmer.stemWord(token)
+    _terms[token] = term
+    return term
 
 
 def analyze(text: str) -> list[str]:
@@ -48,11 +55,15 @@ def analyze(text: str) -> list[str]:
     if not text:
         return []
     folded = unicodedata.normalize("NFKC", text).casefold()
-    return [
-        _stem(tok)
-        for tok in _TOKEN.findall(folded)
-        if len(tok) <= MAX_TOKEN_LENGTH and tok not in STOP_WORDS
-    ]
+    get = _terms.get
+    out = []
+    for token in _TOKEN.findall(folded):
+        term = get(token)
+        if term is None:
+            term = _term(token)
+        if term:
+            out.append(term)
+    return out
 
 
 def query_terms(text: str) -> list[str]:

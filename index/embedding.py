@@ -51,14 +51,16 @@ class HashingEmbedder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        dim = self.dim
         for row, text in enumerate(texts):
             terms = analyze(text)
+            if not terms:
+                continue
             features = terms + [f"{a} {b}" for a, b in zip(terms, terms[1:])]
-            vec = out[row]
-            for feature in features:
-                idx, sign = _bucket(feature, self.dim)
-                vec[idx] += sign
-            norm = float(np.linalg.norm(vec))
+            buckets = [_bucket(f, dim) for f in features]
+            vec = np.bincount([b[0] for b in buckets], weights=[b[1] for b in buckets],
+                              minlength=dim)
+            norm = float(np.sqrt(vec @ vec))
             if norm > 0:
-                vec /= norm
+                out[row] = vec / norm
         return out

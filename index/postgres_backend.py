@@ -10,7 +10,9 @@ Layout (schema ``slipstream`` by default, created and migrated by `create_schema
   a ``deleted`` flag for tombstones, and one ``vector(d)`` column per space with an
   HNSW cosine index.
 
-Searches within a scope of at most `exact_limit` rows (default 20,000) rank vectors
+With ``hnsw=False`` (exact-scan mode) no HNSW index is built: writes are cheaper and
+every semantic query is exact. Searches within a scope of at most `exact_limit` rows
+(default 20,000) rank vectors
 exactly: pgvector's distance picks candidates with a margin and `ranking` computes the
 exact cosine. Larger scopes use HNSW with ``hnsw.iterative_scan`` and the results say
 they are approximate; a filtered HNSW query that comes back short falls back to exact.
@@ -40,6 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 DEFAULT_EXACT_LIMIT = 20_000
+COPY_THRESHOLD = 64  # batches at least this large are written through a binary COPY
 
 _MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "search table", """
@@ -84,7 +87,7 @@ class PostgresBackend:
 
     def __init__(self, conninfo: str | ConnectionPool, *, schema: str = "slipstream",
                  spaces: Mapping[str, int] | None = None, exact_limit: int = DEFAULT_EXACT_LIMIT,
-                 ef_search: int = 100, iterative_scan: bool = True,
+                 ef_search: int = 100, iterative_scan: bool = True, hnsw: bool = True,
                  create_schema: bool = True, pool_size: int = 4) -> None:
         self.schema = check_identifier(schema, "schema")
         self.spaces: dict[str, int] = {}
@@ -96,7 +99,9 @@ class PostgresBackend:
         self.exact_limit = exact_limit
         self.ef_search = ef_search
         self.iterative_scan = iterative_scan
+        self.hnsw = hnsw
         self._s = sql.Identifier(self.schema)
+        self._staged_on: dict[int, psycopg.Connection] = {}  # connections with a staging table
         if isinstance(conninfo, ConnectionPool):
             self._pool, self._owns_pool = conninfo, False
         else:
@@ -129,6 +134,15 @@ class PostgresBackend:
             yield conn
             return
         with self._pool.connection() as pooled:
+            yield pooled
+
+    @contextmanager
+    def _writing(self, conn: psycopg.Connection | None) -> Iterator[psycopg.Connection]:
+        """Inside the caller's transaction when `conn` is given; else a pooled one, committed."""
+        if conn is not None:
+            yield conn
+            return
+        with self._pool.connection() as pooled, pooled.transaction():
             yield pooled
 
     def connect(self, **kwargs: Any) -> psycopg.Connection:
@@ -174,8 +188,10 @@ class PostgresBackend:
                 column, index = f"emb_{name}", f"docs_emb_{name}_hnsw"
                 conn.execute(sql.SQL("ALTER TABLE {s}.docs ADD COLUMN {c} vector({d})").format(
                     s=self._s, c=sql.Identifier(column), d=sql.Literal(dim)))
-                conn.execute(self._q("CREATE INDEX {i} ON {s}.docs USING hnsw ({c} vector_cosine_ops)",
-                                     i=index, c=column))
+                if self.hnsw:
+                    conn.execute(self._q(
+                        "CREATE INDEX {i} ON {s}.docs USING hnsw ({c} vector_cosine_ops)",
+                        i=index, c=column))
                 conn.execute(self._q("INSERT INTO {s}.spaces VALUES (%s, %s)"), (name, dim))
             for name, dim in existing.items():
                 self.spaces.setdefault(name, dim)
@@ -217,9 +233,39 @@ class PostgresBackend:
             "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
             "deleted = false, updated_at = now()"
         ).format(s=self._s, columns=columns, values=values, updates=updates)
-        with self.connection(conn) as c, c.transaction():
-            with c.cursor() as cur:
-                cur.executemany(stmt, rows)
+        with self._writing(conn) as c:
+            if len(rows) < COPY_THRESHOLD:
+                with c.cursor() as cur:
+                    cur.executemany(stmt, rows)
+                return
+            # Large batches: binary COPY into a session staging table, then one upsert.
+            stage = sql.Identifier(f"slipstream_stage_{self.schema}")
+            if self._staged_on.get(id(c)) is not c:
+                c.execute(sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {t} (object_type text, object_id text, "
+                    "node_kind text, partition text, title text, body text, keywords jsonb, "
+                    "payload jsonb, attrs jsonb, source_updated_at timestamptz, tf jsonb, "
+                    "terms text[], len_title int, len_body int, pending_spaces text[]{vecs}) "
+                    "ON COMMIT DELETE ROWS").format(t=stage, vecs=sql.SQL("").join(
+                        sql.SQL(", {c} vector({d})").format(c=sql.Identifier(f"emb_{sp}"),
+                                                            d=sql.Literal(self.spaces[sp]))
+                        for sp in spaces)))
+                self._staged_on[id(c)] = c
+            types = ["text"] * 6 + ["jsonb"] * 3 + ["timestamptz", "jsonb", "text[]", "int4", "int4",
+                                                      "text[]"] + ["vector"] * len(spaces)
+            with c.cursor().copy(sql.SQL("COPY {t} FROM STDIN (FORMAT BINARY)").format(t=stage)) as copy:
+                copy.set_types(types)
+                for row in rows:
+                    copy.write_row(row)
+            c.execute(sql.SQL(
+                "INSERT INTO {s}.docs ({columns}) SELECT object_type, object_id, node_kind, partition, "
+                "title, body, keywords, payload, attrs, source_updated_at, tf, array_to_tsvector(terms), "
+                "len_title, len_body, pending_spaces{vecs} FROM {t} "
+                "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
+                "deleted = false, updated_at = now()").format(
+                    s=self._s, columns=columns, t=stage, updates=updates,
+                    vecs=sql.SQL("").join(sql.SQL(", ") + col for col in emb_cols)))
+            c.execute(sql.SQL("TRUNCATE {t}").format(t=stage))
 
     def _tombstone_set(self) -> sql.Composed:
         """The SET list that strips a row to a tombstone: key and partition stay."""
@@ -238,7 +284,7 @@ class PostgresBackend:
             + (" AND node_kind = %s" if node_kind is not None else "")
         ).format(s=self._s, tomb=self._tombstone_set())
         params = [object_type, object_id] + ([node_kind] if node_kind is not None else [])
-        with self.connection(conn) as c, c.transaction():
+        with self._writing(conn) as c:
             return c.execute(stmt, params).rowcount
 
     def tombstone_many(self, keys: Sequence[DocKey], conn: psycopg.Connection | None = None) -> int:
@@ -251,7 +297,7 @@ class PostgresBackend:
             "WHERE d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n AND NOT d.deleted"
         ).format(s=self._s, tomb=self._tombstone_set())
         cols = list(zip(*keys))
-        with self.connection(conn) as c, c.transaction():
+        with self._writing(conn) as c:
             return c.execute(stmt, [list(cols[0]), list(cols[1]), list(cols[2])]).rowcount
 
     def set_vectors(self, space: str, rows: Sequence[tuple[DocKey, Any]],
@@ -262,7 +308,7 @@ class PostgresBackend:
             "UPDATE {s}.docs SET {col} = %s, pending_spaces = array_remove(pending_spaces, %s), "
             "updated_at = now() WHERE object_type = %s AND object_id = %s AND node_kind = %s "
             "AND NOT deleted").format(s=self._s, col=sql.Identifier(f"emb_{space}"))
-        with self.connection(conn) as c, c.transaction(), c.cursor() as cur:
+        with self._writing(conn) as c, c.cursor() as cur:
             cur.executemany(stmt, [(v if np.any(v) else None, space, *key) for key, v in checked])
 
     # -- reads ----------------------------------------------------------------------------

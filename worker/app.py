@@ -51,7 +51,8 @@ class Worker:
         self.slot, self.publication = config.source.slot, config.source.publication
         self.registry = Registry.from_config(config)
         self.backend = PostgresBackend(self.search_dsn, schema=config.search.schema,
-                                       spaces=dict(config.spaces), exact_limit=config.search.exact_limit)
+                                       spaces=dict(config.spaces), exact_limit=config.search.exact_limit,
+                                       hnsw=config.search.hnsw)
         self.index = SearchIndex(self.backend, build_embedders(config.embedders))
         self.state = WorkerState(config.search.schema)
         with psycopg.connect(self.search_dsn) as conn:

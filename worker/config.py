@@ -124,6 +124,7 @@ class SearchConfig:
     dsn_env: str | None = None
     schema: str = "slipstream"
     exact_limit: int = 20000
+    hnsw: bool = True
     origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
 
     def resolve_dsn(self, source: SourceConfig, environ: Mapping[str, str] | None = None) -> str:
@@ -140,7 +141,7 @@ class SearchConfig:
     def __repr__(self) -> str:
         r = self.redacted()
         return (f"SearchConfig(dsn={r.dsn!r}, dsn_env={r.dsn_env!r}, schema={r.schema!r}, "
-                f"exact_limit={r.exact_limit!r})")
+                f"exact_limit={r.exact_limit!r}, hnsw={r.hnsw!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,12 +347,14 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<string>") -> Worker
                     "lower-case letters, digits and underscores, at most 63 characters"),
         publication=r.identifier(src, ("source", "publication"), "slipstream"))
 
-    sea = r.section(top.get("search", {}), ("search",), ("dsn", "dsn_env", "schema", "exact_limit"))
+    sea = r.section(top.get("search", {}), ("search",),
+                    ("dsn", "dsn_env", "schema", "exact_limit", "hnsw"))
     dsn, dsn_env = r.dsn_pair(sea, ("search",), required=False)
     search_cfg = SearchConfig(
         dsn=dsn, dsn_env=dsn_env, origin=source,
         schema=r.identifier(sea, ("search", "schema"), "slipstream"),
-        exact_limit=r.integer(sea, ("search", "exact_limit"), 20000, minimum=1))
+        exact_limit=r.integer(sea, ("search", "exact_limit"), 20000, minimum=1),
+        hnsw=r.get(sea, ("search", "hnsw"), True, (bool,), "true or false"))
 
     raw_spaces = r.section(top.get("spaces", {}), ("spaces",), None)
     spaces: dict[str, int] = {}

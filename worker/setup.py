@@ -72,8 +72,17 @@ def ensure_publication(conn: psycopg.Connection, name: str, tables: Sequence[str
 
 
 def slot_exists(conn: psycopg.Connection, slot: str) -> bool:
-    return conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
-                        (slot,)).fetchone() is not None
+    """Whether this database has the slot; a slot of that name elsewhere is a ConfigurationError."""
+    row = conn.execute("SELECT database, plugin FROM pg_replication_slots WHERE slot_name = %s",
+                       (slot,)).fetchone()
+    if row is None:
+        return False
+    database, plugin = row
+    if database != conn.info.dbname or plugin != "pgoutput":
+        raise ConfigurationError(
+            f"replication slot {slot!r} already exists for database {database!r} "
+            f"(plugin {plugin!r}); slot names are cluster-wide: set [source] slot to another name")
+    return True
 
 
 def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str],
