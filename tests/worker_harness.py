@@ -62,7 +62,8 @@ class Harness:
         conn = self.backend.connect()
         self.state.claim_writer(conn, self.slot)
         conn.commit()
-        return Applier(conn, self.index, self.state, self.mappers.get, self.slot)
+        return Applier(conn, self.index, self.state, self.mappers.get, self.slot,
+                       read_conn=self.backend.connect(autocommit=True))
 
     def setup(self):
         applier = self.applier()
@@ -71,7 +72,7 @@ class Harness:
                          tables=list(self.mappers), applier=applier, search_schema="slipstream",
                          chunk_rows=50)
         finally:
-            applier.conn.close()
+            applier.close()
 
     def start(self) -> None:
         self.runner = StreamRunner(self.settings, self.applier, tables=set(self.mappers),

@@ -86,7 +86,8 @@ class Worker:
         conn = self.backend.connect()
         self.state.claim_writer(conn, self.slot)
         conn.commit()
-        return Applier(conn, self.index, self.state, self.mapper_for, self.slot)
+        return Applier(conn, self.index, self.state, self.mapper_for, self.slot,
+                       read_conn=self.backend.connect(autocommit=True))
 
     # -- commands -------------------------------------------------------------------------
 
@@ -99,7 +100,7 @@ class Worker:
                          search_schema=self.config.search.schema if self._same_database() else None,
                          chunk_rows=self.config.worker.snapshot_chunk_rows, progress=progress)
         finally:
-            applier.conn.close()
+            applier.close()
 
     def _same_database(self) -> bool:
         def ident(dsn: str) -> tuple:
@@ -229,7 +230,7 @@ class Worker:
                     applier.conn.commit()
                     resolved, failing = resolved + ok, failing + (not ok)
         finally:
-            applier.conn.close()
+            applier.close()
         return resolved, failing
 
     def _retry_one(self, applier: Applier, source: psycopg.Connection, relation: str,

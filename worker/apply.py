@@ -13,6 +13,7 @@ after it commits may the caller report the new flush LSN (guarantee 1).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,18 @@ class ApplyResult:
 
 
 @dataclass(slots=True)
+class Planned:
+    """A batch worked out and embedded, ready for `Applier.commit`."""
+
+    batch: Batch
+    fx: "_Effects"
+    states: dict[tuple[str, str], SourceState]
+    prepared: list
+    number: int
+    seconds: float
+
+
+@dataclass(slots=True)
 class _Effects:
     """What one batch does to the search side, coalesced per search row."""
 
@@ -73,8 +86,9 @@ class Applier:
     """Applies batches for one slot through a dedicated search-database connection."""
 
     def __init__(self, conn: psycopg.Connection, index: SearchIndex, state: WorkerState,
-                 mappers: MapperLookup, slot: str) -> None:
+                 mappers: MapperLookup, slot: str, read_conn: psycopg.Connection | None = None) -> None:
         self.conn = conn
+        self.read_conn = read_conn or conn  # planning reads; its own connection when pipelined
         self.index = index
         self.backend = index.backend
         self.state = state
@@ -82,28 +96,52 @@ class Applier:
         self.slot = slot
         self.checkpoint = state.checkpoint(conn, slot)
         conn.commit()
+        # Source states of batches planned but not yet committed, so the next batch can be
+        # planned while the previous one commits: key -> (state, batch number).
+        self._pending: dict[tuple[str, str], tuple[SourceState, int]] = {}
+        self._pending_lock = threading.Lock()
+        self._batch_no = 0
+
+    def close(self) -> None:
+        if self.read_conn is not self.conn:
+            self.read_conn.close()
+        self.conn.close()
 
     # -- planning (no writes) -------------------------------------------------------------
 
-    def _plan(self, batch: Batch) -> tuple[_Effects, dict[tuple[str, str], SourceState]]:
+    def plan(self, batch: Batch) -> Planned:
+        """Work out a batch's effects and embed its rows. Reads only; safe to run while the
+        previous batch commits (states it has not committed yet come from `_pending`)."""
+        started = time.perf_counter()
         wanted = []
         for c in batch.changes:
             if c.key is not None:
                 wanted.append((c.relation, c.key))
             if c.old_key is not None:
                 wanted.append((c.relation, c.old_key))
-        overlay: dict[tuple[str, str], SourceState] = dict(self.state.load_source_rows(self.conn, wanted))
+        with self._pending_lock:
+            pending = {k: v[0] for k, v in self._pending.items()}
+        overlay: dict[tuple[str, str], SourceState] = dict(self.state.load_source_rows(
+            self.read_conn, [k for k in wanted if k not in pending]))
+        overlay.update({k: pending[k] for k in wanted if k in pending})
         touched: set[tuple[str, str]] = set()
         fx = _Effects()
         for change in batch.changes:
             if change.kind == "truncate":
-                self._truncate(change, overlay, touched, fx)
+                self._truncate(change, overlay, pending, touched, fx)
             elif change.kind == "delete":
                 self._delete(change, overlay, touched, fx)
             else:
                 self._upsert(change, overlay, touched, fx)
-        self.conn.commit()  # end the read-only snapshot before embedding
-        return fx, {k: overlay[k] for k in touched}
+        self.read_conn.commit()  # end the read snapshot before embedding
+        states = {k: overlay[k] for k in touched}
+        upserts = [d for d in fx.final.values() if d is not None]
+        prepared = self.index.prepare(upserts)  # embeddings: before the transaction opens
+        with self._pending_lock:
+            self._batch_no += 1
+            number = self._batch_no
+            self._pending.update({k: (st, number) for k, st in states.items()})
+        return Planned(batch, fx, states, prepared, number, time.perf_counter() - started)
 
     def _drop_docs(self, docs: list, keep: set[DocKey], lsn: int, fx: _Effects) -> None:
         for ref in docs:
@@ -121,17 +159,17 @@ class Applier:
         overlay[k] = (None, [], change.commit_lsn, True)
         touched.add(k)
 
-    def _truncate(self, change: SourceChange, overlay, touched, fx: _Effects) -> None:
+    def _truncate(self, change: SourceChange, overlay, pending, touched, fx: _Effects) -> None:
         for relation in change.truncated:
-            live = {(relation, rk): docs for rk, docs in self.state.source_rows_of(self.conn, relation)}
-            for k, st in overlay.items():
+            live = {(relation, rk): docs for rk, docs in self.state.source_rows_of(self.read_conn, relation)}
+            for k, st in {**pending, **overlay}.items():
                 if k[0] == relation:
                     live.pop(k, None)
                     if not st[3]:
                         live[k] = st[1]
             for k, docs in live.items():
                 self._drop_docs(docs, set(), change.commit_lsn, fx)
-                if k in overlay:
+                if k in overlay or k in pending:
                     overlay[k] = (None, [], change.commit_lsn, True)
                     touched.add(k)
             fx.truncated.append((relation, change.commit_lsn))
@@ -200,12 +238,15 @@ class Applier:
 
     def apply(self, batch: Batch, also: Callable[[psycopg.Connection], None] | None = None
               ) -> ApplyResult:
-        """Apply `batch` in one transaction; `also` runs inside it (e.g. to save copy progress)."""
+        """Plan and commit `batch`; `also` runs inside its transaction (e.g. copy progress)."""
+        return self.commit(self.plan(batch), also)
+
+    def commit(self, planned: Planned, also: Callable[[psycopg.Connection], None] | None = None
+               ) -> ApplyResult:
+        """Write a planned batch in one transaction, with the checkpoint it makes durable."""
         started = time.perf_counter()
-        fx, source_rows = self._plan(batch)
-        upserts = [d for d in fx.final.values() if d is not None]
+        batch, fx = planned.batch, planned.fx
         tombstones = [k for k, d in fx.final.items() if d is None]
-        prepared = self.index.prepare(upserts)  # embeddings: before the transaction opens
         cp = self.checkpoint
         entries = [ChangeEntry(partition, key[0], key[1], key[2], op, lsn)
                    for (key, partition), (op, lsn) in fx.log.items()]
@@ -219,24 +260,28 @@ class Applier:
                 last_seq=cp.last_seq + len(entries),
             )
         with self.conn.transaction():
-            self.backend.write(prepared, conn=self.conn)
+            self.backend.write(planned.prepared, conn=self.conn)
             self.backend.tombstone_many(tombstones, conn=self.conn)
             self.state.append_changes(self.conn, cp.last_seq + 1, entries)
             for relation, lsn in fx.truncated:
                 self.state.mark_relation_deleted(self.conn, relation, lsn)
             self.state.save_source_rows(self.conn, [
-                (rel, key, st[0], st[1], st[2], st[3]) for (rel, key), st in source_rows.items()])
+                (rel, key, st[0], st[1], st[2], st[3]) for (rel, key), st in planned.states.items()])
             self.state.add_dead_letters(self.conn, fx.dead)
             self.state.save_checkpoint(self.conn, self.slot, new_cp)
             if also is not None:
                 also(self.conn)
         self.checkpoint = new_cp
+        with self._pending_lock:
+            for k in planned.states:
+                if self._pending.get(k, (None, 0))[1] == planned.number:
+                    del self._pending[k]
         dead_by_table: dict[str, int] = {}
         for letter in fx.dead:
             dead_by_table[letter.relation] = dead_by_table.get(letter.relation, 0) + 1
-        return ApplyResult(new_cp, len(batch.completed), len(batch.changes), len(upserts),
-                           len(tombstones), len(fx.dead), time.perf_counter() - started, dead_by_table)
-
+        return ApplyResult(new_cp, len(batch.completed), len(batch.changes), len(planned.prepared),
+                           len(tombstones), len(fx.dead),
+                           planned.seconds + time.perf_counter() - started, dead_by_table)
 
     def fill_pending(self, limit: int = 256) -> int:
         """Embed rows left lexical-only by an embedding outage, and log them for devices.
@@ -244,8 +289,8 @@ class Applier:
         Returns how many rows got their vectors; an embedder still failing leaves them
         pending for the next pass.
         """
-        pending = self.state.pending_rows(self.conn, limit)
-        self.conn.commit()
+        pending = self.state.pending_rows(self.read_conn, limit)
+        self.read_conn.commit()
         if not pending:
             return 0
         docs = [IndexDoc(t, i, n, title=title, body=body, partition=p) for t, i, n, p, title, body, _ in pending]

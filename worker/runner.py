@@ -1,10 +1,10 @@
-"""The streaming loop: read the slot, cut batches, apply them one at a time, report what is durable.
+"""The streaming loop: read the slot, cut batches, apply them in order, report what is durable.
 
-One thread reads the replication stream and assembles batches; one apply thread
-writes them. A batch closes when it reaches `max_changes` or `max_bytes`, or has been
-open `max_seconds`, or the stream goes quiet between transactions — whichever comes
-first, so a busy stream gets large batches and a quiet one low latency. At most one batch is in flight: when the
-next one is ready before the previous has committed, reading pauses (back-pressure
+One thread reads the replication stream and assembles batches; the apply pipeline
+plans the next batch while the previous one commits. A batch closes when it reaches
+`max_changes` or `max_bytes`, or has been open `max_seconds`, or the stream goes quiet
+between transactions — whichever comes first, so a busy stream gets large batches and
+a quiet one low latency. When the pipeline is full, reading pauses (back-pressure
 lands on the WAL) while status updates keep the walsender from timing out. The flush
 LSN sent to the server is only ever the checkpoint of a committed apply transaction,
 or — when nothing is pending — the server's own keepalive position, so idle tables
@@ -18,12 +18,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psycopg
 
 from .apply import Applier, ApplyResult
+from .pipeline import ApplyPipeline
 from .assemble import TxnAssembler
 from .changes import Batch, SourceChange, TxnEnd
 from .errors import ReplicationConnectionError, RetryPolicy, classify
@@ -102,7 +102,7 @@ class StreamRunner:
     def _run_once(self) -> None:
         s = self.settings
         applier = self.make_applier()
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slipstream-apply")
+        pipeline = ApplyPipeline(applier)
         heartbeat = _Heartbeat(s.source_dsn, s.heartbeat_seconds) if s.heartbeat_seconds > 0 else None
         try:
             with ReplicationConnection.connect(s.source_dsn, status_interval=s.status_interval) as conn:
@@ -114,76 +114,76 @@ class StreamRunner:
                     conn.send_status(flushed=self.flushed)
                 self.ready.set()
                 self.log("streaming", slot=s.slot, start_lsn=cp.lsn)
-                self._loop(conn, applier, executor)
+                self._loop(conn, applier, pipeline)
         finally:
-            executor.shutdown(wait=True)
+            pipeline.close()
             if heartbeat is not None:
                 heartbeat.close()
-            applier.conn.close()
+            applier.close()
 
-    def _loop(self, conn: ReplicationConnection, applier: Applier, executor: ThreadPoolExecutor) -> None:
+    def _loop(self, conn: ReplicationConnection, applier: Applier, pipeline: ApplyPipeline) -> None:
         s = self.settings
         assembler = TxnAssembler(applier.checkpoint, self.tables)
         batch, opened = Batch(), 0.0
-        in_flight: Future[ApplyResult] | None = None
-        in_flight_batch: Batch | None = None
-        chore: Future[object] | None = None
+        chore_running = False
         next_chore = time.monotonic() + s.pending_interval
-        # Tables to copy while streaming: one chunk at a time, between batches, on the apply thread.
+        # Tables to copy while streaming: one chunk at a time, between batches, on the writer.
         steps = self.backfill(applier) if self.backfill is not None else None
 
-        def finish(fut: Future[ApplyResult], done: Batch) -> None:
-            result = fut.result()  # re-raises an apply failure
-            if result.checkpoint.lsn > self.flushed:
-                self.flushed = result.checkpoint.lsn
-                conn.send_status(flushed=self.flushed)
-            if self.on_batch is not None:
-                self.on_batch(result, done)
+        def collect(timeout: float = 0.0) -> None:
+            nonlocal steps, chore_running
+            for kind, value, done in pipeline.collect(timeout):  # re-raises an apply failure
+                if kind == "chore":
+                    chore_running = False
+                    if value is _DONE:
+                        steps = None
+                    continue
+                if value.checkpoint.lsn > self.flushed:
+                    self.flushed = value.checkpoint.lsn
+                    conn.send_status(flushed=self.flushed)
+                if self.on_batch is not None:
+                    self.on_batch(value, done)
 
         while True:
             self.last_beat = time.monotonic()
-            if in_flight is not None and in_flight.done():
-                finish(in_flight, in_flight_batch)
-                in_flight = in_flight_batch = None
+            collect()
             if self.stopping.is_set():
-                if in_flight is not None:
-                    finish(in_flight, in_flight_batch)
+                while not pipeline.idle:
+                    collect(timeout=0.5)
                 conn.send_status()
                 self.log("stopped", flushed_lsn=self.flushed, abandoned_changes=len(batch.changes))
                 return
             now = time.monotonic()
-            if chore is not None and chore.done():
-                if chore.result() is _DONE:
-                    steps = None
-                chore = None
-            if chore is None and in_flight is None and steps is not None:
-                chore = executor.submit(next, steps, _DONE)
-            elif chore is None and in_flight is None and not batch and now >= next_chore:
-                chore = executor.submit(applier.fill_pending)  # same thread: one writer
-                next_chore = now + s.pending_interval
+            if pipeline.idle and not batch:
+                if steps is not None:
+                    chore_running = pipeline.submit(lambda: next(steps, _DONE))
+                elif now >= next_chore:
+                    chore_running = pipeline.submit(applier.fill_pending)
+                    next_chore = now + s.pending_interval
             full = len(batch.changes) >= s.max_changes or batch.bytes >= s.max_bytes
             due = bool(batch) and now - opened >= s.max_seconds
-            if (full or due) and in_flight is None and chore is None:
+            if (full or due) and not chore_running:
                 batch.partial = assembler.position() if assembler.in_transaction else None
-                in_flight, in_flight_batch = executor.submit(applier.apply, batch), batch
-                batch = Batch()
+                if pipeline.submit(batch):
+                    batch = Batch()
+                    continue
+            if full or (due and chore_running):
+                # Back-pressure: stop reading until the pipeline takes the batch; keep the
+                # walsender's timeout at bay meanwhile.
+                collect(timeout=min(1.0, s.status_interval / 2))
+                conn.send_status()
                 continue
-            if full:  # back-pressure: stop reading until the work in flight commits
-                try:
-                    (in_flight or chore).result(timeout=min(1.0, s.status_interval / 2))
-                except TimeoutError:
-                    conn.send_status()
-                continue
+            busy = not pipeline.idle
             timeout = 1.0 if not batch else max(0.0, min(opened + s.max_seconds - now, IDLE_FLUSH))
-            if in_flight is not None or chore is not None:
-                timeout = min(timeout, 0.005)
+            if busy:
+                timeout = min(timeout, 0.002)
             message = conn.read_message(timeout=timeout)
             if message is None:
                 if batch and not assembler.in_transaction:
                     opened = 0.0  # the stream went quiet between transactions: apply now
                 continue
             if isinstance(message, Keepalive):
-                idle = not batch and in_flight is None and not assembler.in_transaction
+                idle = not batch and pipeline.idle and not assembler.in_transaction
                 if idle and message.wal_end > self.flushed:
                     self.flushed = message.wal_end
                     conn.send_status(flushed=self.flushed)
