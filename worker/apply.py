@@ -16,16 +16,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import psycopg
 
 from slipstream.index import IndexDoc, SearchIndex
 from slipstream.index.doc import DocKey
+from slipstream.index.postgres_backend import COPY_THRESHOLD
 
 from .changes import Batch, SourceChange, decode_row
 from .pgoutput import UNCHANGED
-from .state import ChangeEntry, Checkpoint, DeadLetter, WorkerState
+from .state import COPY_MIN_ROWS, ChangeEntry, Checkpoint, DeadLetter, WorkerState
 
 MapperLookup = Callable[[str], Callable[[Mapping[str, object], str], list[IndexDoc]] | None]
 
@@ -259,7 +261,9 @@ class Applier:
                 partial_offset=batch.partial[1] if batch.partial else 0,
                 last_seq=cp.last_seq + len(entries),
             )
-        with self.conn.transaction():
+        small = len(planned.prepared) < COPY_THRESHOLD and len(entries) < COPY_MIN_ROWS
+        # A small batch goes out in one pipeline: a single round trip, not one per statement.
+        with self.conn.transaction(), (self.conn.pipeline() if small else nullcontext()):
             self.backend.write(planned.prepared, conn=self.conn)
             self.backend.tombstone_many(tombstones, conn=self.conn)
             self.state.append_changes(self.conn, cp.last_seq + 1, entries)

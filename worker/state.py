@@ -89,6 +89,9 @@ CREATE TABLE {s}.snapshot_progress (
 ]
 
 
+COPY_MIN_ROWS = 64  # change-log appends at least this long go through COPY
+
+
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """What is durably applied: everything up to `lsn`, plus `partial_offset` changes of
@@ -199,12 +202,19 @@ class WorkerState:
         """Append entries with consecutive seqs from `first_seq`; returns the last seq used."""
         if not entries:
             return first_seq - 1
+        rows = [(first_seq + i, e.partition, e.object_type, e.object_id, e.node_kind, e.op,
+                 lsn_text(e.source_lsn)) for i, e in enumerate(entries)]
+        if len(rows) < COPY_MIN_ROWS:  # few rows: plain inserts, which also work in pipeline mode
+            with conn.cursor() as cur:
+                cur.executemany(self.q(
+                    "INSERT INTO {s}.changes (seq, partition, object_type, object_id, node_kind, op, "
+                    "source_lsn) VALUES (%s, %s, %s, %s, %s, %s, %s)"), rows)
+            return first_seq + len(entries) - 1
         with conn.cursor().copy(self.q(
                 "COPY {s}.changes (seq, partition, object_type, object_id, node_kind, op, source_lsn) "
                 "FROM STDIN")) as copy:
-            for i, e in enumerate(entries):
-                copy.write_row((first_seq + i, e.partition, e.object_type, e.object_id, e.node_kind,
-                                e.op, lsn_text(e.source_lsn)))
+            for row in rows:
+                copy.write_row(row)
         return first_seq + len(entries) - 1
 
     def load_source_rows(self, conn: psycopg.Connection, relation_keys: Iterable[tuple[str, str]]
