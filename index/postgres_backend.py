@@ -29,7 +29,7 @@ import numpy as np
 from .backend import Filters, PreparedDoc, Scope, check_vector
 from .doc import DocKey, check_identifier
 from .errors import ConfigurationError, MissingDependencyError
-from .ranking import CANDIDATE_MARGIN, LexicalCandidate, ScopeStats, bm25_rank, parse_tf
+from .ranking import CANDIDATE_MARGIN, LexicalCandidate, ScopeStats, bm25_rank
 
 try:
     import psycopg
@@ -352,16 +352,21 @@ class PostgresBackend:
             return []
         where, sparams = self._scope(scope)
         fsql, fparams = self._filters(filters)
-        tf_cols = sql.SQL(", ").join([sql.SQL("tf -> %s")] * len(terms))
+        # Each term's (title, body) counts as two integers, so nothing is parsed as JSON here.
+        tf_cols = sql.SQL(", ").join(
+            [sql.SQL("coalesce((tf -> %s ->> 0)::int, 0), coalesce((tf -> %s ->> 1)::int, 0)")]
+            * len(terms))
         stmt = sql.SQL(
             "SELECT object_type, object_id, node_kind, len_title, len_body, ({f}), {tf} "
             "FROM {s}.docs WHERE {where} AND NOT deleted AND tsv @@ %s::tsquery"
         ).format(s=self._s, f=fsql, tf=tf_cols, where=where)
+        term_params = [t for t in terms for _ in (0, 1)]
         with self.connection() as c:
-            rows = c.execute(stmt, [*fparams, *terms, *sparams, tsquery_any(terms)]).fetchall()
+            rows = c.execute(stmt, [*fparams, *term_params, *sparams, tsquery_any(terms)],
+                             binary=True).fetchall()
         return [
             LexicalCandidate(key=(r[0], r[1], r[2]), len_title=r[3], len_body=r[4],
-                             tfs=tuple(parse_tf(v) for v in r[6:]), selected=bool(r[5]))
+                             tfs=tuple(zip(r[6::2], r[7::2])), selected=bool(r[5]))
             for r in rows
         ]
 
@@ -382,7 +387,7 @@ class PostgresBackend:
                     "WHERE {where} AND NOT deleted AND {f} AND {col} IS NOT NULL "
                     "ORDER BY {col} <=> %s::vector LIMIT %s"
                 ).format(s=self._s, col=col, where=where, f=fsql),
-                    [*sparams, *fparams, q, depth]).fetchall()
+                    [*sparams, *fparams, q, depth], binary=True).fetchall()
                 if len(rows) >= depth:
                     return _unpack(rows, self.spaces[space], approximate=True)
             # Exact: candidates within CANDIDATE_MARGIN of the depth-th distance, scored exactly later.
@@ -393,7 +398,7 @@ class PostgresBackend:
                 "SELECT object_type, object_id, node_kind, v FROM c WHERE d <= coalesce("
                 " (SELECT d FROM c ORDER BY d LIMIT 1 OFFSET %s), 'Infinity'::float8) + %s"
             ).format(s=self._s, col=col, where=where, f=fsql),
-                [q, *sparams, *fparams, depth - 1, CANDIDATE_MARGIN]).fetchall()
+                [q, *sparams, *fparams, depth - 1, CANDIDATE_MARGIN], binary=True).fetchall()
         return _unpack(rows, self.spaces[space], approximate=False)
 
     def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
