@@ -135,9 +135,10 @@ def test_run_streams_changes_and_sigterm_exits_cleanly_with_the_flush_reported(
         code, seconds = worker.stop()
         assert code == 0, worker.output()
         assert seconds < 5
-    assert worker.events()[-1]["event"] == "stopped"
     cp = checkpoint_lsn(dsn)
     assert cp > before_delete  # the delete's transaction is in the checkpoint
+    stopped = [e for e in worker.events() if e["event"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["flushed_lsn"] >= cp, worker.output()
     active, confirmed = slot_row(dsn)
     assert confirmed >= cp, f"slot confirmed {confirmed:X} < checkpoint {cp:X}"
     deadline = time.monotonic() + 5  # the walsender notices the closed connection
