@@ -34,7 +34,8 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-c", "from slipstream.worker.cli import main; main()", *args]
 
 
-def environ(extra: Mapping[str, str] | None = None, pythonpath: Path | None = None) -> dict[str, str]:
+def environ(extra: Mapping[str, str] | None = None,
+            pythonpath: Path | None = None) -> dict[str, str]:
     env = {**os.environ, **(extra or {})}
     env.pop("SLIPSTREAM_CONFIG", None)
     if pythonpath is not None:
@@ -150,7 +151,8 @@ class WorkerProcess:
             if predicate():
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; worker output:\n{self.output()}")
+                raise AssertionError(
+                    f"timed out waiting for {what}; worker output:\n{self.output()}")
             time.sleep(0.05)
 
     def wait_streaming(self, dsn: str, timeout: float = 30) -> None:

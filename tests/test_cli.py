@@ -99,6 +99,9 @@ def test_setup_copies_existing_rows_status_reports_them_and_setup_is_idempotent(
     assert st["counts"] == [{"object_type": "item", "live": 3, "tombstones": 0}]
     assert st["snapshot"] == [{"table": "public.items", "rows": 3, "done": True}]
     assert st["dead_letters"] == 0 and st["pending_embeddings"] == 0
+    text = cli("status", "--config", str(config), cwd=tmp_path)
+    assert text.returncode == 0, shown(text)
+    assert f"slot {SLOT}: inactive" in text.stdout and "item" in text.stdout
 
     log_before = query(dsn, "SELECT seq, object_id, op FROM slipstream.changes ORDER BY seq")
     again = cli("setup", "--config", str(config), cwd=tmp_path)
@@ -107,7 +110,8 @@ def test_setup_copies_existing_rows_status_reports_them_and_setup_is_idempotent(
     assert "snapshot:" not in again.stdout
     assert query(dsn, "SELECT count(*) FROM pg_replication_slots "
                       "WHERE database = current_database()") == [(1,)]
-    assert query(dsn, "SELECT seq, object_id, op FROM slipstream.changes ORDER BY seq") == log_before
+    log_after = query(dsn, "SELECT seq, object_id, op FROM slipstream.changes ORDER BY seq")
+    assert log_after == log_before
     assert live_docs(dsn, "item") == expected_items(dsn)
 
 
@@ -122,7 +126,8 @@ def test_run_streams_changes_and_sigterm_exits_cleanly_with_the_flush_reported(
     with WorkerProcess(config, cwd=tmp_path) as worker:  # `run` sets up what is missing
         worker.wait_streaming(dsn)
         assert live_docs(dsn, "item") == expected_items(dsn)
-        run_sql(dsn, "INSERT INTO items (owner, title, body) VALUES ('carol', 'third note', 'three')")
+        run_sql(dsn, "INSERT INTO items (owner, title, body) "
+                     "VALUES ('carol', 'third note', 'three')")
         run_sql(dsn, "UPDATE items SET title = 'first note, edited', owner = 'bob' WHERE id = 1")
         before_delete = wal_insert_lsn(dsn)
         run_sql(dsn, "DELETE FROM items WHERE id = 2")
@@ -156,7 +161,8 @@ def _applied_upserts(metrics: str) -> float:
     return float(m[1])
 
 
-def test_readyz_once_streaming_and_metrics_count_applied_changes(items: str, tmp_path: Path) -> None:
+def test_readyz_once_streaming_and_metrics_count_applied_changes(
+        items: str, tmp_path: Path) -> None:
     dsn = items
     port = free_port()
     config = write_config(tmp_path / "slipstream.toml", dsn, ITEMS_TOML, worker={"http_port": port})

@@ -65,7 +65,8 @@ def writer(dsn: str, stop: threading.Event, counts: dict[str, int]) -> None:
             time.sleep(0.005)
 
 
-def test_table_added_later_is_backfilled_while_both_tables_stream(pg_dsn: str, tmp_path: Path) -> None:
+def test_table_added_later_is_backfilled_while_both_tables_stream(
+        pg_dsn: str, tmp_path: Path) -> None:
     dsn = pg_dsn
     run_sql(dsn, TABLES_DDL)
     config = tmp_path / "slipstream.toml"

@@ -246,7 +246,8 @@ class Worker:
             # In the apply transaction: a row that fails again has just been dead-lettered
             # anew; fold that letter into this one, which stays open with the new error.
             again = conn.execute(self.state.q(
-                "DELETE FROM {s}.dead_letters WHERE id > %s RETURNING error"), (last_id,)).fetchall()
+                "DELETE FROM {s}.dead_letters WHERE id > %s RETURNING error"),
+                (last_id,)).fetchall()
             conn.execute(self.state.q(
                 "UPDATE {s}.dead_letters SET retried_at = now(), error = coalesce(%s, error), "
                 "resolved_at = CASE WHEN %s THEN now() END WHERE id = %s"),
