@@ -212,6 +212,7 @@ class Worker:
 
         The row is read again from the source (the mapper may have been fixed, or the row
         changed since), and applied like a copied row, so a newer streamed change wins.
+        A letter that fails again stays open with the new error (no second letter is added).
         """
         self.resolve_tables()
         applier = self.make_applier()
@@ -223,18 +224,14 @@ class Worker:
             applier.conn.commit()
             with psycopg.connect(self.source_dsn, autocommit=True) as source:
                 for letter_id, relation, key in letters:
-                    ok = self._retry_one(applier, source, relation, key)
-                    applier.conn.execute(self.state.q(
-                        "UPDATE {s}.dead_letters SET retried_at = now(), resolved_at = "
-                        "CASE WHEN %s THEN now() END WHERE id = %s"), (ok, letter_id))
-                    applier.conn.commit()
+                    ok = self._retry_one(applier, source, letter_id, relation, key)
                     resolved, failing = resolved + ok, failing + (not ok)
         finally:
             applier.close()
         return resolved, failing
 
-    def _retry_one(self, applier: Applier, source: psycopg.Connection, relation: str,
-                   key: str | None) -> bool:
+    def _retry_one(self, applier: Applier, source: psycopg.Connection, letter_id: int,
+                   relation: str, key: str | None) -> bool:
         shape = table_shape(source, relation)
         (lsn_text,) = source.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
         batch = Batch(snapshot=True)
@@ -243,9 +240,23 @@ class Worker:
             batch.changes.append(SourceChange(
                 kind="snapshot", relation=relation, commit_lsn=parse_lsn(lsn_text),
                 key=row_key(values, shape.key), values=dict(values), columns=shape.type_oids))
-        if not batch.changes:
-            return True  # the row is gone: nothing left to index
-        return applier.apply(batch).dead_letters == 0
+        (last_id,) = applier.conn.execute(self.state.q(
+            "SELECT coalesce(max(id), 0) FROM {s}.dead_letters")).fetchone()
+        applier.conn.commit()
+
+        def settle(conn: psycopg.Connection) -> None:
+            # In the apply transaction: a row that fails again has just been dead-lettered
+            # anew; fold that letter into this one, which stays open with the new error.
+            again = conn.execute(self.state.q(
+                "DELETE FROM {s}.dead_letters WHERE id > %s RETURNING error"),
+                (last_id,)).fetchall()
+            conn.execute(self.state.q(
+                "UPDATE {s}.dead_letters SET retried_at = now(), error = coalesce(%s, error), "
+                "resolved_at = CASE WHEN %s THEN now() END WHERE id = %s"),
+                (again[-1][0] if again else None, not again, letter_id))
+
+        # With no row (it is gone) the batch is empty: nothing left to index, letter resolved.
+        return applier.apply(batch, also=settle).dead_letters == 0
 
     def slot_exists(self) -> bool:
         with psycopg.connect(self.source_dsn) as conn:

@@ -86,15 +86,18 @@ def read_chunks(conn: psycopg.Connection, shape: TableShape, after: Sequence[str
     types = {n: t for n, _, t in shape.columns}
     select = sql.SQL(", ").join(sql.SQL("{c}::text").format(c=sql.Identifier(n)) for n, _, _ in shape.columns)
     key = sql.SQL(", ").join(sql.Identifier(k) for k in shape.key)
+    # Qualified: a bare name in ORDER BY would mean the select list's `k::text` column, and
+    # text order ('10' < '9') would not be the key order the WHERE resumes from.
+    order = sql.SQL(", ").join(sql.Identifier(schema, table, k) for k in shape.key)
     where = sql.SQL("({key}) > ({vals})").format(
         key=key, vals=sql.SQL(", ").join(sql.SQL("%s::" + types[k]) for k in shape.key))
     names = [n for n, _, _ in shape.columns]
     last = list(after) if after is not None else None
     while True:
-        stmt = sql.SQL("SELECT {select} FROM {t} {where} ORDER BY {key} LIMIT {n}").format(
+        stmt = sql.SQL("SELECT {select} FROM {t} {where} ORDER BY {order} LIMIT {n}").format(
             select=select, t=sql.Identifier(schema, table),
             where=sql.SQL("WHERE ") + where if last is not None else sql.SQL(""),
-            key=key, n=sql.Literal(chunk_rows))
+            order=order, n=sql.Literal(chunk_rows))
         rows = conn.execute(stmt, last or []).fetchall()
         if not rows:
             return
