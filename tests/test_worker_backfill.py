@@ -108,7 +108,11 @@ def test_table_added_later_is_backfilled_while_both_tables_stream(
 
     setup_done = [e for e in worker.events() if e["event"] == "setup_done"]
     assert setup_done and setup_done[0]["added_tables"] == ["public.notes"]
-    assert list(setup_done[0]["copied"]) == ["public.notes"]  # items was not copied again
+    # Nothing is copied before streaming: notes is backfilled between stream batches,
+    # and items is not copied again.
+    assert not setup_done[0]["copied"] and setup_done[0]["backfill"] == ["public.notes"]
+    events = [e["event"] for e in worker.events()]
+    assert events.index("streaming") < events.index("backfill_done")
 
     assert live_docs(dsn, "item") == expected(dsn, "items")
     assert live_docs(dsn, "note") == expected(dsn, "notes")

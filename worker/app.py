@@ -91,14 +91,16 @@ class Worker:
 
     # -- commands -------------------------------------------------------------------------
 
-    def setup(self, progress: Callable[[str, int], None] | None = None) -> SetupReport:
+    def setup(self, progress: Callable[[str, int], None] | None = None, *,
+              copy_pending: bool = True) -> SetupReport:
         self.resolve_tables()
         applier = self.make_applier()
         try:
             return setup(self.source_dsn, slot=self.slot, publication=self.publication,
                          tables=self.tables, applier=applier,
                          search_schema=self.config.search.schema if self._same_database() else None,
-                         chunk_rows=self.config.worker.snapshot_chunk_rows, progress=progress)
+                         chunk_rows=self.config.worker.snapshot_chunk_rows, progress=progress,
+                         copy_pending=copy_pending)
         finally:
             applier.close()
 
@@ -155,9 +157,11 @@ class Worker:
 
     def run(self, *, http: bool = True) -> None:
         """Set up what is missing, then follow the slot until SIGTERM/SIGINT."""
-        report = self.setup(progress=lambda t, n: self.log.info("snapshot_progress", table=t, rows=n))
+        # Tables added to an existing slot's config are copied while streaming (runner backfill).
+        report = self.setup(progress=lambda t, n: self.log.info("snapshot_progress", table=t, rows=n),
+                            copy_pending=False)
         self.log.info("setup_done", created_slot=report.created_slot, copied=report.copied,
-                      added_tables=report.added_tables)
+                      added_tables=report.added_tables, backfill=report.deferred)
         runner = self.runner()
         runner.install_signal_handlers()
         server = None

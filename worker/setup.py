@@ -30,6 +30,7 @@ class SetupReport:
     added_tables: list[str] = field(default_factory=list)
     created_slot: bool = False
     copied: dict[str, int] = field(default_factory=dict)
+    deferred: list[str] = field(default_factory=list)  # to be copied while streaming
 
 
 def check_wal_level(conn: psycopg.Connection) -> None:
@@ -87,8 +88,14 @@ def slot_exists(conn: psycopg.Connection, slot: str) -> bool:
 
 def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str],
           applier: Applier, search_schema: str | None, chunk_rows: int = 5000,
-          progress: Callable[[str, int], None] | None = None) -> SetupReport:
-    """Prepare everything `run` needs; safe to run again at any time."""
+          progress: Callable[[str, int], None] | None = None,
+          copy_pending: bool = True) -> SetupReport:
+    """Prepare everything `run` needs; safe to run again at any time.
+
+    A new slot's tables are always copied here, inside its exported snapshot. With an
+    existing slot, tables whose copy has not finished are copied here too, unless
+    `copy_pending` is False — then `run` copies them between stream batches instead.
+    """
     report = SetupReport()
     with psycopg.connect(source_dsn, autocommit=True) as source:
         check_wal_level(source)
@@ -111,7 +118,9 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
                     snap.rollback()
             return report
         for shape in table_shapes:
-            if shape.relation in todo:
+            if shape.relation in todo and copy_pending:
                 report.copied[shape.relation] = copy_table(
                     applier, source, shape, chunk_rows=chunk_rows, progress=progress)
+            elif shape.relation in todo:
+                report.deferred.append(shape.relation)
     return report
