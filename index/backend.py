@@ -94,6 +94,19 @@ def check_vector(space: str, dims: Mapping[str, int], vector: object) -> np.ndar
     return arr
 
 
+@dataclass(frozen=True, slots=True)
+class Retrieved:
+    """What a backend finds for one query: the scope's statistics, the lexical top rows
+    already scored (`ranking.bm25_rank`'s order and scores, exactly), and the semantic
+    candidates with their vectors, to be scored by `ranking.semantic_rank`."""
+
+    stats: ScopeStats
+    lexical: list[tuple[DocKey, float]]
+    semantic_keys: list[DocKey]
+    semantic_vectors: np.ndarray
+    approximate: bool
+
+
 class Backend(Protocol):
     """What `SearchIndex` needs from storage. Both backends implement it."""
 
@@ -106,13 +119,7 @@ class Backend(Protocol):
 
     def scope_stats(self, scope: Scope) -> ScopeStats: ...
 
-    def lexical_rank(self, terms: Sequence[str], scope: Scope, filters: Filters,
-                     stats: ScopeStats, depth: int) -> list[tuple[DocKey, float]]:
-        """The first `depth` rows by BM25 (`ranking.bm25_rank`'s order and scores, exactly)."""
-        ...
-
-    def semantic_candidates(self, space: str, query: np.ndarray, scope: Scope, filters: Filters,
-                            depth: int, scope_size: int
-                            ) -> tuple[list[DocKey], np.ndarray, bool]: ...
+    def retrieve(self, terms: Sequence[str], space: str | None, query: np.ndarray | None,
+                 scope: Scope, filters: Filters, depth: int) -> Retrieved: ...
 
     def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]: ...

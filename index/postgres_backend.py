@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Filters, PreparedDoc, Scope, check_vector
+from .backend import Filters, PreparedDoc, Retrieved, Scope, check_vector
 from .doc import DocKey, check_identifier
 from .errors import ConfigurationError, MissingDependencyError
 from .ranking import CANDIDATE_MARGIN, LexicalCandidate, ScopeStats, bm25_rank
@@ -72,6 +72,11 @@ CREATE INDEX docs_tsv ON {s}.docs USING gin (tsv);
 CREATE INDEX docs_scope ON {s}.docs (partition) INCLUDE (len_title, len_body) WHERE NOT deleted;
 CREATE INDEX docs_attrs ON {s}.docs USING gin (attrs jsonb_path_ops);
 """),
+    # Keep term counts in the row: every lexical query reads them, and out-of-line (TOAST)
+    # storage costs a lookup per row.
+    (2, "term counts stored inline", """
+ALTER TABLE {s}.docs ALTER COLUMN tf SET STORAGE MAIN;
+"""),
 ]
 
 
@@ -107,7 +112,7 @@ class PostgresBackend:
         else:
             self._ensure_extension(conninfo)
             self._pool = ConnectionPool(conninfo, min_size=1, max_size=pool_size,
-                                        configure=_configure, open=True)
+                                        configure=_configure_pooled, open=True)
             self._owns_pool = True
         if create_schema:
             try:
@@ -188,6 +193,10 @@ class PostgresBackend:
                 column, index = f"emb_{name}", f"docs_emb_{name}_hnsw"
                 conn.execute(sql.SQL("ALTER TABLE {s}.docs ADD COLUMN {c} vector({d})").format(
                     s=self._s, c=sql.Identifier(column), d=sql.Literal(dim)))
+                # Inline when it fits: an exact scan reads every vector of the scope, and a
+                # TOASTed vector costs an index lookup per row (about 4x the pages).
+                conn.execute(sql.SQL("ALTER TABLE {s}.docs ALTER COLUMN {c} SET STORAGE MAIN").format(
+                    s=self._s, c=sql.Identifier(column)))
                 if self.hnsw:
                     conn.execute(self._q(
                         "CREATE INDEX {i} ON {s}.docs USING hnsw ({c} vector_cosine_ops)",
@@ -335,23 +344,44 @@ class PostgresBackend:
         return (sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")), params
 
     def scope_stats(self, scope: Scope) -> ScopeStats:
-        where, params = self._scope(scope)
-        stmt = sql.SQL(
-            "SELECT count(*), coalesce(sum(len_title), 0), coalesce(sum(len_body), 0) "
-            "FROM {s}.docs WHERE {where} AND NOT deleted").format(s=self._s, where=where)
-        with self.connection() as c:
-            n, lt, lb = c.execute(stmt, params).fetchone()
-        return ScopeStats(int(n), int(lt), int(lb))
+        return self.retrieve((), None, None, scope, Filters(), 1).stats
 
-    def lexical_rank(self, terms: Sequence[str], scope: Scope, filters: Filters, stats: ScopeStats,
-                     depth: int) -> list[tuple[DocKey, float]]:
-        return bm25_rank(terms, stats, self.lexical_candidates(terms, scope, filters))[:depth]
-
-    def lexical_candidates(self, terms: Sequence[str], scope: Scope, filters: Filters) -> list[LexicalCandidate]:
-        if not terms:
-            return []
+    def retrieve(self, terms: Sequence[str], space: str | None, query: np.ndarray | None,
+                 scope: Scope, filters: Filters, depth: int) -> Retrieved:
+        """Scope statistics, the lexical top `depth` and the semantic candidates, in one round
+        trip (a pipeline); a scope above `exact_limit` takes a second one, through HNSW."""
         where, sparams = self._scope(scope)
         fsql, fparams = self._filters(filters)
+        stats_q = sql.SQL(
+            "SELECT count(*), coalesce(sum(len_title), 0), coalesce(sum(len_body), 0) "
+            "FROM {s}.docs WHERE {where} AND NOT deleted").format(s=self._s, where=where)
+        q = check_vector(space, self.spaces, query) if query is not None and space else None
+        with self.connection() as c:
+            with c.pipeline():
+                cur_stats = c.execute(stats_q, sparams)
+                cur_lex = c.cursor(binary=True).execute(
+                    *self._lexical_query(terms, where, sparams, fsql, fparams)) if terms else None
+                cur_sem = c.cursor(binary=True).execute(
+                    *self._exact_query(space, q, where, sparams, fsql, fparams, depth)
+                ) if q is not None else None
+            n, lt, lb = cur_stats.fetchone()
+            stats = ScopeStats(int(n), int(lt), int(lb))
+            lexical = []
+            if cur_lex is not None:
+                lexical = bm25_rank(terms, stats, _candidates(cur_lex.fetchall()))[:depth]
+            keys: list[DocKey] = []
+            matrix = np.zeros((0, self.spaces[space] if space else 0), np.float32)
+            approximate = False
+            if q is not None:
+                rows = cur_sem.fetchall()
+                if stats.n_docs > self.exact_limit:
+                    approx_rows = self._hnsw(c, space, q, where, sparams, fsql, fparams, depth)
+                    if len(approx_rows) >= depth:  # else: filtered HNSW came back short; stay exact
+                        rows, approximate = approx_rows, True
+                keys, matrix, approximate = _unpack(rows, self.spaces[space], approximate=approximate)
+        return Retrieved(stats, lexical, keys, matrix, approximate)
+
+    def _lexical_query(self, terms, where, sparams, fsql, fparams) -> tuple[sql.Composed, list]:
         # Each term's (title, body) counts as two integers, so nothing is parsed as JSON here.
         tf_cols = sql.SQL(", ").join(
             [sql.SQL("coalesce((tf -> %s ->> 0)::int, 0), coalesce((tf -> %s ->> 1)::int, 0)")]
@@ -361,45 +391,33 @@ class PostgresBackend:
             "FROM {s}.docs WHERE {where} AND NOT deleted AND tsv @@ %s::tsquery"
         ).format(s=self._s, f=fsql, tf=tf_cols, where=where)
         term_params = [t for t in terms for _ in (0, 1)]
-        with self.connection() as c:
-            rows = c.execute(stmt, [*fparams, *term_params, *sparams, tsquery_any(terms)],
-                             binary=True).fetchall()
-        return [
-            LexicalCandidate(key=(r[0], r[1], r[2]), len_title=r[3], len_body=r[4],
-                             tfs=tuple(zip(r[6::2], r[7::2])), selected=bool(r[5]))
-            for r in rows
-        ]
+        return stmt, [*fparams, *term_params, *sparams, tsquery_any(terms)]
 
-    def semantic_candidates(self, space: str, query: np.ndarray, scope: Scope, filters: Filters,
-                            depth: int, scope_size: int) -> tuple[list[DocKey], np.ndarray, bool]:
-        q = check_vector(space, self.spaces, query)
+    def _exact_query(self, space, q, where, sparams, fsql, fparams, depth) -> tuple[sql.Composed, list]:
+        """Candidates within CANDIDATE_MARGIN of the depth-th distance; scored exactly later."""
         col = sql.Identifier(f"emb_{space}")
-        where, sparams = self._scope(scope)
-        fsql, fparams = self._filters(filters)
-        with self.connection() as c, c.transaction():
-            if scope_size > self.exact_limit:
-                c.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(
-                    sql.Literal(int(min(1000, max(self.ef_search, depth))))))
-                c.execute("SET LOCAL hnsw.iterative_scan = "
-                          + ("relaxed_order" if self.iterative_scan else "off"))
-                rows = c.execute(sql.SQL(
-                    "SELECT object_type, object_id, node_kind, {col} FROM {s}.docs "
-                    "WHERE {where} AND NOT deleted AND {f} AND {col} IS NOT NULL "
-                    "ORDER BY {col} <=> %s::vector LIMIT %s"
-                ).format(s=self._s, col=col, where=where, f=fsql),
-                    [*sparams, *fparams, q, depth], binary=True).fetchall()
-                if len(rows) >= depth:
-                    return _unpack(rows, self.spaces[space], approximate=True)
-            # Exact: candidates within CANDIDATE_MARGIN of the depth-th distance, scored exactly later.
-            rows = c.execute(sql.SQL(
-                "WITH c AS MATERIALIZED ("
-                " SELECT object_type, object_id, node_kind, {col} AS v, ({col} <=> %s::vector) + 0 AS d"
-                " FROM {s}.docs WHERE {where} AND NOT deleted AND {f} AND {col} IS NOT NULL) "
-                "SELECT object_type, object_id, node_kind, v FROM c WHERE d <= coalesce("
-                " (SELECT d FROM c ORDER BY d LIMIT 1 OFFSET %s), 'Infinity'::float8) + %s"
+        stmt = sql.SQL(
+            "WITH c AS MATERIALIZED ("
+            " SELECT object_type, object_id, node_kind, {col} AS v, ({col} <=> %s::vector) + 0 AS d"
+            " FROM {s}.docs WHERE {where} AND NOT deleted AND {f} AND {col} IS NOT NULL) "
+            "SELECT object_type, object_id, node_kind, v FROM c WHERE d <= coalesce("
+            " (SELECT d FROM c ORDER BY d LIMIT 1 OFFSET %s), 'Infinity'::float8) + %s"
+        ).format(s=self._s, col=col, where=where, f=fsql)
+        return stmt, [q, *sparams, *fparams, depth - 1, CANDIDATE_MARGIN]
+
+    def _hnsw(self, c, space, q, where, sparams, fsql, fparams, depth) -> list[tuple]:
+        col = sql.Identifier(f"emb_{space}")
+        with c.transaction():
+            c.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(
+                sql.Literal(int(min(1000, max(self.ef_search, depth))))))
+            c.execute("SET LOCAL hnsw.iterative_scan = "
+                      + ("relaxed_order" if self.iterative_scan else "off"))
+            return c.execute(sql.SQL(
+                "SELECT object_type, object_id, node_kind, {col} FROM {s}.docs "
+                "WHERE {where} AND NOT deleted AND {f} AND {col} IS NOT NULL "
+                "ORDER BY {col} <=> %s::vector LIMIT %s"
             ).format(s=self._s, col=col, where=where, f=fsql),
-                [q, *sparams, *fparams, depth - 1, CANDIDATE_MARGIN], binary=True).fetchall()
-        return _unpack(rows, self.spaces[space], approximate=False)
+                [*sparams, *fparams, q, depth], binary=True).fetchall()
 
     def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
         if not keys:
@@ -434,6 +452,18 @@ def _configure(conn: psycopg.Connection) -> None:
     from pgvector.psycopg import register_vector
 
     register_vector(conn)
+
+
+def _configure_pooled(conn: psycopg.Connection) -> None:
+    """Pooled connections read in autocommit (no transaction left to roll back on return);
+    writes open their own transactions."""
+    _configure(conn)
+    conn.autocommit = True
+
+
+def _candidates(rows: list[tuple]) -> list[LexicalCandidate]:
+    return [LexicalCandidate(key=(r[0], r[1], r[2]), len_title=r[3], len_body=r[4],
+                             tfs=tuple(zip(r[6::2], r[7::2])), selected=bool(r[5])) for r in rows]
 
 
 def _unpack(rows: list[tuple], dim: int, *, approximate: bool) -> tuple[list[DocKey], np.ndarray, bool]:

@@ -168,17 +168,14 @@ class SearchIndex:
             return SearchResults()
 
         depth = channel_depth(k)
-        stats = self.backend.scope_stats(scope)
         terms = query_terms(query)
-        lexical = self.backend.lexical_rank(terms, scope, filters, stats, depth)
-
-        semantic: list[tuple[Any, float]] = []
-        approximate = False
         qvec = self._query_vector(space, query, query_vector)
+        found = self.backend.retrieve(terms, space, qvec, scope, filters, depth)
+        stats, lexical, approximate = found.stats, found.lexical, found.approximate
+        semantic: list[tuple[Any, float]] = []
         if qvec is not None:
-            keys, matrix, approximate = self.backend.semantic_candidates(
-                space, qvec, scope, filters, depth, stats.n_docs)
-            semantic = ranking.semantic_rank(keys, matrix, qvec, depth=depth, min_score=min_semantic_score)
+            semantic = ranking.semantic_rank(found.semantic_keys, found.semantic_vectors, qvec,
+                                             depth=depth, min_score=min_semantic_score)
 
         fused = ranking.fuse(lexical, semantic, mode=mode, depth=depth)
         group_of = None

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .analysis import ANALYZER
-from .backend import Filters, PreparedDoc, Scope, check_vector
+from .backend import Filters, PreparedDoc, Retrieved, Scope, check_vector
 from .doc import DocKey, check_identifier
 from .errors import ConfigurationError
 from .ranking import LexicalCandidate, ScopeStats, margin_cut, parse_tf
@@ -380,6 +380,16 @@ class SQLiteBackend:
     def scope_stats(self, scope: Scope) -> ScopeStats:
         cache = self.cache()
         return cache.stats(cache.scope_mask(scope.partitions))
+
+    def retrieve(self, terms: Sequence[str], space: str | None, query: np.ndarray | None,
+                 scope: Scope, filters: Filters, depth: int) -> Retrieved:
+        stats = self.scope_stats(scope)
+        lexical = self.lexical_rank(terms, scope, filters, stats, depth)
+        if query is None or space is None:
+            keys, vectors = [], np.zeros((0, 0), np.float32)
+        else:
+            keys, vectors, _ = self.semantic_candidates(space, query, scope, filters, depth, stats.n_docs)
+        return Retrieved(stats, lexical, keys, vectors, False)
 
     def lexical_rank(self, terms: Sequence[str], scope: Scope, filters: Filters, stats: ScopeStats,
                      depth: int) -> list[tuple[DocKey, float]]:
