@@ -142,9 +142,9 @@ def throughput(server: EmbeddedPostgres, rows: int, hnsw: bool, table: list) -> 
                       f"COPY floor {rows / floor:,.0f} rows/s", f"ratio {floor / t:.2f}"))
 
 
-def latency(server: EmbeddedPostgres, rate: int, seconds: float, table: list) -> None:
-    dsn = make_db(server, "bench_latency")
-    worker = worker_for(dsn, True)
+def latency(server: EmbeddedPostgres, rate: int, seconds: float, hnsw: bool, table: list) -> None:
+    dsn = make_db(server, f"bench_latency_{'hnsw' if hnsw else 'exact'}")
+    worker = worker_for(dsn, hnsw)
     worker.setup()
     samples: list[float] = []
     runner = worker.runner()
@@ -177,7 +177,8 @@ def latency(server: EmbeddedPostgres, rate: int, seconds: float, table: list) ->
     thread.join()
     worker.close()
     ms = np.asarray(samples) * 1000
-    table.append((f"Commit-to-searchable, {rate} changes/s for {seconds:.0f} s ({len(ms)} txns)",
+    mode = "HNSW" if hnsw else "exact-scan"
+    table.append((f"Commit-to-searchable, {rate} changes/s for {seconds:.0f} s ({len(ms)} txns), {mode}",
                   f"p50 {np.percentile(ms, 50):.1f} ms", f"p99 {np.percentile(ms, 99):.1f} ms", ""))
 
 
@@ -196,7 +197,8 @@ def main() -> None:
         if not args.skip_throughput:
             for hnsw in (True, False):
                 throughput(server, args.rows, hnsw, table)
-        latency(server, args.rate, args.latency_seconds, table)
+        for hnsw in (False, True):
+            latency(server, args.rate, args.latency_seconds, hnsw, table)
     print(f"\nslipstream worker benchmark — {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, embedded PostgreSQL 18 (durable settings)\n")
     width = max(len(r[0]) for r in table)

@@ -7,9 +7,9 @@ Real deployments plug in a model (a local one, or an HTTP API); the index only n
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 from collections.abc import Sequence
-from functools import lru_cache
+from itertools import chain
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -27,17 +27,16 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-@lru_cache(maxsize=500_000)
 def _bucket(feature: str, dim: int) -> tuple[int, float]:
-    digest = hashlib.blake2b(feature.encode("utf-8"), digest_size=8).digest()
-    h = int.from_bytes(digest, "little")
-    return h % dim, (1.0 if (h >> 63) & 1 else -1.0)
+    data = feature.encode("utf-8")
+    sign = 1.0 if zlib.crc32(data, 0x5BD1E995) & 1 else -1.0  # a second, independent hash
+    return zlib.crc32(data) % dim, sign
 
 
 class HashingEmbedder:
     """Feature hashing of analysed words and word bigrams into `dim` dims, L2-normalised.
 
-    Deterministic across processes and machines (BLAKE2b, not Python's `hash`). Its
+    Deterministic across processes and machines (CRC-32, not Python's salted `hash`). Its
     "semantics" are lexical-grade: texts sharing words and word pairs are close. It is
     meant for tests, demos and benchmarks, not for production relevance. An empty
     text (or one of stop words only) gives the zero vector, which the index stores as
@@ -48,6 +47,7 @@ class HashingEmbedder:
         if not isinstance(dim, int) or dim < 1:
             raise ValidationError(f"dim must be a positive integer, got {dim!r}")
         self.dim = dim
+        self._buckets: dict[str, tuple[int, float]] = {}  # feature -> (index, sign), bounded
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -56,10 +56,18 @@ class HashingEmbedder:
             terms = analyze(text)
             if not terms:
                 continue
-            features = terms + [f"{a} {b}" for a, b in zip(terms, terms[1:])]
-            buckets = [_bucket(f, dim) for f in features]
-            vec = np.bincount([b[0] for b in buckets], weights=[b[1] for b in buckets],
-                              minlength=dim)
+            if len(self._buckets) > 1_000_000:
+                self._buckets.clear()
+            cache = self._buckets
+            idx: list[int] = []
+            sign: list[float] = []
+            for feature in chain(terms, map(" ".join, zip(terms, terms[1:]))):
+                b = cache.get(feature)
+                if b is None:
+                    b = cache[feature] = _bucket(feature, dim)
+                idx.append(b[0])
+                sign.append(b[1])
+            vec = np.bincount(idx, weights=sign, minlength=dim)
             norm = float(np.sqrt(vec @ vec))
             if norm > 0:
                 out[row] = vec / norm

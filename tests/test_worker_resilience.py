@@ -67,3 +67,56 @@ def test_idle_published_tables_do_not_pin_wal(pg_dsn: str) -> None:
         assert harness.runner.flushed >= parse_lsn(end) - 1024 * 1024
     finally:
         harness.close()
+
+
+def checkpoint_lsn(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT lsn::text FROM slipstream.checkpoints").fetchone()
+    return parse_lsn(row[0]) if row else 0
+
+
+def test_heartbeat_moves_the_checkpoint_while_tables_are_idle(pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(NOTES_DDL)
+    harness = Harness(pg_dsn, heartbeat_seconds=0.2)
+    harness.setup()
+    harness.start()
+    try:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO notes (owner, title) VALUES ('alice', 'one')")
+        harness.wait_caught_up()
+        first = checkpoint_lsn(pg_dsn)
+        deadline = time.monotonic() + 10
+        while checkpoint_lsn(pg_dsn) <= first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert checkpoint_lsn(pg_dsn) > first  # heartbeat transactions, no app writes
+    finally:
+        harness.close()
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM slipstream.changes").fetchone()[0] == 1
+
+
+def test_a_slot_held_by_another_process_is_retried_until_free(pg_dsn: str) -> None:
+    from slipstream.worker.replication import ReplicationConnection
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(NOTES_DDL)
+    harness = Harness(pg_dsn)
+    harness.setup()
+    holder = ReplicationConnection.connect(pg_dsn)
+    holder.start_replication("slipstream", publication_names=["slipstream"])
+    harness.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(e == "reconnecting" for e, _ in harness.events):
+            time.sleep(0.05)
+        reasons = [kw["reason"] for e, kw in harness.events if e == "reconnecting"]
+        assert reasons and "active" in reasons[0], reasons
+        holder.close()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO notes (owner, title) VALUES ('alice', 'after release')")
+        harness.wait_caught_up(timeout=30)
+        assert [r.object_id for r in harness.index.search("release", partition="alice")] == ["1"]
+    finally:
+        holder.close()
+        harness.close()

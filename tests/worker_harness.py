@@ -41,7 +41,8 @@ def note_mapper(row: Mapping[str, object], op: str) -> list[IndexDoc]:
 class Harness:
     def __init__(self, dsn: str, mappers: dict[str, Callable] | None = None, *,
                  slot: str = "slipstream", publication: str = "slipstream",
-                 source_dsn: str | None = None, max_seconds: float = 0.02) -> None:
+                 source_dsn: str | None = None, max_seconds: float = 0.02,
+                 heartbeat_seconds: float = 0.0) -> None:
         self.dsn = dsn
         self.source_dsn = source_dsn or dsn
         self.mappers = mappers if mappers is not None else {"public.notes": note_mapper}
@@ -52,7 +53,7 @@ class Harness:
         with psycopg.connect(dsn) as conn:
             self.state.migrate(conn)
         self.settings = RunnerSettings(self.source_dsn, slot, publication, max_seconds=max_seconds,
-                                       status_interval=1.0)
+                                       status_interval=1.0, heartbeat_seconds=heartbeat_seconds)
         self.runner: StreamRunner | None = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None

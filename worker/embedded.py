@@ -65,6 +65,8 @@ class EmbeddedPostgres:
             self.root = Path(tempfile.mkdtemp(prefix="slipstream-pg-"))
             self._owns_root = True
         self.root = Path(self.root).resolve()
+        if os.geteuid() == 0:  # also for stop() on a server another process started
+            self._user = SYSTEM_USER
 
     @property
     def datadir(self) -> Path:

@@ -20,7 +20,7 @@ reconnect loop asks `classify()` / `RetryPolicy` what to do with it.
 from __future__ import annotations
 
 import re
-import selectors
+import select
 import time
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
@@ -74,21 +74,28 @@ class WaitTimeout(Exception):
 
 
 _EVENTS = {
-    Wait.R: selectors.EVENT_READ,
-    Wait.W: selectors.EVENT_WRITE,
-    Wait.RW: selectors.EVENT_READ | selectors.EVENT_WRITE,
+    Wait.R: select.POLLIN,
+    Wait.W: select.POLLOUT,
+    Wait.RW: select.POLLIN | select.POLLOUT,
 }
+_READY_R = select.POLLIN | select.POLLERR | select.POLLHUP  # errors surface as a failed read
 
 
-def _select(sel: selectors.BaseSelector, deadline: float | None) -> Wait:
-    """Wait for the registered socket until `deadline`; return what is ready (raise on timeout)."""
+def _poll(fileno: int, wanted: Wait, deadline: float | None) -> Wait:
+    """Wait for `fileno` until `deadline`; return what is ready (raise WaitTimeout on timeout).
+
+    One poll(2) call per wait, nothing to set up or tear down: this runs once per
+    replication message that is not already buffered.
+    """
+    poller = select.poll()
+    poller.register(fileno, _EVENTS[wanted])
     while True:
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        events = sel.select(remaining)
+        events = poller.poll(None if remaining is None else remaining * 1000.0)
         if events:
             mask = events[0][1]
-            return (Wait.R if mask & selectors.EVENT_READ else Wait(0)) | (
-                Wait.W if mask & selectors.EVENT_WRITE else Wait(0)
+            return (Wait.R if mask & _READY_R else Wait(0)) | (
+                Wait.W if mask & select.POLLOUT else Wait(0)
             )
         if deadline is not None and time.monotonic() >= deadline:
             raise WaitTimeout
@@ -103,14 +110,8 @@ def wait(gen: PQGen[T], fileno: int, timeout: float | None = None) -> T:
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         wanted = next(gen)
-        with selectors.DefaultSelector() as sel:
-            sel.register(fileno, _EVENTS[wanted])
-            while True:
-                ready = _select(sel, deadline)
-                new = gen.send(ready)
-                if new != wanted:
-                    sel.modify(fileno, _EVENTS[new])
-                    wanted = new
+        while True:
+            wanted = gen.send(_poll(fileno, wanted, deadline))
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     finally:
@@ -123,10 +124,7 @@ def wait_conn(gen: Generator[tuple[int, Wait], Wait, T], timeout: float | None =
     try:
         fileno, wanted = next(gen)
         while True:
-            with selectors.DefaultSelector() as sel:
-                sel.register(fileno, _EVENTS[wanted])
-                ready = _select(sel, deadline)
-            fileno, wanted = gen.send(ready)
+            fileno, wanted = gen.send(_poll(fileno, wanted, deadline))
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     finally:
