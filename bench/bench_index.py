@@ -19,9 +19,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from corpus import Corpus  # noqa: E402
-
-from slipstream.index import HashingEmbedder, SearchIndex, SQLiteBackend  # noqa: E402
+from corpus import Corpus
+from slipstream.index import HashingEmbedder, SearchIndex, SQLiteBackend
 
 DIM = 384
 

@@ -30,12 +30,11 @@ import psycopg
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from corpus import Corpus  # noqa: E402
-
-from slipstream.worker.app import Worker  # noqa: E402
-from slipstream.worker.config import load_config  # noqa: E402
-from slipstream.worker.embedded import EmbeddedPostgres  # noqa: E402
-from slipstream.worker.lsn import parse_lsn  # noqa: E402
+from corpus import Corpus
+from slipstream.worker.app import Worker
+from slipstream.worker.config import load_config
+from slipstream.worker.embedded import EmbeddedPostgres
+from slipstream.worker.lsn import parse_lsn
 
 CONFIG = """
 [source]

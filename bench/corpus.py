@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-
 from slipstream.index import IndexDoc
 
-_SYLLABLES = ("ka ri to me sa lu no ve pa di ro ne ta mi so fe la gu be zo "
-              "an el or un is at ex im pro con").split()
+_SYLLABLES = ["ka", "ri", "to", "me", "sa", "lu", "no", "ve", "pa", "di", "ro", "ne", "ta", "mi", "so", "fe", "la", "gu", "be", "zo", "an", "el", "or", "un", "is", "at", "ex", "im", "pro", "con"]
 
 
 def vocabulary(size: int = 5000, seed: int = 1) -> list[str]:

@@ -41,7 +41,7 @@ class Scope:
     partitions: tuple[str, ...] | None
 
     @classmethod
-    def of(cls, partition: str | Sequence[str] | None, all_partitions: bool) -> "Scope":
+    def of(cls, partition: str | Sequence[str] | None, all_partitions: bool) -> Scope:
         if partition is not None and all_partitions:
             raise ValidationError("give either partition= or all_partitions=True, not both")
         if partition is None:
@@ -62,7 +62,7 @@ class Filters:
 
     @classmethod
     def of(cls, object_types: Sequence[str] | None, node_kinds: Sequence[str] | None,
-           attrs: Mapping[str, Any] | None) -> "Filters":
+           attrs: Mapping[str, Any] | None) -> Filters:
         def names(value: Sequence[str] | None, what: str) -> tuple[str, ...] | None:
             if value is None:
                 return None

@@ -29,6 +29,7 @@ import numpy as np
 from .backend import Filters, PreparedDoc, Retrieved, Scope, check_vector
 from .doc import DocKey, check_identifier
 from .errors import ConfigurationError, MissingDependencyError
+from .pg_migrations import apply_migrations
 from .ranking import CANDIDATE_MARGIN, LexicalCandidate, ScopeStats, bm25_rank
 
 try:
@@ -168,19 +169,7 @@ class PostgresBackend:
     def create_schema(self) -> None:
         """Create or migrate the schema and the space columns. Idempotent; safe to run concurrently."""
         with self.connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"slipstream:{self.schema}",))
-            conn.execute(self._q("CREATE SCHEMA IF NOT EXISTS {s}"))
-            conn.execute(self._q(
-                "CREATE TABLE IF NOT EXISTS {s}.migrations (version integer PRIMARY KEY, "
-                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"))
-            done = {v for (v,) in conn.execute(self._q("SELECT version FROM {s}.migrations"))}
-            for version, name, script in _MIGRATIONS:
-                if version in done:
-                    continue
-                for statement in filter(str.strip, script.split(";\n")):
-                    conn.execute(self._q(statement))
-                conn.execute(self._q("INSERT INTO {s}.migrations (version, name) VALUES (%s, %s)"),
-                             (version, name))
+            apply_migrations(conn, self.schema, "migrations", _MIGRATIONS)
             existing = dict(conn.execute(self._q("SELECT name, dim FROM {s}.spaces")).fetchall())
             for name, dim in self.spaces.items():
                 if name in existing:
@@ -386,10 +375,14 @@ class PostgresBackend:
         tf_cols = sql.SQL(", ").join(
             [sql.SQL("coalesce((tf -> %s ->> 0)::int, 0), coalesce((tf -> %s ->> 1)::int, 0)")]
             * len(terms))
+        # Scoped to partitions, the partition index narrows to a few thousand rows and the
+        # match is best checked row by row: the function form keeps the planner from also
+        # building a GIN bitmap of every row in the table holding a common term.
+        match = sql.SQL("tsv @@ %s::tsquery" if not sparams else "ts_match_vq(tsv, %s::tsquery)")
         stmt = sql.SQL(
             "SELECT object_type, object_id, node_kind, len_title, len_body, ({f}), {tf} "
-            "FROM {s}.docs WHERE {where} AND NOT deleted AND tsv @@ %s::tsquery"
-        ).format(s=self._s, f=fsql, tf=tf_cols, where=where)
+            "FROM {s}.docs WHERE {where} AND NOT deleted AND {match}"
+        ).format(s=self._s, f=fsql, tf=tf_cols, where=where, match=match)
         term_params = [t for t in terms for _ in (0, 1)]
         return stmt, [*fparams, *term_params, *sparams, tsquery_any(terms)]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .doc import DocKey
-from .ranking import B, K1, W_BODY, W_TITLE, ScopeStats
+from .ranking import K1, W_BODY, W_TITLE, B, ScopeStats
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-
 from slipstream.worker.lsn import parse_lsn
 
 SLOT = "slipstream"

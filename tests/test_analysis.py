@@ -1,7 +1,6 @@
 """Lexical analysis and the hashing embedder: the terms and vectors both backends share."""
 
 import numpy as np
-
 from slipstream.index import HashingEmbedder, IndexDoc
 from slipstream.index.analysis import analyze, analyze_doc, query_terms
 from slipstream.index.sqlite_backend import fts_token

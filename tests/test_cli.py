@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from slipstream.index import HashingEmbedder, PostgresBackend, SearchIndex
 
 from .cli_harness import (
@@ -158,7 +157,7 @@ def test_run_streams_changes_and_sigterm_exits_cleanly_with_the_flush_reported(
 # -- health endpoints --------------------------------------------------------------------
 
 def _applied_upserts(metrics: str) -> float:
-    m = re.search(r'^slipstream_applied_changes_total\{op="upsert"\} (\S+)$', metrics, re.M)
+    m = re.search(r'^slipstream_applied_changes_total\{op="upsert"\} (\S+)$', metrics, re.MULTILINE)
     assert m, metrics
     return float(m[1])
 
@@ -257,7 +256,7 @@ def test_python_mapper_dead_letters_are_listed_and_resolved_by_retry_after_the_f
         assert listed.returncode == 0, shown(listed)
         assert "public.items insert key=[\"2\"]" in listed.stdout, listed.stdout
         assert "cannot map a boom" in listed.stdout
-        assert len(re.findall(r"^#\d+ ", listed.stdout, re.M)) == 1
+        assert len(re.findall(r"^#\d+ ", listed.stdout, re.MULTILINE)) == 1
         assert sorted(live_docs(dsn, "item")) == ["1", "3"]
         code, _ = worker.stop()
         assert code == 0, worker.output()
@@ -267,7 +266,7 @@ def test_python_mapper_dead_letters_are_listed_and_resolved_by_retry_after_the_f
     assert still.returncode == 1, shown(still)
     assert "resolved 0, still failing 1" in still.stdout
     listed = cli("deadletter", "list", "--config", str(config), cwd=tmp_path, env=env)
-    assert len(re.findall(r"^#\d+ ", listed.stdout, re.M)) == 1, listed.stdout
+    assert len(re.findall(r"^#\d+ ", listed.stdout, re.MULTILINE)) == 1, listed.stdout
 
     fixed = environ({"FIXED": "1"}, pythonpath=tmp_path)
     retried = cli("deadletter", "retry", "--config", str(config), cwd=tmp_path, env=fixed)

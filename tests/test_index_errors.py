@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import psycopg
 import pytest
-
 from slipstream.index import (
     ConfigurationError,
     DimensionMismatchError,
@@ -21,17 +20,12 @@ from slipstream.index import (
     ValidationError,
 )
 
+from .index_helpers import index_fixture
+
 DIM = 16
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def index(request):
-    if request.param == "sqlite":
-        backend = SQLiteBackend(spaces={"local": DIM})
-    else:
-        backend = PostgresBackend(request.getfixturevalue("pg_dsn"), spaces={"local": DIM})
-    yield SearchIndex(backend, HashingEmbedder(DIM))
-    backend.close()
+index = index_fixture(DIM)
 
 
 def count_rows(index: SearchIndex) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import psycopg
 import pytest
-
 from slipstream.index import IndexDoc, PostgresBackend, SearchIndex
 
 DIM = 16

@@ -13,14 +13,10 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from slipstream.index import HashingEmbedder, IndexDoc, PostgresBackend, SearchIndex, SQLiteBackend
 
 DIM = 32
-VOCAB = (
-    "apple banana cherry grocery groceries shopping list meeting notes quantum entangle "
-    "entanglement plan quarterly report invoice refund customer travel paris flight the of"
-).split()
+VOCAB = ["apple", "banana", "cherry", "grocery", "groceries", "shopping", "list", "meeting", "notes", "quantum", "entangle", "entanglement", "plan", "quarterly", "report", "invoice", "refund", "customer", "travel", "paris", "flight", "the", "of"]
 PARTITIONS = ("p1", "p2", "p3")
 SHARD_PARTITION = "p1"
 
@@ -135,9 +131,9 @@ def test_server_and_shard_rank_identically(server, history, query_list) -> None:
 @given(history=ops, query_list=st.lists(queries, min_size=1, max_size=4))
 def test_shard_cache_ranks_exactly_as_the_plain_sql_reader(history, query_list) -> None:
     """The vectorised BM25 over in-memory postings equals the reference scorer over FTS5 rows."""
+    from slipstream.index.analysis import query_terms
     from slipstream.index.backend import Filters, Scope
     from slipstream.index.ranking import bm25_rank
-    from slipstream.index.analysis import query_terms
 
     backend = SQLiteBackend(spaces={"local": DIM})
     shard = SearchIndex(backend, HashingEmbedder(DIM))

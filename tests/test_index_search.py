@@ -6,27 +6,20 @@ import math
 
 import numpy as np
 import pytest
-
 from slipstream.index import (
     HashingEmbedder,
     IndexDoc,
-    PostgresBackend,
     SearchIndex,
     SQLiteBackend,
 )
-from slipstream.index.ranking import B, K1, W_BODY, W_TITLE
+from slipstream.index.ranking import K1, W_BODY, W_TITLE, B
+
+from .index_helpers import index_fixture
 
 DIM = 64
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def index(request):
-    if request.param == "sqlite":
-        backend = SQLiteBackend(spaces={"local": DIM})
-    else:
-        backend = PostgresBackend(request.getfixturevalue("pg_dsn"), spaces={"local": DIM})
-    yield SearchIndex(backend, HashingEmbedder(DIM))
-    backend.close()
+index = index_fixture(DIM)
 
 
 def test_bm25_matches_a_hand_computed_example(index: SearchIndex) -> None:
@@ -146,7 +139,7 @@ def test_filters_by_type_kind_and_attrs_containment(index: SearchIndex) -> None:
         IndexDoc("note", "c", title="refund", partition="p", attrs={"category": "finance", "ok": True}),
         IndexDoc("note", "c", node_kind="summary", title="refund", partition="p"),
     ])
-    ids = lambda **kw: sorted(r.object_id for r in index.search("refund", partition="p", **kw))  # noqa: E731
+    ids = lambda **kw: sorted(r.object_id for r in index.search("refund", partition="p", **kw))
     assert ids(object_types=["tool"]) == ["a", "b"]
     assert ids(attrs={"category": "finance"}) == ["a", "c"]
     assert ids(attrs={"n": 1}) == ["a", "b"]

@@ -4,7 +4,16 @@ from datetime import UTC, datetime
 
 from slipstream.worker.assemble import TxnAssembler
 from slipstream.worker.changes import SourceChange, TxnEnd
-from slipstream.worker.pgoutput import Begin, Column, Commit, Delete, Insert, Relation, Truncate, Update
+from slipstream.worker.pgoutput import (
+    Begin,
+    Column,
+    Commit,
+    Delete,
+    Insert,
+    Relation,
+    Truncate,
+    Update,
+)
 from slipstream.worker.state import Checkpoint
 
 TS = datetime(2026, 1, 1, tzinfo=UTC)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import psycopg
-
 from slipstream.worker.lsn import parse_lsn
 
 from .proxy import Proxy

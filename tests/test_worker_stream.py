@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-
 from slipstream.worker.lsn import parse_lsn
 
 from .worker_harness import NOTES_DDL, Harness

@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Mapping
 
 import psycopg
-
 from slipstream.index import HashingEmbedder, IndexDoc, PostgresBackend, SearchIndex
 from slipstream.worker.apply import Applier
 from slipstream.worker.errors import RetryPolicy

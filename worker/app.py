@@ -11,12 +11,11 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 import psycopg
-
 from slipstream.index import PostgresBackend, SearchIndex
 
 from .apply import Applier, ApplyResult
@@ -140,7 +139,7 @@ class Worker:
             lag_s = time.time() - batch.completed[-1].commit_ts if batch.completed else None
             if batch.completed:
                 self.metrics.observe_commit(
-                    datetime.fromtimestamp(batch.completed[-1].commit_ts, timezone.utc))
+                    datetime.fromtimestamp(batch.completed[-1].commit_ts, UTC))
             batch_log.log_batch(
                 self.log, transactions=result.transactions, changes=result.changes,
                 bytes=batch.bytes, lag_bytes=None, lag_seconds=lag_s, duration_s=result.seconds,

@@ -20,7 +20,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import psycopg
-
 from slipstream.index import IndexDoc, SearchIndex
 from slipstream.index.doc import DocKey
 from slipstream.index.postgres_backend import COPY_THRESHOLD
@@ -52,7 +51,7 @@ class Planned:
     """A batch worked out and embedded, ready for `Applier.commit`."""
 
     batch: Batch
-    fx: "_Effects"
+    fx: _Effects
     states: dict[tuple[str, str], SourceState]
     prepared: list
     number: int

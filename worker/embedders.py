@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
 from slipstream.index import Embedder, HashingEmbedder
 from slipstream.index.errors import SlipstreamError
 
@@ -42,7 +41,7 @@ class HttpEmbedder:
                 response.raise_for_status()
                 data = sorted(response.json()["data"], key=lambda d: d["index"])
                 vectors = np.asarray([d["embedding"] for d in data], dtype=np.float32)
-            except Exception as exc:  # noqa: BLE001 - any failure is an outage to the caller
+            except Exception as exc:
                 raise EmbeddingError(f"embedding request to {self.url} failed: {exc}") from exc
             if vectors.shape != (len(chunk), self.dim):
                 raise EmbeddingError(

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import psycopg
 
 from .apply import Applier, ApplyResult
-from .pipeline import ApplyPipeline
 from .assemble import TxnAssembler
 from .changes import Batch, SourceChange, TxnEnd
 from .errors import ReplicationConnectionError, RetryPolicy, classify
 from .pgoutput import decode
+from .pipeline import ApplyPipeline
 from .replication import Keepalive, ReplicationConnection, XLogData
 
 
@@ -82,7 +82,7 @@ class StreamRunner:
                 return
             except (ReplicationConnectionError, psycopg.OperationalError, OSError) as exc:
                 err = exc
-            except Exception as exc:  # noqa: BLE001 - classified below
+            except Exception as exc:
                 if classify(exc) != "retry":
                     raise
                 err = exc

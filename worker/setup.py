@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
-
 from slipstream.index.errors import ConfigurationError
 
 from .apply import Applier

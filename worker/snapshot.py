@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-
 from slipstream.index.errors import ConfigurationError
 
 from .apply import Applier

@@ -28,9 +28,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-
 from slipstream.index.doc import check_identifier
 from slipstream.index.errors import ConfigurationError
+from slipstream.index.pg_migrations import apply_migrations
 
 from .lsn import format_lsn, parse_lsn
 
@@ -144,19 +144,7 @@ class WorkerState:
     def migrate(self, conn: psycopg.Connection) -> None:
         """Create or upgrade the worker tables. Idempotent; serialised by an advisory lock."""
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"slipstream:{self.schema}",))
-            conn.execute(self.q("CREATE SCHEMA IF NOT EXISTS {s}"))
-            conn.execute(self.q(
-                "CREATE TABLE IF NOT EXISTS {s}.worker_migrations (version integer PRIMARY KEY, "
-                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"))
-            done = {v for (v,) in conn.execute(self.q("SELECT version FROM {s}.worker_migrations"))}
-            for version, name, script in _MIGRATIONS:
-                if version in done:
-                    continue
-                for statement in filter(str.strip, script.split(";\n")):
-                    conn.execute(self.q(statement))
-                conn.execute(self.q("INSERT INTO {s}.worker_migrations (version, name) VALUES (%s, %s)"),
-                             (version, name))
+            apply_migrations(conn, self.schema, "worker_migrations", _MIGRATIONS)
 
     def claim_writer(self, conn: psycopg.Connection, slot: str, wait_seconds: float = 30.0) -> None:
         """Hold the apply-writer lock for `slot` for this session, or fail clearly.
