@@ -332,9 +332,6 @@ class PostgresBackend:
             params.append(Jsonb(dict(filters.attrs)))
         return (sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")), params
 
-    def scope_stats(self, scope: Scope) -> ScopeStats:
-        return self.retrieve((), None, None, scope, Filters(), 1).stats
-
     def retrieve(self, terms: Sequence[str], space: str | None, query: np.ndarray | None,
                  scope: Scope, filters: Filters, depth: int) -> Retrieved:
         """Scope statistics, the lexical top `depth` and the semantic candidates, in one round

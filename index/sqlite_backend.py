@@ -383,20 +383,24 @@ class SQLiteBackend:
 
     def retrieve(self, terms: Sequence[str], space: str | None, query: np.ndarray | None,
                  scope: Scope, filters: Filters, depth: int) -> Retrieved:
-        stats = self.scope_stats(scope)
-        lexical = self.lexical_rank(terms, scope, filters, stats, depth)
+        cache = self.cache()  # one generation check per query
+        stats = cache.stats(cache.scope_mask(scope.partitions))
+        lexical = self._lexical(cache, terms, scope, filters, stats, depth)
         if query is None or space is None:
             keys, vectors = [], np.zeros((0, 0), np.float32)
         else:
-            keys, vectors, _ = self.semantic_candidates(space, query, scope, filters, depth, stats.n_docs)
+            keys, vectors = self._semantic(cache, space, query, scope, filters, depth)
         return Retrieved(stats, lexical, keys, vectors, False)
 
     def lexical_rank(self, terms: Sequence[str], scope: Scope, filters: Filters, stats: ScopeStats,
                      depth: int) -> list[tuple[DocKey, float]]:
         """The top `depth` rows by BM25, computed with NumPy over the in-memory postings."""
+        return self._lexical(self.cache(), terms, scope, filters, stats, depth)
+
+    def _lexical(self, cache: ShardCache, terms: Sequence[str], scope: Scope, filters: Filters,
+                 stats: ScopeStats, depth: int) -> list[tuple[DocKey, float]]:
         if not terms:
             return []
-        cache = self.cache()
         in_scope, selected = self._selection(cache, scope, filters)
         slots, scores = cache.bm25(terms, in_scope, selected, stats)
         if slots.size > depth:
@@ -433,13 +437,13 @@ class SQLiteBackend:
             for r in rows
         ]
 
-    def semantic_candidates(self, space: str, query: np.ndarray, scope: Scope, filters: Filters,
-                            depth: int, scope_size: int) -> tuple[list[DocKey], np.ndarray, bool]:
-        cache = self.cache()
+    def _semantic(self, cache: ShardCache, space: str, query: np.ndarray, scope: Scope,
+                  filters: Filters, depth: int) -> tuple[list[DocKey], np.ndarray]:
+        """Rows within `ranking.CANDIDATE_MARGIN` of the depth-th float32 cosine, with their vectors."""
         _, selected = self._selection(cache, scope, filters)
         idx = np.flatnonzero(selected & cache.has_vector[space].view)
         if idx.size == 0:
-            return [], np.zeros((0, self.spaces[space]), np.float32), False
+            return [], np.zeros((0, self.spaces[space]), np.float32)
         q = np.asarray(query, dtype=np.float32)
         q = q / np.float32(max(float(np.linalg.norm(q)), 1e-30))
         matrix, inv = cache.vectors[space].view, cache.inv_norm[space].view
@@ -448,7 +452,7 @@ class SQLiteBackend:
         else:
             approx = (matrix[idx] @ q) * inv[idx]
         keep = idx[approx >= margin_cut(approx, depth)]
-        return [cache.keys[i] for i in keep], matrix[keep], False
+        return [cache.keys[i] for i in keep], matrix[keep]
 
     def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
         out: dict[DocKey, dict[str, Any]] = {}
