@@ -37,6 +37,7 @@ class Status:
     checkpoint: dict[str, Any] | None
     counts: list[tuple[str, int, int]]  # object_type, live, tombstones
     dead_letters: int
+    dead_letters_by_table: dict[str, int]
     pending_embeddings: int
     snapshot: list[tuple[str, int, bool]]
 
@@ -95,11 +96,16 @@ class Worker:
         self.resolve_tables()
         applier = self.make_applier()
         try:
-            return setup(self.source_dsn, slot=self.slot, publication=self.publication,
-                         tables=self.tables, applier=applier,
-                         search_schema=self.config.search.schema if self._same_database() else None,
-                         chunk_rows=self.config.worker.snapshot_chunk_rows, progress=progress,
-                         copy_pending=copy_pending)
+            before = self.state.last_dead_letter_id(applier.conn)
+            applier.conn.commit()
+            report = setup(self.source_dsn, slot=self.slot, publication=self.publication,
+                           tables=self.tables, applier=applier,
+                           search_schema=self.config.search.schema if self._same_database() else None,
+                           chunk_rows=self.config.worker.snapshot_chunk_rows, progress=progress,
+                           copy_pending=copy_pending)
+            report.dead_letters = self.state.open_dead_letters(applier.conn, before)
+            applier.conn.commit()
+            return report
         finally:
             applier.close()
 
@@ -187,8 +193,7 @@ class Worker:
             counts = conn.execute(self.backend._q(
                 "SELECT object_type, count(*) FILTER (WHERE NOT deleted), count(*) FILTER (WHERE deleted) "
                 "FROM {s}.docs GROUP BY 1 ORDER BY 1")).fetchall()
-            (dead,) = conn.execute(self.state.q(
-                "SELECT count(*) FROM {s}.dead_letters WHERE resolved_at IS NULL")).fetchone()
+            dead = {t: n for t, (n, _) in self.state.open_dead_letters(conn).items()}
             (pending,) = conn.execute(self.backend._q(
                 "SELECT count(*) FROM {s}.docs WHERE pending_spaces <> '{{}}' AND NOT deleted")).fetchone()
             snap = conn.execute(self.state.q(
@@ -199,7 +204,8 @@ class Worker:
                 "confirmed_flush_lsn": format_lsn(lag.confirmed_flush_lsn) if lag.confirmed_flush_lsn else None,
                 "wal_status": lag.wal_status},
             checkpoint=None if cp is None else {"lsn": cp[0], "last_seq": cp[1], "updated_at": cp[2].isoformat()},
-            counts=[tuple(r) for r in counts], dead_letters=int(dead), pending_embeddings=int(pending),
+            counts=[tuple(r) for r in counts], dead_letters=sum(dead.values()),
+            dead_letters_by_table=dead, pending_embeddings=int(pending),
             snapshot=[tuple(r) for r in snap])
 
     # -- dead letters ---------------------------------------------------------------------
@@ -243,8 +249,7 @@ class Worker:
             batch.changes.append(SourceChange(
                 kind="snapshot", relation=relation, commit_lsn=parse_lsn(lsn_text),
                 key=row_key(values, shape.key), values=dict(values), columns=shape.type_oids))
-        (last_id,) = applier.conn.execute(self.state.q(
-            "SELECT coalesce(max(id), 0) FROM {s}.dead_letters")).fetchone()
+        last_id = self.state.last_dead_letter_id(applier.conn)
         applier.conn.commit()
 
         def settle(conn: psycopg.Connection) -> None:

@@ -250,6 +250,19 @@ class WorkerState:
                   Jsonb(d.row_values) if d.row_values is not None else None, d.error)
                  for d in letters])
 
+    def last_dead_letter_id(self, conn: psycopg.Connection) -> int:
+        (last,) = conn.execute(self.q("SELECT coalesce(max(id), 0) FROM {s}.dead_letters")).fetchone()
+        return int(last)
+
+    def open_dead_letters(self, conn: psycopg.Connection, after_id: int = 0
+                          ) -> dict[str, tuple[int, str]]:
+        """Open dead letters with an id above `after_id`, per relation: (count, first error)."""
+        rows = conn.execute(self.q(
+            "SELECT relation, count(*), (array_agg(error ORDER BY id))[1] FROM {s}.dead_letters "
+            "WHERE resolved_at IS NULL AND id > %s GROUP BY relation ORDER BY relation"),
+            (after_id,)).fetchall()
+        return {relation: (int(n), error) for relation, n, error in rows}
+
     def mark_relation_deleted(self, conn: psycopg.Connection, relation: str, lsn: int) -> None:
         """After a TRUNCATE: every source row of `relation` is gone as of `lsn`."""
         conn.execute(self.q(
