@@ -29,11 +29,11 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import httpx
-
 from slipstream.index.errors import SlipstreamError
 
 from .errors import ResyncRequired, ShardFormatError
@@ -70,7 +70,7 @@ class RetryDecision:
 
 DECISIONS: dict[type[BaseException], Decision] = {
     SyncConnectionError: "retry",
-    WireFormatError: "retry",  # a body cut mid-way decodes as garbage: ask again
+    WireFormatError: "stop",  # the server speaks another protocol version
     SyncRefusedError: "stop",
 }
 
@@ -188,7 +188,7 @@ class SyncClient:
                 error: BaseException = SyncConnectionError(
                     f"connection to {self.url} failed: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc
-            except (SyncConnectionError, WireFormatError) as exc:
+            except SyncConnectionError as exc:
                 error = exc
             decision = self.retry.decide(error, attempt)  # type: ignore[attr-defined]
             if decision.action != "retry" or self._stop.is_set():
@@ -216,8 +216,7 @@ class SyncClient:
                                                          read=max(self.timeout, 300.0))) as r:
                 _check(r)
                 with open(tmp, "wb") as f:
-                    for chunk in r.iter_bytes(256 * 1024):
-                        f.write(chunk)
+                    f.writelines(r.iter_bytes(256 * 1024))
                     f.flush()
                     os.fsync(f.fileno())
             shard = open_shard(tmp)  # refuses anything that is not a readable shard
@@ -250,9 +249,9 @@ class SyncClient:
 
     # -- deltas -------------------------------------------------------------------------
 
-    def _pull(self, shard: object, *, live: bool, wait: float) -> tuple[int, int, bool]:
+    def _pull(self, shard: SQLiteBackend, *, live: bool, wait: float) -> tuple[int, int, bool]:
         """One GET /v1/changes from the shard's cursor, applied. (entries, cursor, has_more)."""
-        cursor = shard_cursor(shard)
+        cursor = _cursor(shard)
         params = self._params() + [("cursor", str(cursor)), ("limit", str(self.limit))]
         timeout = httpx.Timeout(self.timeout, connect=10.0)
         if live:
@@ -266,7 +265,7 @@ class SyncClient:
         apply_page(shard, page)
         return len(page.entries), page.next_cursor, page.has_more
 
-    def _open(self) -> object:
+    def _open(self) -> SQLiteBackend:
         shard = open_shard(self.path)
         if self.spaces is None:
             self.spaces = _shard_spaces(shard)
@@ -291,7 +290,7 @@ class SyncClient:
             while not self._stop.is_set():
                 try:
                     n, cursor, more = self._retrying(  # type: ignore[misc]
-                        lambda: self._pull(shard, live=live and not more, wait=wait), counter)
+                        partial(self._pull, shard, live=live and not more, wait=wait), counter)
                 except ResyncRequired as exc:
                     log.warning("sync: %s", exc)
                     tmp = self._retrying(self._download, counter)
@@ -306,21 +305,25 @@ class SyncClient:
                     on_page(n, cursor)
                 if not more and not live:
                     break
-            return SyncReport(shard_cursor(shard), pages, entries, snapshot, resynced, counter[0])
+            return SyncReport(_cursor(shard), pages, entries, snapshot, resynced, counter[0])
         finally:
             _close(shard)
 
 
-def _shard_spaces(shard: object) -> tuple[str, ...]:
-    conn = shard.connection if hasattr(shard, "connection") else shard  # type: ignore[attr-defined]
-    conn = conn() if callable(conn) else conn
-    return tuple(r[0] for r in conn.execute("SELECT name FROM spaces ORDER BY name"))
+def _shard_spaces(shard: SQLiteBackend) -> tuple[str, ...]:
+    return tuple(sorted(shard.spaces))
 
 
-def _close(shard: object) -> None:
-    close = getattr(shard, "close", None)
-    if close is not None:
-        close()
+def _cursor(shard: SQLiteBackend) -> int:
+    cursor = shard_cursor(shard)
+    if cursor is None:
+        raise ShardFormatError(f"{shard.path} has no sync cursor: it was not made by a "
+                               "snapshot; move it away and sync again to download one")
+    return cursor
+
+
+def _close(shard: SQLiteBackend) -> None:
+    shard.close()
 
 
 def sync(url: str, token: str, path: str | os.PathLike[str], *, live: bool = False,
@@ -331,5 +334,13 @@ def sync(url: str, token: str, path: str | os.PathLike[str], *, live: bool = Fal
         return client.sync(live=live, wait=wait)
 
 
-__all__ = ["SyncClient", "SyncConnectionError", "SyncRefusedError", "SyncReport",
-           "SyncRetryPolicy", "ShardFormatError", "classify", "sync"]
+__all__ = [
+    "ShardFormatError",
+    "SyncClient",
+    "SyncConnectionError",
+    "SyncRefusedError",
+    "SyncReport",
+    "SyncRetryPolicy",
+    "classify",
+    "sync",
+]

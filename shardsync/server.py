@@ -40,14 +40,13 @@ from typing import Any, BinaryIO
 
 import psycopg
 from psycopg_pool import ConnectionPool
+from slipstream.index.doc import IDENTIFIER
+from slipstream.index.errors import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-
-from slipstream.index.doc import IDENTIFIER
-from slipstream.index.errors import ValidationError
 
 from .changelog import ChangeLog
 from .errors import ResyncRequired
@@ -67,12 +66,12 @@ SNAPSHOT_GZIP_LEVEL = 1  # fast: vectors barely compress, text does at any level
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     """How one `serve` process runs. `dsn` is the search database; `spaces` the default
-    spaces of snapshots and pages when a request names none."""
+    spaces of snapshots and pages when a request names none (None: every space)."""
 
     dsn: str
     verifier: TokenVerifier
     schema: str = "slipstream"
-    spaces: tuple[str, ...] = ()
+    spaces: tuple[str, ...] | None = None
     default_limit: int = 1000
     max_limit: int = 10_000
     max_wait: float = 60.0
@@ -106,8 +105,7 @@ class ChangeNotifier:
         self._ready = asyncio.Event()
 
     def _bump(self, seq: int) -> None:
-        if seq > self.latest:
-            self.latest = seq
+        self.latest = max(self.latest, seq)
         event, self._event = self._event, asyncio.Event()
         event.set()
 
@@ -219,10 +217,10 @@ def _bool(request: Request, name: str) -> bool:
     raise BadRequest(f"{name}={raw!r} is not a boolean; use true or false")
 
 
-def _spaces(request: Request, default: Sequence[str]) -> tuple[str, ...]:
+def _spaces(request: Request, default: Sequence[str] | None) -> tuple[str, ...] | None:
     values = request.query_params.getlist("spaces")
     if not values:
-        return tuple(default)
+        return None if default is None else tuple(default)
     names = [s.strip() for v in values for s in v.split(",") if s.strip()]
     for s in names:
         if not IDENTIFIER.match(s):

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
-
 from slipstream.index.errors import ConfigurationError, SlipstreamError, ValidationError
 
 PARTITIONS_CLAIM = "partitions"
@@ -74,7 +73,7 @@ def check_partitions(partitions: Iterable[object], what: str = "partitions") -> 
     return tuple(out)
 
 
-def parse_ttl(text: str | float | int) -> float:
+def parse_ttl(text: str | float) -> float:
     """Seconds from "90", "90s", "15m", "1h", "7d" (or a number); ValidationError otherwise."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         seconds = float(text)
