@@ -52,6 +52,10 @@ class SyncConnectionError(SlipstreamError, ConnectionError):
     429, a cut connection); retrying later can succeed."""
 
 
+class _Stopped(Exception):
+    """`stop()` was called while a request was failing: return, do not raise."""
+
+
 class SyncRefusedError(SlipstreamError):
     """The sync server refused the request (401, 403, 400, 404); the message says why.
     Retrying the same request cannot succeed: get a new token or fix the parameters."""
@@ -190,14 +194,16 @@ class SyncClient:
                 error.__cause__ = exc
             except SyncConnectionError as exc:
                 error = exc
+            if self._stop.is_set():
+                raise _Stopped from error
             decision = self.retry.decide(error, attempt)  # type: ignore[attr-defined]
-            if decision.action != "retry" or self._stop.is_set():
+            if decision.action != "retry":
                 raise error
             log.info("sync retry %d in %.2fs: %s", attempt + 1, decision.delay, decision.reason)
             counter[0] += 1
             attempt += 1
             if self._stop.wait(decision.delay):
-                raise error
+                raise _Stopped from error
 
     # -- snapshot -----------------------------------------------------------------------
 
@@ -282,23 +288,30 @@ class SyncClient:
         snapshot = resynced = False
         if not self.path.exists():
             self._clear_downloads()
-            self._install(self._retrying(self._download, counter))  # type: ignore[arg-type]
+            try:
+                self._install(self._retrying(self._download, counter))  # type: ignore[arg-type]
+            except _Stopped as stopped:
+                raise SyncConnectionError("stopped before the first snapshot arrived") from stopped
             snapshot = True
         shard = self._open()
         more = True  # catch up with plain requests first; long-poll only once caught up
         try:
             while not self._stop.is_set():
                 try:
-                    n, cursor, more = self._retrying(  # type: ignore[misc]
-                        partial(self._pull, shard, live=live and not more, wait=wait), counter)
-                except ResyncRequired as exc:
-                    log.warning("sync: %s", exc)
-                    tmp = self._retrying(self._download, counter)
-                    _close(shard)
-                    self._install(tmp)  # type: ignore[arg-type]
-                    shard = self._open()
-                    resynced, more = True, True
-                    continue
+                    try:
+                        n, cursor, more = self._retrying(  # type: ignore[misc]
+                            partial(self._pull, shard, live=live and not more, wait=wait),
+                            counter)
+                    except ResyncRequired as exc:
+                        log.warning("sync: %s", exc)
+                        tmp = self._retrying(self._download, counter)  # old shard stays open
+                        _close(shard)
+                        self._install(tmp)  # type: ignore[arg-type]
+                        shard = self._open()
+                        resynced, more = True, True
+                        continue
+                except _Stopped:
+                    break
                 pages += 1
                 entries += n
                 if on_page is not None:

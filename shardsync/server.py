@@ -283,8 +283,10 @@ class SyncServer:
         assert self.pool is not None
         with self.pool.connection() as conn:
             page = changes_since(conn, self.settings.schema, partitions, cursor, limit, spaces)
-            if not page.entries and cursor > page.next_cursor:
-                raise _Ahead(cursor, page.next_cursor)
+            if not page.entries:
+                end = self.log.max_seq(conn)
+                if cursor > end:
+                    raise _Ahead(cursor, end)
             return page
 
     def _export(self, partitions, spaces) -> tuple[str, int]:
