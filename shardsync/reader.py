@@ -103,13 +103,17 @@ def check_partitions(partitions: Sequence[str] | str) -> tuple[str, ...]:
     return parts
 
 
-def check_spaces(conn: psycopg.Connection, schema: str, spaces: Sequence[str]) -> dict[str, int]:
-    """{space: dim} for the requested spaces, in the given order; unknown ones raise."""
+def check_spaces(conn: psycopg.Connection, schema: str,
+                 spaces: Sequence[str] | None) -> dict[str, int]:
+    """{space: dim} for the requested spaces (None: all the server's), in the given order;
+    unknown ones raise."""
+    dims = dict(conn.execute(sql.SQL("SELECT name, dim FROM {s}.spaces ORDER BY name").format(
+        s=sql.Identifier(schema))).fetchall())
+    if spaces is None:
+        return {s: int(d) for s, d in dims.items()}
     if isinstance(spaces, str):
         spaces = (spaces,)
     wanted = [check_identifier(s, "embedding space") for s in dict.fromkeys(spaces)]
-    dims = dict(conn.execute(sql.SQL("SELECT name, dim FROM {s}.spaces").format(
-        s=sql.Identifier(schema))).fetchall())
     unknown = [s for s in wanted if s not in dims]
     if unknown:
         raise UnknownSpaceError(
@@ -144,8 +148,9 @@ def shard_row(r: Sequence[Any], spaces: Sequence[str]) -> ShardRow:
 
 
 def changes_since(conn: psycopg.Connection, schema: str, partitions: Sequence[str] | str,
-                  cursor: int, limit: int = 1000, spaces: Sequence[str] = ()) -> Page:
-    """The next page of `partitions`' changes after `cursor` (see the module docstring).
+                  cursor: int, limit: int = 1000, spaces: Sequence[str] | None = None) -> Page:
+    """The next page of `partitions`' changes after `cursor` (see the module docstring),
+    with the vectors of `spaces` (None: every space the server has; ``()``: none).
 
     Raises `ResyncRequired` when `cursor` is below the compaction horizon. `conn` must
     have no open transaction; the page is read in one snapshot of its own.
