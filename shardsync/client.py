@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import httpx
+from slipstream.index import SQLiteBackend
 from slipstream.index.errors import SlipstreamError
 
 from .errors import ResyncRequired, ShardFormatError

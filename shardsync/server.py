@@ -34,6 +34,7 @@ import re
 import tempfile
 import time
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -51,9 +52,9 @@ from starlette.routing import Route
 from .changelog import ChangeLog
 from .errors import ResyncRequired
 from .export import export_shard
-from .reader import MAX_LIMIT, changes_since
+from .reader import MAX_LIMIT, Page, changes_since
 from .tokens import Grant, TokenError, TokenVerifier, check_partitions
-from .wire import MEDIA_TYPE, encode_page, maybe_gzip
+from .wire import MEDIA_TYPE, accepts_gzip, encode_page, gzip_body
 
 log = logging.getLogger("slipstream.sync")
 
@@ -86,13 +87,27 @@ class BadRequest(ValidationError):
 
 # -- the LISTEN fan-out -------------------------------------------------------------------
 
-class ChangeNotifier:
-    """One LISTEN connection per process; waiters are woken when the log's last seq grows.
+@dataclass(frozen=True, slots=True)
+class Announced:
+    """Changes with seq in (`after`, `upto`] touched `partitions` (None: unknown, maybe any)."""
 
-    `latest` is the highest seq announced (or read at (re)connect). While the LISTEN
-    connection is down, waiters are woken every `fallback_interval` seconds so they
-    re-read (polling), until it is back.
+    after: int
+    upto: int
+    partitions: frozenset[str] | None
+
+
+class ChangeNotifier:
+    """One LISTEN connection per process; waiters wake when their partitions change.
+
+    On each NOTIFY (the log's new last seq) the notifier reads once which partitions
+    the new entries touched, and wakes only the waiters reading one of them: a
+    thousand idle devices cost no query when another tenant's row changes. `latest`
+    is the highest seq announced. While the LISTEN connection is down, waiters re-read
+    every `fallback_interval` seconds (polling) until it is back; at reconnect,
+    whatever was missed is announced as touching every partition.
     """
+
+    HISTORY = 4096
 
     def __init__(self, dsn: str, log_: ChangeLog, pool: ConnectionPool,
                  fallback_interval: float = 1.0) -> None:
@@ -100,34 +115,70 @@ class ChangeNotifier:
         self.fallback_interval = fallback_interval
         self.latest = 0
         self.connected = False
+        self._history: deque[Announced] = deque(maxlen=self.HISTORY)
         self._event = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._ready = asyncio.Event()
 
-    def _bump(self, seq: int) -> None:
-        self.latest = max(self.latest, seq)
+    def announce(self, upto: int, partitions: frozenset[str] | None) -> None:
+        if upto > self.latest:
+            self._history.append(Announced(self.latest, upto, partitions))
+            self.latest = upto
         event, self._event = self._event, asyncio.Event()
         event.set()
 
-    async def wait_beyond(self, seq: int, timeout: float) -> bool:
-        """Wait until `latest` > `seq` or something may have changed; False on timeout."""
+    def concerns(self, seq: int, partitions: Sequence[str]) -> bool:
+        """Whether a change after `seq` may touch one of `partitions`."""
+        if self.latest <= seq:
+            return False
+        if not self._history or self._history[0].after > seq:
+            return True  # that far back is no longer remembered
+        for a in reversed(self._history):
+            if a.upto <= seq:
+                break
+            if a.partitions is None or not a.partitions.isdisjoint(partitions):
+                return True
+        return False
+
+    async def wait_beyond(self, seq: int, partitions: Sequence[str], timeout: float) -> bool:
+        """Wait until a change after `seq` may touch `partitions` (True), or `timeout` (False).
+        Without a LISTEN connection, returns True every `fallback_interval` (poll)."""
         deadline = time.monotonic() + timeout
-        while self.latest <= seq:
+        while not self.concerns(seq, partitions):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             if not self.connected:
                 remaining = min(remaining, self.fallback_interval)
-            event = self._event
             try:
-                await asyncio.wait_for(event.wait(), remaining)
+                await asyncio.wait_for(self._event.wait(), remaining)
             except TimeoutError:
                 if not self.connected and time.monotonic() < deadline:
-                    return True  # polling fallback: let the caller re-read
-                continue
-            if not self.connected:
-                return True
+                    return True
         return True
+
+    def _touched(self, after: int, upto: int) -> frozenset[str]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(self.log.q(
+                "SELECT DISTINCT partition FROM {s}.changes WHERE seq > %s AND seq <= %s"),
+                (after, upto)).fetchall()
+        return frozenset(r[0] for r in rows)
+
+    async def _on_notify(self, payload: str) -> None:
+        try:
+            upto = int(payload)
+        except ValueError:
+            upto = self.latest + 1
+        if upto <= self.latest:
+            return
+        try:
+            touched: frozenset[str] | None = await run_in_threadpool(
+                self._touched, self.latest, upto)
+        except Exception as exc:
+            log.warning("sync: cannot read which partitions changed (%s); waking every device",
+                        exc)
+            touched = None
+        self.announce(upto, touched)
 
     def _max_seq(self) -> int:
         with self.pool.connection() as conn:
@@ -140,21 +191,19 @@ class ChangeNotifier:
                 async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
                     await conn.execute(f'LISTEN "{self.log.channel}"')
                     self.connected = True
-                    self._bump(await run_in_threadpool(self._max_seq))  # missed while down
+                    missed = await run_in_threadpool(self._max_seq)
+                    self.announce(missed, None)  # while down: maybe anything
                     self._ready.set()
                     delay = 0.1
                     async for note in conn.notifies():
-                        try:
-                            self._bump(int(note.payload))
-                        except ValueError:
-                            self._bump(0)
+                        await self._on_notify(note.payload)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the connection dropped: poll, reconnect with backoff
                 log.warning("sync LISTEN connection lost (%s); reconnecting in %.1fs", exc, delay)
             self.connected = False
             self._ready.set()
-            self._bump(0)
+            self.announce(self.latest, None)  # wake waiters into polling mode
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -262,6 +311,7 @@ class SyncServer:
         self.log = ChangeLog(settings.schema)
         self.pool: ConnectionPool | None = None
         self.notifier: ChangeNotifier | None = None
+        self._inflight: dict[tuple, asyncio.Future] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -329,15 +379,16 @@ class SyncServer:
         except BadRequest as exc:
             return _error(400, "bad_request", str(exc))
         assert self.notifier is not None
+        key = (partitions, cursor, limit, spaces)
         deadline = time.monotonic() + wait
         try:
             while True:
-                seen = self.notifier.latest
-                page = await run_in_threadpool(self._page, partitions, cursor, limit, spaces)
+                answer = await self._shared_read(key)
+                page = answer.page
                 remaining = deadline - time.monotonic()
                 if page.entries or page.has_more or remaining <= 0:
                     break
-                if not await self.notifier.wait_beyond(max(seen, page.next_cursor), remaining):
+                if not await self.notifier.wait_beyond(page.next_cursor, partitions, remaining):
                     break
         except ResyncRequired as exc:
             return _error(410, "resync_required", str(exc), horizon=exc.horizon, cursor=exc.cursor)
@@ -345,10 +396,28 @@ class SyncServer:
             return _error(409, "resync_required", str(exc), cursor=exc.cursor, end=exc.end)
         except ValidationError as exc:
             return _error(400, "bad_request", str(exc))
-        body, headers = maybe_gzip(encode_page(page), request.headers.get("accept-encoding"))
-        headers[CURSOR_HEADER] = str(page.next_cursor)
-        headers["cache-control"] = "no-store"
+        headers = {CURSOR_HEADER: str(page.next_cursor), "cache-control": "no-store",
+                   "vary": "accept-encoding"}
+        body = answer.body
+        if answer.gzipped is not None and accepts_gzip(request.headers.get("accept-encoding")):
+            body, headers["content-encoding"] = answer.gzipped, "gzip"
         return Response(body, media_type=MEDIA_TYPE, headers=headers)
+
+    async def _shared_read(self, key: tuple) -> _Answer:
+        """Read and encode one page; identical requests in flight at once share one read
+        (a thousand devices of one partition woken by one change cost one query)."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(run_in_threadpool(self._answer, *key))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: (self._inflight.pop(key, None),
+                                              t.cancelled() or t.exception()))
+        return await asyncio.shield(task)
+
+    def _answer(self, partitions, cursor, limit, spaces) -> _Answer:
+        page = self._page(partitions, cursor, limit, spaces)
+        body = encode_page(page)
+        return _Answer(page, body, gzip_body(body))
 
     async def snapshot(self, request: Request) -> Response:
         s = self.settings
@@ -382,6 +451,13 @@ class SyncServer:
             Route("/v1/changes", self.changes),
             Route("/v1/snapshot", self.snapshot),
         ], lifespan=self.lifespan)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    page: Page
+    body: bytes
+    gzipped: bytes | None
 
 
 class _Ahead(Exception):

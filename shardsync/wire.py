@@ -61,12 +61,20 @@ def encode_page(page: Page) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    return "gzip" in {p.split(";")[0].strip().lower() for p in (accept_encoding or "").split(",")}
+
+
+def gzip_body(body: bytes) -> bytes | None:
+    """`body` gzip-compressed, or None when it is too small to be worth it."""
+    return gzip.compress(body, GZIP_LEVEL, mtime=0) if len(body) >= GZIP_MIN_BYTES else None
+
+
 def maybe_gzip(body: bytes, accept_encoding: str | None) -> tuple[bytes, dict[str, str]]:
-    """`body`, gzip-compressed when the client accepts gzip and it is worth it, with headers."""
-    accepted = {p.split(";")[0].strip().lower() for p in (accept_encoding or "").split(",")}
-    if "gzip" in accepted and len(body) >= GZIP_MIN_BYTES:
-        return gzip.compress(body, GZIP_LEVEL, mtime=0), {"content-encoding": "gzip",
-                                                          "vary": "accept-encoding"}
+    """`body`, gzip-compressed when the client accepts it and it is worth it, with headers."""
+    packed = gzip_body(body) if accepts_gzip(accept_encoding) else None
+    if packed is not None:
+        return packed, {"content-encoding": "gzip", "vary": "accept-encoding"}
     return body, {"vary": "accept-encoding"}
 
 

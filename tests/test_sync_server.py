@@ -441,3 +441,18 @@ def test_a_run_killed_mid_snapshot_or_between_pages_resumes_and_converges(
         report = c.sync()
     assert report.cursor > cursor
     assert_same_as_server(writer.dsn, path)
+
+
+def test_the_notifier_wakes_only_waiters_whose_partitions_changed():
+    from slipstream.shardsync.server import ChangeNotifier
+
+    n = ChangeNotifier("", ChangeLog(), None)  # type: ignore[arg-type]
+    n.announce(10, None)  # e.g. at (re)connect: unknown partitions
+    assert n.concerns(5, ["A"]) and not n.concerns(10, ["A"])
+    n.announce(12, frozenset({"B"}))
+    assert not n.concerns(10, ["A"]) and n.concerns(10, ["C", "B"]) and n.concerns(11, ["B"])
+    assert n.concerns(9, ["A"])  # (9, 10] may have touched anything
+    for seq in range(13, 13 + ChangeNotifier.HISTORY):
+        n.announce(seq, frozenset({"B"}))
+    assert n.concerns(12, ["A"])  # too far back to remember: assume it changed
+    assert not n.concerns(n.latest - 5, ["A"])
