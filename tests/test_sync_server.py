@@ -454,5 +454,6 @@ def test_the_notifier_wakes_only_waiters_whose_partitions_changed():
     assert n.concerns(9, ["A"])  # (9, 10] may have touched anything
     for seq in range(13, 13 + ChangeNotifier.HISTORY):
         n.announce(seq, frozenset({"B"}))
-    assert n.concerns(12, ["A"])  # too far back to remember: assume it changed
+    assert n.concerns(11, ["A"])  # (11, 12] is no longer remembered: assume it changed
+    assert not n.concerns(12, ["A"])
     assert not n.concerns(n.latest - 5, ["A"])
