@@ -85,3 +85,13 @@ def test_refusals_and_bad_config_are_one_clear_line(served, tmp_path):
     bad.write_text(config.read_text().replace('\nport = ', '\nprot = '))
     r = cli("check", "--config", str(bad), cwd=tmp_path, env=env)
     assert r.returncode == 2 and "sync.prot" in r.stderr and "port" in r.stderr
+
+
+def test_compact_command_reports_and_raises_the_horizon(served, tmp_path):
+    writer, url, config, env = served
+    writer.apply([doc("1", "user-1", "apple"), doc("2", "user-1", "pear")])
+    writer.apply([doc("1", "user-1", "apple again")], deletes=[("note", "2", "leaf")])
+    r = cli("compact", "--config", str(config), "--retention", "0", cwd=tmp_path, env=env)
+    assert r.returncode == 0, shown(r)
+    assert "2 superseded" in r.stdout and "1 old tombstones" in r.stdout
+    assert "horizon 4" in r.stdout

@@ -21,6 +21,7 @@ import pytest
 from slipstream.index import HashingEmbedder, SearchIndex
 from slipstream.shardsync import shard as shard_mod
 from slipstream.shardsync.changelog import ChangeLog
+from slipstream.shardsync.compact import compact
 from slipstream.shardsync.client import SyncClient, SyncRefusedError, SyncRetryPolicy
 from slipstream.shardsync.errors import ShardFormatError
 from slipstream.shardsync.server import CURSOR_HEADER, ServerSettings
@@ -291,11 +292,12 @@ def test_a_cursor_below_the_horizon_resyncs_into_a_new_file_swapped_atomically(
         writer.apply([doc("5", "A", "quarterly report")], deletes=[("note", "6", "leaf")])
         last = writer.apply([doc("21", "A", text(21))])
         with psycopg.connect(writer.dsn, autocommit=True) as conn:
-            ChangeLog().raise_horizon(conn, last)  # as compaction does
+            horizon = compact(conn, retention=0).horizon  # purges the tombstone of "6"
+        assert old_cursor < horizon <= last
         r = httpx.get(f"{server.url}/v1/changes", params={"cursor": old_cursor},
                       headers={"authorization": f"Bearer {token('A')}"}, timeout=10)
         assert r.status_code == 410 and r.json()["error"] == "resync_required"
-        assert r.json()["horizon"] == last
+        assert r.json()["horizon"] == horizon
 
         held = open_shard(path)  # an app searching the old shard during the resync
         old_inode = os.stat(path).st_ino

@@ -265,7 +265,9 @@ def compact(config_path: str, retention: str | None) -> None:
         kwargs["retention"] = timedelta(seconds=parse_ttl(retention))
     with psycopg.connect(cfg.search.resolve_dsn(cfg.source), autocommit=True) as conn:
         report = run_compact(conn, cfg.search.schema, **kwargs)
-    click.echo(f"compacted: {report}")
+    click.echo(f"compacted in {report.seconds * 1000:.0f} ms: {report.superseded:,} superseded "
+               f"entries, {report.tombstones:,} old tombstones, {report.docs_purged:,} tombstoned "
+               f"rows purged; horizon {report.horizon:,}")
 
 
 @main.group()
