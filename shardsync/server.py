@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 from slipstream.index.doc import IDENTIFIER
 from slipstream.index.errors import ValidationError
 from starlette.applications import Starlette
@@ -232,6 +232,16 @@ def _error(status: int, code: str, message: str | None = None, **extra: Any) -> 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
+
+
+def _unavailable(exc: BaseException) -> JSONResponse:
+    log.warning("sync: database unavailable: %s", exc)
+    response = _error(503, "unavailable", "the search database is not answering; retry later")
+    response.headers["retry-after"] = "2"
+    return response
+
+
 UNAUTHORIZED = ("unauthorized", "the bearer token is missing or not acceptable; get a new "
                 "device token")
 FORBIDDEN = ("forbidden", "this token does not grant the requested partition(s)")
@@ -396,6 +406,8 @@ class SyncServer:
             return _error(409, "resync_required", str(exc), cursor=exc.cursor, end=exc.end)
         except ValidationError as exc:
             return _error(400, "bad_request", str(exc))
+        except _UNAVAILABLE as exc:
+            return _unavailable(exc)
         headers = {CURSOR_HEADER: str(page.next_cursor), "cache-control": "no-store",
                    "vary": "accept-encoding"}
         body = answer.body
@@ -432,6 +444,8 @@ class SyncServer:
             path, cursor = await run_in_threadpool(self._export, partitions, spaces)
         except ValidationError as exc:
             return _error(400, "bad_request", str(exc))
+        except _UNAVAILABLE as exc:
+            return _unavailable(exc)
         size = os.path.getsize(path)
         gzip_ok = "gzip" in request.headers.get("accept-encoding", "").lower()
         headers = {CURSOR_HEADER: str(cursor), "cache-control": "no-store",

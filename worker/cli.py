@@ -205,7 +205,7 @@ def serve(config_path: str, host: str | None, port: int | None, log_level: str) 
     settings = ServerSettings(
         dsn=cfg.search.resolve_dsn(cfg.source), schema=cfg.search.schema,
         verifier=TokenVerifier(s.token_key(), algorithm=s.algorithm, audience=s.audience),
-        spaces=tuple(s.spaces if s.spaces is not None else cfg.spaces))
+        spaces=s.spaces)
     uvicorn.run(create_app(settings), host=host or s.listen, port=port or s.port,
                 log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
 
