@@ -11,7 +11,8 @@
 `follow()` keeps going with long-polls (``live=true``) until stopped. When the server
 answers ``resync_required`` (the cursor is older than the compaction horizon), the
 client downloads a new snapshot into a new file and swaps it in atomically; the old
-shard stays complete and searchable until the rename. Transient failures (the network,
+shard stays complete and searchable until the rename (`on_swap` is called just before
+it, for the app to close its connections to the old shard and reopen after). Transient failures (the network,
 5xx, 429) are retried with exponential backoff by a retry policy (`decide(exc, attempt)`,
 the same interface as the worker's); refusals (401, 403, 400) are raised at once.
 
@@ -38,7 +39,7 @@ from slipstream.index import SQLiteBackend
 from slipstream.index.errors import SlipstreamError
 
 from .errors import ResyncRequired, ShardFormatError
-from .shard import apply_page, open_shard, shard_cursor
+from .shard import apply_page, open_shard, shard_cursor, shard_partitions
 from .wire import WireFormatError, decode_page
 
 log = logging.getLogger("slipstream.sync.client")
@@ -165,6 +166,9 @@ class SyncClient:
                                   timeout=httpx.Timeout(timeout, connect=10.0),
                                   transport=transport)
         self._stop = threading.Event()
+        # Called just before a resync's new file replaces the old shard at `path`. SQLite
+        # names a shard's WAL files after its path, so a connection to the old shard must
+        # be closed here (and the shard reopened after), not kept across the swap.
         self.on_swap: Callable[[Path], None] | None = None
 
     def close(self) -> None:
@@ -177,7 +181,7 @@ class SyncClient:
         self.close()
 
     def stop(self) -> None:
-        """Ask `follow()` to return after the request in flight."""
+        """Ask `sync(live=True)` to return after the request in flight."""
         self._stop.set()
 
     # -- the retry loop -----------------------------------------------------------------
@@ -239,6 +243,8 @@ class SyncClient:
         return tmp
 
     def _install(self, tmp: Path) -> None:
+        if self.on_swap is not None and self.path.exists():
+            self.on_swap(self.path)  # the app closes its connections to the old shard now
         os.replace(tmp, self.path)  # atomic: readers see the old shard or the new, whole
         with contextlib.suppress(OSError):
             fd = os.open(self.path.parent, os.O_RDONLY)
@@ -246,8 +252,6 @@ class SyncClient:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        if self.on_swap is not None:
-            self.on_swap(self.path)
 
     def _clear_downloads(self) -> None:
         for stale in self.path.parent.glob(f"{self.path.name}{DOWNLOAD_SUFFIX}-*"):
@@ -273,9 +277,12 @@ class SyncClient:
         return len(page.entries), page.next_cursor, page.has_more
 
     def _open(self) -> SQLiteBackend:
+        """The shard; later requests ask for exactly its partitions and spaces."""
         shard = open_shard(self.path)
         if self.spaces is None:
             self.spaces = _shard_spaces(shard)
+        if not self.partitions:
+            self.partitions = tuple(shard_partitions(shard) or ())
         return shard
 
     def sync(self, *, live: bool = False, wait: float = 25.0,

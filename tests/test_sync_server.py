@@ -303,16 +303,17 @@ def test_a_cursor_below_the_horizon_resyncs_into_a_new_file_swapped_atomically(
         old_inode = os.stat(path).st_ino
         during: list[list[str]] = []
 
-        def on_swap(_: Path) -> None:
+        def on_swap(swapped: Path) -> None:  # the new file is complete, not yet in place
+            assert os.stat(swapped).st_ino == old_inode
             hits = SearchIndex(held).search("title", partition="A", k=50)
             during.append(sorted(h.object_id for h in hits))
+            held.close()
 
         c.on_swap = on_swap
         report = c.sync()
     assert report.resynced and report.cursor >= last
     assert during and "6" in during[0] and "21" not in during[0]  # the old shard, whole
     assert os.stat(path).st_ino != old_inode
-    held.close()
     assert_same_as_server(writer.dsn, path)
     assert not list(tmp_path.glob("*.download-*"))
 
@@ -459,3 +460,16 @@ def test_the_notifier_wakes_only_waiters_whose_partitions_changed():
     assert n.concerns(11, ["A"])  # (11, 12] is no longer remembered: assume it changed
     assert not n.concerns(12, ["A"])
     assert not n.concerns(n.latest - 5, ["A"])
+
+
+def test_free_text_partition_names_travel_as_query_parameters(server, writer, tmp_path):
+    odd = "user {42}/../ä&partition=B?#%20"
+    writer.apply([doc("1", odd, text(1)), doc("2", "B", text(2))])
+    path = tmp_path / "odd.db"
+    with client(server, token(odd), path, partitions=[odd]) as c:
+        c.sync()
+    assert {v[0] for v in shard_state(str(path)).values()} == {odd}
+    assert_same_as_server(writer.dsn, path, (odd,))
+    r = httpx.get(f"{server.url}/v1/changes", params={"cursor": 0, "partition": odd},
+                  headers={"authorization": f"Bearer {token('B')}"}, timeout=10)
+    assert r.status_code == 403
