@@ -84,15 +84,41 @@ def make_db(server: EmbeddedPostgres, name: str) -> str:
 
 def load(dsn: str, rows: int, partition: str, index: SearchIndex, log: ChangeLog,
          corpus: Corpus, start: int) -> None:
-    """Write `rows` docs and their log entries, in transactions of 2,000, as the worker does."""
+    """Write `rows` docs and their log entries, in transactions of 2,000, as the worker does.
+    Vectors are dense random unit vectors (as a real embedding model gives; hashed
+    features would be sparse and compress unrealistically well)."""
     backend = index.backend
+    rng = np.random.default_rng(start)
     with backend.connect() as conn:
         for lo in range(start, start + rows, 2000):
             docs = corpus.docs(min(2000, start + rows - lo), [partition], start=lo)
-            prepared = index.prepare(docs)
+            vecs = rng.standard_normal((len(docs), DIM)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            prepared = index.prepare(docs, {i: {"local": v} for i, v in enumerate(vecs)})
             with conn.transaction():
                 backend.write(prepared, conn=conn)
                 log.append(conn, [ChangeEntry(partition, *d.key, "u", 1) for d in docs])
+
+
+def replicate(dsn: str, log: ChangeLog, src: str, dst: str, rows: int) -> None:
+    """`rows` rows in `dst`: copies of `src`'s rows (new ids), made inside Postgres, with
+    their log entries; far faster than analysing and embedding them again."""
+    with psycopg.connect(dsn) as conn:
+        cols = [c for (c,) in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = "
+            "'slipstream' AND table_name = 'docs' AND column_name NOT IN "
+            "('id', 'object_id', 'partition') ORDER BY ordinal_position")]
+        (n,) = conn.execute("SELECT count(*) FROM slipstream.docs WHERE partition = %s",
+                            (src,)).fetchone()
+        names = ", ".join(cols)
+        keys = conn.execute(
+            f"INSERT INTO slipstream.docs (object_id, partition, {names}) "
+            f"SELECT d.object_id || '-' || k, %s, {', '.join('d.' + c for c in cols)} "
+            "FROM slipstream.docs d, generate_series(0, %s) k WHERE d.partition = %s "
+            "ORDER BY k, d.id LIMIT %s RETURNING object_type, object_id, node_kind",
+            (dst, rows // max(n, 1), src, rows)).fetchall()
+        log.append(conn, [ChangeEntry(dst, *key, "u", 1) for key in keys])
+        conn.commit()
 
 
 class Serve:
@@ -168,19 +194,23 @@ def export_phase(dsn: str, sizes: list[int], serve: Serve, workdir: Path, table:
 
 
 def delta_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve, workdir: Path,
-                corpus: Corpus, table: list, changes: int = 2000) -> None:
+                corpus: Corpus, table: list, first: int, changes: int = 2000) -> None:
     path = workdir / "delta.db"
-    token = issue_token(SECRET, ["p10000"])
+    part = f"p{first}"
+    token = issue_token(SECRET, [part])
     with SyncClient(serve.url, token, path, spaces=["local"]) as c:
         c.sync()
-    docs = corpus.docs(changes, ["p10000"], start=0)  # same ids as the 10k partition: updates
+    docs = corpus.docs(changes, [part], start=0)  # the first partition's ids: updates
     backend = index.backend
     with backend.connect() as conn:
         for lo in range(0, changes, 500):
             batch = docs[lo:lo + 500]
+            vecs = np.random.default_rng(lo).standard_normal((len(batch), DIM)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
             with conn.transaction():
-                backend.write(index.prepare(batch), conn=conn)
-                log.append(conn, [ChangeEntry("p10000", *d.key, "u", 2) for d in batch])
+                backend.write(index.prepare(batch, {i: {"local": v} for i, v in enumerate(vecs)}),
+                              conn=conn)
+                log.append(conn, [ChangeEntry(part, *d.key, "u", 2) for d in batch])
     shard = open_shard(path)
     cursor = int(shard.meta("cursor"))
     wire = raw = json_bytes = entries = 0
@@ -373,14 +403,18 @@ def main() -> None:
         serve = None
         try:
             with limit(args.phase_limit, "load"):
-                start = 0
-                for n in args.export_rows:
-                    load(dsn, n, f"p{n}", index, log, corpus, start)
-                    start += n
+                first = args.export_rows[0]
+                t0 = time.perf_counter()
+                load(dsn, first, f"p{first}", index, log, corpus, 0)
+                for n in args.export_rows[1:]:
+                    replicate(dsn, log, f"p{first}", f"p{n}", n)
+                print(f"loaded {sum(args.export_rows):,} rows in {time.perf_counter() - t0:.0f} s",
+                      flush=True)
             serve = Serve(dsn, workdir)
             phases = [
                 ("export", lambda: export_phase(dsn, args.export_rows, serve, workdir, table)),
-                ("delta", lambda: delta_phase(dsn, index, log, serve, workdir, corpus, table)),
+                ("delta", lambda: delta_phase(dsn, index, log, serve, workdir, corpus, table,
+                                                  args.export_rows[0])),
                 ("devices", lambda: devices_phase(dsn, index, log, serve, corpus, args.devices,
                                                   table)),
                 ("live", lambda: latency_phase(server, args.rate, args.latency_seconds, workdir,
