@@ -278,12 +278,25 @@ def latency_phase(server: EmbeddedPostgres, rate: int, seconds: float, workdir: 
     cfg.write_text(WORKER_CONFIG.format(dsn=dsn))
     worker = Worker(load_config(cfg))
     worker.setup()
-    runner = worker.runner()
-    wthread = threading.Thread(target=runner.run, daemon=True)
-    wthread.start()
-    while not runner.ready.is_set():
-        time.sleep(0.01)
-    serve = Serve(dsn, workdir)
+    worker.close()
+    exe = Path(sys.executable).with_name("slipstream")  # the worker in its own process
+    wlog = open(workdir / "worker.log", "w")  # noqa: SIM115
+    wproc = subprocess.Popen([str(exe), "run", "--config", str(cfg), "--no-http"],
+                             stdout=wlog, stderr=subprocess.STDOUT)
+    try:
+        serve = Serve(dsn, workdir)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the worker streams from its slot
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                row = conn.execute("SELECT active FROM pg_replication_slots").fetchone()
+            if row and row[0]:
+                break
+            time.sleep(0.1)
+    except BaseException:
+        wproc.kill()
+        wproc.wait()
+        wlog.close()
+        raise
     committed: dict[str, float] = {}
     arrived: dict[str, float] = {}
     path = workdir / "live.db"
@@ -327,27 +340,39 @@ def latency_phase(server: EmbeddedPostgres, rate: int, seconds: float, workdir: 
         client.close()
         client_mod.apply_page = real_apply
         serve.stop()
-        runner.stop()
-        wthread.join(timeout=15)
-        worker.close()
+        wproc.terminate()
+        try:
+            wproc.wait(15)
+        except subprocess.TimeoutExpired:
+            wproc.kill()
+            wproc.wait()
+        wlog.close()
     ms = np.asarray([arrived[k] - committed[k] for k in committed if k in arrived]) * 1000
     missing = len(committed) - len(ms)
     table.append((f"App commit -> applied in a live device shard, {rate} txn/s for "
                   f"{seconds:.0f} s ({len(ms)} rows{f', {missing} missing' if missing else ''})",
                   f"p50 {np.percentile(ms, 50):.1f} ms", f"p99 {np.percentile(ms, 99):.1f} ms",
-                  "worker + NOTIFY + long-poll + apply"))
+                  "worker process + NOTIFY + long-poll + apply"))
 
 
-async def _hold(url: str, token: str, cursor: int, n: int, wait: int) -> list[float]:
-    limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
-    async with httpx.AsyncClient(headers={"authorization": f"Bearer {token}"}, limits=limits,
-                                 timeout=wait + 60) as http:
-        async def one() -> float:
-            r = await http.get(f"{url}/v1/changes", params={"cursor": cursor, "live": "true",
-                                                             "wait": wait, "spaces": ""})
-            r.raise_for_status()
-            return time.perf_counter()
-        return await asyncio.gather(*(one() for _ in range(n)))
+async def _hold(port: int, token: str, cursor: int, n: int, wait: int) -> list[float]:
+    """`n` long-polls on raw sockets (an HTTP client's pool would be the bottleneck at this
+    count); returns when each got its whole answer."""
+    request = (f"GET /v1/changes?cursor={cursor}&live=true&wait={wait}&spaces= HTTP/1.1\r\n"
+               f"Host: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+               "Connection: close\r\n\r\n").encode()
+
+    async def one() -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        data = await reader.read()
+        writer.close()
+        if b" 200 " not in data.split(b"\r\n", 1)[0]:
+            raise RuntimeError(data[:200])
+        return time.perf_counter()
+
+    return await asyncio.gather(*(one() for _ in range(n)))
 
 
 def devices_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve, corpus: Corpus,
@@ -358,7 +383,7 @@ def devices_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve, co
     before = serve.rss_mb()
     result: list[list[float]] = []
     t = threading.Thread(target=lambda: result.append(
-        asyncio.run(_hold(serve.url, token, cursor, devices, 60))))
+        asyncio.run(_hold(serve.port, token, cursor, devices, 60))))
     t.start()
     time.sleep(min(20, 2 + devices / 100))  # let every long-poll connect and park
     holding = serve.rss_mb()
