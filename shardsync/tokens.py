@@ -73,7 +73,7 @@ def check_partitions(partitions: Iterable[object], what: str = "partitions") -> 
     return tuple(out)
 
 
-def parse_ttl(text: str | float) -> float:
+def parse_ttl(text: str | float, *, allow_zero: bool = False) -> float:
     """Seconds from "90", "90s", "15m", "1h", "7d" (or a number); ValidationError otherwise."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         seconds = float(text)
@@ -82,8 +82,9 @@ def parse_ttl(text: str | float) -> float:
         if not m:
             raise ValidationError(f"ttl {text!r} is not a duration; write e.g. 900, 15m, 1h or 7d")
         seconds = float(m[1]) * _UNITS[m[2]]
-    if seconds <= 0:
-        raise ValidationError(f"ttl must be positive, got {text!r}")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ValidationError(f"duration must be {'non-negative' if allow_zero else 'positive'}, "
+                              f"got {text!r}")
     return seconds
 
 

@@ -262,7 +262,7 @@ def compact(config_path: str, retention: str | None) -> None:
 
         from slipstream.shardsync.tokens import parse_ttl
 
-        kwargs["retention"] = timedelta(seconds=parse_ttl(retention))
+        kwargs["retention"] = timedelta(seconds=parse_ttl(retention, allow_zero=True))
     with psycopg.connect(cfg.search.resolve_dsn(cfg.source), autocommit=True) as conn:
         report = run_compact(conn, cfg.search.schema, **kwargs)
     click.echo(f"compacted in {report.seconds * 1000:.0f} ms: {report.superseded:,} superseded "
