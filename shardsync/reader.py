@@ -21,9 +21,7 @@ apply writer commits seqs in order, so every seq up to it is visible).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,52 +33,12 @@ from slipstream.index.doc import DocKey, check_identifier
 from slipstream.index.errors import UnknownSpaceError, ValidationError
 
 from .changelog import ChangeLog, read_snapshot
+from .entries import Entry, Page, ShardRow, Tombstone
 from .errors import ResyncRequired
 
+__all__ = ["Entry", "Page", "ShardRow", "Tombstone", "changes_since"]
+
 MAX_LIMIT = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class ShardRow:
-    """A row's current content, as a shard stores it. `vectors` maps each requested space
-    the row has a vector in to ``dim`` little-endian float32s; `pending` lists requested
-    spaces whose vector the server has not computed yet."""
-
-    key: DocKey
-    partition: str
-    title: str
-    body: str
-    keywords: tuple[str, ...]
-    payload: Mapping[str, Any]
-    attrs: Mapping[str, Any]
-    source_updated_at: datetime | None
-    tf: Mapping[str, tuple[int, int]]
-    len_title: int
-    len_body: int
-    vectors: Mapping[str, bytes] = field(default_factory=dict)
-    pending: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Tombstone:
-    """`key` is no longer in `partition` (deleted, or moved to another partition)."""
-
-    key: DocKey
-    partition: str
-
-
-Entry = ShardRow | Tombstone
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    """Entries in seq order; `next_cursor` is the cursor to ask from next; `since` is the
-    cursor this page was read from (None when unknown)."""
-
-    entries: tuple[Entry, ...]
-    next_cursor: int
-    has_more: bool
-    since: int | None = None
 
 
 class VectorBytesLoader(Loader):
@@ -121,11 +79,12 @@ def check_spaces(conn: psycopg.Connection, schema: str,
     return {s: int(dims[s]) for s in wanted}
 
 
-def register_vector_bytes(conn: psycopg.Connection, cur: psycopg.Cursor) -> None:
-    """Load `vector` columns on `cur` as little-endian float32 bytes."""
+def register_vector_bytes(conn: psycopg.Connection, cur: psycopg.Cursor) -> int | None:
+    """Load `vector` columns on `cur` as little-endian float32 bytes; returns the type's oid."""
     (oid,) = conn.execute("SELECT to_regtype('vector')::oid").fetchone()
     if oid is not None:
         cur.adapters.register_loader(int(oid), VectorBytesLoader)
+    return None if oid is None else int(oid)
 
 
 def row_columns(spaces: Sequence[str]) -> sql.Composed:

@@ -26,8 +26,8 @@ from slipstream.index.errors import DimensionMismatchError, UnknownSpaceError, V
 from slipstream.index.shard_cache import CachedRow
 from slipstream.index.sqlite_backend import FORMAT_VERSION, fts_token
 
+from .entries import Page, ShardRow, Tombstone
 from .errors import ShardFormatError
-from .reader import Page, ShardRow, Tombstone
 
 Shard = SQLiteBackend | SearchIndex
 

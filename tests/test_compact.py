@@ -149,3 +149,14 @@ def test_compaction_beside_a_writer_loses_nothing(writer: LogWriter, conn, pg_ds
 def test_bad_retention_is_refused(writer: LogWriter, conn, bad) -> None:
     with pytest.raises(ValidationError):
         compact(conn, retention=bad)
+
+
+def test_the_docs_state_the_retention_and_channel_the_code_uses() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "sync.md").read_text()
+    section = doc[doc.index("## Change log and pages"):]
+    assert DEFAULT_RETENTION == timedelta(days=7) and "7 days" in section
+    assert f"`{ChangeLog('x').channel.replace('_x', '_<schema>')}`" in section
+    for name in ("changelog_writer", "changelog_horizon", "changelog_migrations"):
+        assert name in section

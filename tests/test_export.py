@@ -24,6 +24,7 @@ from .shardsync_helpers import (
     server_rows,
     shard_rows,
 )
+from .shardsync_helpers import doc as doc_
 
 
 @pytest.fixture
@@ -127,3 +128,18 @@ def test_a_concurrent_writer_never_splits_the_snapshot(writer: LogWriter, pg_dsn
                 break
     assert shard_rows(shard) == server_rows(pg_dsn, ["A"], ["local"])
     shard.close()
+
+
+def test_every_meta_key_of_an_exported_shard_is_documented(writer: LogWriter, pg_dsn: str,
+                                                           tmp_path) -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "shard-format.md").read_text()
+    writer.apply([doc_("1", "A", "apple")])
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        export_shard(conn, "slipstream", "A", tmp_path / "a.db")
+    keys = [k for (k,) in sqlite3.connect(tmp_path / "a.db").execute("SELECT key FROM meta")]
+    assert {"cursor", "partitions", "format_version", "analyzer", "generation"} <= set(keys)
+    assert all(f"`{k}`" in doc for k in keys)
+    page_size = sqlite3.connect(tmp_path / "a.db").execute("PRAGMA page_size").fetchone()[0]
+    assert f"{page_size // 1024} KiB pages" in doc

@@ -251,3 +251,10 @@ def test_a_file_that_is_not_a_shard_is_refused(tmp_path) -> None:
     sqlite3.connect(tmp_path / "empty.db").execute("CREATE TABLE x (y)").connection.close()
     with pytest.raises(ShardFormatError):
         open_shard(tmp_path / "empty.db")
+
+
+def test_the_device_side_needs_no_database_driver() -> None:
+    probe = ("import sys; import slipstream.shardsync; from slipstream.shardsync import shard, entries; "
+             "bad = [m for m in sys.modules if m.startswith(('psycopg', 'slipstream.worker'))]; "
+             "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
