@@ -27,7 +27,7 @@ from typing import Any
 
 from slipstream.index.errors import SlipstreamError
 
-from .reader import Entry, Page, ShardRow, Tombstone
+from .entries import Entry, Page, ShardRow, Tombstone
 
 MEDIA_TYPE = "application/json"
 GZIP_MIN_BYTES = 1024

@@ -127,3 +127,14 @@ def test_a_vector_that_is_not_base64_float32_is_refused():
     entry["entries"][0]["vectors"]["local"] = base64.b64encode(b"abc").decode()
     with pytest.raises(WireFormatError, match="float32"):
         decode_page(json.dumps(entry))
+
+
+def test_the_device_side_needs_no_postgres_driver():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['psycopg'] = None; sys.modules['psycopg_pool'] = None\n"
+            "import slipstream.shardsync.client, slipstream.shardsync.wire\n"
+            "import slipstream.shardsync.tokens")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
