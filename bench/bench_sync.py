@@ -184,8 +184,7 @@ def export_phase(dsn: str, sizes: list[int], serve: Serve, workdir: Path, table:
             with http.stream("GET", f"{serve.url}/v1/snapshot", params={"spaces": "local"}) as r:
                 r.raise_for_status()
                 with open(out, "wb") as f:
-                    for chunk in r.iter_bytes():
-                        f.write(chunk)
+                    f.writelines(r.iter_bytes())
                 wire[0] = r.num_bytes_downloaded
             t = time.perf_counter() - started
         table.append((f"Snapshot of {n:,} rows over HTTP (export + gzip + download)",
@@ -375,6 +374,61 @@ async def _hold(port: int, token: str, cursor: int, n: int, wait: int) -> list[f
     return await asyncio.gather(*(one() for _ in range(n)))
 
 
+def log_latency_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve,
+                      corpus: Corpus, rate: int, seconds: float, workdir: Path,
+                      table: list) -> None:
+    """The sync part alone: change-log commit (as the worker's apply makes it) -> applied
+    in a live-following device shard."""
+    path = workdir / "log-live.db"
+    load(dsn, 1, "loglive", index, log, corpus, start=20_000_000)
+    client = SyncClient(serve.url, issue_token(SECRET, ["loglive"]), path, spaces=["local"])
+    committed: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    import slipstream.shardsync.client as client_mod
+
+    real_apply = client_mod.apply_page
+
+    def timed_apply(shard, page):
+        cursor = real_apply(shard, page)
+        now = time.time()
+        for e in page.entries:
+            arrived.setdefault(e.key[1], now)
+        return cursor
+
+    client_mod.apply_page = timed_apply
+    follower = threading.Thread(target=client.sync, kwargs={"live": True, "wait": 10},
+                                daemon=True)
+    follower.start()
+    try:
+        while not path.exists():
+            time.sleep(0.01)
+        time.sleep(0.5)
+        docs = corpus.docs(int(rate * seconds), ["loglive"], start=30_000_000)
+        prepared = index.prepare(docs)
+        started = time.perf_counter()
+        with index.backend.connect() as conn:
+            for i, (d, p) in enumerate(zip(docs, prepared)):
+                with conn.transaction():
+                    index.backend.write([p], conn=conn)
+                    log.append(conn, [ChangeEntry("loglive", *d.key, "u", 3)])
+                committed[d.object_id] = time.time()
+                delay = started + (i + 1) / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+        deadline = time.monotonic() + 30
+        while set(committed) - set(arrived) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.stop()
+        follower.join(timeout=15)
+        client.close()
+        client_mod.apply_page = real_apply
+    ms = np.asarray([arrived[k] - committed[k] for k in committed if k in arrived]) * 1000
+    table.append((f"Change-log commit -> applied in a live device shard, {rate} txn/s "
+                  f"({len(ms)} rows)", f"p50 {np.percentile(ms, 50):.1f} ms",
+                  f"p99 {np.percentile(ms, 99):.1f} ms", "NOTIFY + long-poll + apply only"))
+
+
 def devices_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve, corpus: Corpus,
                   devices: int, table: list) -> None:
     token = issue_token(SECRET, ["idle"])
@@ -409,6 +463,8 @@ def main() -> None:
     ap.add_argument("--latency-seconds", type=float, default=20)
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--phase-limit", type=int, default=600, help="seconds per phase (hard)")
+    ap.add_argument("--phases", nargs="+", default=["export", "delta", "devices", "log-live",
+                                                     "live"])
     args = ap.parse_args()
     from slipstream.worker.observe import configure_logging
 
@@ -442,10 +498,14 @@ def main() -> None:
                                                   args.export_rows[0])),
                 ("devices", lambda: devices_phase(dsn, index, log, serve, corpus, args.devices,
                                                   table)),
+                ("log-live", lambda: log_latency_phase(dsn, index, log, serve, corpus, args.rate,
+                                                       args.latency_seconds, workdir, table)),
                 ("live", lambda: latency_phase(server, args.rate, args.latency_seconds, workdir,
                                                table)),
             ]
             for name, run in phases:
+                if name not in args.phases:
+                    continue
                 try:
                     with limit(args.phase_limit, name):
                         run()

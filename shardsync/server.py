@@ -242,8 +242,8 @@ def _unavailable(exc: BaseException) -> JSONResponse:
     return response
 
 
-UNAUTHORIZED = ("unauthorized", "the bearer token is missing or not acceptable; get a new "
-                "device token")
+UNAUTHORIZED = ("unauthorized",
+                "the bearer token is missing or not acceptable; get a new device token")
 FORBIDDEN = ("forbidden", "this token does not grant the requested partition(s)")
 
 
@@ -454,7 +454,7 @@ class SyncServer:
             headers["content-encoding"] = "gzip"
         else:
             headers["content-length"] = str(size)
-        file = open(path, "rb")  # noqa: SIM115 - closed by _file_chunks
+        file = await run_in_threadpool(open, path, "rb")  # closed by _file_chunks
         _unlink(path)  # the open file keeps the data; nothing is left behind on disconnect
         return StreamingResponse(_file_chunks(file, gzip_ok), media_type=SHARD_MEDIA_TYPE,
                                  headers=headers)

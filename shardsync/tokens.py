@@ -172,7 +172,7 @@ def issue_token(key: str | bytes, partitions: Iterable[str], *, ttl: str | float
     names = check_partitions(partitions)
     issued = int(time.time() if now is None else now)
     claims: dict[str, object] = {PARTITIONS_CLAIM: list(names), "iat": issued,
-                                 "exp": issued + max(1, int(round(parse_ttl(ttl))))}
+                                 "exp": issued + max(1, round(parse_ttl(ttl)))}
     if audience:
         claims["aud"] = audience
     if subject:

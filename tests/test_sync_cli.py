@@ -73,7 +73,7 @@ def test_issue_a_token_sync_a_shard_and_search_it_like_the_server(served, tmp_pa
 
 
 def test_refusals_and_bad_config_are_one_clear_line(served, tmp_path):
-    writer, url, config, env = served
+    _, url, config, env = served
     r = cli("shard", "sync", url, "--token", "not-a-token", "--out", str(tmp_path / "x.db"),
             cwd=tmp_path, env=env)
     assert r.returncode == 1 and "401" in r.stderr and "new device token" in r.stderr
@@ -88,7 +88,7 @@ def test_refusals_and_bad_config_are_one_clear_line(served, tmp_path):
 
 
 def test_compact_command_reports_and_raises_the_horizon(served, tmp_path):
-    writer, url, config, env = served
+    writer, _, config, env = served
     writer.apply([doc("1", "user-1", "apple"), doc("2", "user-1", "pear")])
     writer.apply([doc("1", "user-1", "apple again")], deletes=[("note", "2", "leaf")])
     r = cli("compact", "--config", str(config), "--retention", "0", cwd=tmp_path, env=env)

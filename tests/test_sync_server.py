@@ -21,8 +21,8 @@ import pytest
 from slipstream.index import HashingEmbedder, SearchIndex
 from slipstream.shardsync import shard as shard_mod
 from slipstream.shardsync.changelog import ChangeLog
-from slipstream.shardsync.compact import compact
 from slipstream.shardsync.client import SyncClient, SyncRefusedError, SyncRetryPolicy
+from slipstream.shardsync.compact import compact
 from slipstream.shardsync.errors import ShardFormatError
 from slipstream.shardsync.server import CURSOR_HEADER, ServerSettings
 from slipstream.shardsync.shard import open_shard, shard_cursor

@@ -42,7 +42,7 @@ def test_eddsa_tokens_verify_with_the_public_key_only():
     private, public = ed25519_pair()
     token = issue_token(private, ["a"], algorithm="EdDSA", audience="app")
     assert TokenVerifier(public, algorithm="EdDSA", audience="app").verify(token).partitions == {"a"}
-    other_private, other_public = ed25519_pair()
+    _, other_public = ed25519_pair()
     with pytest.raises(TokenError):
         TokenVerifier(other_public, algorithm="EdDSA", audience="app").verify(token)
 
@@ -106,7 +106,7 @@ def _row(i: int) -> ShardRow:
 def test_pages_round_trip_exactly_vectors_bit_for_bit():
     page = Page((_row(1), Tombstone(("note", "2", "leaf"), "p"), _row(3)), 42, True, 17)
     assert decode_page(encode_page(page)) == page
-    body, headers = maybe_gzip(encode_page(page), "br, gzip;q=0.9")
+    _, headers = maybe_gzip(encode_page(page), "br, gzip;q=0.9")
     assert headers.get("content-encoding") == "gzip" or len(encode_page(page)) < 1024
     assert maybe_gzip(b"x" * 2000, "identity")[1].get("content-encoding") is None
 
@@ -136,5 +136,6 @@ def test_the_device_side_needs_no_postgres_driver():
     code = ("import sys; sys.modules['psycopg'] = None; sys.modules['psycopg_pool'] = None\n"
             "import slipstream.shardsync.client, slipstream.shardsync.wire\n"
             "import slipstream.shardsync.tokens")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=False)
     assert result.returncode == 0, result.stderr
