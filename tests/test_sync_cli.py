@@ -95,3 +95,48 @@ def test_compact_command_reports_and_raises_the_horizon(served, tmp_path):
     assert r.returncode == 0, shown(r)
     assert "2 superseded" in r.stdout and "1 old tombstones" in r.stdout
     assert "horizon 4" in r.stdout
+
+
+def test_a_sync_killed_mid_snapshot_leaves_nothing_half_written_and_the_next_run_completes(
+        served, tmp_path):
+    import os
+    import signal
+
+    from .proxy import Proxy
+    from .sync_server_helpers import server_state, shard_state
+
+    writer, url, config, env = served
+    import random
+
+    rng = random.Random(5)
+    words = [f"w{n}x{rng.randint(0, 10**6)}" for n in range(5000)]  # barely compressible
+    writer.apply([doc(str(i), "user-1", " ".join(rng.choices(words, k=300)))
+                  for i in range(400)])
+    token = issue(config, env, tmp_path)
+    out = tmp_path / "user-1.db"
+    port = int(url.rsplit(":", 1)[1])
+    with Proxy("127.0.0.1", port) as proxy:
+        proc = subprocess.Popen(command("shard", "sync", f"http://127.0.0.1:{proxy.port}",
+                                        "--token", token, "--out", str(out)),
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size for p in tmp_path.glob("user-1.db.download-*")):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the download never started"
+            time.sleep(0.01)
+        proxy.pause()  # bytes stop mid-transfer
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proxy.resume()
+    assert not out.exists()  # nothing half-written where a shard is expected
+    r = cli("shard", "sync", url, "--token", token, "--out", str(out), cwd=tmp_path, env=env)
+    assert r.returncode == 0, shown(r)
+    assert not list(tmp_path.glob("user-1.db.download-*"))
+    assert shard_state(str(out)) == server_state(writer.dsn, ["user-1"], ["local"])
+
+
+def issue(config: Path, env: dict, cwd: Path) -> str:
+    r = cli("token", "issue", "--config", str(config), "--partition", "user-1", cwd=cwd, env=env)
+    assert r.returncode == 0, shown(r)
+    return r.stdout.strip()
