@@ -23,10 +23,11 @@ import psycopg
 from slipstream.index import IndexDoc, SearchIndex
 from slipstream.index.doc import DocKey
 from slipstream.index.postgres_backend import COPY_THRESHOLD
+from slipstream.shardsync.changelog import COPY_MIN_ROWS, ChangeEntry
 
 from .changes import Batch, SourceChange, decode_row
 from .pgoutput import UNCHANGED
-from .state import COPY_MIN_ROWS, ChangeEntry, Checkpoint, DeadLetter, WorkerState
+from .state import Checkpoint, DeadLetter, WorkerState
 
 MapperLookup = Callable[[str], Callable[[Mapping[str, object], str], list[IndexDoc]] | None]
 
@@ -265,7 +266,7 @@ class Applier:
         with self.conn.transaction(), (self.conn.pipeline() if small else nullcontext()):
             self.backend.write(planned.prepared, conn=self.conn)
             self.backend.tombstone_many(tombstones, conn=self.conn)
-            self.state.append_changes(self.conn, cp.last_seq + 1, entries)
+            self.state.changelog.append(self.conn, entries, first_seq=cp.last_seq + 1)
             for relation, lsn in fx.truncated:
                 self.state.mark_relation_deleted(self.conn, relation, lsn)
             self.state.save_source_rows(self.conn, [
@@ -316,7 +317,7 @@ class Applier:
         with self.conn.transaction():
             for space, per in filled.items():
                 self.backend.set_vectors(space, [(docs[k].key, v) for k, v in per.items()], conn=self.conn)
-            self.state.append_changes(self.conn, cp.last_seq + 1, entries)
+            self.state.changelog.append(self.conn, entries, first_seq=cp.last_seq + 1)
             self.state.save_checkpoint(self.conn, self.slot, new_cp)
         self.checkpoint = new_cp
         return len(done)

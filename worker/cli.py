@@ -185,3 +185,185 @@ def demo(keep: bool) -> None:
     from .demo import run_demo
 
     run_demo(keep=keep)
+
+
+# -- device sync ---------------------------------------------------------------------------
+
+def _sync_retry(live: bool):
+    from .errors import RetryPolicy
+
+    return RetryPolicy(initial_delay=0.2, max_delay=15.0, max_attempts=None if live else 8)
+
+
+@main.command()
+@CONFIG
+@click.option("--host", default=None, help="Address to bind (default: [sync] listen).")
+@click.option("--port", type=int, default=None, help="Port (default: [sync] port).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@_errors
+def serve(config_path: str, host: str | None, port: int | None, log_level: str) -> None:
+    """Serve device sync (snapshots, change pages, live long-poll) over HTTP until SIGTERM."""
+    import uvicorn
+    from slipstream.shardsync.server import ServerSettings, create_app
+    from slipstream.shardsync.tokens import TokenVerifier
+
+    from .config import load_config
+
+    cfg = load_config(config_path)
+    s = cfg.sync
+    settings = ServerSettings(
+        dsn=cfg.search.resolve_dsn(cfg.source), schema=cfg.search.schema,
+        verifier=TokenVerifier(s.token_key(), algorithm=s.algorithm, audience=s.audience),
+        spaces=s.spaces)
+    uvicorn.run(create_app(settings), host=host or s.listen, port=port or s.port,
+                log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+
+
+@main.group()
+def token() -> None:
+    """Device tokens: signed JWTs listing the partitions a device may read."""
+
+
+@token.command("issue")
+@CONFIG
+@click.option("--partition", "partitions", multiple=True, required=True,
+              help="A partition the token may read; repeat for several.")
+@click.option("--ttl", default="1h", show_default=True, help="Lifetime: 900, 15m, 1h, 7d.")
+@click.option("--subject", default=None, help="The device or user the token is for (sub).")
+@click.option("--private-key-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="PEM private key, for EdDSA/RS256 (the server holds the public key).")
+@_errors
+def token_issue(config_path: str, partitions: tuple[str, ...], ttl: str, subject: str | None,
+                private_key_file: str | None) -> None:
+    """Print a device token for the given partitions, signed as the [sync] section says."""
+    from slipstream.shardsync.tokens import issue_token, read_key
+
+    from .config import load_config
+
+    s = load_config(config_path).sync
+    if s.algorithm == "HS256":
+        key: str | bytes = s.token_key()
+    elif private_key_file is None:
+        raise ConfigurationError(f"[sync] uses {s.algorithm}: pass --private-key-file with the "
+                                 "private key matching public_key_file")
+    else:
+        key = read_key(private_key_file)
+    click.echo(issue_token(key, partitions, ttl=ttl, algorithm=s.algorithm, audience=s.audience,
+                           subject=subject))
+
+
+@main.command()
+@CONFIG
+@click.option("--retention", default=None, help="Keep tombstones this long (e.g. 7d; default "
+              "the change log's own).")
+@_errors
+def compact(config_path: str, retention: str | None) -> None:
+    """Compact the change log: drop superseded entries and old tombstones, raise the horizon."""
+    import psycopg
+    from slipstream.shardsync.compact import compact as run_compact
+
+    from .config import load_config
+
+    cfg = load_config(config_path)
+    kwargs = {}
+    if retention is not None:
+        from datetime import timedelta
+
+        from slipstream.shardsync.tokens import parse_ttl
+
+        kwargs["retention"] = timedelta(seconds=parse_ttl(retention, allow_zero=True))
+    with psycopg.connect(cfg.search.resolve_dsn(cfg.source), autocommit=True) as conn:
+        report = run_compact(conn, cfg.search.schema, **kwargs)
+    click.echo(f"compacted in {report.seconds * 1000:.0f} ms: {report.superseded:,} superseded "
+               f"entries, {report.tombstones:,} old tombstones, {report.docs_purged:,} tombstoned "
+               f"rows purged; horizon {report.horizon:,}")
+
+
+@main.group()
+def shard() -> None:
+    """A device shard: sync it from a `slipstream serve` and search it offline."""
+
+
+@shard.command("sync")
+@click.argument("url")
+@click.option("--token", "token_", envvar="SLIPSTREAM_TOKEN", required=True,
+              help="The device token (or $SLIPSTREAM_TOKEN).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="The shard file: created on the first run, updated after.")
+@click.option("--partition", "partitions", multiple=True,
+              help="Only these partitions (default: every one the token lists).")
+@click.option("--spaces", default=None, help="Comma-separated embedding spaces to carry "
+              "(default: the server's default; '' for none).")
+@click.option("--live", is_flag=True, help="Keep following changes until interrupted.")
+@click.option("--wait", default=25.0, show_default=True, help="Long-poll seconds in --live.")
+@_errors
+def shard_sync(url: str, token_: str, out: str, partitions: tuple[str, ...], spaces: str | None,
+               live: bool, wait: float) -> None:
+    """Download a snapshot (first run), then apply changes; --live follows them."""
+    from slipstream.shardsync.client import SyncClient
+
+    space_list = None if spaces is None else [s for s in spaces.split(",") if s]
+    with SyncClient(url, token_, out, partitions=partitions or None, spaces=space_list,
+                    retry=_sync_retry(live)) as client:
+        def progress(entries: int, cursor: int) -> None:
+            if live and entries:
+                click.echo(f"applied {entries} change(s); cursor {cursor}")
+        try:
+            report = client.sync(live=live, wait=wait, on_page=progress)
+        except KeyboardInterrupt:
+            click.echo("stopped")
+            return
+    how = "snapshot + " if report.snapshot else "resynced + " if report.resynced else ""
+    click.echo(f"{out}: {how}{report.entries} change(s) in {report.pages} page(s); "
+               f"cursor {report.cursor}")
+
+
+@shard.command("search")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.argument("query")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="A config whose [embedders] embed the query (default: lexical only).")
+@click.option("-k", "k", default=10, show_default=True)
+@click.option("--partition", "partitions", multiple=True)
+@click.option("--space", default=None)
+@click.option("--mode", default="balanced", show_default=True,
+              type=click.Choice(["balanced", "precision", "explore"]))
+@click.option("--object-type", "object_types", multiple=True)
+@click.option("--node-kind", "node_kinds", multiple=True)
+@click.option("--json", "as_json", is_flag=True)
+@_errors
+def shard_search(path: str, query: str, config_path: str | None, k: int,
+                 partitions: tuple[str, ...], space: str | None, mode: str,
+                 object_types: tuple[str, ...], node_kinds: tuple[str, ...], as_json: bool) -> None:
+    """Search a shard file offline, ranked exactly as the server ranks."""
+    from slipstream.index import SearchIndex
+    from slipstream.shardsync.shard import open_shard
+
+    backend = open_shard(path)
+    embedders = {}
+    if config_path is not None:
+        from .config import load_config
+        from .embedders import build_embedders
+
+        cfg = load_config(config_path)
+        embedders = build_embedders({s: e for s, e in cfg.embedders.items()
+                                     if s in backend.spaces})
+    index = SearchIndex(backend, embedders, default_space=space if space else (
+        next(iter(embedders)) if len(embedders) == 1 else None))
+    try:
+        results = index.search(query, k=k, partition=list(partitions) or None, space=space,
+                               mode=mode, object_types=list(object_types) or None,
+                               node_kinds=list(node_kinds) or None)
+    finally:
+        backend.close()
+    if as_json:
+        click.echo(json.dumps([{"object_type": r.object_type, "object_id": r.object_id,
+                                "node_kind": r.node_kind, "partition": r.partition,
+                                "title": r.title, "score": r.score, "match_type": r.match_type}
+                               for r in results], indent=2))
+        return
+    for r in results:
+        click.echo(f"{r.score:.4f} {r.match_type:<8} {r.object_type} {r.object_id}: {r.title}")
+    if not results:
+        click.echo("(no results)")

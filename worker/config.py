@@ -45,7 +45,7 @@ from slipstream.worker.tomlreader import (
 
 __all__ = [
     "CHUNK_PAYLOAD_KEYS", "ChunkConfig", "ConfigError", "EmbedderConfig", "FilterConfig",
-    "SearchConfig", "SourceConfig", "TableConfig", "WorkerConfig", "WorkerSettings",
+    "SearchConfig", "SourceConfig", "SyncSettings", "TableConfig", "WorkerConfig", "WorkerSettings",
     "key_path", "load_config", "parse_config", "redact_dsn",
 ]
 
@@ -193,6 +193,37 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncSettings:
+    """[sync]: the device sync server (`slipstream serve`) and its device tokens.
+
+    Tokens are verified with the HS256 secret in the environment variable
+    `token_secret_env`, or, when `public_key_file` is set, with that PEM public key
+    (`algorithm` EdDSA or RS256). `audience`, when set, must be the tokens' `aud`.
+    `spaces` are the embedding spaces a device gets when it asks for none.
+    """
+
+    listen: str = "127.0.0.1"
+    port: int = 8765
+    token_secret_env: str = "SLIPSTREAM_TOKEN_SECRET"
+    public_key_file: str | None = None
+    algorithm: str = "HS256"
+    audience: str | None = None
+    spaces: tuple[str, ...] | None = None
+    origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
+
+    def token_key(self, environ: Mapping[str, str] | None = None) -> str | bytes:
+        """The key that verifies tokens: the PEM public key file's bytes, or the secret."""
+        if self.public_key_file is not None:
+            try:
+                return Path(self.public_key_file).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {self.public_key_file!r}: {exc}; point it at "
+                                  "the PEM public key tokens are verified with",
+                                  path="sync.public_key_file", source=self.origin) from exc
+        return _env(self.token_secret_env, "sync.token_secret_env", self.origin, environ)
+
+
+@dataclass(frozen=True, slots=True)
 class FilterConfig:
     """[tables."x".filter]: a row is indexed only if every condition holds.
 
@@ -285,6 +316,7 @@ class WorkerConfig:
     embedders: Mapping[str, EmbedderConfig] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}))
     worker: WorkerSettings = WorkerSettings()
+    sync: SyncSettings = SyncSettings()
     tables: Mapping[str, TableConfig] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}))
     origin: str = "<string>"
@@ -335,7 +367,8 @@ def load_config(path: str | os.PathLike[str]) -> WorkerConfig:
 def parse_config(data: Mapping[str, Any], *, source: str = "<string>") -> WorkerConfig:
     """Check already-parsed TOML data and build the `WorkerConfig`."""
     r = _Reader(source)
-    top = r.section(data, (), ("source", "search", "spaces", "embedders", "worker", "tables"))
+    top = r.section(data, (), ("source", "search", "spaces", "embedders", "worker", "sync",
+                                 "tables"))
     if "source" not in top:
         r.fail(("source",), 'missing section; add [source] with dsn = "postgresql://…" '
                'or dsn_env = "APP_DATABASE_URL"')
@@ -390,6 +423,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<string>") -> Worker
         snapshot_chunk_rows=r.integer(wrk, ("worker", "snapshot_chunk_rows"),
                                       d.snapshot_chunk_rows, 1))
 
+    sync_cfg = r.sync(top.get("sync", {}), spaces)
+
     raw_tables = r.section(top.get("tables", {}), ("tables",), None)
     tables = {name: r.table(raw_tables[name], name, spaces) for name in raw_tables}
     owners: dict[str, str] = {}
@@ -400,7 +435,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<string>") -> Worker
                    "overwrite each other, so give each table its own object_type")
     return WorkerConfig(
         source=source_cfg, search=search_cfg, spaces=MappingProxyType(spaces),
-        embedders=MappingProxyType(embedders), worker=worker_cfg,
+        embedders=MappingProxyType(embedders), worker=worker_cfg, sync=sync_cfg,
         tables=MappingProxyType(tables), origin=source)
 
 
@@ -426,6 +461,28 @@ class _Reader(TomlReader):
             self.fail((*path, "dsn"), f"{redact_dsn(dsn)!r} is not a Postgres DSN; use "
                       "postgresql://… or key=value form (host=… dbname=…)")
         return dsn, dsn_env
+
+    def sync(self, raw: object, spaces: Mapping[str, int]) -> SyncSettings:
+        path: tuple[str, ...] = ("sync",)
+        sec = self.section(raw, path, ("listen", "port", "token_secret_env", "public_key_file",
+                                       "algorithm", "audience", "spaces"))
+        d = SyncSettings()
+        algorithm = self.string(sec, (*path, "algorithm"), d.algorithm, '"HS256", "EdDSA" or "RS256"')
+        if algorithm not in ("HS256", "EdDSA", "RS256"):
+            self.fail((*path, "algorithm"), f'{algorithm!r} is not supported; use "HS256" (with '
+                      'token_secret_env) or "EdDSA"/"RS256" (with public_key_file)')
+        key_file = self.string(sec, (*path, "public_key_file"), None, "a path to a PEM file")
+        if (algorithm == "HS256") != (key_file is None):
+            self.fail((*path, "public_key_file"), "HS256 tokens use token_secret_env and no key "
+                      'file; EdDSA and RS256 need public_key_file (set algorithm = "EdDSA" '
+                      "with a key file, or remove the key file)")
+        return SyncSettings(
+            listen=self.string(sec, (*path, "listen"), d.listen, "an address to bind"),
+            port=self.integer(sec, (*path, "port"), d.port, 1, maximum=65535),
+            token_secret_env=self.env_name(sec, (*path, "token_secret_env")) or d.token_secret_env,
+            public_key_file=key_file, algorithm=algorithm,
+            audience=self.string(sec, (*path, "audience"), None, "a string") or None,
+            spaces=self.spaces(sec, (*path, "spaces"), spaces), origin=self.source)
 
     def template(self, sec: Mapping[str, Any], path: tuple[str | int, ...], default: str) -> Template:
         value = self.get(sec, path, default, (str,), "a template string such as \"{title}\"")

@@ -84,6 +84,80 @@ def _wait(runner, thread: threading.Thread, conn: psycopg.Connection) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def _device_sync(worker, app: psycopg.Connection, runner, thread: threading.Thread) -> None:
+    """Serve device sync over HTTP, sync user-1's shard with a token, follow one live change,
+    and run the same query on the server and on the shard."""
+    import secrets
+    import socket
+
+    import uvicorn
+    from slipstream.index import SearchIndex
+    from slipstream.shardsync.client import SyncClient
+    from slipstream.shardsync.server import ServerSettings, create_app
+    from slipstream.shardsync.shard import open_shard
+    from slipstream.shardsync.tokens import TokenVerifier, issue_token
+
+    secret = secrets.token_urlsafe(48)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = ServerSettings(dsn=worker.search_dsn, schema=worker.config.search.schema,
+                              verifier=TokenVerifier(secret), spaces=("local",))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning", timeout_graceful_shutdown=1))
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    while not server.started:
+        if not serving.is_alive():
+            raise click.ClickException("the sync server did not start")
+        time.sleep(0.01)
+    shard_path = Path(tempfile.mkdtemp(prefix="slipstream-device-")) / "user-1.db"
+    token = issue_token(secret, ["user-1"], ttl="10m")
+    click.echo(f"\nDEVICE SYNC: `slipstream serve` on http://127.0.0.1:{port}, a token for user-1")
+    device = SyncClient(f"http://127.0.0.1:{port}", token, shard_path)
+    follower = None
+    try:
+        started = time.perf_counter()
+        report = device.sync()
+        click.echo(f"  snapshot downloaded into {shard_path.name} (cursor {report.cursor}) in "
+                   f"{(time.perf_counter() - started) * 1000:.0f} ms")
+        arrived = threading.Event()
+        follower = threading.Thread(target=device.sync, daemon=True, kwargs={
+            "live": True, "wait": 5, "on_page": lambda n, cursor: n and arrived.set()})
+        follower.start()
+        time.sleep(0.2)
+        started = time.perf_counter()
+        app.execute("INSERT INTO notes (owner_id, title, body) VALUES "
+                    "(1, 'Coffee grinder settings', 'burr grinder, medium fine for pour over')")
+        if not arrived.wait(30) or not thread.is_alive():
+            raise click.ClickException("the live change did not reach the device")
+        click.echo(f"  live: a new note for user-1 reached the device shard in "
+                   f"{(time.perf_counter() - started) * 1000:.1f} ms (commit -> worker -> "
+                   "NOTIFY -> long-poll -> applied)")
+    finally:
+        device.stop()
+        if follower is not None:
+            follower.join(timeout=10)
+        device.close()
+        server.should_exit = True
+        serving.join(timeout=10)
+    shard = open_shard(shard_path)
+    try:
+        offline = SearchIndex(shard, {"local": worker.index.embedders["local"]})
+        for query in ("coffee", "entanglement"):
+            on_server = worker.index.search(query, partition="user-1", k=5)
+            on_device = offline.search(query, partition="user-1", k=5)
+            same = [(r.object_id, r.score) for r in on_server] == \
+                [(r.object_id, r.score) for r in on_device]
+            click.echo(f"  search {query!r} in user-1: server {[r.object_id for r in on_server]}, "
+                       f"device (offline) {[r.object_id for r in on_device]} -> "
+                       f"{'identical' if same else 'DIFFERENT'}")
+            if not same:
+                raise click.ClickException("the device shard ranked differently from the server")
+    finally:
+        shard.close()
+
+
 def run_demo(*, keep: bool = False) -> None:
     from .app import Worker
     from .config import load_config
@@ -132,6 +206,7 @@ def run_demo(*, keep: bool = False) -> None:
                 ms = _wait(runner, thread, app)
                 click.echo(f"\n{label}: searchable after {ms:.1f} ms")
                 _show(worker, query, partition)
+            _device_sync(worker, app, runner, thread)
         runner.stop()
         thread.join()
         st = worker.status()

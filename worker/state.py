@@ -4,10 +4,8 @@
   applied, the position inside a transaction that is partly applied (its commit LSN
   and how many of its changes are done), and the last change-log sequence number.
   It is written in the same transaction as the search rows it covers (guarantee 1).
-* ``changes`` — the change log: one row per effect on a search row, ``seq`` assigned
-  by the single apply writer in source commit order (guarantee 3), with the row's
-  partition, so devices read their partition by cursor. ``op`` is ``u`` (upsert) or
-  ``d`` (tombstone); ``source_lsn`` is the source commit it came from.
+* the change log, owned by `slipstream.shardsync.changelog` (`WorkerState.changelog`):
+  the apply transaction appends to it, `migrate` creates it.
 * ``source_rows`` — per source row: its last column values as text (to merge
   unchanged TOAST values, guarantee 6), the search rows it produced (to tombstone
   them on delete, move or truncate, guarantee 4), and the LSN that last wrote it.
@@ -15,7 +13,8 @@
 * ``snapshot_progress`` — per table: how far the initial copy has got.
 
 Only one worker applies into a schema at a time: `claim_writer` takes a session
-advisory lock, which is what makes the sequence numbers gap-free in commit order.
+advisory lock and claims the change log for its slot, which is what makes the
+sequence numbers gap-free in commit order.
 """
 
 from __future__ import annotations
@@ -31,10 +30,15 @@ from psycopg.types.json import Jsonb
 from slipstream.index.doc import check_identifier
 from slipstream.index.errors import ConfigurationError
 from slipstream.index.pg_migrations import apply_migrations
+from slipstream.shardsync.changelog import ChangeEntry, ChangeLog
+
+__all__ = ["ChangeEntry", "Checkpoint", "DeadLetter", "WorkerState"]
 
 from .lsn import format_lsn, parse_lsn
 
 _MIGRATIONS: list[tuple[int, str, str]] = [
+    # The change log was created here before `shardsync.changelog` owned it; databases made
+    # then already have it, and `ChangeLog.migrate` creates it (if missing) in new ones.
     (1, "worker state", """
 CREATE TABLE {s}.checkpoints (
     slot text PRIMARY KEY,
@@ -44,17 +48,6 @@ CREATE TABLE {s}.checkpoints (
     last_seq bigint NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE TABLE {s}.changes (
-    seq bigint PRIMARY KEY,
-    partition text NOT NULL,
-    object_type text NOT NULL,
-    object_id text NOT NULL,
-    node_kind text NOT NULL,
-    op char(1) NOT NULL CHECK (op IN ('u', 'd')),
-    source_lsn pg_lsn,
-    recorded_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX changes_partition_seq ON {s}.changes (partition, seq);
 CREATE TABLE {s}.source_rows (
     relation text NOT NULL,
     row_key text NOT NULL,
@@ -89,9 +82,6 @@ CREATE TABLE {s}.snapshot_progress (
 ]
 
 
-COPY_MIN_ROWS = 64  # change-log appends at least this long go through COPY
-
-
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """What is durably applied: everything up to `lsn`, plus `partial_offset` changes of
@@ -101,16 +91,6 @@ class Checkpoint:
     partial_lsn: int | None
     partial_offset: int
     last_seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeEntry:
-    partition: str
-    object_type: str
-    object_id: str
-    node_kind: str
-    op: str
-    source_lsn: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +117,7 @@ class WorkerState:
     def __init__(self, schema: str = "slipstream") -> None:
         self.schema = check_identifier(schema, "schema")
         self._s = sql.Identifier(self.schema)
+        self.changelog = ChangeLog(self.schema)
 
     def q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(s=self._s)
@@ -145,6 +126,7 @@ class WorkerState:
         """Create or upgrade the worker tables. Idempotent; serialised by an advisory lock."""
         with conn.transaction():
             apply_migrations(conn, self.schema, "worker_migrations", _MIGRATIONS)
+        self.changelog.migrate(conn)
 
     def claim_writer(self, conn: psycopg.Connection, slot: str, wait_seconds: float = 30.0) -> None:
         """Hold the apply-writer lock for `slot` for this session, or fail clearly.
@@ -163,6 +145,7 @@ class WorkerState:
             raise ConfigurationError(
                 f"another slipstream worker is applying slot {slot!r} into schema {self.schema!r}; "
                 "run one worker per slot (stop the other, or give this one its own slot and schema)")
+        self.changelog.claim(conn, slot)
 
     def checkpoint(self, conn: psycopg.Connection, slot: str) -> Checkpoint:
         row = conn.execute(self.q(
@@ -173,8 +156,7 @@ class WorkerState:
         return Checkpoint(lsn_int(row[0]), lsn_int(row[1]) if row[1] else None, row[2], row[3])
 
     def max_seq(self, conn: psycopg.Connection) -> int:
-        (seq,) = conn.execute(self.q("SELECT coalesce(max(seq), 0) FROM {s}.changes")).fetchone()
-        return int(seq)
+        return self.changelog.max_seq(conn)
 
     def save_checkpoint(self, conn: psycopg.Connection, slot: str, cp: Checkpoint) -> None:
         conn.execute(self.q(
@@ -184,26 +166,6 @@ class WorkerState:
             "last_seq = excluded.last_seq, updated_at = now()"),
             (slot, lsn_text(cp.lsn), lsn_text(cp.partial_lsn) if cp.partial_lsn else None,
              cp.partial_offset, cp.last_seq))
-
-    def append_changes(self, conn: psycopg.Connection, first_seq: int,
-                       entries: Sequence[ChangeEntry]) -> int:
-        """Append entries with consecutive seqs from `first_seq`; returns the last seq used."""
-        if not entries:
-            return first_seq - 1
-        rows = [(first_seq + i, e.partition, e.object_type, e.object_id, e.node_kind, e.op,
-                 lsn_text(e.source_lsn)) for i, e in enumerate(entries)]
-        if len(rows) < COPY_MIN_ROWS:  # few rows: plain inserts, which also work in pipeline mode
-            with conn.cursor() as cur:
-                cur.executemany(self.q(
-                    "INSERT INTO {s}.changes (seq, partition, object_type, object_id, node_kind, op, "
-                    "source_lsn) VALUES (%s, %s, %s, %s, %s, %s, %s)"), rows)
-            return first_seq + len(entries) - 1
-        with conn.cursor().copy(self.q(
-                "COPY {s}.changes (seq, partition, object_type, object_id, node_kind, op, source_lsn) "
-                "FROM STDIN")) as copy:
-            for row in rows:
-                copy.write_row(row)
-        return first_seq + len(entries) - 1
 
     def load_source_rows(self, conn: psycopg.Connection, relation_keys: Iterable[tuple[str, str]]
                          ) -> dict[tuple[str, str], tuple[dict | None, list, int, bool]]:

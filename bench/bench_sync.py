@@ -1,0 +1,528 @@
+"""Device sync benchmarks: export, delta pages, live commit-to-device latency, idle long-polls.
+
+    python bench/bench_sync.py                    # everything, default sizes
+    python bench/bench_sync.py --export-rows 10000 50000 --latency-seconds 10 --devices 1000
+
+* Export: `export_shard` of a 10k and a 50k-row partition (384-d vectors), rows/s and
+  file size; and the same shard downloaded over HTTP from `/v1/snapshot` (gzip).
+* Delta: 2,000 updates pulled as pages over HTTP: bytes on the wire per change (gzip
+  JSON) against the raw row (title + body + keywords + payload + attrs + float32
+  vector), and changes/s applied on the device (decode + `apply_page`).
+* Live: an app commits single-row transactions at a fixed rate into the source table;
+  the real worker applies them and NOTIFYs; a device follows with long-polls. For
+  each row, app commit -> row applied in the device shard (searchable), p50/p99.
+* Devices: N concurrent idle long-polls held by one server process, its RSS before
+  and while holding them, and how long one change takes to answer all of them.
+
+Each phase has a hard time limit (SIGALRM); the embedded Postgres and every server
+process are stopped at the end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psycopg
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from corpus import Corpus
+from slipstream.index import HashingEmbedder, PostgresBackend, SearchIndex
+from slipstream.shardsync.changelog import ChangeEntry, ChangeLog
+from slipstream.shardsync.client import SyncClient
+from slipstream.shardsync.export import export_shard
+from slipstream.shardsync.shard import apply_page, open_shard
+from slipstream.shardsync.tokens import issue_token
+from slipstream.shardsync.wire import decode_page, encode_page
+from slipstream.worker.embedded import EmbeddedPostgres
+
+SECRET = "bench-sync-secret-" + "b" * 32
+DIM = 384
+
+
+class PhaseTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def limit(seconds: int, name: str):
+    def fire(signum, frame):
+        raise PhaseTimeout(f"{name}: over its {seconds} s limit")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def make_db(server: EmbeddedPostgres, name: str) -> str:
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    dsn = server.dsn(name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION vector")
+    return dsn
+
+
+def load(dsn: str, rows: int, partition: str, index: SearchIndex, log: ChangeLog,
+         corpus: Corpus, start: int) -> None:
+    """Write `rows` docs and their log entries, in transactions of 2,000, as the worker does.
+    Vectors are dense random unit vectors (as a real embedding model gives; hashed
+    features would be sparse and compress unrealistically well)."""
+    backend = index.backend
+    rng = np.random.default_rng(start)
+    with backend.connect() as conn:
+        for lo in range(start, start + rows, 2000):
+            docs = corpus.docs(min(2000, start + rows - lo), [partition], start=lo)
+            vecs = rng.standard_normal((len(docs), DIM)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            prepared = index.prepare(docs, {i: {"local": v} for i, v in enumerate(vecs)})
+            with conn.transaction():
+                backend.write(prepared, conn=conn)
+                log.append(conn, [ChangeEntry(partition, *d.key, "u", 1) for d in docs])
+
+
+def replicate(dsn: str, log: ChangeLog, src: str, dst: str, rows: int) -> None:
+    """`rows` rows in `dst`: copies of `src`'s rows (new ids), made inside Postgres, with
+    their log entries; far faster than analysing and embedding them again."""
+    with psycopg.connect(dsn) as conn:
+        cols = [c for (c,) in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = "
+            "'slipstream' AND table_name = 'docs' AND column_name NOT IN "
+            "('id', 'object_id', 'partition') ORDER BY ordinal_position")]
+        (n,) = conn.execute("SELECT count(*) FROM slipstream.docs WHERE partition = %s",
+                            (src,)).fetchone()
+        names = ", ".join(cols)
+        keys = conn.execute(
+            f"INSERT INTO slipstream.docs (object_id, partition, {names}) "
+            f"SELECT d.object_id || '-' || k, %s, {', '.join('d.' + c for c in cols)} "
+            "FROM slipstream.docs d, generate_series(0, %s) k WHERE d.partition = %s "
+            "ORDER BY k, d.id LIMIT %s RETURNING object_type, object_id, node_kind",
+            (dst, rows // max(n, 1), src, rows)).fetchall()
+        log.append(conn, [ChangeEntry(dst, *key, "u", 1) for key in keys])
+        conn.commit()
+
+
+class Serve:
+    """`slipstream serve` as a separate process (so its memory can be measured)."""
+
+    def __init__(self, dsn: str, workdir: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = workdir / "serve.toml"
+        cfg.write_text(f'[source]\ndsn = "{dsn}"\n[sync]\nport = {self.port}\n'
+                       'token_secret_env = "BENCH_SYNC_SECRET"\n')
+        self.log = open(workdir / "serve.log", "w")  # noqa: SIM115
+        exe = Path(sys.executable).with_name("slipstream")
+        self.proc = subprocess.Popen(
+            [str(exe), "serve", "--config", str(cfg), "--log-level", "warning"],
+            env={**os.environ, "BENCH_SYNC_SECRET": SECRET}, stdout=self.log,
+            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError((workdir / "serve.log").read_text())
+            time.sleep(0.1)
+        raise RuntimeError("serve did not start")
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def export_phase(dsn: str, sizes: list[int], serve: Serve, workdir: Path, table: list) -> None:
+    for n in sizes:
+        path = workdir / f"export-{n}.db"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            started = time.perf_counter()
+            export_shard(conn, "slipstream", [f"p{n}"], path, ["local"])
+            t = time.perf_counter() - started
+        size = path.stat().st_size
+        table.append((f"Export {n:,} rows (384-d) with export_shard", f"{n / t:,.0f} rows/s",
+                      f"{t:.2f} s, {size / 1e6:.1f} MB", ""))
+        out = workdir / f"download-{n}.db"
+        wire = [0]
+        with httpx.Client(headers={"authorization": f"Bearer {issue_token(SECRET, [f'p{n}'])}"},
+                          timeout=300) as http:
+            started = time.perf_counter()
+            with http.stream("GET", f"{serve.url}/v1/snapshot", params={"spaces": "local"}) as r:
+                r.raise_for_status()
+                with open(out, "wb") as f:
+                    f.writelines(r.iter_bytes())
+                wire[0] = r.num_bytes_downloaded
+            t = time.perf_counter() - started
+        table.append((f"Snapshot of {n:,} rows over HTTP (export + gzip + download)",
+                      f"{n / t:,.0f} rows/s", f"{t:.2f} s, {wire[0] / 1e6:.1f} MB on the wire",
+                      ""))
+
+
+def delta_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve, workdir: Path,
+                corpus: Corpus, table: list, first: int, changes: int = 2000) -> None:
+    path = workdir / "delta.db"
+    part = f"p{first}"
+    token = issue_token(SECRET, [part])
+    with SyncClient(serve.url, token, path, spaces=["local"]) as c:
+        c.sync()
+    docs = corpus.docs(changes, [part], start=0)  # the first partition's ids: updates
+    backend = index.backend
+    with backend.connect() as conn:
+        for lo in range(0, changes, 500):
+            batch = docs[lo:lo + 500]
+            vecs = np.random.default_rng(lo).standard_normal((len(batch), DIM)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            with conn.transaction():
+                backend.write(index.prepare(batch, {i: {"local": v} for i, v in enumerate(vecs)}),
+                              conn=conn)
+                log.append(conn, [ChangeEntry(part, *d.key, "u", 2) for d in batch])
+    shard = open_shard(path)
+    cursor = int(shard.meta("cursor"))
+    wire = raw = json_bytes = entries = 0
+    decode_apply = 0.0
+    with httpx.Client(headers={"authorization": f"Bearer {token}"}, timeout=60) as http:
+        started = time.perf_counter()
+        while True:
+            r = http.get(f"{serve.url}/v1/changes",
+                         params={"cursor": cursor, "limit": 500, "spaces": "local"})
+            r.raise_for_status()
+            wire += r.num_bytes_downloaded
+            t0 = time.perf_counter()
+            page = decode_page(r.content)
+            cursor = apply_page(shard, page)
+            decode_apply += time.perf_counter() - t0
+            json_bytes += len(encode_page(page))
+            for e in page.entries:
+                raw += (len(e.title.encode()) + len(e.body.encode())
+                        + sum(len(k.encode()) for k in e.keywords)
+                        + len(str(e.payload)) + len(str(e.attrs)) + DIM * 4)
+            entries += len(page.entries)
+            if not page.has_more:
+                break
+        total = time.perf_counter() - started
+    shard.close()
+    table.append((f"Delta: {entries:,} changed rows in pages of 500, gzip JSON",
+                  f"{wire / entries:,.0f} B/change on the wire",
+                  f"raw row + float32 vector {raw / entries:,.0f} B; JSON {json_bytes / entries:,.0f} B",
+                  f"ratio {wire / raw:.2f}"))
+    table.append(("Delta apply on the device (decode + apply_page)",
+                  f"{entries / decode_apply:,.0f} changes/s",
+                  f"end to end over HTTP {entries / total:,.0f} changes/s", ""))
+
+
+WORKER_CONFIG = """
+[source]
+dsn = "{dsn}"
+[search]
+hnsw = false
+[spaces]
+local = 384
+[embedders.local]
+kind = "hashing"
+[worker]
+http_port = 0
+batch_max_seconds = 0.005
+[tables."public.items"]
+object_type = "item"
+title = "{{title}}"
+body = "{{body}}"
+partition = "tenant-{{tenant}}"
+"""
+
+
+def latency_phase(server: EmbeddedPostgres, rate: int, seconds: float, workdir: Path,
+                  table: list) -> None:
+    from slipstream.worker.app import Worker
+    from slipstream.worker.config import load_config
+
+    dsn = make_db(server, "bench_sync_live")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, tenant int NOT NULL, title text, "
+                     "body text)")
+    cfg = workdir / "worker.toml"
+    cfg.write_text(WORKER_CONFIG.format(dsn=dsn))
+    worker = Worker(load_config(cfg))
+    worker.setup()
+    worker.close()
+    exe = Path(sys.executable).with_name("slipstream")  # the worker in its own process
+    wlog = open(workdir / "worker.log", "w")  # noqa: SIM115
+    wproc = subprocess.Popen([str(exe), "run", "--config", str(cfg), "--no-http"],
+                             stdout=wlog, stderr=subprocess.STDOUT)
+    try:
+        serve = Serve(dsn, workdir)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the worker streams from its slot
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                row = conn.execute("SELECT active FROM pg_replication_slots").fetchone()
+            if row and row[0]:
+                break
+            time.sleep(0.1)
+    except BaseException:
+        wproc.kill()
+        wproc.wait()
+        wlog.close()
+        raise
+    committed: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    path = workdir / "live.db"
+    client = SyncClient(serve.url, issue_token(SECRET, ["tenant-1"]), path, spaces=["local"])
+    real_apply = apply_page
+
+    def timed_apply(shard, page):
+        cursor = real_apply(shard, page)
+        now = time.time()
+        for e in page.entries:
+            arrived.setdefault(e.key[1], now)
+        return cursor
+
+    import slipstream.shardsync.client as client_mod
+
+    client_mod.apply_page = timed_apply
+    follower = threading.Thread(target=client.sync, kwargs={"live": True, "wait": 10},
+                                daemon=True)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO items VALUES (0, 1, 'warm up', 'first row')")
+            follower.start()
+            while not path.exists():
+                time.sleep(0.01)
+            corpus = Corpus(seed=9)
+            n = int(rate * seconds)
+            started = time.perf_counter()
+            for i in range(1, n + 1):
+                conn.execute("INSERT INTO items VALUES (%s, 1, %s, %s)",
+                             (i, corpus.words(6), corpus.words(40)))
+                committed[str(i)] = time.time()
+                delay = started + i / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+        deadline = time.monotonic() + 30
+        while len(set(committed) - set(arrived)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.stop()
+        follower.join(timeout=15)
+        client.close()
+        client_mod.apply_page = real_apply
+        serve.stop()
+        wproc.terminate()
+        try:
+            wproc.wait(15)
+        except subprocess.TimeoutExpired:
+            wproc.kill()
+            wproc.wait()
+        wlog.close()
+    ms = np.asarray([arrived[k] - committed[k] for k in committed if k in arrived]) * 1000
+    missing = len(committed) - len(ms)
+    table.append((f"App commit -> applied in a live device shard, {rate} txn/s for "
+                  f"{seconds:.0f} s ({len(ms)} rows{f', {missing} missing' if missing else ''})",
+                  f"p50 {np.percentile(ms, 50):.1f} ms", f"p99 {np.percentile(ms, 99):.1f} ms",
+                  "worker process + NOTIFY + long-poll + apply"))
+
+
+async def _hold(port: int, token: str, cursor: int, n: int, wait: int) -> list[float]:
+    """`n` long-polls on raw sockets (an HTTP client's pool would be the bottleneck at this
+    count); returns when each got its whole answer."""
+    request = (f"GET /v1/changes?cursor={cursor}&live=true&wait={wait}&spaces= HTTP/1.1\r\n"
+               f"Host: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+               "Connection: close\r\n\r\n").encode()
+
+    async def one() -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        data = await reader.read()
+        writer.close()
+        if b" 200 " not in data.split(b"\r\n", 1)[0]:
+            raise RuntimeError(data[:200])
+        return time.perf_counter()
+
+    return await asyncio.gather(*(one() for _ in range(n)))
+
+
+def log_latency_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve,
+                      corpus: Corpus, rate: int, seconds: float, workdir: Path,
+                      table: list) -> None:
+    """The sync part alone: change-log commit (as the worker's apply makes it) -> applied
+    in a live-following device shard."""
+    path = workdir / "log-live.db"
+    load(dsn, 1, "loglive", index, log, corpus, start=20_000_000)
+    client = SyncClient(serve.url, issue_token(SECRET, ["loglive"]), path, spaces=["local"])
+    committed: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    import slipstream.shardsync.client as client_mod
+
+    real_apply = client_mod.apply_page
+
+    def timed_apply(shard, page):
+        cursor = real_apply(shard, page)
+        now = time.time()
+        for e in page.entries:
+            arrived.setdefault(e.key[1], now)
+        return cursor
+
+    client_mod.apply_page = timed_apply
+    follower = threading.Thread(target=client.sync, kwargs={"live": True, "wait": 10},
+                                daemon=True)
+    follower.start()
+    try:
+        while not path.exists():
+            time.sleep(0.01)
+        time.sleep(0.5)
+        docs = corpus.docs(int(rate * seconds), ["loglive"], start=30_000_000)
+        prepared = index.prepare(docs)
+        started = time.perf_counter()
+        with index.backend.connect() as conn:
+            for i, (d, p) in enumerate(zip(docs, prepared)):
+                with conn.transaction():
+                    index.backend.write([p], conn=conn)
+                    log.append(conn, [ChangeEntry("loglive", *d.key, "u", 3)])
+                committed[d.object_id] = time.time()
+                delay = started + (i + 1) / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+        deadline = time.monotonic() + 30
+        while set(committed) - set(arrived) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.stop()
+        follower.join(timeout=15)
+        client.close()
+        client_mod.apply_page = real_apply
+    ms = np.asarray([arrived[k] - committed[k] for k in committed if k in arrived]) * 1000
+    table.append((f"Change-log commit -> applied in a live device shard, {rate} txn/s "
+                  f"({len(ms)} rows)", f"p50 {np.percentile(ms, 50):.1f} ms",
+                  f"p99 {np.percentile(ms, 99):.1f} ms", "NOTIFY + long-poll + apply only"))
+
+
+def devices_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve, corpus: Corpus,
+                  devices: int, table: list) -> None:
+    token = issue_token(SECRET, ["idle"])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cursor = log.max_seq(conn)
+    before = serve.rss_mb()
+    result: list[list[float]] = []
+    t = threading.Thread(target=lambda: result.append(
+        asyncio.run(_hold(serve.port, token, cursor, devices, 60))))
+    t.start()
+    time.sleep(min(20, 2 + devices / 100))  # let every long-poll connect and park
+    holding = serve.rss_mb()
+    changed = time.perf_counter()
+    load(dsn, 1, "idle", index, log, corpus, start=10_000_000)
+    t.join(timeout=120)
+    if not result:
+        table.append((f"{devices:,} idle long-polls on one serve process", "did not finish",
+                      "", ""))
+        return
+    done = np.asarray(result[0]) - changed
+    table.append((f"{devices:,} concurrent idle long-polls on one serve process",
+                  f"RSS {before:.0f} -> {holding:.0f} MB",
+                  f"one change answers all in {done.max() * 1000:,.0f} ms "
+                  f"(p50 {np.percentile(done, 50) * 1000:,.0f} ms)", ""))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--export-rows", type=int, nargs="+", default=[10_000, 50_000])
+    ap.add_argument("--rate", type=int, default=200)
+    ap.add_argument("--latency-seconds", type=float, default=20)
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--phase-limit", type=int, default=600, help="seconds per phase (hard)")
+    ap.add_argument("--phases", nargs="+", default=["export", "delta", "devices", "log-live",
+                                                     "live"])
+    args = ap.parse_args()
+    from slipstream.worker.observe import configure_logging
+
+    configure_logging(json=True, level="error")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(20000, resource.getrlimit(
+        resource.RLIMIT_NOFILE)[1]),) * 2)
+    table: list[tuple] = []
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sync-"))
+    with EmbeddedPostgres(settings={"maintenance_work_mem": "512MB"}) as server:
+        dsn = make_db(server, "bench_sync")
+        backend = PostgresBackend(dsn, spaces={"local": DIM}, hnsw=False)
+        index = SearchIndex(backend, HashingEmbedder(DIM))
+        log = ChangeLog()
+        with psycopg.connect(dsn) as conn:
+            log.migrate(conn)
+        corpus = Corpus(seed=4)
+        serve = None
+        try:
+            with limit(args.phase_limit, "load"):
+                first = args.export_rows[0]
+                t0 = time.perf_counter()
+                load(dsn, first, f"p{first}", index, log, corpus, 0)
+                for n in args.export_rows[1:]:
+                    replicate(dsn, log, f"p{first}", f"p{n}", n)
+                print(f"loaded {sum(args.export_rows):,} rows in {time.perf_counter() - t0:.0f} s",
+                      flush=True)
+            serve = Serve(dsn, workdir)
+            phases = [
+                ("export", lambda: export_phase(dsn, args.export_rows, serve, workdir, table)),
+                ("delta", lambda: delta_phase(dsn, index, log, serve, workdir, corpus, table,
+                                                  args.export_rows[0])),
+                ("devices", lambda: devices_phase(dsn, index, log, serve, corpus, args.devices,
+                                                  table)),
+                ("log-live", lambda: log_latency_phase(dsn, index, log, serve, corpus, args.rate,
+                                                       args.latency_seconds, workdir, table)),
+                ("live", lambda: latency_phase(server, args.rate, args.latency_seconds, workdir,
+                                               table)),
+            ]
+            for name, run in phases:
+                if name not in args.phases:
+                    continue
+                try:
+                    with limit(args.phase_limit, name):
+                        run()
+                except PhaseTimeout as exc:
+                    table.append((f"{name}: stopped", str(exc), "", ""))
+        finally:
+            if serve is not None:
+                serve.stop()
+            backend.close()
+    print(f"\nslipstream sync benchmark — {platform.machine()}, {os.cpu_count()} cores (shared), "
+          f"Python {platform.python_version()}, embedded PostgreSQL 18\n")
+    width = max(len(r[0]) for r in table)
+    print(f"| {'what'.ljust(width)} | result | detail | |")
+    print(f"|{'-' * (width + 2)}|---|---|---|")
+    for row in table:
+        print(f"| {row[0].ljust(width)} | " + " | ".join(row[1:]) + " |")
+
+
+if __name__ == "__main__":
+    main()

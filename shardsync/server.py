@@ -1,0 +1,508 @@
+"""The sync server: a Starlette app under /v1 that serves shards and change pages to devices.
+
+Endpoints (every one but /healthz takes `Authorization: Bearer <device token>`):
+
+* ``GET /v1/snapshot?partition=P&partition=Q&spaces=local`` — a fresh shard file of the
+  partitions (default: all the token lists) with the requested spaces, exported from
+  one snapshot; the header ``Slipstream-Cursor`` is the cursor it holds (also in
+  ``meta.cursor``). gzip on the wire when the client accepts it.
+* ``GET /v1/changes?partition=…&cursor=N&limit=M&spaces=…&live=true&wait=25`` — the
+  next page after `cursor` (see `wire` for the JSON). With ``live=true`` and nothing
+  to send, the request waits up to `wait` seconds for the worker's NOTIFY before
+  answering (an empty page when nothing came).
+* ``GET /healthz`` — 200 when the database answers and the LISTEN connection is up.
+
+Answers: 401 for a missing or unacceptable token, 403 for a partition the token does
+not list (whether or not it exists — the body is the same), 400 for bad parameters
+(the body says which and why), 410 ``resync_required`` for a cursor below the
+compaction horizon and 409 ``resync_required`` for a cursor beyond the end of the log
+(the server's log was reset): the device must take a new snapshot.
+
+The server keeps no state of its own, so several can run behind a load balancer.
+Queries run on a psycopg pool in worker threads; a waiting long-poll holds no
+database connection: one async LISTEN connection per process (`ChangeNotifier`)
+wakes every waiter when the worker commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import tempfile
+import time
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+from slipstream.index.doc import IDENTIFIER
+from slipstream.index.errors import ValidationError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .changelog import ChangeLog
+from .errors import ResyncRequired
+from .export import export_shard
+from .reader import MAX_LIMIT, Page, changes_since
+from .tokens import Grant, TokenError, TokenVerifier, check_partitions
+from .wire import MEDIA_TYPE, accepts_gzip, encode_page, gzip_body
+
+log = logging.getLogger("slipstream.sync")
+
+CURSOR_HEADER = "Slipstream-Cursor"
+SHARD_MEDIA_TYPE = "application/vnd.sqlite3"
+CHUNK = 256 * 1024
+SNAPSHOT_GZIP_LEVEL = 1  # fast: vectors barely compress, text does at any level
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """How one `serve` process runs. `dsn` is the search database; `spaces` the default
+    spaces of snapshots and pages when a request names none (None: every space)."""
+
+    dsn: str
+    verifier: TokenVerifier
+    schema: str = "slipstream"
+    spaces: tuple[str, ...] | None = None
+    default_limit: int = 1000
+    max_limit: int = 10_000
+    max_wait: float = 60.0
+    pool_min: int = 1
+    pool_max: int = 8
+    tmp_dir: str | None = field(default=None)
+
+
+class BadRequest(ValidationError):
+    """A request parameter is not acceptable; the message names it and the fix."""
+
+
+# -- the LISTEN fan-out -------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Announced:
+    """Changes with seq in (`after`, `upto`] touched `partitions` (None: unknown, maybe any)."""
+
+    after: int
+    upto: int
+    partitions: frozenset[str] | None
+
+
+class ChangeNotifier:
+    """One LISTEN connection per process; waiters wake when their partitions change.
+
+    On each NOTIFY (the log's new last seq) the notifier reads once which partitions
+    the new entries touched, and wakes only the waiters reading one of them: a
+    thousand idle devices cost no query when another tenant's row changes. `latest`
+    is the highest seq announced. While the LISTEN connection is down, waiters re-read
+    every `fallback_interval` seconds (polling) until it is back; at reconnect,
+    whatever was missed is announced as touching every partition.
+    """
+
+    HISTORY = 4096
+
+    def __init__(self, dsn: str, log_: ChangeLog, pool: ConnectionPool,
+                 fallback_interval: float = 1.0) -> None:
+        self.dsn, self.log, self.pool = dsn, log_, pool
+        self.fallback_interval = fallback_interval
+        self.latest = 0
+        self.connected = False
+        self._history: deque[Announced] = deque(maxlen=self.HISTORY)
+        self._event = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._ready = asyncio.Event()
+
+    def announce(self, upto: int, partitions: frozenset[str] | None) -> None:
+        if upto > self.latest:
+            self._history.append(Announced(self.latest, upto, partitions))
+            self.latest = upto
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def concerns(self, seq: int, partitions: Sequence[str]) -> bool:
+        """Whether a change after `seq` may touch one of `partitions`."""
+        if self.latest <= seq:
+            return False
+        if not self._history or self._history[0].after > seq:
+            return True  # that far back is no longer remembered
+        for a in reversed(self._history):
+            if a.upto <= seq:
+                break
+            if a.partitions is None or not a.partitions.isdisjoint(partitions):
+                return True
+        return False
+
+    async def wait_beyond(self, seq: int, partitions: Sequence[str], timeout: float) -> bool:
+        """Wait until a change after `seq` may touch `partitions` (True), or `timeout` (False).
+        Without a LISTEN connection, returns True every `fallback_interval` (poll)."""
+        deadline = time.monotonic() + timeout
+        while not self.concerns(seq, partitions):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if not self.connected:
+                remaining = min(remaining, self.fallback_interval)
+            try:
+                await asyncio.wait_for(self._event.wait(), remaining)
+            except TimeoutError:
+                if not self.connected and time.monotonic() < deadline:
+                    return True
+        return True
+
+    def _touched(self, after: int, upto: int) -> frozenset[str]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(self.log.q(
+                "SELECT DISTINCT partition FROM {s}.changes WHERE seq > %s AND seq <= %s"),
+                (after, upto)).fetchall()
+        return frozenset(r[0] for r in rows)
+
+    async def _on_notify(self, payload: str) -> None:
+        try:
+            upto = int(payload)
+        except ValueError:
+            upto = self.latest + 1
+        if upto <= self.latest:
+            return
+        try:
+            touched: frozenset[str] | None = await run_in_threadpool(
+                self._touched, self.latest, upto)
+        except Exception as exc:
+            log.warning("sync: cannot read which partitions changed (%s); waking every device",
+                        exc)
+            touched = None
+        self.announce(upto, touched)
+
+    def _max_seq(self) -> int:
+        with self.pool.connection() as conn:
+            return self.log.max_seq(conn)
+
+    async def run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                    await conn.execute(f'LISTEN "{self.log.channel}"')
+                    self.connected = True
+                    missed = await run_in_threadpool(self._max_seq)
+                    self.announce(missed, None)  # while down: maybe anything
+                    self._ready.set()
+                    delay = 0.1
+                    async for note in conn.notifies():
+                        await self._on_notify(note.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the connection dropped: poll, reconnect with backoff
+                log.warning("sync LISTEN connection lost (%s); reconnecting in %.1fs", exc, delay)
+            self.connected = False
+            self._ready.set()
+            self.announce(self.latest, None)  # wake waiters into polling mode
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="slipstream-sync-listen")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), 10)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+# -- request parsing ----------------------------------------------------------------------
+
+def _error(status: int, code: str, message: str | None = None, **extra: Any) -> JSONResponse:
+    body: dict[str, Any] = {"error": code}
+    if message:
+        body["message"] = message
+    body.update(extra)
+    headers = {"cache-control": "no-store"}
+    if status == 401:
+        headers["www-authenticate"] = 'Bearer error="invalid_token"'
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+_UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
+
+
+def _unavailable(exc: BaseException) -> JSONResponse:
+    log.warning("sync: database unavailable: %s", exc)
+    response = _error(503, "unavailable", "the search database is not answering; retry later")
+    response.headers["retry-after"] = "2"
+    return response
+
+
+UNAUTHORIZED = ("unauthorized",
+                "the bearer token is missing or not acceptable; get a new device token")
+FORBIDDEN = ("forbidden", "this token does not grant the requested partition(s)")
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _int(request: Request, name: str, default: int | None, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        if default is None:
+            raise BadRequest(f"{name} is required (an integer from {lo} to {hi})")
+        return default
+    if not re.fullmatch(r"\d{1,19}", raw):
+        raise BadRequest(f"{name}={raw!r} is not an integer; give one from {lo} to {hi}")
+    value = int(raw)
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name}={value} is out of range; give one from {lo} to {hi}")
+    return value
+
+
+def _bool(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name, "false").lower()
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no", ""):
+        return False
+    raise BadRequest(f"{name}={raw!r} is not a boolean; use true or false")
+
+
+def _spaces(request: Request, default: Sequence[str] | None) -> tuple[str, ...] | None:
+    values = request.query_params.getlist("spaces")
+    if not values:
+        return None if default is None else tuple(default)
+    names = [s.strip() for v in values for s in v.split(",") if s.strip()]
+    for s in names:
+        if not IDENTIFIER.match(s):
+            raise BadRequest(f"spaces: {s!r} is not a space name (letters, digits, _)")
+    return tuple(dict.fromkeys(names))
+
+
+class _Denied(Exception):
+    def __init__(self, response: JSONResponse) -> None:
+        self.response = response
+
+
+def _authorize(request: Request, verifier: TokenVerifier) -> tuple[Grant, tuple[str, ...]]:
+    """The grant and the partitions asked for (default: all the token's), or _Denied."""
+    try:
+        grant = verifier.verify(_bearer(request))
+    except TokenError as exc:
+        log.info("sync request refused: %s (%s %s)", exc.reason, request.method, request.url.path)
+        raise _Denied(_error(401, *UNAUTHORIZED)) from None
+    asked = request.query_params.getlist("partition")
+    if not asked:
+        return grant, tuple(sorted(grant.partitions))
+    try:
+        partitions = check_partitions(asked, "partition")
+    except ValidationError as exc:
+        raise _Denied(_error(400, "bad_request", str(exc))) from None
+    if not grant.allows(partitions):
+        raise _Denied(_error(403, *FORBIDDEN))
+    return grant, partitions
+
+
+# -- the app ------------------------------------------------------------------------------
+
+class SyncServer:
+    """The endpoints, with the pool and the notifier they share."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.log = ChangeLog(settings.schema)
+        self.pool: ConnectionPool | None = None
+        self.notifier: ChangeNotifier | None = None
+        self._inflight: dict[tuple, asyncio.Future] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        s = self.settings
+        self.pool = ConnectionPool(s.dsn, min_size=s.pool_min, max_size=s.pool_max, open=False,
+                                   kwargs={"autocommit": True}, name="slipstream-sync")
+        await run_in_threadpool(self.pool.open, True, 30.0)
+        self.notifier = ChangeNotifier(s.dsn, self.log, self.pool)
+        await self.notifier.start()
+        try:
+            yield
+        finally:
+            await self.notifier.stop()
+            await run_in_threadpool(self.pool.close)
+
+    # -- blocking work, run in threads --------------------------------------------------
+
+    def _page(self, partitions, cursor, limit, spaces):
+        assert self.pool is not None
+        with self.pool.connection() as conn:
+            page = changes_since(conn, self.settings.schema, partitions, cursor, limit, spaces)
+            if not page.entries:
+                end = self.log.max_seq(conn)
+                if cursor > end:
+                    raise _Ahead(cursor, end)
+            return page
+
+    def _export(self, partitions, spaces) -> tuple[str, int]:
+        assert self.pool is not None
+        fd, path = tempfile.mkstemp(prefix="slipstream-snapshot-", suffix=".db",
+                                    dir=self.settings.tmp_dir)
+        os.close(fd)
+        os.unlink(path)  # export_shard writes a new file
+        try:
+            with self.pool.connection() as conn:
+                cursor = export_shard(conn, self.settings.schema, partitions, path, spaces)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        return path, int(cursor)
+
+    # -- endpoints ----------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        ok = self.notifier is not None and self.notifier.connected
+        try:
+            await run_in_threadpool(self.notifier._max_seq)  # type: ignore[union-attr]
+        except Exception:
+            ok = False
+        return JSONResponse({"ok": ok, "listening": bool(self.notifier and self.notifier.connected)},
+                            status_code=200 if ok else 503)
+
+    async def changes(self, request: Request) -> Response:
+        s = self.settings
+        try:
+            _, partitions = _authorize(request, s.verifier)
+            cursor = _int(request, "cursor", None, 0, 2**63 - 1)
+            limit = _int(request, "limit", s.default_limit, 1, min(s.max_limit, MAX_LIMIT))
+            spaces = _spaces(request, s.spaces)
+            live = _bool(request, "live")
+            wait = _int(request, "wait", int(min(25, s.max_wait)), 0, int(s.max_wait)) if live else 0
+        except _Denied as denied:
+            return denied.response
+        except BadRequest as exc:
+            return _error(400, "bad_request", str(exc))
+        assert self.notifier is not None
+        key = (partitions, cursor, limit, spaces)
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                answer = await self._shared_read(key)
+                page = answer.page
+                remaining = deadline - time.monotonic()
+                if page.entries or page.has_more or remaining <= 0:
+                    break
+                if not await self.notifier.wait_beyond(page.next_cursor, partitions, remaining):
+                    break
+        except ResyncRequired as exc:
+            return _error(410, "resync_required", str(exc), horizon=exc.horizon, cursor=exc.cursor)
+        except _Ahead as exc:
+            return _error(409, "resync_required", str(exc), cursor=exc.cursor, end=exc.end)
+        except ValidationError as exc:
+            return _error(400, "bad_request", str(exc))
+        except _UNAVAILABLE as exc:
+            return _unavailable(exc)
+        headers = {CURSOR_HEADER: str(page.next_cursor), "cache-control": "no-store",
+                   "vary": "accept-encoding"}
+        body = answer.body
+        if answer.gzipped is not None and accepts_gzip(request.headers.get("accept-encoding")):
+            body, headers["content-encoding"] = answer.gzipped, "gzip"
+        return Response(body, media_type=MEDIA_TYPE, headers=headers)
+
+    async def _shared_read(self, key: tuple) -> _Answer:
+        """Read and encode one page; identical requests in flight at once share one read
+        (a thousand devices of one partition woken by one change cost one query)."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(run_in_threadpool(self._answer, *key))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: (self._inflight.pop(key, None),
+                                              t.cancelled() or t.exception()))
+        return await asyncio.shield(task)
+
+    def _answer(self, partitions, cursor, limit, spaces) -> _Answer:
+        page = self._page(partitions, cursor, limit, spaces)
+        body = encode_page(page)
+        return _Answer(page, body, gzip_body(body))
+
+    async def snapshot(self, request: Request) -> Response:
+        s = self.settings
+        try:
+            _, partitions = _authorize(request, s.verifier)
+            spaces = _spaces(request, s.spaces)
+        except _Denied as denied:
+            return denied.response
+        except BadRequest as exc:
+            return _error(400, "bad_request", str(exc))
+        try:
+            path, cursor = await run_in_threadpool(self._export, partitions, spaces)
+        except ValidationError as exc:
+            return _error(400, "bad_request", str(exc))
+        except _UNAVAILABLE as exc:
+            return _unavailable(exc)
+        size = os.path.getsize(path)
+        gzip_ok = "gzip" in request.headers.get("accept-encoding", "").lower()
+        headers = {CURSOR_HEADER: str(cursor), "cache-control": "no-store",
+                   "slipstream-shard-bytes": str(size), "vary": "accept-encoding"}
+        if gzip_ok:
+            headers["content-encoding"] = "gzip"
+        else:
+            headers["content-length"] = str(size)
+        file = await run_in_threadpool(open, path, "rb")  # closed by _file_chunks
+        _unlink(path)  # the open file keeps the data; nothing is left behind on disconnect
+        return StreamingResponse(_file_chunks(file, gzip_ok), media_type=SHARD_MEDIA_TYPE,
+                                 headers=headers)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/healthz", self.healthz),
+            Route("/v1/changes", self.changes),
+            Route("/v1/snapshot", self.snapshot),
+        ], lifespan=self.lifespan)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    page: Page
+    body: bytes
+    gzipped: bytes | None
+
+
+class _Ahead(Exception):
+    def __init__(self, cursor: int, end: int) -> None:
+        self.cursor, self.end = cursor, end
+        super().__init__(f"cursor {cursor} is beyond the end of the change log ({end}): the "
+                         "server's log was reset or restored; take a new snapshot")
+
+
+async def _file_chunks(f: BinaryIO, compress: bool) -> AsyncIterator[bytes]:
+    z = zlib.compressobj(SNAPSHOT_GZIP_LEVEL, zlib.DEFLATED, 31) if compress else None
+    with f:
+        while True:
+            chunk = await run_in_threadpool(f.read, CHUNK)
+            if not chunk:
+                break
+            if z is None:
+                yield chunk
+            else:
+                out = await run_in_threadpool(z.compress, chunk)
+                if out:
+                    yield out
+    if z is not None:
+        yield z.flush()
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def create_app(settings: ServerSettings) -> Starlette:
+    """The ASGI app for `settings` (run it with uvicorn, or `slipstream serve`)."""
+    return SyncServer(settings).app()

@@ -1,0 +1,145 @@
+"""Shard export: one snapshot, the server's terms and only the requested spaces, a cursor
+that pages continue from, and the same ranking as the server."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+
+import psycopg
+import pytest
+from slipstream.index import HashingEmbedder, SearchIndex
+from slipstream.index.errors import UnknownSpaceError
+from slipstream.shardsync.export import export_shard
+from slipstream.shardsync.reader import changes_since
+from slipstream.shardsync.shard import apply_page, open_shard, shard_cursor, shard_partitions
+
+from .shardsync_helpers import (
+    DIM,
+    LogWriter,
+    assert_same_search,
+    doc,
+    random_doc,
+    server_rows,
+    shard_rows,
+)
+from .shardsync_helpers import doc as doc_
+
+
+@pytest.fixture
+def writer(pg_dsn: str):
+    w = LogWriter(pg_dsn)
+    yield w
+    w.close()
+
+
+def test_export_carries_the_partition_as_the_server_stores_it(writer: LogWriter, pg_dsn: str,
+                                                             tmp_path) -> None:
+    rng = random.Random(7)
+    writer.apply([random_doc(rng, str(i), ["A", "B"]) for i in range(80)])
+    writer.apply([random_doc(rng, str(i), ["A", "B"]) for i in range(0, 80, 3)])  # updates, moves
+    last = writer.apply(deletes=[("note", str(i), "leaf") for i in range(0, 80, 7)]
+                        + [("task", str(i), "leaf") for i in range(0, 80, 7)])
+    path = tmp_path / "a.db"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        cursor = export_shard(conn, "slipstream", ["A"], path, spaces=["local"])
+    assert cursor == last
+    assert not [p for p in tmp_path.iterdir() if p.name != "a.db"]  # no temporary file left
+    shard = open_shard(path)
+    assert shard_cursor(shard) == cursor and shard_partitions(shard) == ("A",)
+    assert shard.spaces == {"local": DIM}  # not the server's other space
+    expected = server_rows(pg_dsn, ["A"], ["local"])
+    assert len(expected) > 20
+    assert shard_rows(shard) == expected
+    (dead,) = shard.connection.execute("SELECT count(*) FROM docs WHERE deleted = 1").fetchone()
+    assert dead == 0
+    assert assert_same_search(writer.index, SearchIndex(shard, HashingEmbedder(DIM)), "A") > 50
+    shard.close()
+
+
+def test_a_lexical_only_export_and_several_partitions(writer: LogWriter, pg_dsn: str, tmp_path) -> None:
+    writer.apply([doc("1", "A", "apple"), doc("2", "B", "banana"), doc("3", "C", "cherry")])
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        export_shard(conn, "slipstream", ["B", "A"], tmp_path / "ab.db", spaces=())
+        with pytest.raises(UnknownSpaceError):
+            export_shard(conn, "slipstream", ["A"], tmp_path / "x.db", spaces=["nope"])
+    assert not (tmp_path / "x.db").exists()
+    shard = open_shard(tmp_path / "ab.db")
+    assert shard.spaces == {} and shard_partitions(shard) == ("A", "B")
+    assert {k[1] for k in shard_rows(shard)} == {"1", "2"}
+    (n,) = shard.connection.execute("SELECT count(*) FROM vectors").fetchone()
+    assert n == 0
+    shard.close()
+
+
+def test_export_replaces_an_existing_file_whole(writer: LogWriter, pg_dsn: str, tmp_path) -> None:
+    path = tmp_path / "a.db"
+    path.write_bytes(b"an older shard")
+    writer.apply([doc("1", "A", "apple")])
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        export_shard(conn, "slipstream", "A", path)
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert set(shard_rows(open_shard(path))) == {("note", "1", "leaf")}
+
+
+def test_a_concurrent_writer_never_splits_the_snapshot(writer: LogWriter, pg_dsn: str, tmp_path) -> None:
+    """Each write transaction sets rows `a` and `b` to the same version. Whatever moment the
+    export's snapshot falls on, both rows carry one version, and the cursor is that
+    transaction's last seq; pages from it then bring the shard to the end state."""
+    writer.apply([doc(str(i), "A", "filler") for i in range(300)])  # something to stream
+    stop = threading.Event()
+    versions: dict[int, int] = {}
+
+    def write() -> None:
+        w = LogWriter(pg_dsn)
+        try:
+            v = 0
+            while not stop.is_set():
+                v += 1
+                versions[w.apply([doc("a", "A", f"v{v}"), doc("b", "A", f"v{v}")])] = v
+        finally:
+            w.close()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        seen = []
+        for round_ in range(6):
+            path = tmp_path / f"s{round_}.db"
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                cursor = export_shard(conn, "slipstream", ["A"], path, spaces=["local"])
+            shard = open_shard(path)
+            a, b = shard.get("note", "a"), shard.get("note", "b")
+            if a is not None:
+                assert a["title"].split()[-1] == b["title"].split()[-1] == f"v{versions[cursor]}"
+                seen.append(versions[cursor])
+            shard.close()
+    finally:
+        stop.set()
+        thread.join()
+    assert len(set(seen)) >= 2  # the snapshots fell between different writes
+    shard = open_shard(path)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        while True:
+            page = changes_since(conn, "slipstream", ["A"], shard_cursor(shard), 50, ["local"])
+            apply_page(shard, page)
+            if not page.has_more:
+                break
+    assert shard_rows(shard) == server_rows(pg_dsn, ["A"], ["local"])
+    shard.close()
+
+
+def test_every_meta_key_of_an_exported_shard_is_documented(writer: LogWriter, pg_dsn: str,
+                                                           tmp_path) -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "shard-format.md").read_text()
+    writer.apply([doc_("1", "A", "apple")])
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        export_shard(conn, "slipstream", "A", tmp_path / "a.db")
+    keys = [k for (k,) in sqlite3.connect(tmp_path / "a.db").execute("SELECT key FROM meta")]
+    assert {"cursor", "partitions", "format_version", "analyzer", "generation"} <= set(keys)
+    assert all(f"`{k}`" in doc for k in keys)
+    page_size = sqlite3.connect(tmp_path / "a.db").execute("PRAGMA page_size").fetchone()[0]
+    assert f"{page_size // 1024} KiB pages" in doc
