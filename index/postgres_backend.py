@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Filters, PreparedDoc, Retrieved, Scope, check_vector
+from .backend import Filters, PreparedDoc, Retrieved, Scope, StoredRow, check_vector
 from .doc import DocKey, check_identifier
-from .errors import ConfigurationError, MissingDependencyError
+from .errors import ConfigurationError, EmbedderChangedError, MissingDependencyError
 from .pg_migrations import apply_migrations
 from .ranking import CANDIDATE_MARGIN, LexicalCandidate, ScopeStats, bm25_rank
 
@@ -78,6 +78,25 @@ CREATE INDEX docs_attrs ON {s}.docs USING gin (attrs jsonb_path_ops);
     (2, "term counts stored inline", """
 ALTER TABLE {s}.docs ALTER COLUMN tf SET STORAGE MAIN;
 """),
+    # Re-embed only what changed: per row, a fingerprint of what devices see and the hash
+    # of the text embedded per space; the last embedding error of a pending row; the
+    # embedder each space was filled with; a content-hash cache of vectors.
+    (3, "embedding reuse", """
+ALTER TABLE {s}.docs ADD COLUMN doc_hash text,
+    ADD COLUMN embed_hashes jsonb NOT NULL DEFAULT '{{}}',
+    ADD COLUMN pending_error text;
+ALTER TABLE {s}.spaces ADD COLUMN embedder text, ADD COLUMN next_embedder text;
+CREATE TABLE {s}.embed_cache (
+    space text NOT NULL,
+    embedder text NOT NULL,
+    text_hash text NOT NULL,
+    vector bytea NOT NULL,
+    used_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (space, embedder, text_hash)
+);
+CREATE INDEX embed_cache_lru ON {s}.embed_cache (space, used_at);
+CREATE INDEX docs_pending ON {s}.docs (id) WHERE pending_spaces <> '{{}}' AND NOT deleted;
+"""),
 ]
 
 
@@ -94,7 +113,8 @@ class PostgresBackend:
     def __init__(self, conninfo: str | ConnectionPool, *, schema: str = "slipstream",
                  spaces: Mapping[str, int] | None = None, exact_limit: int = DEFAULT_EXACT_LIMIT,
                  ef_search: int = 100, iterative_scan: bool = True, hnsw: bool = True,
-                 create_schema: bool = True, pool_size: int = 4) -> None:
+                 create_schema: bool = True, pool_size: int = 4,
+                 cache_max_rows: int = 100_000) -> None:
         self.schema = check_identifier(schema, "schema")
         self.spaces: dict[str, int] = {}
         for name, dim in (spaces or {}).items():
@@ -106,6 +126,8 @@ class PostgresBackend:
         self.ef_search = ef_search
         self.iterative_scan = iterative_scan
         self.hnsw = hnsw
+        self.cache_max_rows = cache_max_rows  # per space; 0 turns the content-hash cache off
+        self._cache_rows: dict[str, int] = {}
         self._s = sql.Identifier(self.schema)
         self._staged_on: dict[int, psycopg.Connection] = {}  # connections with a staging table
         if isinstance(conninfo, ConnectionPool):
@@ -197,10 +219,16 @@ class PostgresBackend:
     # -- writes ---------------------------------------------------------------------------
 
     def write(self, docs: Sequence[PreparedDoc], conn: psycopg.Connection | None = None) -> None:
-        """Upsert prepared rows in one transaction (or inside the caller's, given `conn`)."""
+        """Upsert prepared rows in one transaction (or inside the caller's, given `conn`).
+
+        Rows marked `unchanged` are skipped. A space listed in a row's `keep` keeps the
+        vector stored for the same text (decided against the stored text hash, in SQL).
+        """
         spaces = list(self.spaces)
         rows = []
         for p in docs:
+            if p.unchanged:
+                continue
             d = p.doc
             vectors = [check_vector(s, self.spaces, p.vectors[s]) if p.vectors.get(s) is not None
                        else None for s in spaces]
@@ -208,7 +236,7 @@ class PostgresBackend:
                 d.object_type, d.object_id, d.node_kind, d.partition, d.title, d.body,
                 Jsonb(list(d.keywords)), Jsonb(d.payload), Jsonb(d.attrs), d.source_updated_at,
                 Jsonb(p.lexical.tf), p.lexical.terms, p.lexical.len_title, p.lexical.len_body,
-                list(p.pending), *vectors,
+                list(p.pending), p.fingerprint, Jsonb(dict(p.hashes)), p.error, *vectors,
             ))
         if not rows:
             return
@@ -217,17 +245,25 @@ class PostgresBackend:
             sql.Identifier(c) for c in (
                 "object_type", "object_id", "node_kind", "partition", "title", "body", "keywords",
                 "payload", "attrs", "source_updated_at", "tf", "tsv", "len_title", "len_body",
-                "pending_spaces")
+                "pending_spaces", "doc_hash", "embed_hashes", "pending_error")
         ] + emb_cols)
         values = sql.SQL(", ").join(
             [sql.Placeholder()] * 11 + [sql.SQL("array_to_tsvector(%s::text[])")]
-            + [sql.Placeholder()] * (3 + len(spaces)))
-        updates = sql.SQL(", ").join(
+            + [sql.Placeholder()] * (6 + len(spaces)))
+        # Same text as stored (and not pending): keep the stored vector; nothing was sent.
+        keeps = [sql.SQL(
+            "{c} = CASE WHEN excluded.{c} IS NULL AND NOT cur.deleted "
+            "AND NOT ({n} = ANY(excluded.pending_spaces)) "
+            "AND excluded.embed_hashes ->> {n} = cur.embed_hashes ->> {n} "
+            "THEN cur.{c} ELSE excluded.{c} END").format(
+                c=sql.Identifier(f"emb_{sp}"), n=sql.Literal(sp)) for sp in spaces]
+        updates = sql.SQL(", ").join([
             sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c)) for c in (
                 "partition", "title", "body", "keywords", "payload", "attrs", "source_updated_at",
-                "tf", "tsv", "len_title", "len_body", "pending_spaces", *[f"emb_{s}" for s in spaces]))
+                "tf", "tsv", "len_title", "len_body", "pending_spaces", "doc_hash", "embed_hashes",
+                "pending_error")] + keeps)
         stmt = sql.SQL(
-            "INSERT INTO {s}.docs ({columns}) VALUES ({values}) "
+            "INSERT INTO {s}.docs AS cur ({columns}) VALUES ({values}) "
             "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
             "deleted = false, updated_at = now()"
         ).format(s=self._s, columns=columns, values=values, updates=updates)
@@ -237,28 +273,31 @@ class PostgresBackend:
                     cur.executemany(stmt, rows)
                 return
             # Large batches: binary COPY into a session staging table, then one upsert.
-            stage = sql.Identifier(f"slipstream_stage_{self.schema}")
+            stage = sql.Identifier(f"slipstream_stage2_{self.schema}")
             if self._staged_on.get(id(c)) is not c:
                 c.execute(sql.SQL(
                     "CREATE TEMP TABLE IF NOT EXISTS {t} (object_type text, object_id text, "
                     "node_kind text, partition text, title text, body text, keywords jsonb, "
                     "payload jsonb, attrs jsonb, source_updated_at timestamptz, tf jsonb, "
-                    "terms text[], len_title int, len_body int, pending_spaces text[]{vecs}) "
+                    "terms text[], len_title int, len_body int, pending_spaces text[], "
+                    "doc_hash text, embed_hashes jsonb, pending_error text{vecs}) "
                     "ON COMMIT DELETE ROWS").format(t=stage, vecs=sql.SQL("").join(
                         sql.SQL(", {c} vector({d})").format(c=sql.Identifier(f"emb_{sp}"),
                                                             d=sql.Literal(self.spaces[sp]))
                         for sp in spaces)))
                 self._staged_on[id(c)] = c
             types = ["text"] * 6 + ["jsonb"] * 3 + ["timestamptz", "jsonb", "text[]", "int4", "int4",
-                                                      "text[]"] + ["vector"] * len(spaces)
+                                                      "text[]", "text", "jsonb", "text"
+                                                      ] + ["vector"] * len(spaces)
             with c.cursor().copy(sql.SQL("COPY {t} FROM STDIN (FORMAT BINARY)").format(t=stage)) as copy:
                 copy.set_types(types)
                 for row in rows:
                     copy.write_row(row)
             c.execute(sql.SQL(
-                "INSERT INTO {s}.docs ({columns}) SELECT object_type, object_id, node_kind, partition, "
-                "title, body, keywords, payload, attrs, source_updated_at, tf, array_to_tsvector(terms), "
-                "len_title, len_body, pending_spaces{vecs} FROM {t} "
+                "INSERT INTO {s}.docs AS cur ({columns}) SELECT object_type, object_id, node_kind, "
+                "partition, title, body, keywords, payload, attrs, source_updated_at, tf, "
+                "array_to_tsvector(terms), len_title, len_body, pending_spaces, doc_hash, "
+                "embed_hashes, pending_error{vecs} FROM {t} "
                 "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
                 "deleted = false, updated_at = now()").format(
                     s=self._s, columns=columns, t=stage, updates=updates,
@@ -272,7 +311,8 @@ class PostgresBackend:
         return sql.SQL(
             "deleted = true, title = '', body = '', keywords = '[]', payload = '{{}}', "
             "attrs = '{{}}', tf = '{{}}', tsv = '', len_title = 0, len_body = 0, "
-            "pending_spaces = '{{}}', updated_at = now(){nulls}").format(nulls=nulls)
+            "pending_spaces = '{{}}', doc_hash = NULL, embed_hashes = '{{}}', pending_error = NULL, "
+            "updated_at = now(){nulls}").format(nulls=nulls)
 
     def delete(self, object_type: str, object_id: str, node_kind: str | None = None,
                conn: psycopg.Connection | None = None) -> int:
@@ -299,15 +339,124 @@ class PostgresBackend:
             return c.execute(stmt, [list(cols[0]), list(cols[1]), list(cols[2])]).rowcount
 
     def set_vectors(self, space: str, rows: Sequence[tuple[DocKey, Any]],
-                    conn: psycopg.Connection | None = None) -> None:
-        """Fill one space's vectors for existing rows and clear that space's pending mark."""
+                    conn: psycopg.Connection | None = None,
+                    hashes: Sequence[str | None] | None = None) -> int:
+        """Fill one space's vectors for existing rows and clear that space's pending mark.
+
+        With `hashes` (the hash of the text each vector embeds, by position), a row is
+        filled only if its stored text hash is still that one (a newer write wins), and
+        the hash is recorded. Returns how many rows were filled.
+        """
         checked = [(key, check_vector(space, self.spaces, v)) for key, v in rows]
+        hs = list(hashes) if hashes is not None else [None] * len(checked)
         stmt = sql.SQL(
             "UPDATE {s}.docs SET {col} = %s, pending_spaces = array_remove(pending_spaces, %s), "
-            "updated_at = now() WHERE object_type = %s AND object_id = %s AND node_kind = %s "
-            "AND NOT deleted").format(s=self._s, col=sql.Identifier(f"emb_{space}"))
+            "pending_error = CASE WHEN cardinality(array_remove(pending_spaces, %s)) = 0 THEN NULL "
+            "ELSE pending_error END, "
+            "embed_hashes = CASE WHEN %s::text IS NULL THEN embed_hashes "
+            "ELSE embed_hashes || jsonb_build_object(%s::text, %s::text) END, updated_at = now() "
+            "WHERE object_type = %s AND object_id = %s AND node_kind = %s AND NOT deleted "
+            "AND (%s::text IS NULL OR coalesce(embed_hashes ->> %s, %s) = %s)"
+        ).format(s=self._s, col=sql.Identifier(f"emb_{space}"))
+        params = [(v if np.any(v) else None, space, space, h, space, h, *key, h, space, h, h)
+                  for (key, v), h in zip(checked, hs)]
         with self._writing(conn) as c, c.cursor() as cur:
-            cur.executemany(stmt, [(v if np.any(v) else None, space, *key) for key, v in checked])
+            cur.executemany(stmt, params, returning=False)
+            return cur.rowcount if len(params) == 1 else len(params)
+
+    def set_pending_error(self, keys: Sequence[DocKey], error: str,
+                          conn: psycopg.Connection | None = None) -> None:
+        """Record why the rows' pending embeddings failed again (the last error wins)."""
+        if not keys:
+            return
+        cols = list(zip(*keys))
+        with self._writing(conn) as c:
+            c.execute(sql.SQL(
+                "UPDATE {s}.docs AS d SET pending_error = %s "
+                "FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
+                "WHERE d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n"
+            ).format(s=self._s), [error[:2000], list(cols[0]), list(cols[1]), list(cols[2])])
+
+    # -- embedding state: what rows hold, the content-hash cache, the embedder per space --
+
+    def stored_state(self, keys: Sequence[DocKey]) -> dict[DocKey, StoredRow]:
+        """Fingerprint, text hashes, pending spaces and tombstone flag of the rows that exist."""
+        if not keys:
+            return {}
+        cols = list(zip(*keys))
+        with self.connection() as c:
+            rows = c.execute(sql.SQL(
+                "SELECT d.object_type, d.object_id, d.node_kind, d.doc_hash, d.embed_hashes, "
+                "d.pending_spaces, d.deleted FROM {s}.docs d "
+                "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
+                "ON d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n"
+            ).format(s=self._s), [list(cols[0]), list(cols[1]), list(cols[2])]).fetchall()
+        return {(r[0], r[1], r[2]): StoredRow(r[3], r[4] or {}, tuple(r[5] or ()), bool(r[6]))
+                for r in rows}
+
+    def cache_get(self, space: str, embedder: str, hashes: Sequence[str]) -> dict[str, np.ndarray]:
+        """Cached vectors by text hash (and mark them used, for LRU eviction)."""
+        if not hashes or self.cache_max_rows <= 0:
+            return {}
+        with self.connection() as c:
+            rows = c.execute(sql.SQL(
+                "UPDATE {s}.embed_cache SET used_at = now() WHERE space = %s AND embedder = %s "
+                "AND text_hash = ANY(%s) RETURNING text_hash, vector").format(s=self._s),
+                (space, embedder, list(hashes))).fetchall()
+        dim = self.spaces[space]
+        out = {}
+        for h, blob in rows:
+            vec = np.frombuffer(blob, dtype="<f4")
+            if vec.shape == (dim,):
+                out[h] = vec.astype(np.float32)
+        return out
+
+    def cache_put(self, space: str, embedder: str, vectors: Mapping[str, np.ndarray]) -> None:
+        """Remember vectors by text hash; past `cache_max_rows` per space, the least
+        recently used tenth goes."""
+        if not vectors or self.cache_max_rows <= 0:
+            return
+        hs = list(vectors)
+        blobs = [np.asarray(vectors[h], dtype="<f4").tobytes() for h in hs]
+        with self._writing(None) as c:
+            added = c.execute(sql.SQL(
+                "INSERT INTO {s}.embed_cache (space, embedder, text_hash, vector) "
+                "SELECT %s, %s, h, v FROM unnest(%s::text[], %s::bytea[]) AS x(h, v) "
+                "ON CONFLICT (space, embedder, text_hash) DO UPDATE SET vector = excluded.vector, "
+                "used_at = now()").format(s=self._s), (space, embedder, hs, blobs)).rowcount
+            size = self._cache_rows.get(space)
+            if size is None:
+                (size,) = c.execute(sql.SQL(
+                    "SELECT count(*) FROM {s}.embed_cache WHERE space = %s").format(s=self._s),
+                    (space,)).fetchone()
+            else:
+                size += max(added, 0)
+            if size > self.cache_max_rows:
+                drop = size - self.cache_max_rows + self.cache_max_rows // 10
+                c.execute(sql.SQL(
+                    "DELETE FROM {s}.embed_cache WHERE (space, embedder, text_hash) IN ("
+                    "SELECT space, embedder, text_hash FROM {s}.embed_cache WHERE space = %s "
+                    "ORDER BY used_at LIMIT %s)").format(s=self._s), (space, drop))
+                (size,) = c.execute(sql.SQL(
+                    "SELECT count(*) FROM {s}.embed_cache WHERE space = %s").format(s=self._s),
+                    (space,)).fetchone()
+            self._cache_rows[space] = int(size)
+
+    def record_embedders(self, ids: Mapping[str, str]) -> None:
+        """Record the embedder of each space on first use; refuse a different one."""
+        with self._writing(None) as c:
+            for space, eid in ids.items():
+                row = c.execute(self._q(
+                    "SELECT embedder, next_embedder FROM {s}.spaces WHERE name = %s FOR UPDATE"),
+                    (space,)).fetchone()
+                if row is None:
+                    continue
+                current, upcoming = row
+                if current is None:
+                    c.execute(self._q("UPDATE {s}.spaces SET embedder = %s WHERE name = %s"),
+                              (eid, space))
+                elif current != eid:
+                    raise EmbedderChangedError(space, current, eid, upcoming)
 
     # -- reads ----------------------------------------------------------------------------
 
