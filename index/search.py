@@ -312,9 +312,7 @@ class SearchIndex:
                 return None
             try:
                 vec = check_vector(space, self.backend.spaces, np.asarray(embedder.embed([query]))[0])
-            except ValidationError:
-                raise
-            except Exception as exc:  # the lexical channel still answers
+            except Exception as exc:  # outage or wrong shape: the lexical channel still answers
                 log.warning("query embedding failed for space %s: %s", space, exc)
                 return None
         return _nonzero(vec)
