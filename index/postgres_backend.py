@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Filters, PreparedDoc, Retrieved, Scope, StoredRow, check_vector
+from .backend import Filters, PreparedDoc, Retrieved, Scope, check_vector
 from .doc import DocKey, check_identifier
-from .errors import ConfigurationError, EmbedderChangedError, MissingDependencyError
+from .errors import ConfigurationError, MissingDependencyError
 from .pg_migrations import apply_migrations
 from .ranking import CANDIDATE_MARGIN, LexicalCandidate, ScopeStats, bm25_rank
 
@@ -41,6 +41,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise MissingDependencyError(
         "PostgresBackend requires the 'server' extra: pip install 'slipstream[server]'"
     ) from exc
+
+from .pg_embedding import EmbeddingState  # noqa: E402 - needs psycopg, checked just above
 
 DEFAULT_EXACT_LIMIT = 20_000
 COPY_THRESHOLD = 64  # batches at least this large are written through a binary COPY
@@ -105,7 +107,7 @@ def tsquery_any(terms: Sequence[str]) -> str:
     return " | ".join("'" + t.replace("\\", "\\\\").replace("'", "''") + "'" for t in terms)
 
 
-class PostgresBackend:
+class PostgresBackend(EmbeddingState):
     """The search table in Postgres. `conninfo` is a DSN or an open `ConnectionPool`."""
 
     requires_scope = True
@@ -363,100 +365,6 @@ class PostgresBackend:
         with self._writing(conn) as c, c.cursor() as cur:
             cur.executemany(stmt, params, returning=False)
             return cur.rowcount if len(params) == 1 else len(params)
-
-    def set_pending_error(self, keys: Sequence[DocKey], error: str,
-                          conn: psycopg.Connection | None = None) -> None:
-        """Record why the rows' pending embeddings failed again (the last error wins)."""
-        if not keys:
-            return
-        cols = list(zip(*keys))
-        with self._writing(conn) as c:
-            c.execute(sql.SQL(
-                "UPDATE {s}.docs AS d SET pending_error = %s "
-                "FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
-                "WHERE d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n"
-            ).format(s=self._s), [error[:2000], list(cols[0]), list(cols[1]), list(cols[2])])
-
-    # -- embedding state: what rows hold, the content-hash cache, the embedder per space --
-
-    def stored_state(self, keys: Sequence[DocKey]) -> dict[DocKey, StoredRow]:
-        """Fingerprint, text hashes, pending spaces and tombstone flag of the rows that exist."""
-        if not keys:
-            return {}
-        cols = list(zip(*keys))
-        with self.connection() as c:
-            rows = c.execute(sql.SQL(
-                "SELECT d.object_type, d.object_id, d.node_kind, d.doc_hash, d.embed_hashes, "
-                "d.pending_spaces, d.deleted FROM {s}.docs d "
-                "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
-                "ON d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n"
-            ).format(s=self._s), [list(cols[0]), list(cols[1]), list(cols[2])]).fetchall()
-        return {(r[0], r[1], r[2]): StoredRow(r[3], r[4] or {}, tuple(r[5] or ()), bool(r[6]))
-                for r in rows}
-
-    def cache_get(self, space: str, embedder: str, hashes: Sequence[str]) -> dict[str, np.ndarray]:
-        """Cached vectors by text hash (and mark them used, for LRU eviction)."""
-        if not hashes or self.cache_max_rows <= 0:
-            return {}
-        with self.connection() as c:
-            rows = c.execute(sql.SQL(
-                "UPDATE {s}.embed_cache SET used_at = now() WHERE space = %s AND embedder = %s "
-                "AND text_hash = ANY(%s) RETURNING text_hash, vector").format(s=self._s),
-                (space, embedder, list(hashes))).fetchall()
-        dim = self.spaces[space]
-        out = {}
-        for h, blob in rows:
-            vec = np.frombuffer(blob, dtype="<f4")
-            if vec.shape == (dim,):
-                out[h] = vec.astype(np.float32)
-        return out
-
-    def cache_put(self, space: str, embedder: str, vectors: Mapping[str, np.ndarray]) -> None:
-        """Remember vectors by text hash; past `cache_max_rows` per space, the least
-        recently used tenth goes."""
-        if not vectors or self.cache_max_rows <= 0:
-            return
-        hs = list(vectors)
-        blobs = [np.asarray(vectors[h], dtype="<f4").tobytes() for h in hs]
-        with self._writing(None) as c:
-            added = c.execute(sql.SQL(
-                "INSERT INTO {s}.embed_cache (space, embedder, text_hash, vector) "
-                "SELECT %s, %s, h, v FROM unnest(%s::text[], %s::bytea[]) AS x(h, v) "
-                "ON CONFLICT (space, embedder, text_hash) DO UPDATE SET vector = excluded.vector, "
-                "used_at = now()").format(s=self._s), (space, embedder, hs, blobs)).rowcount
-            size = self._cache_rows.get(space)
-            if size is None:
-                (size,) = c.execute(sql.SQL(
-                    "SELECT count(*) FROM {s}.embed_cache WHERE space = %s").format(s=self._s),
-                    (space,)).fetchone()
-            else:
-                size += max(added, 0)
-            if size > self.cache_max_rows:
-                drop = size - self.cache_max_rows + self.cache_max_rows // 10
-                c.execute(sql.SQL(
-                    "DELETE FROM {s}.embed_cache WHERE (space, embedder, text_hash) IN ("
-                    "SELECT space, embedder, text_hash FROM {s}.embed_cache WHERE space = %s "
-                    "ORDER BY used_at LIMIT %s)").format(s=self._s), (space, drop))
-                (size,) = c.execute(sql.SQL(
-                    "SELECT count(*) FROM {s}.embed_cache WHERE space = %s").format(s=self._s),
-                    (space,)).fetchone()
-            self._cache_rows[space] = int(size)
-
-    def record_embedders(self, ids: Mapping[str, str]) -> None:
-        """Record the embedder of each space on first use; refuse a different one."""
-        with self._writing(None) as c:
-            for space, eid in ids.items():
-                row = c.execute(self._q(
-                    "SELECT embedder, next_embedder FROM {s}.spaces WHERE name = %s FOR UPDATE"),
-                    (space,)).fetchone()
-                if row is None:
-                    continue
-                current, upcoming = row
-                if current is None:
-                    c.execute(self._q("UPDATE {s}.spaces SET embedder = %s WHERE name = %s"),
-                              (eid, space))
-                elif current != eid:
-                    raise EmbedderChangedError(space, current, eid, upcoming)
 
     # -- reads ----------------------------------------------------------------------------
 
