@@ -5,8 +5,8 @@ vectors: `HashingEmbedder(dim)` of the text, rolled by an amount that depends on
 model, so two models give different vectors for the same text while texts keep their
 similarities within a model. Faults are scripted: `script` is a list of answers used
 one per request before normal service resumes ("429:<retry-after>", "503", "hang",
-"wrong_shape", "ok"), and `mode` applies to every request while set (e.g. "503" for
-an outage). `latency` adds service time to each request.
+"wrong_shape", "ok"), `mode` applies to every request while set (e.g. "503" for
+an outage), and `fault_every` = n makes every n-th request answer `fault`. `latency` adds service time to each request.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class FakeEmbeddings:
         self.latency = latency
         self.mode: str | None = None
         self.script: list[str] = []
+        self.fault_every = 0  # when > 0, every n-th request answers `fault` instead
+        self.fault = "429:0.05"
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.in_flight = 0
@@ -47,6 +49,8 @@ class FakeEmbeddings:
                 with fake.lock:
                     fake.requests.append({"auth": self.headers.get("Authorization"), **body})
                     action = fake.script.pop(0) if fake.script else (fake.mode or "ok")
+                    if fake.fault_every and len(fake.requests) % fake.fault_every == 0:
+                        action = fake.fault
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                 try:
