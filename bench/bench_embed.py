@@ -3,7 +3,8 @@
     python bench/bench_embed.py                  # 2,000 rows, 1,000 updates, 20 ms service time
     python bench/bench_embed.py --rows 5000 --latency-ms 50 --fault-every 5
 
-A local fake OpenAI-compatible endpoint (tests/fake_openai.py) answers each request
+A local fake OpenAI-compatible endpoint (tests/fake_openai.py, in a process of its
+own so that it does not compete for the worker's GIL) answers each request
 after `--latency-ms` of service time, and every `--fault-every`-th request with 429
 and ``Retry-After: 0.05``. The worker runs from a TOML configuration with an HTTP
 embedder (`batch_size` 32) on an embedded PostgreSQL.
@@ -41,7 +42,9 @@ from slipstream.worker.app import Worker
 from slipstream.worker.config import load_config
 from slipstream.worker.embedded import EmbeddedPostgres
 from slipstream.worker.lsn import parse_lsn
-from tests.fake_openai import FakeEmbeddings
+import json
+import subprocess
+import urllib.request
 
 DIM = 256
 CONFIG = """
@@ -74,6 +77,38 @@ attrs = ["tenant"]
 
 class OverLimit(Exception):
     pass
+
+
+class FakeService:
+    """tests/fake_openai.py in a subprocess; `requests()` reads its counters over HTTP."""
+
+    def __init__(self, model: str, dim: int, latency: float, fault_every: int) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fake_openai", model, str(dim), str(latency), str(fault_every)],
+            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url:
+            self.close()
+            raise RuntimeError("the fake embedding service did not start")
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(self.url, timeout=10) as r:
+            return json.loads(r.read())
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> FakeService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def make_db(server: EmbeddedPostgres, name: str) -> str:
@@ -139,13 +174,13 @@ def change_count(dsn: str) -> int:
         return int(conn.execute("SELECT count(*) FROM slipstream.changes").fetchone()[0])
 
 
-def throughput(server, fake: FakeEmbeddings, rows: int, concurrency: int, limit: float,
+def throughput(server, fake: FakeService, rows: int, concurrency: int, limit: float,
                table: list) -> tuple[Worker, str] | None:
     dsn = make_db(server, f"bench_embed_c{concurrency}")
     worker = worker_for(dsn, fake.url, concurrency)
     worker.setup()
     load(dsn, rows)
-    before = len(fake.requests)
+    before = fake.stats()["requests"]
     try:
         seconds = catch_up(worker, dsn, limit)
     except OverLimit as exc:
@@ -156,12 +191,12 @@ def throughput(server, fake: FakeEmbeddings, rows: int, concurrency: int, limit:
     retries = sample(worker, "embed_retries_total", space="server", reason="429")
     table.append((f"Apply {rows:,} inserts, {concurrency} concurrent request(s)",
                   f"{rows / seconds:,.0f} rows/s",
-                  f"{len(fake.requests) - before:,} requests, {retries:.0f} retried after 429",
+                  f"{fake.stats()['requests'] - before:,} requests, {retries:.0f} retried after 429",
                   f"{seconds:.1f} s"))
     return worker, dsn
 
 
-def updates(worker: Worker, dsn: str, fake: FakeEmbeddings, rows: int, limit: float,
+def updates(worker: Worker, dsn: str, fake: FakeService, rows: int, limit: float,
             table: list) -> None:
     rng = random.Random(7)
     sent, logged = embedded(worker), change_count(dsn)
@@ -181,7 +216,7 @@ def updates(worker: Worker, dsn: str, fake: FakeEmbeddings, rows: int, limit: fl
                   f"{change_count(dsn) - logged:,} change-log entries", f"{seconds:.1f} s"))
 
 
-def cache(worker: Worker, dsn: str, fake: FakeEmbeddings, rows: int, limit: float,
+def cache(worker: Worker, dsn: str, fake: FakeService, rows: int, limit: float,
           table: list) -> None:
     with psycopg.connect(dsn) as conn:
         existing = conn.execute("SELECT title, body FROM items ORDER BY id LIMIT %s",
@@ -214,11 +249,10 @@ def main() -> None:
     args = ap.parse_args()
     from slipstream.worker.observe import configure_logging
 
-    configure_logging(json=True, level="error")
+    configure_logging(json=True, level=os.environ.get("BENCH_LOG", "error"))
     table: list[tuple] = []
-    with EmbeddedPostgres() as server, FakeEmbeddings({"bench-model": DIM},
-                                                     latency=args.latency_ms / 1000) as fake:
-        fake.fault_every = args.fault_every
+    with EmbeddedPostgres() as server, FakeService("bench-model", DIM, args.latency_ms / 1000,
+                                                  args.fault_every) as fake:
         kept = None
         for concurrency in (1, 4, 8):
             got = throughput(server, fake, args.rows, concurrency, args.phase_limit, table)

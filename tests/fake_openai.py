@@ -61,6 +61,12 @@ class FakeEmbeddings:
                     with fake.lock:
                         fake.in_flight -= 1
 
+            def do_GET(self) -> None:  # noqa: N802 - counters, for a caller in another process
+                with fake.lock:
+                    stats = {"requests": len(fake.requests), "texts": sum(
+                        len(r["input"]) for r in fake.requests), "max_in_flight": fake.max_in_flight}
+                self._send(200, json.dumps(stats).encode())
+
             def _answer(self, action: str, body: dict) -> None:
                 if action == "hang":
                     fake._release.wait(30)
@@ -121,3 +127,20 @@ class FakeEmbeddings:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
+
+
+def main() -> None:
+    """Serve in a process of its own (so its work does not share the caller's GIL):
+    ``python -m tests.fake_openai MODEL DIM LATENCY_S FAULT_EVERY``; prints the URL."""
+    import sys
+
+    model, dim, latency, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+    fake = FakeEmbeddings({model: dim}, latency=latency)
+    fake.fault_every = every
+    with fake:
+        print(fake.url, flush=True)
+        sys.stdin.read()  # until the parent closes our stdin
+
+
+if __name__ == "__main__":
+    main()
