@@ -208,7 +208,7 @@ class SearchIndex:
         return {i: found[k] for i, k in enumerate(keys) if k in found}, error
 
     def _observe(self, event: str, space: str, n: int) -> None:
-        if self.observer is not None and n:
+        if self.observer is not None and (n or event == "pending"):
             self.observer(event, space, n)
 
     def upsert(self, doc: IndexDoc) -> None:

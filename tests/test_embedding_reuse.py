@@ -177,9 +177,21 @@ def test_outage_streams_on_lexically_and_every_row_gets_its_vector(pg_dsn: str, 
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(NOTES)
     harness = Harness(pg_dsn, embedder=http(fake))
+    metrics = Metrics()
+    harness.index.observer = metrics.index_event
     harness.settings = dataclasses.replace(harness.settings, pending_interval=0.2)
     harness.setup()
     fake.mode = outage
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value("slipstream_pending_embeddings_by_space",
+                                                 {"space": "local"})
+
+    def wait_gauge(value: float) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and gauge() != value:
+            time.sleep(0.05)
+        assert gauge() == value, (harness.error, harness.events[-3:])  # set by the fill pass
     harness.start()
     try:
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
@@ -191,6 +203,7 @@ def test_outage_streams_on_lexically_and_every_row_gets_its_vector(pg_dsn: str, 
         assert pending == 30
         assert count(pg_dsn, "SELECT count(*) FROM slipstream.docs WHERE pending_error IS NULL") == 0
         assert [r.object_id for r in harness.index.search("outage row 7", partition="alice")][:1] == ["8"]
+        wait_gauge(30)
         logged = changes(pg_dsn)
         fake.mode = None  # recovery: the fill pass completes every vector and logs it
         deadline = time.monotonic() + 30
@@ -200,7 +213,41 @@ def test_outage_streams_on_lexically_and_every_row_gets_its_vector(pg_dsn: str, 
         assert count(pg_dsn, "SELECT count(*) FROM slipstream.docs WHERE emb_local IS NOT NULL") == 30
         assert count(pg_dsn, "SELECT count(*) FROM slipstream.docs WHERE pending_error IS NOT NULL") == 0
         assert changes(pg_dsn) == logged + 30
+        wait_gauge(0)
         row = harness.backend.get("note", "8")
         assert np.allclose(row["vectors"]["local"], model_vectors("emb-a", DIM, ["outage row 7"])[0])
     finally:
+        harness.close()
+
+
+def test_a_batch_planned_while_the_previous_commits_compares_with_it(pg_dsn: str) -> None:
+    """Regression: planning batch N+1 before N commits must not compare against the stale
+    table — a text changed in N and changed back in N+1 is a real change, not a no-op."""
+    from slipstream.worker.changes import Batch, SourceChange, TxnEnd
+
+    harness = Harness(pg_dsn)
+    applier = harness.applier()
+    columns = (("id", 23), ("owner", 25), ("title", 25), ("body", 25), ("status", 25))
+
+    def batch(lsn: int, kind: str, title: str) -> Batch:
+        values = {"id": "1", "owner": "ann", "title": title, "body": "", "status": "open"}
+        return Batch(changes=[SourceChange(kind, "public.notes", lsn, key="[1]", values=values,
+                                           columns=columns)],
+                     completed=[TxnEnd(lsn, lsn + 1, 0.0)])
+
+    try:
+        applier.apply(batch(100, "insert", "alpha version"))
+        second = applier.plan(batch(200, "update", "beta version"))
+        third = applier.plan(batch(300, "update", "alpha version"))  # before `second` commits
+        assert not third.prepared[0].unchanged
+        applier.commit(second)
+        applier.commit(third)
+        row = harness.backend.get("note", "1")
+        assert row["title"] == "alpha version"
+        assert np.allclose(row["vectors"]["local"], HashingEmbedder(32).embed(["alpha version"])[0])
+        assert changes(pg_dsn) == 3
+        again = applier.apply(batch(400, "update", "alpha version"))  # now truly a no-op
+        assert again.upserts == 0 and changes(pg_dsn) == 3
+    finally:
+        applier.close()
         harness.close()

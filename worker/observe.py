@@ -320,6 +320,8 @@ class Metrics:
         self.embed_noop_updates_total = Counter(
             "embed_noop_updates_total", "Updates that changed nothing a device sees: no search "
             "row write, no change-log entry.", **own)
+        self._pending_by_space: dict[str, int] = {}
+        self._pending_lock = threading.Lock()
         self.pending_embeddings_by_space = Gauge(
             "pending_embeddings_by_space", "Rows waiting for a vector, by space.", ["space"],
             **own)
@@ -334,12 +336,16 @@ class Metrics:
             self.embed_failures_total.labels(space=space, reason="error").inc(n)
         elif event == "wrong_shape":
             self.embed_failures_total.labels(space=space, reason="wrong_shape").inc(n)
+        elif event == "pending":  # a count, not an increment (n may be 0)
+            self.set_pending({space: n})
 
     def set_pending(self, by_space: Mapping[str, int]) -> None:
-        """Rows waiting for a vector, per space (and in total)."""
-        for space, n in by_space.items():
-            self.pending_embeddings_by_space.labels(space=space).set(n)
-        self.pending_embeddings.set(sum(by_space.values()))
+        """Rows waiting for a vector, per space (and rows-times-spaces in total)."""
+        with self._pending_lock:
+            self._pending_by_space.update(by_space)
+            for space, n in by_space.items():
+                self.pending_embeddings_by_space.labels(space=space).set(n)
+            self.pending_embeddings.set(sum(self._pending_by_space.values()))
 
 
 EMBED_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
