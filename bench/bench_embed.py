@@ -23,14 +23,18 @@ and reported as such. Everything started is stopped at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
+from typing import Self
 
 import psycopg
 
@@ -42,9 +46,6 @@ from slipstream.worker.app import Worker
 from slipstream.worker.config import load_config
 from slipstream.worker.embedded import EmbeddedPostgres
 from slipstream.worker.lsn import parse_lsn
-import json
-import subprocess
-import urllib.request
 
 DIM = 256
 CONFIG = """
@@ -104,7 +105,7 @@ class FakeService:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> FakeService:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -42,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "PostgresBackend requires the 'server' extra: pip install 'slipstream[server]'"
     ) from exc
 
-from .pg_embedding import EmbeddingState  # noqa: E402 - needs psycopg, checked just above
+from .pg_embedding import EmbeddingState
 
 DEFAULT_EXACT_LIMIT = 20_000
 COPY_THRESHOLD = 64  # batches at least this large are written through a binary COPY

@@ -180,7 +180,7 @@ class SearchIndex:
             try:
                 out = np.asarray(embedder.embed([unique[k] for k in missing]), dtype=np.float32)
                 done = np.ones(len(missing), dtype=bool)
-            except Exception as exc:  # an outage must not stop writes: rows stay lexical-only
+            except Exception as exc:  # noqa: BLE001 - an outage must not stop writes
                 out, done = getattr(exc, "vectors", None), getattr(exc, "done", None)
                 error = f"{type(exc).__name__}: {exc}"[:1000]
                 if not isinstance(out, np.ndarray) or not isinstance(done, np.ndarray):
@@ -312,7 +312,7 @@ class SearchIndex:
                 return None
             try:
                 vec = check_vector(space, self.backend.spaces, np.asarray(embedder.embed([query]))[0])
-            except Exception as exc:  # outage or wrong shape: the lexical channel still answers
+            except Exception as exc:  # noqa: BLE001 - outage or wrong shape: lexical still answers
                 log.warning("query embedding failed for space %s: %s", space, exc)
                 return None
         return _nonzero(vec)

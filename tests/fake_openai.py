@@ -16,6 +16,7 @@ import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 import numpy as np
 from slipstream.index import HashingEmbedder
@@ -44,7 +45,7 @@ class FakeEmbeddings:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
                     fake.requests.append({"auth": self.headers.get("Authorization"), **body})
@@ -61,7 +62,7 @@ class FakeEmbeddings:
                     with fake.lock:
                         fake.in_flight -= 1
 
-            def do_GET(self) -> None:  # noqa: N802 - counters, for a caller in another process
+            def do_GET(self) -> None:
                 with fake.lock:
                     stats = {"requests": len(fake.requests), "texts": sum(
                         len(r["input"]) for r in fake.requests), "max_in_flight": fake.max_in_flight}
@@ -118,7 +119,7 @@ class FakeEmbeddings:
             self.script.clear()
             self.mode = None
 
-    def __enter__(self) -> FakeEmbeddings:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

@@ -7,7 +7,6 @@ import random
 
 import numpy as np
 import pytest
-
 from slipstream.worker.breaker import TRANSITIONS, CircuitBreaker
 from slipstream.worker.embedders import (
     EmbeddingError,

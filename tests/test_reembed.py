@@ -45,7 +45,7 @@ def stored_vectors(dsn: str) -> dict[str, tuple[str, np.ndarray]]:
 def model_of(dsn: str) -> set[str]:
     """Which model made each stored vector: 'emb-a', 'emb-b' or 'neither'."""
     out = set()
-    for _, (title, vec) in stored_vectors(dsn).items():
+    for title, vec in stored_vectors(dsn).values():
         a, b = (model_vectors(m, DIM, [title])[0] for m in ("emb-a", "emb-b"))
         out.add("emb-a" if np.allclose(vec, a) else "emb-b" if np.allclose(vec, b) else "neither")
     return out

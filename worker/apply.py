@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import psycopg
 from slipstream.index import IndexDoc, SearchIndex
-from slipstream.index.doc import DocKey
 from slipstream.index.backend import StoredRow
+from slipstream.index.doc import DocKey
 from slipstream.index.postgres_backend import COPY_THRESHOLD
 
 from .changes import Batch, SourceChange, decode_row

@@ -499,18 +499,19 @@ class _Reader(TomlReader):
             if dimensions != dim:
                 self.fail((*path, "dimensions"), f"is {dimensions} but the space is {dim}-d; "
                           "set it to the space's dimension (or remove it)")
-        return dict(
-            concurrency=self.integer(sec, (*path, "concurrency"), 4, 1, 64),
-            max_batch_tokens=self.integer(sec, (*path, "max_batch_tokens"), 100_000, 1),
-            max_input_tokens=self.integer(sec, (*path, "max_input_tokens"), 8191, 1),
-            dimensions=dimensions,
-            max_retries=self.integer(sec, (*path, "max_retries"), 5, 0),
-            retry_initial_delay=self.number(sec, (*path, "retry_initial_delay"), 0.5, positive=True),
-            retry_max_delay=self.number(sec, (*path, "retry_max_delay"), 8.0, positive=True),
-            retry_budget_seconds=self.number(sec, (*path, "retry_budget_seconds"), 10.0),
-            breaker_failures=self.integer(sec, (*path, "breaker_failures"), 5, 1),
-            breaker_reset_seconds=self.number(sec, (*path, "breaker_reset_seconds"), 10.0,
-                                              positive=True))
+        return {
+            "concurrency": self.integer(sec, (*path, "concurrency"), 4, 1, 64),
+            "max_batch_tokens": self.integer(sec, (*path, "max_batch_tokens"), 100_000, 1),
+            "max_input_tokens": self.integer(sec, (*path, "max_input_tokens"), 8191, 1),
+            "dimensions": dimensions,
+            "max_retries": self.integer(sec, (*path, "max_retries"), 5, 0),
+            "retry_initial_delay": self.number(sec, (*path, "retry_initial_delay"), 0.5,
+                                               positive=True),
+            "retry_max_delay": self.number(sec, (*path, "retry_max_delay"), 8.0, positive=True),
+            "retry_budget_seconds": self.number(sec, (*path, "retry_budget_seconds"), 10.0),
+            "breaker_failures": self.integer(sec, (*path, "breaker_failures"), 5, 1),
+            "breaker_reset_seconds": self.number(sec, (*path, "breaker_reset_seconds"), 10.0,
+                                                 positive=True)}
 
     def table(self, raw: object, name: str, spaces: Mapping[str, int]) -> TableConfig:
         path: tuple[str, ...] = ("tables", name)
