@@ -16,7 +16,7 @@ and write so that the embedding service sees only what is new, and models change
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ class EmbeddingState:
     `spaces`, `hnsw`, `cache_max_rows` and `_cache_rows`)."""
 
     _s: Any
+    schema: str
     spaces: dict[str, int]
     hnsw: bool
     cache_max_rows: int
@@ -216,19 +217,33 @@ class EmbeddingState:
                 cur.executemany(stmt, params)
 
     def index_shadow(self, space: str) -> None:
-        """Build the shadow column's HNSW index before the switch (no-op without HNSW)."""
+        """Build the shadow column's HNSW index before the switch, concurrently so the
+        running worker keeps writing (no-op without HNSW). An index left invalid by an
+        interrupted build is dropped and built again."""
         if not self.hnsw:
             return
         _, nxt, _ = self._shadow(space)
-        with self.connection() as c:
+        name = f"docs_emb_{space}__next_hnsw"
+        with self.connection() as c:  # pooled connections are in autocommit, as CONCURRENTLY needs
+            row = c.execute(
+                "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+                (self.schema, name)).fetchone()
+            if row is not None and row[0]:
+                return
+            if row is not None:
+                c.execute(sql.SQL("DROP INDEX CONCURRENTLY {s}.{i}").format(
+                    s=self._s, i=sql.Identifier(name)))
             c.execute(sql.SQL(
-                "CREATE INDEX IF NOT EXISTS {i} ON {s}.docs USING hnsw ({c} vector_cosine_ops)").format(
-                    i=sql.Identifier(f"docs_emb_{space}__next_hnsw"), s=self._s, c=nxt))
+                "CREATE INDEX CONCURRENTLY {i} ON {s}.docs USING hnsw ({c} vector_cosine_ops)").format(
+                    i=sql.Identifier(name), s=self._s, c=nxt))
 
-    def switch_space(self, space: str, conn: psycopg.Connection) -> list[tuple[str, DocKey]]:
+    def switch_space(self, space: str, conn: psycopg.Connection,
+                     log: Callable[[list[tuple[str, DocKey]]], None]) -> None:
         """In the caller's transaction (holding the apply writer): swap the complete shadow
-        column in for `space` and record its embedder. Returns (partition, key) of every
-        live row of the space, for the change log. Refuses while rows are not done."""
+        column in for `space` and record its embedder. `log` gets (partition, key) of every
+        live row of the space, for the change log, while searches can still read (the
+        swap's exclusive lock comes after). Refuses while rows are not done."""
         col, nxt, nxt_hash = self._shadow(space)
         conn.execute(sql.SQL("LOCK TABLE {s}.docs IN SHARE ROW EXCLUSIVE MODE").format(s=self._s))
         (left,) = conn.execute(sql.SQL(
@@ -243,6 +258,7 @@ class EmbeddingState:
             "SELECT partition, object_type, object_id, node_kind FROM {s}.docs "
             "WHERE NOT deleted AND {in_space} ORDER BY id").format(
                 s=self._s, in_space=self._in_space(space))).fetchall()
+        log([(r[0], (r[1], r[2], r[3])) for r in keys])
         conn.execute(sql.SQL(
             "UPDATE {s}.docs SET pending_spaces = array_remove(pending_spaces, {n}) "
             "WHERE {n} = ANY(pending_spaces) AND {h} IS NOT NULL").format(
@@ -262,4 +278,3 @@ class EmbeddingState:
         conn.execute(self._q(
             "UPDATE {s}.spaces SET embedder = next_embedder, next_embedder = NULL WHERE name = %s"),
             (space,))
-        return [(r[0], (r[1], r[2], r[3])) for r in keys]

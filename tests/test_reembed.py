@@ -102,8 +102,11 @@ def test_reembed_fills_a_shadow_and_switches_atomically(pg_dsn: str, fake: FakeE
         (max_seq,) = conn.execute("SELECT max(seq) FROM slipstream.changes").fetchone()
         cols = {r[0] for r in conn.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'docs'")}
+        hnsw = conn.execute("SELECT indexname, indexdef FROM pg_indexes "
+                            "WHERE tablename = 'docs' AND indexdef LIKE '%hnsw%'").fetchall()
     assert logged == 42 and cp_seq == max_seq  # devices refetch every row of the space
     assert not any(c.startswith("emb_local__") for c in cols)
+    assert [(n, "emb_local vector_cosine_ops" in d) for n, d in hnsw] == [("docs_emb_local_hnsw", True)]
     SearchIndex(backend, http(fake, "emb-b")).upsert_many(docs(1, start=200))  # accepted now
     with pytest.raises(EmbedderChangedError):
         SearchIndex(backend, http(fake, "emb-a"))

@@ -150,13 +150,15 @@ def reembed_space(backend: PostgresBackend, index: SearchIndex, state: WorkerSta
 
 def _switch(backend: PostgresBackend, state: WorkerState, slot: str, space: str,
             conn: psycopg.Connection) -> None:
-    with conn.transaction():
-        rows = backend.switch_space(space, conn)
+    def log(rows: list[tuple[str, tuple[str, str, str]]]) -> None:
         cp = state.checkpoint(conn, slot)
         entries = [ChangeEntry(partition, *key, "u", cp.lsn) for partition, key in rows]
         state.append_changes(conn, cp.last_seq + 1, entries)
         state.save_checkpoint(conn, slot, Checkpoint(cp.lsn, cp.partial_lsn, cp.partial_offset,
                                                      cp.last_seq + len(entries)))
+
+    with conn.transaction():
+        backend.switch_space(space, conn, log)
 
 
 def _embed_text(title: str, body: str) -> str:
