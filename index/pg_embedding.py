@@ -118,7 +118,8 @@ class EmbeddingState:
             self._cache_rows[space] = int(size)
 
     def record_embedders(self, ids: Mapping[str, str]) -> None:
-        """Record the embedder of each space on first use; refuse a different one."""
+        """Record the embedder of each space on first use; refuse a different one once the
+        space holds vectors (an empty space just takes the new one)."""
         with self._writing(None) as c:
             for space, eid in ids.items():
                 row = c.execute(self._q(
@@ -127,11 +128,18 @@ class EmbeddingState:
                 if row is None:
                     continue
                 current, upcoming = row
-                if current is None:
-                    c.execute(self._q("UPDATE {s}.spaces SET embedder = %s WHERE name = %s"),
-                              (eid, space))
-                elif current != eid:
+                if current == eid:
+                    continue
+                if current is not None and upcoming is None:
+                    (has_vectors,) = c.execute(sql.SQL(
+                        "SELECT EXISTS (SELECT 1 FROM {s}.docs WHERE {c} IS NOT NULL)").format(
+                            s=self._s, c=sql.Identifier(f"emb_{space}"))).fetchone()
+                    if has_vectors:  # else nothing to mix: the new embedder simply takes over
+                        raise EmbedderChangedError(space, current, eid, upcoming)
+                elif current is not None:
                     raise EmbedderChangedError(space, current, eid, upcoming)
+                c.execute(self._q("UPDATE {s}.spaces SET embedder = %s WHERE name = %s"),
+                          (eid, space))
 
     # -- re-embedding a space into a shadow column ---------------------------------------
 

@@ -206,3 +206,17 @@ def test_the_api_key_is_never_logged(fake: FakeEmbeddings, caplog: pytest.LogCap
     assert caplog.records, "the failures were logged"
     everything = caplog.text + " ".join(messages) + repr(embedder) + metrics.render().decode()
     assert KEY not in everything and "sk-secret" not in everything
+
+
+def test_the_readme_names_only_embedding_metrics_that_exist() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Embeddings", 1)[1].split("\n## ", 1)[0]
+    names = re.findall(r"`(slipstream_\w+|_\w+)`", section)
+    assert len(names) >= 10
+    metrics = Metrics()
+    for name in names:
+        full = name if name.startswith("slipstream_") else "slipstream_embed" + name
+        assert hasattr(metrics, full.removeprefix("slipstream_")), full

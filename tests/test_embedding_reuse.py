@@ -125,6 +125,7 @@ def test_the_cache_is_bounded(pg_dsn: str) -> None:
 def test_another_embedder_on_a_filled_space_is_refused(pg_dsn: str, fake: FakeEmbeddings) -> None:
     backend = PostgresBackend(pg_dsn, spaces={"local": DIM})
     try:
+        SearchIndex(backend, http(fake, "emb-b"))  # an empty space takes any embedder
         SearchIndex(backend, http(fake, "emb-a")).upsert(doc("1", "hello"))
         with pytest.raises(EmbedderChangedError, match="slipstream reembed --space local"):
             SearchIndex(backend, http(fake, "emb-b"))
