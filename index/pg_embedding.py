@@ -39,15 +39,25 @@ class EmbeddingState:
     cache_max_rows: int
     _cache_rows: dict[str, int]
 
+    def pending_rows(self, limit: int, conn: psycopg.Connection | None = None) -> list[tuple]:
+        """Live rows waiting for a vector, least recently tried first (so rows that keep
+        failing do not hold back the others): (type, id, kind, partition, title, body, spaces)."""
+        with self.connection(conn) as c:
+            return c.execute(self._q(
+                "SELECT object_type, object_id, node_kind, partition, title, body, pending_spaces "
+                "FROM {s}.docs WHERE pending_spaces <> '{{}}' AND NOT deleted "
+                "ORDER BY pending_tried_at NULLS FIRST, id LIMIT %s"), (limit,)).fetchall()
+
     def set_pending_error(self, keys: Sequence[DocKey], error: str,
                           conn: psycopg.Connection | None = None) -> None:
-        """Record why the rows' pending embeddings failed again (the last error wins)."""
+        """Record why the rows' pending embeddings failed again (the last error wins), and
+        when, which sends them to the back of the fill pass's queue."""
         if not keys:
             return
         cols = list(zip(*keys))
         with self._writing(conn) as c:
             c.execute(sql.SQL(
-                "UPDATE {s}.docs AS d SET pending_error = %s "
+                "UPDATE {s}.docs AS d SET pending_error = %s, pending_tried_at = now() "
                 "FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
                 "WHERE d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n"
             ).format(s=self._s), [error[:2000], list(cols[0]), list(cols[1]), list(cols[2])])

@@ -86,7 +86,8 @@ ALTER TABLE {s}.docs ALTER COLUMN tf SET STORAGE MAIN;
     (3, "embedding reuse", """
 ALTER TABLE {s}.docs ADD COLUMN doc_hash text,
     ADD COLUMN embed_hashes jsonb NOT NULL DEFAULT '{{}}',
-    ADD COLUMN pending_error text;
+    ADD COLUMN pending_error text,
+    ADD COLUMN pending_tried_at timestamptz;
 ALTER TABLE {s}.spaces ADD COLUMN embedder text, ADD COLUMN next_embedder text;
 CREATE TABLE {s}.embed_cache (
     space text NOT NULL,
@@ -97,7 +98,8 @@ CREATE TABLE {s}.embed_cache (
     PRIMARY KEY (space, embedder, text_hash)
 );
 CREATE INDEX embed_cache_lru ON {s}.embed_cache (space, used_at);
-CREATE INDEX docs_pending ON {s}.docs (id) WHERE pending_spaces <> '{{}}' AND NOT deleted;
+CREATE INDEX docs_pending ON {s}.docs (pending_tried_at NULLS FIRST, id)
+    WHERE pending_spaces <> '{{}}' AND NOT deleted;
 """),
 ]
 
@@ -263,7 +265,7 @@ class PostgresBackend(EmbeddingState):
             sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c)) for c in (
                 "partition", "title", "body", "keywords", "payload", "attrs", "source_updated_at",
                 "tf", "tsv", "len_title", "len_body", "pending_spaces", "doc_hash", "embed_hashes",
-                "pending_error")] + keeps)
+                "pending_error")] + [sql.SQL("pending_tried_at = NULL")] + keeps)
         stmt = sql.SQL(
             "INSERT INTO {s}.docs AS cur ({columns}) VALUES ({values}) "
             "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "

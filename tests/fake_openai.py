@@ -6,7 +6,9 @@ model, so two models give different vectors for the same text while texts keep t
 similarities within a model. Faults are scripted: `script` is a list of answers used
 one per request before normal service resumes ("429:<retry-after>", "503", "hang",
 "wrong_shape", "ok"), `mode` applies to every request while set (e.g. "503" for
-an outage), and `fault_every` = n makes every n-th request answer `fault`. `latency` adds service time to each request.
+an outage), and `fault_every` = n makes every n-th request answer `fault`. A request
+holding a text with the word "poison" is refused with 400, as services refuse a
+batch for one bad input. `latency` adds service time to each request.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class FakeEmbeddings:
                                       {"Retry-After": after} if after else {})
                 if action in ("503", "500", "400", "401"):
                     return self._send(int(action), b'{"error": "unavailable"}')
+                if any("poison" in t for t in body["input"]):  # refuses any request holding one
+                    return self._send(400, b'{"error": "input rejected"}')
                 model = body["model"]
                 dim = body.get("dimensions") or fake.dims.get(model, 8)
                 vectors = model_vectors(model, dim, list(body["input"]))

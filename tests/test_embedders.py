@@ -220,3 +220,12 @@ def test_the_readme_names_only_embedding_metrics_that_exist() -> None:
     for name in names:
         full = name if name.startswith("slipstream_") else "slipstream_embed" + name
         assert hasattr(metrics, full.removeprefix("slipstream_")), full
+
+
+def test_a_batch_refused_for_one_text_is_halved_until_only_that_text_fails(fake) -> None:
+    texts = ["fine one", "fine two", "poison pill", "fine three", "fine four"]
+    with pytest.raises(PartialEmbeddingError) as info:
+        make(fake, batch_size=8).embed(texts)
+    assert info.value.done.tolist() == [True, True, False, True, True]
+    assert np.allclose(info.value.vectors[3], model_vectors("m", DIM, ["fine three"])[0])
+    assert len(fake.requests) <= 1 + 2 * 3  # halving: at most two requests per level

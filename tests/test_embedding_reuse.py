@@ -252,3 +252,34 @@ def test_a_batch_planned_while_the_previous_commits_compares_with_it(pg_dsn: str
     finally:
         applier.close()
         harness.close()
+
+
+def test_rows_the_service_keeps_refusing_do_not_hold_back_the_others(pg_dsn: str) -> None:
+    class Picky:
+        """Refuses a whole batch holding a bad text (no halving: any embedder may do this)."""
+
+        dim = DIM
+        embedder_id = "test:picky:32"
+        down = True
+
+        def embed(self, texts):
+            if self.down or any("poison" in t for t in texts):
+                raise RuntimeError("input rejected")
+            return HashingEmbedder(DIM).embed(texts)
+
+    embedder = Picky()
+    harness = Harness(pg_dsn, embedder=embedder)
+    applier = harness.applier()
+    try:
+        titles = ["poison a", "poison b", "poison c"] + [f"good row {i}" for i in range(6)]
+        harness.index.upsert_many([doc(str(i), t) for i, t in enumerate(titles)])  # all pending
+        embedder.down = False
+        filled = [applier.fill_pending(limit=3) for _ in range(3)]
+        assert filled == [0, 3, 3]  # the refused rows went to the back of the queue
+        left = count(pg_dsn, "SELECT count(*) FROM slipstream.docs WHERE pending_spaces <> '{}'")
+        assert left == 3
+        assert "input rejected" in harness.backend.get("note", "0")["pending_error"]
+        assert harness.backend.get("note", "5")["pending_error"] is None
+    finally:
+        applier.close()
+        harness.close()

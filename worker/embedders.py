@@ -12,7 +12,9 @@ other servers that copy its API) the way a rate-limited service likes:
   per-call wait budget so an outage never holds the stream for long;
 * a `CircuitBreaker` per service: after repeated failures no request goes out until a
   later probe succeeds; meanwhile calls fail at once and rows stay pending;
-* the ``dimensions`` request parameter when configured.
+* the ``dimensions`` request parameter when configured;
+* a batch refused for its content (400, 413, 422) is halved until only the texts the
+  service refuses fail, so one bad row does not hold back the rows sent with it.
 
 Any failure raises an `EmbeddingError`; the index then keeps the rows lexical-only
 and pending, and the fill pass embeds them later. The API key lives only in the
@@ -47,6 +49,7 @@ __all__ = ["EmbeddingError", "HttpEmbedder", "build_embedders", "estimate_tokens
 
 log = logging.getLogger("slipstream.embed")
 
+SPLIT_STATUSES = frozenset({400, 413, 422})  # a request refused for its content, not for auth
 BYTES_PER_TOKEN = 3  # a cautious estimate: English runs near 4 bytes a token, other scripts less
 
 
@@ -139,6 +142,12 @@ class HttpEmbedder:
                 out[start:end] = self._request(fitted[start:end], sum(tokens[start:end]), deadline)
                 done[start:end] = True
                 return None
+            except EmbeddingRejectedError as exc:
+                if end - start > 1 and exc.status in SPLIT_STATUSES:
+                    # one bad text fails its whole request: halve it, so only that text fails
+                    mid = (start + end) // 2
+                    return next((e for e in (run((start, mid)), run((mid, end))) if e), None)
+                return exc
             except EmbeddingError as exc:
                 return exc
 
@@ -250,7 +259,7 @@ class HttpEmbedder:
             hint = " (check the API key)" if status in (401, 403) else ""
             raise EmbeddingRejectedError(
                 f"embedding service {self.safe_url} refused the request with {status}{hint}: "
-                f"{response.text[:300]}")
+                f"{response.text[:300]}", status=status)
         try:
             data = sorted(response.json()["data"], key=lambda d: d["index"])
             vectors = np.asarray([d["embedding"] for d in data], dtype=np.float32)

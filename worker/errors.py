@@ -197,7 +197,12 @@ class EmbeddingTransientError(EmbeddingError):
 
 class EmbeddingRejectedError(EmbeddingError):
     """The service refused the request (a 4xx other than 429) or answered the wrong shape:
-    retrying the same request cannot help. The message says what to fix."""
+    retrying the same request cannot help. The message says what to fix. `status` is the
+    HTTP status when the service refused the request itself."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class EmbeddingCircuitOpenError(EmbeddingError):

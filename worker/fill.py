@@ -1,6 +1,7 @@
 """The fill pass: embed rows left lexical-only (pending) and send them to devices.
 
-`fill_pending(applier, limit)` takes at most `limit` pending rows (oldest first),
+`fill_pending(applier, limit)` takes at most `limit` pending rows (least recently tried
+first, so rows the service keeps refusing do not hold back the others),
 embeds them per space through the index (content-hash cache first, then the space's
 embedder, in its bounded batches), and in one transaction on the apply writer sets
 the vectors, records the last error on rows still pending, and appends a change-log
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 def fill_pending(applier: Applier, limit: int = 256) -> int:
     """Fill up to `limit` pending rows; returns how many got at least one vector."""
     index, backend, state = applier.index, applier.backend, applier.state
-    rows = state.pending_rows(applier.read_conn, limit)
+    rows = backend.pending_rows(limit, conn=applier.read_conn)
     applier.read_conn.commit()
     filled: dict[str, list[tuple]] = {}  # space -> [(key, vector, hash)]
     failed: dict[str, list[tuple]] = {}  # error -> keys
