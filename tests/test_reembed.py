@@ -138,3 +138,15 @@ def test_an_interrupted_reembed_resumes_without_resending(pg_dsn: str, fake: Fak
     assert 10 <= first < 30 and len(fake.texts()) == 30  # each text sent once across both runs
     assert reembed_space(backend, new, state, "slipstream", "local").phase == "current"
     backend.close()
+
+
+def test_the_rate_limit_spaces_out_the_texts() -> None:
+    from slipstream.worker.reembed import RateLimit
+
+    slept: list[float] = []
+    limit = RateLimit(100.0, sleep=slept.append)
+    limit.take(50)
+    limit.take(150)
+    assert slept and 1.5 <= slept[-1] <= 2.0  # 200 texts at 100/s: about 2 s in
+    RateLimit(None, sleep=slept.append).take(10_000)
+    assert len(slept) == 2

@@ -220,7 +220,7 @@ class HttpEmbedder:
                     raise
                 self._count("embed_requests_total", outcome="retry")
                 self._count("embed_retries_total", reason=reason)
-                log.warning("embedding request to %s failed (%s); retry %d in %.2f s",
+                log.info("embedding request to %s failed (%s); retry %d in %.2f s",
                             self.safe_url, exc, attempt + 1, decision.delay)
                 self._sleep(decision.delay)
                 attempt += 1
