@@ -229,3 +229,26 @@ def test_a_batch_refused_for_one_text_is_halved_until_only_that_text_fails(fake)
     assert info.value.done.tolist() == [True, True, False, True, True]
     assert np.allclose(info.value.vectors[3], model_vectors("m", DIM, ["fine three"])[0])
     assert len(fake.requests) <= 1 + 2 * 3  # halving: at most two requests per level
+
+
+def test_embedding_config_keys_reach_the_client(fake: FakeEmbeddings) -> None:
+    from slipstream.worker.config import ConfigError, parse_config
+    from slipstream.worker.embedders import build_embedders
+
+    base = {"source": {"dsn": "postgresql://x/y"}, "spaces": {"server": DIM},
+            "search": {"embed_cache_rows": 500},
+            "embedders": {"server": {"kind": "http", "url": fake.url, "model": "m",
+                                     "concurrency": 3, "max_batch_tokens": 1000,
+                                     "max_input_tokens": 100, "dimensions": DIM,
+                                     "max_retries": 2, "breaker_failures": 7}}}
+    cfg = parse_config(base)
+    assert cfg.search.embed_cache_rows == 500
+    embedder = build_embedders(cfg.embedders)["server"]
+    assert (embedder.concurrency, embedder.max_batch_tokens, embedder.max_input_tokens,
+            embedder.dimensions, embedder.retry.max_attempts, embedder.breaker.failure_threshold
+            ) == (3, 1000, 100, DIM, 2, 7)
+    embedder.embed(["a b"])
+    assert fake.requests[0]["dimensions"] == DIM
+    base["embedders"]["server"]["dimensions"] = DIM + 1
+    with pytest.raises(ConfigError, match="embedders.server.dimensions"):
+        parse_config(base)

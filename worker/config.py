@@ -125,6 +125,7 @@ class SearchConfig:
     schema: str = "slipstream"
     exact_limit: int = 20000
     hnsw: bool = True
+    embed_cache_rows: int = 100_000  # content-hash cache entries per space; 0 = off
     origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
 
     def resolve_dsn(self, source: SourceConfig, environ: Mapping[str, str] | None = None) -> str:
@@ -360,13 +361,14 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<string>") -> Worker
         publication=r.identifier(src, ("source", "publication"), "slipstream"))
 
     sea = r.section(top.get("search", {}), ("search",),
-                    ("dsn", "dsn_env", "schema", "exact_limit", "hnsw"))
+                    ("dsn", "dsn_env", "schema", "exact_limit", "hnsw", "embed_cache_rows"))
     dsn, dsn_env = r.dsn_pair(sea, ("search",), required=False)
     search_cfg = SearchConfig(
         dsn=dsn, dsn_env=dsn_env, origin=source,
         schema=r.identifier(sea, ("search", "schema"), "slipstream"),
         exact_limit=r.integer(sea, ("search", "exact_limit"), 20000, minimum=1),
-        hnsw=r.get(sea, ("search", "hnsw"), True, (bool,), "true or false"))
+        hnsw=r.get(sea, ("search", "hnsw"), True, (bool,), "true or false"),
+        embed_cache_rows=r.integer(sea, ("search", "embed_cache_rows"), 100_000, minimum=0))
 
     raw_spaces = r.section(top.get("spaces", {}), ("spaces",), None)
     spaces: dict[str, int] = {}
