@@ -25,13 +25,40 @@ class PreparedDoc:
     """A document ready to store: analysed terms and one vector (or None) per space.
 
     `pending` lists the spaces whose embedding failed; the row is lexical-only there
-    until a later pass fills the vector in.
+    until a later pass fills the vector in, and `error` says why. `hashes` holds, per
+    space, the hash of the text embedded there; `keep` the spaces whose stored vector
+    stays (the text is unchanged, so nothing was sent). `unchanged` marks a row whose
+    stored version already shows exactly this (`fingerprint`): it is not written.
     """
 
     doc: IndexDoc
     lexical: LexicalFields
     vectors: Mapping[str, np.ndarray | None]
     pending: tuple[str, ...] = ()
+    hashes: Mapping[str, str] = field(default_factory=dict)
+    keep: tuple[str, ...] = ()
+    fingerprint: str | None = None
+    unchanged: bool = False
+    error: str | None = None
+
+    def stored(self) -> StoredRow:
+        """What the search table holds for this row once it is written."""
+        return StoredRow(self.fingerprint, dict(self.hashes), self.pending, deleted=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """What a backend holds of a row, as far as re-embedding and no-op updates care:
+    its fingerprint, per-space text hashes, pending spaces, and whether it is a tombstone."""
+
+    fingerprint: str | None
+    hashes: Mapping[str, str]
+    pending: tuple[str, ...]
+    deleted: bool
+
+    @classmethod
+    def tombstone(cls) -> StoredRow:
+        return cls(None, {}, (), deleted=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,23 @@
-"""Embedders: the `Embedder` protocol and `HashingEmbedder`, a deterministic one for tests and demos.
+"""Embedders: the `Embedder` protocol, `HashingEmbedder` (deterministic, for tests and demos),
+and the identities the index records so it never re-embeds what it already has.
 
 An embedder turns texts into float32 vectors of a fixed dimension, in one batch call.
 Real deployments plug in a model (a local one, or an HTTP API); the index only needs
-`dim` and `embed`.
+`dim` and `embed`. An embedder may also name itself with `embedder_id` (kind, model,
+dimension): the index records it per space, keys its content-hash cache by it, and
+refuses to mix the vectors of two models in one space.
+
+`text_hash` is the hash of the exact text a row embedded, per space; `doc_fingerprint`
+hashes everything a device sees of a row, so an update that changes none of it is
+not written at all.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import chain
 from typing import Protocol, runtime_checkable
 
@@ -33,6 +42,31 @@ def _bucket(feature: str, dim: int) -> tuple[int, float]:
     return zlib.crc32(data) % dim, sign
 
 
+def text_hash(text: str) -> str:
+    """The hash a row stores of the exact text it embedded (and the cache's key)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def embedder_id(embedder: object) -> str:
+    """`kind:model:dim`: the embedder's own `embedder_id`, or its class and dimension."""
+    own = getattr(embedder, "embedder_id", None)
+    if isinstance(own, str) and own:
+        return own
+    cls = type(embedder)
+    return f"{cls.__module__}.{cls.__qualname__}:{getattr(embedder, 'dim', '?')}"
+
+
+def doc_fingerprint(doc: object, spaces: Iterable[str]) -> str:
+    """A hash of everything a device sees of a row: text, keywords, partition, payload,
+    attrs, source time and the spaces it is embedded in (the key is not part of it)."""
+    d: object = doc
+    fields = [getattr(d, f) for f in ("partition", "title", "body", "keywords", "payload",
+                                      "attrs", "source_updated_at")]
+    blob = json.dumps([fields, sorted(spaces)], sort_keys=True, default=str,
+                      ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(blob.encode("utf-8"), digest_size=16).hexdigest()
+
+
 class HashingEmbedder:
     """Feature hashing of analysed words and word bigrams into `dim` dims, L2-normalised.
 
@@ -47,6 +81,7 @@ class HashingEmbedder:
         if not isinstance(dim, int) or dim < 1:
             raise ValidationError(f"dim must be a positive integer, got {dim!r}")
         self.dim = dim
+        self.embedder_id = f"hashing:crc32-v1:{dim}"
         self._buckets: dict[str, tuple[int, float]] = {}  # feature -> (index, sign), bounded
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -46,3 +46,20 @@ class UnknownSpaceError(ValidationError):
 
 class ScopeError(ValidationError):
     """A server search did not state its scope (`partition=` or `all_partitions=True`)."""
+
+
+class EmbedderChangedError(ConfigurationError):
+    """A space's vectors were made by another embedder than the one configured now."""
+
+    def __init__(self, space: str, recorded: str, configured: str, upcoming: str | None = None) -> None:
+        self.space, self.recorded, self.configured = space, recorded, configured
+        then = ""
+        if upcoming == configured:
+            then = (" A re-embed to it has started: let it finish (the same command resumes "
+                    "it and switches when complete), then start again.")
+        super().__init__(
+            f"space {space!r} holds vectors from embedder {recorded!r}, but {configured!r} is "
+            f"configured; mixing models in one space would corrupt its ranking. Run "
+            f"`slipstream reembed --space {space}` with the new configuration to re-embed the "
+            f"space in the background and switch when it is complete, or restore the previous "
+            f"embedder settings.{then}")

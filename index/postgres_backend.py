@@ -42,6 +42,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "PostgresBackend requires the 'server' extra: pip install 'slipstream[server]'"
     ) from exc
 
+from .pg_embedding import EmbeddingState
+
 DEFAULT_EXACT_LIMIT = 20_000
 COPY_THRESHOLD = 64  # batches at least this large are written through a binary COPY
 
@@ -78,6 +80,27 @@ CREATE INDEX docs_attrs ON {s}.docs USING gin (attrs jsonb_path_ops);
     (2, "term counts stored inline", """
 ALTER TABLE {s}.docs ALTER COLUMN tf SET STORAGE MAIN;
 """),
+    # Re-embed only what changed: per row, a fingerprint of what devices see and the hash
+    # of the text embedded per space; the last embedding error of a pending row; the
+    # embedder each space was filled with; a content-hash cache of vectors.
+    (3, "embedding reuse", """
+ALTER TABLE {s}.docs ADD COLUMN doc_hash text,
+    ADD COLUMN embed_hashes jsonb NOT NULL DEFAULT '{{}}',
+    ADD COLUMN pending_error text,
+    ADD COLUMN pending_tried_at timestamptz;
+ALTER TABLE {s}.spaces ADD COLUMN embedder text, ADD COLUMN next_embedder text;
+CREATE TABLE {s}.embed_cache (
+    space text NOT NULL,
+    embedder text NOT NULL,
+    text_hash text NOT NULL,
+    vector bytea NOT NULL,
+    used_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (space, embedder, text_hash)
+);
+CREATE INDEX embed_cache_lru ON {s}.embed_cache (space, used_at);
+CREATE INDEX docs_pending ON {s}.docs (pending_tried_at NULLS FIRST, id)
+    WHERE pending_spaces <> '{{}}' AND NOT deleted;
+"""),
 ]
 
 
@@ -86,7 +109,7 @@ def tsquery_any(terms: Sequence[str]) -> str:
     return " | ".join("'" + t.replace("\\", "\\\\").replace("'", "''") + "'" for t in terms)
 
 
-class PostgresBackend:
+class PostgresBackend(EmbeddingState):
     """The search table in Postgres. `conninfo` is a DSN or an open `ConnectionPool`."""
 
     requires_scope = True
@@ -94,7 +117,8 @@ class PostgresBackend:
     def __init__(self, conninfo: str | ConnectionPool, *, schema: str = "slipstream",
                  spaces: Mapping[str, int] | None = None, exact_limit: int = DEFAULT_EXACT_LIMIT,
                  ef_search: int = 100, iterative_scan: bool = True, hnsw: bool = True,
-                 create_schema: bool = True, pool_size: int = 4) -> None:
+                 create_schema: bool = True, pool_size: int = 4,
+                 cache_max_rows: int = 100_000) -> None:
         self.schema = check_identifier(schema, "schema")
         self.spaces: dict[str, int] = {}
         for name, dim in (spaces or {}).items():
@@ -106,6 +130,8 @@ class PostgresBackend:
         self.ef_search = ef_search
         self.iterative_scan = iterative_scan
         self.hnsw = hnsw
+        self.cache_max_rows = cache_max_rows  # per space; 0 turns the content-hash cache off
+        self._cache_rows: dict[str, int] = {}
         self._s = sql.Identifier(self.schema)
         self._staged_on: dict[int, psycopg.Connection] = {}  # connections with a staging table
         if isinstance(conninfo, ConnectionPool):
@@ -197,10 +223,16 @@ class PostgresBackend:
     # -- writes ---------------------------------------------------------------------------
 
     def write(self, docs: Sequence[PreparedDoc], conn: psycopg.Connection | None = None) -> None:
-        """Upsert prepared rows in one transaction (or inside the caller's, given `conn`)."""
+        """Upsert prepared rows in one transaction (or inside the caller's, given `conn`).
+
+        Rows marked `unchanged` are skipped. A space listed in a row's `keep` keeps the
+        vector stored for the same text (decided against the stored text hash, in SQL).
+        """
         spaces = list(self.spaces)
         rows = []
         for p in docs:
+            if p.unchanged:
+                continue
             d = p.doc
             vectors = [check_vector(s, self.spaces, p.vectors[s]) if p.vectors.get(s) is not None
                        else None for s in spaces]
@@ -208,7 +240,7 @@ class PostgresBackend:
                 d.object_type, d.object_id, d.node_kind, d.partition, d.title, d.body,
                 Jsonb(list(d.keywords)), Jsonb(d.payload), Jsonb(d.attrs), d.source_updated_at,
                 Jsonb(p.lexical.tf), p.lexical.terms, p.lexical.len_title, p.lexical.len_body,
-                list(p.pending), *vectors,
+                list(p.pending), p.fingerprint, Jsonb(dict(p.hashes)), p.error, *vectors,
             ))
         if not rows:
             return
@@ -217,17 +249,25 @@ class PostgresBackend:
             sql.Identifier(c) for c in (
                 "object_type", "object_id", "node_kind", "partition", "title", "body", "keywords",
                 "payload", "attrs", "source_updated_at", "tf", "tsv", "len_title", "len_body",
-                "pending_spaces")
+                "pending_spaces", "doc_hash", "embed_hashes", "pending_error")
         ] + emb_cols)
         values = sql.SQL(", ").join(
             [sql.Placeholder()] * 11 + [sql.SQL("array_to_tsvector(%s::text[])")]
-            + [sql.Placeholder()] * (3 + len(spaces)))
-        updates = sql.SQL(", ").join(
+            + [sql.Placeholder()] * (6 + len(spaces)))
+        # Same text as stored (and not pending): keep the stored vector; nothing was sent.
+        keeps = [sql.SQL(
+            "{c} = CASE WHEN excluded.{c} IS NULL AND NOT cur.deleted "
+            "AND NOT ({n} = ANY(excluded.pending_spaces)) "
+            "AND excluded.embed_hashes ->> {n} = cur.embed_hashes ->> {n} "
+            "THEN cur.{c} ELSE excluded.{c} END").format(
+                c=sql.Identifier(f"emb_{sp}"), n=sql.Literal(sp)) for sp in spaces]
+        updates = sql.SQL(", ").join([
             sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c)) for c in (
                 "partition", "title", "body", "keywords", "payload", "attrs", "source_updated_at",
-                "tf", "tsv", "len_title", "len_body", "pending_spaces", *[f"emb_{s}" for s in spaces]))
+                "tf", "tsv", "len_title", "len_body", "pending_spaces", "doc_hash", "embed_hashes",
+                "pending_error")] + [sql.SQL("pending_tried_at = NULL")] + keeps)
         stmt = sql.SQL(
-            "INSERT INTO {s}.docs ({columns}) VALUES ({values}) "
+            "INSERT INTO {s}.docs AS cur ({columns}) VALUES ({values}) "
             "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
             "deleted = false, updated_at = now()"
         ).format(s=self._s, columns=columns, values=values, updates=updates)
@@ -237,28 +277,31 @@ class PostgresBackend:
                     cur.executemany(stmt, rows)
                 return
             # Large batches: binary COPY into a session staging table, then one upsert.
-            stage = sql.Identifier(f"slipstream_stage_{self.schema}")
+            stage = sql.Identifier(f"slipstream_stage2_{self.schema}")
             if self._staged_on.get(id(c)) is not c:
                 c.execute(sql.SQL(
                     "CREATE TEMP TABLE IF NOT EXISTS {t} (object_type text, object_id text, "
                     "node_kind text, partition text, title text, body text, keywords jsonb, "
                     "payload jsonb, attrs jsonb, source_updated_at timestamptz, tf jsonb, "
-                    "terms text[], len_title int, len_body int, pending_spaces text[]{vecs}) "
+                    "terms text[], len_title int, len_body int, pending_spaces text[], "
+                    "doc_hash text, embed_hashes jsonb, pending_error text{vecs}) "
                     "ON COMMIT DELETE ROWS").format(t=stage, vecs=sql.SQL("").join(
                         sql.SQL(", {c} vector({d})").format(c=sql.Identifier(f"emb_{sp}"),
                                                             d=sql.Literal(self.spaces[sp]))
                         for sp in spaces)))
                 self._staged_on[id(c)] = c
             types = ["text"] * 6 + ["jsonb"] * 3 + ["timestamptz", "jsonb", "text[]", "int4", "int4",
-                                                      "text[]"] + ["vector"] * len(spaces)
+                                                      "text[]", "text", "jsonb", "text"
+                                                      ] + ["vector"] * len(spaces)
             with c.cursor().copy(sql.SQL("COPY {t} FROM STDIN (FORMAT BINARY)").format(t=stage)) as copy:
                 copy.set_types(types)
                 for row in rows:
                     copy.write_row(row)
             c.execute(sql.SQL(
-                "INSERT INTO {s}.docs ({columns}) SELECT object_type, object_id, node_kind, partition, "
-                "title, body, keywords, payload, attrs, source_updated_at, tf, array_to_tsvector(terms), "
-                "len_title, len_body, pending_spaces{vecs} FROM {t} "
+                "INSERT INTO {s}.docs AS cur ({columns}) SELECT object_type, object_id, node_kind, "
+                "partition, title, body, keywords, payload, attrs, source_updated_at, tf, "
+                "array_to_tsvector(terms), len_title, len_body, pending_spaces, doc_hash, "
+                "embed_hashes, pending_error{vecs} FROM {t} "
                 "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
                 "deleted = false, updated_at = now()").format(
                     s=self._s, columns=columns, t=stage, updates=updates,
@@ -272,7 +315,8 @@ class PostgresBackend:
         return sql.SQL(
             "deleted = true, title = '', body = '', keywords = '[]', payload = '{{}}', "
             "attrs = '{{}}', tf = '{{}}', tsv = '', len_title = 0, len_body = 0, "
-            "pending_spaces = '{{}}', updated_at = now(){nulls}").format(nulls=nulls)
+            "pending_spaces = '{{}}', doc_hash = NULL, embed_hashes = '{{}}', pending_error = NULL, "
+            "updated_at = now(){nulls}").format(nulls=nulls)
 
     def delete(self, object_type: str, object_id: str, node_kind: str | None = None,
                conn: psycopg.Connection | None = None) -> int:
@@ -299,15 +343,30 @@ class PostgresBackend:
             return c.execute(stmt, [list(cols[0]), list(cols[1]), list(cols[2])]).rowcount
 
     def set_vectors(self, space: str, rows: Sequence[tuple[DocKey, Any]],
-                    conn: psycopg.Connection | None = None) -> None:
-        """Fill one space's vectors for existing rows and clear that space's pending mark."""
+                    conn: psycopg.Connection | None = None,
+                    hashes: Sequence[str | None] | None = None) -> int:
+        """Fill one space's vectors for existing rows and clear that space's pending mark.
+
+        With `hashes` (the hash of the text each vector embeds, by position), a row is
+        filled only if its stored text hash is still that one (a newer write wins), and
+        the hash is recorded. Returns how many rows were filled.
+        """
         checked = [(key, check_vector(space, self.spaces, v)) for key, v in rows]
+        hs = list(hashes) if hashes is not None else [None] * len(checked)
         stmt = sql.SQL(
             "UPDATE {s}.docs SET {col} = %s, pending_spaces = array_remove(pending_spaces, %s), "
-            "updated_at = now() WHERE object_type = %s AND object_id = %s AND node_kind = %s "
-            "AND NOT deleted").format(s=self._s, col=sql.Identifier(f"emb_{space}"))
+            "pending_error = CASE WHEN cardinality(array_remove(pending_spaces, %s)) = 0 THEN NULL "
+            "ELSE pending_error END, "
+            "embed_hashes = CASE WHEN %s::text IS NULL THEN embed_hashes "
+            "ELSE embed_hashes || jsonb_build_object(%s::text, %s::text) END, updated_at = now() "
+            "WHERE object_type = %s AND object_id = %s AND node_kind = %s AND NOT deleted "
+            "AND (%s::text IS NULL OR coalesce(embed_hashes ->> %s, %s) = %s)"
+        ).format(s=self._s, col=sql.Identifier(f"emb_{space}"))
+        params = [(v if np.any(v) else None, space, space, h, space, h, *key, h, space, h, h)
+                  for (key, v), h in zip(checked, hs)]
         with self._writing(conn) as c, c.cursor() as cur:
-            cur.executemany(stmt, [(v if np.any(v) else None, space, *key) for key, v in checked])
+            cur.executemany(stmt, params, returning=False)
+            return cur.rowcount if len(params) == 1 else len(params)
 
     # -- reads ----------------------------------------------------------------------------
 

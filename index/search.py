@@ -1,24 +1,26 @@
 """`SearchIndex`: the public face of the index — prepare and write documents, run hybrid queries.
 
 Writing analyses each document once (`analysis`) and embeds it in each of its spaces
-in one batch per space; a failed embedding leaves the row lexical-only and marks the
-space pending. Searching asks the backend for candidates and ranks them with
+in one batch per space, sending only what is new: text whose hash the row already
+stores keeps its vector, text the content-hash cache knows comes from there, and a
+row identical to its stored version is not written at all. A failed or wrong-shaped
+embedding leaves the row lexical-only and marks the space pending, with the error. Searching asks the backend for candidates and ranks them with
 `ranking`, so every backend returns the same ordered results for the same rows.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import ranking
 from .analysis import analyze_doc, query_terms
-from .backend import Backend, Filters, PreparedDoc, Scope, check_vector
-from .doc import IndexDoc, SearchResult, SearchResults, check_identifier
-from .embedding import Embedder
+from .backend import Backend, Filters, PreparedDoc, Scope, StoredRow, check_vector
+from .doc import DocKey, IndexDoc, SearchResult, SearchResults, check_identifier
+from .embedding import Embedder, doc_fingerprint, embedder_id, text_hash
 from .errors import ConfigurationError, ScopeError, UnknownSpaceError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,9 @@ class SearchIndex:
     """Hybrid search over one backend, with one embedder per embedding space."""
 
     def __init__(self, backend: Backend, embedders: Mapping[str, Embedder] | Embedder | None = None,
-                 *, default_space: str | None = None) -> None:
+                 *, default_space: str | None = None,
+                 observer: Callable[[str, str, int], None] | None = None,
+                 check_embedders: bool = True) -> None:
         if embedders is not None and not isinstance(embedders, Mapping):
             if len(backend.spaces) != 1:
                 raise ConfigurationError(
@@ -61,15 +65,27 @@ class SearchIndex:
         if default_space is not None and default_space not in backend.spaces:
             raise UnknownSpaceError(f"default_space {default_space!r} is not one of {sorted(backend.spaces)}")
         self.default_space = default_space
+        # observer(event, space, n): "reused", "hit", "miss", "failed", "wrong_shape",
+        # "noop" (space ""), "pending" (n rows waiting in the space) — the worker's metrics.
+        self.observer = observer
+        record = getattr(backend, "record_embedders", None)
+        if check_embedders and record is not None and self.embedders:
+            record({space: embedder_id(e) for space, e in self.embedders.items()})
 
     # -- writing --------------------------------------------------------------------------
 
     def prepare(self, docs: Sequence[IndexDoc],
-                vectors: Mapping[int, Mapping[str, Any]] | None = None) -> list[PreparedDoc]:
-        """Analyse and embed `docs` (batched per space). Never writes.
+                vectors: Mapping[int, Mapping[str, Any]] | None = None, *,
+                known: Mapping[DocKey, StoredRow | None] | None = None) -> list[PreparedDoc]:
+        """Analyse and embed `docs` (batched per space). Never writes the search table.
 
         `vectors` may give precomputed vectors by position in `docs`; those are checked
-        and not re-embedded. An embedder that raises leaves those rows pending.
+        and not re-embedded. Against a backend that keeps per-row state (Postgres), a
+        row whose text in a space hashes as stored keeps its vector and sends nothing,
+        a text already embedded elsewhere comes from the content-hash cache, and a row
+        identical to its stored version is marked `unchanged` (not to be written).
+        `known` overrides the stored state for rows written but not yet committed.
+        An embedder that raises or answers the wrong shape leaves those rows pending.
         """
         for doc in docs:
             if not isinstance(doc, IndexDoc):
@@ -81,37 +97,119 @@ class SearchIndex:
                         f"{sorted(self.backend.spaces)}"
                     )
         given = vectors or {}
+        stored: dict[DocKey, StoredRow | None] = {}
+        stored_state = getattr(self.backend, "stored_state", None)
+        if stored_state is not None and docs:
+            stored.update(stored_state([d.key for d in docs]))
+        stored.update(known or {})
+        wanted_spaces = [[s for s in self.backend.spaces if d.embed_spaces is None or s in d.embed_spaces]
+                         for d in docs]
+        fingerprints = [doc_fingerprint(d, wanted_spaces[i]) for i, d in enumerate(docs)]
+        unchanged = [False] * len(docs)
+        for i, d in enumerate(docs):
+            prev = stored.get(d.key)
+            if (prev is not None and not prev.deleted and prev.fingerprint == fingerprints[i]
+                    and i not in given):
+                unchanged[i] = True
+        if any(unchanged):
+            self._observe("noop", "", sum(unchanged))
         per_doc: list[dict[str, np.ndarray | None]] = [{} for _ in docs]
         pending: list[list[str]] = [[] for _ in docs]
+        hashes: list[dict[str, str]] = [{} for _ in docs]
+        keep: list[list[str]] = [[] for _ in docs]
+        errors: list[str | None] = [None] * len(docs)
         for space in self.backend.spaces:
-            wanted = [i for i, d in enumerate(docs) if d.embed_spaces is None or space in d.embed_spaces]
             todo = []
-            for i in wanted:
+            embedder = self.embedders.get(space)
+            for i, d in enumerate(docs):
+                if space not in wanted_spaces[i] or unchanged[i]:
+                    continue
                 if space in given.get(i, {}):
                     per_doc[i][space] = _nonzero(check_vector(space, self.backend.spaces, given[i][space]))
+                    continue
+                if embedder is None:
+                    continue
+                h = hashes[i][space] = text_hash(d.embed_text())
+                prev = stored.get(d.key)
+                if (prev is not None and not prev.deleted and prev.hashes.get(space) == h
+                        and space not in prev.pending):
+                    keep[i].append(space)  # same text: the stored vector stays, nothing is sent
                 else:
                     todo.append(i)
-            embedder = self.embedders.get(space)
-            if embedder is None or not todo:
+            kept = sum(space in k for k in keep)
+            if kept:
+                self._observe("reused", space, kept)
+            if not todo:
                 continue
-            texts = [docs[i].embed_text() for i in todo]
-            try:
-                out = np.asarray(embedder.embed(texts), dtype=np.float32)
-                if out.shape != (len(todo), self.backend.spaces[space]):
-                    raise ValidationError(f"embedder for {space!r} returned shape {out.shape}")
-            except ValidationError:
-                raise
-            except Exception as exc:  # an outage must not stop writes: rows stay lexical-only
-                log.warning("embedding failed for space %s (%d rows pending): %s", space, len(todo), exc)
-                for i in todo:
-                    pending[i].append(space)
-                continue
+            got, error = self.embed_texts(space, [docs[i].embed_text() for i in todo])
             for row, i in enumerate(todo):
-                per_doc[i][space] = _nonzero(check_vector(space, self.backend.spaces, out[row]))
+                if row in got:
+                    per_doc[i][space] = _nonzero(got[row])
+                else:
+                    pending[i].append(space)
+                    errors[i] = f"{space}: {error}"
         return [
-            PreparedDoc(doc=d, lexical=analyze_doc(d), vectors=per_doc[i], pending=tuple(pending[i]))
+            PreparedDoc(doc=d, lexical=analyze_doc(d), vectors=per_doc[i], pending=tuple(pending[i]),
+                        hashes=hashes[i], keep=tuple(keep[i]), fingerprint=fingerprints[i],
+                        unchanged=unchanged[i], error=errors[i])
             for i, d in enumerate(docs)
         ]
+
+    def embed_texts(self, space: str, texts: Sequence[str]) -> tuple[dict[int, np.ndarray], str | None]:
+        """Vectors for `texts` in `space` by position: from the backend's content-hash cache
+        when it has them, else from the space's embedder (each distinct text once).
+
+        Positions missing from the result failed; the second value says why. Never raises
+        for an embedder's failure or a wrong-shaped answer: rows stay pending instead.
+        """
+        embedder = self.embedders[space]
+        dim = self.backend.spaces[space]
+        eid = embedder_id(embedder)
+        keys = [text_hash(t) for t in texts]
+        unique = dict(zip(keys, texts))
+        cache_get = getattr(self.backend, "cache_get", None)
+        found: dict[str, np.ndarray] = cache_get(space, eid, list(unique)) if cache_get else {}
+        hits = sum(k in found for k in keys)
+        if hits:
+            self._observe("hit", space, hits)
+        missing = [k for k in unique if k not in found]
+        error: str | None = None
+        if missing:
+            self._observe("miss", space, sum(k not in found for k in keys))
+            new: dict[str, np.ndarray] = {}
+            try:
+                out = np.asarray(embedder.embed([unique[k] for k in missing]), dtype=np.float32)
+                done = np.ones(len(missing), dtype=bool)
+            except Exception as exc:  # noqa: BLE001 - an outage must not stop writes
+                out, done = getattr(exc, "vectors", None), getattr(exc, "done", None)
+                error = f"{type(exc).__name__}: {exc}"[:1000]
+                if not isinstance(out, np.ndarray) or not isinstance(done, np.ndarray):
+                    out, done = None, np.zeros(len(missing), dtype=bool)
+                self._observe("failed", space, int((~done).sum()))
+                log.warning("embedding failed for space %s (%d texts pending): %s",
+                            space, int((~done).sum()), exc)
+            if out is not None and out.shape != (len(missing), dim):
+                error = (f"the embedder for space {space!r} returned shape {out.shape} for "
+                         f"{len(missing)} texts, expected ({len(missing)}, {dim})")
+                self._observe("wrong_shape", space, len(missing))
+                log.warning("%s; the rows stay pending", error)
+                out, done = None, np.zeros(len(missing), dtype=bool)
+            for j, k in enumerate(missing):
+                if out is not None and done[j]:
+                    if np.all(np.isfinite(out[j])):
+                        new[k] = out[j]
+                    else:
+                        error = f"the embedder for space {space!r} returned NaN or infinite values"
+            if new:
+                cache_put = getattr(self.backend, "cache_put", None)
+                if cache_put is not None:
+                    cache_put(space, eid, new)
+                found.update(new)
+        return {i: found[k] for i, k in enumerate(keys) if k in found}, error
+
+    def _observe(self, event: str, space: str, n: int) -> None:
+        if self.observer is not None and (n or event == "pending"):
+            self.observer(event, space, n)
 
     def upsert(self, doc: IndexDoc) -> None:
         self.upsert_many([doc])
@@ -124,7 +222,7 @@ class SearchIndex:
             raise ValidationError("a batch names the same (object_type, object_id, node_kind) twice")
         prepared = self.prepare(batch)
         self.backend.write(prepared)
-        return len(prepared)
+        return sum(not p.unchanged for p in prepared)
 
     def delete(self, object_type: str, object_id: str, node_kind: str | None = None) -> int:
         """Tombstone an object's rows (or one node kind of it); returns how many."""
@@ -214,9 +312,7 @@ class SearchIndex:
                 return None
             try:
                 vec = check_vector(space, self.backend.spaces, np.asarray(embedder.embed([query]))[0])
-            except ValidationError:
-                raise
-            except Exception as exc:  # the lexical channel still answers
+            except Exception as exc:  # noqa: BLE001 - outage or wrong shape: lexical still answers
                 log.warning("query embedding failed for space %s: %s", space, exc)
                 return None
         return _nonzero(vec)

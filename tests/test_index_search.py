@@ -163,8 +163,9 @@ def test_modes_weight_the_channels(index: SearchIndex) -> None:
 
 
 def test_embedding_outage_leaves_rows_lexical_only_and_pending(index: SearchIndex) -> None:
-    class Down:
+    class Down:  # the same service as the index's embedder, unreachable for now
         dim = DIM
+        embedder_id = index.embedders["local"].embedder_id
 
         def embed(self, texts):
             raise ConnectionError("embedding service unreachable")

@@ -41,13 +41,13 @@ class Harness:
     def __init__(self, dsn: str, mappers: dict[str, Callable] | None = None, *,
                  slot: str = "slipstream", publication: str = "slipstream",
                  source_dsn: str | None = None, max_seconds: float = 0.02,
-                 heartbeat_seconds: float = 0.0) -> None:
+                 heartbeat_seconds: float = 0.0, embedder=None, spaces=None) -> None:
         self.dsn = dsn
         self.source_dsn = source_dsn or dsn
         self.mappers = mappers if mappers is not None else {"public.notes": note_mapper}
         self.slot, self.publication = slot, publication
-        self.backend = PostgresBackend(dsn, spaces={"local": DIM})
-        self.index = SearchIndex(self.backend, HashingEmbedder(DIM))
+        self.backend = PostgresBackend(dsn, spaces=spaces or {"local": DIM})
+        self.index = SearchIndex(self.backend, embedder or HashingEmbedder(DIM))
         self.state = WorkerState()
         with psycopg.connect(dsn) as conn:
             self.state.migrate(conn)

@@ -52,12 +52,14 @@ class Worker:
         self.registry = Registry.from_config(config)
         self.backend = PostgresBackend(self.search_dsn, schema=config.search.schema,
                                        spaces=dict(config.spaces), exact_limit=config.search.exact_limit,
-                                       hnsw=config.search.hnsw)
-        self.index = SearchIndex(self.backend, build_embedders(config.embedders))
+                                       hnsw=config.search.hnsw,
+                                       cache_max_rows=config.search.embed_cache_rows)
+        self.metrics = Metrics()
+        self.index = SearchIndex(self.backend, build_embedders(config.embedders, metrics=self.metrics),
+                                 observer=self.metrics.index_event)
         self.state = WorkerState(config.search.schema)
         with psycopg.connect(self.search_dsn) as conn:
             self.state.migrate(conn)
-        self.metrics = Metrics()
         self._resolved = False
 
     def close(self) -> None:

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 
 import psycopg
 from slipstream.index import IndexDoc, SearchIndex
+from slipstream.index.backend import StoredRow
 from slipstream.index.doc import DocKey
 from slipstream.index.postgres_backend import COPY_THRESHOLD
 from slipstream.shardsync.changelog import COPY_MIN_ROWS, ChangeEntry
 
 from .changes import Batch, SourceChange, decode_row
+from .fill import fill_pending
 from .pgoutput import UNCHANGED
 from .state import Checkpoint, DeadLetter, WorkerState
 
@@ -103,6 +105,9 @@ class Applier:
         self._pending: dict[tuple[str, str], tuple[SourceState, int]] = {}
         self._pending_lock = threading.Lock()
         self._batch_no = 0
+        # Search rows of batches planned but not committed, as the table will hold them,
+        # so the next plan compares against them: key -> (StoredRow, batch number).
+        self._inflight: dict[DocKey, tuple[StoredRow, int]] = {}
 
     def close(self) -> None:
         if self.read_conn is not self.conn:
@@ -138,11 +143,17 @@ class Applier:
         self.read_conn.commit()  # end the read snapshot before embedding
         states = {k: overlay[k] for k in touched}
         upserts = [d for d in fx.final.values() if d is not None]
-        prepared = self.index.prepare(upserts)  # embeddings: before the transaction opens
+        with self._pending_lock:
+            known = {k: v[0] for k, v in self._inflight.items() if k in fx.final}
+        # Embeddings before the transaction opens; unchanged text and no-op rows send nothing.
+        prepared = self.index.prepare(upserts, known=known)
         with self._pending_lock:
             self._batch_no += 1
             number = self._batch_no
             self._pending.update({k: (st, number) for k, st in states.items()})
+            self._inflight.update({p.doc.key: (p.stored(), number) for p in prepared if not p.unchanged})
+            self._inflight.update({k: (StoredRow.tombstone(), number)
+                                   for k, d in fx.final.items() if d is None})
         return Planned(batch, fx, states, prepared, number, time.perf_counter() - started)
 
     def _drop_docs(self, docs: list, keep: set[DocKey], lsn: int, fx: _Effects) -> None:
@@ -250,8 +261,10 @@ class Applier:
         batch, fx = planned.batch, planned.fx
         tombstones = [k for k, d in fx.final.items() if d is None]
         cp = self.checkpoint
+        noop = {p.doc.key for p in planned.prepared if p.unchanged}  # devices would see nothing new
         entries = [ChangeEntry(partition, key[0], key[1], key[2], op, lsn)
-                   for (key, partition), (op, lsn) in fx.log.items()]
+                   for (key, partition), (op, lsn) in fx.log.items()
+                   if not (op == "u" and key in noop)]
         if batch.snapshot:  # copied rows: the stream position does not move
             new_cp = Checkpoint(cp.lsn, cp.partial_lsn, cp.partial_offset, cp.last_seq + len(entries))
         else:
@@ -280,47 +293,24 @@ class Applier:
             for k in planned.states:
                 if self._pending.get(k, (None, 0))[1] == planned.number:
                     del self._pending[k]
+            for k in fx.final:
+                if self._inflight.get(k, (None, 0))[1] == planned.number:
+                    del self._inflight[k]
         dead_by_table: dict[str, int] = {}
         for letter in fx.dead:
             dead_by_table[letter.relation] = dead_by_table.get(letter.relation, 0) + 1
-        return ApplyResult(new_cp, len(batch.completed), len(batch.changes), len(planned.prepared),
+        return ApplyResult(new_cp, len(batch.completed), len(batch.changes),
+                           len(planned.prepared) - len(noop),
                            len(tombstones), len(fx.dead),
                            planned.seconds + time.perf_counter() - started, dead_by_table)
 
     def fill_pending(self, limit: int = 256) -> int:
-        """Embed rows left lexical-only by an embedding outage, and log them for devices.
+        """Embed up to `limit` rows left lexical-only, and log them for devices (see `fill`).
 
-        Returns how many rows got their vectors; an embedder still failing leaves them
-        pending for the next pass.
+        Returns how many rows got their vectors; rows still failing keep the last error
+        and stay pending for the next pass.
         """
-        pending = self.state.pending_rows(self.read_conn, limit)
-        self.read_conn.commit()
-        if not pending:
-            return 0
-        docs = [IndexDoc(t, i, n, title=title, body=body, partition=p) for t, i, n, p, title, body, _ in pending]
-        filled: dict[str, dict[int, object]] = {}
-        for space, embedder in self.index.embedders.items():
-            todo = [k for k, row in enumerate(pending) if space in row[6]]
-            if not todo:
-                continue
-            try:
-                vectors = embedder.embed([docs[k].embed_text() for k in todo])
-            except Exception:  # noqa: BLE001 - still down: try again on the next pass
-                continue
-            filled[space] = {k: vectors[j] for j, k in enumerate(todo)}
-        if not filled:
-            return 0
-        done = sorted({k for per in filled.values() for k in per})
-        cp = self.checkpoint
-        entries = [ChangeEntry(docs[k].partition, *docs[k].key, "u", cp.lsn) for k in done]
-        new_cp = Checkpoint(cp.lsn, cp.partial_lsn, cp.partial_offset, cp.last_seq + len(entries))
-        with self.conn.transaction():
-            for space, per in filled.items():
-                self.backend.set_vectors(space, [(docs[k].key, v) for k, v in per.items()], conn=self.conn)
-            self.state.changelog.append(self.conn, entries, first_seq=cp.last_seq + 1)
-            self.state.save_checkpoint(self.conn, self.slot, new_cp)
-        self.checkpoint = new_cp
-        return len(done)
+        return fill_pending(self, limit)
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -175,6 +176,53 @@ def deadletter_retry(config_path: str, ids: tuple[int, ...]) -> None:
     click.echo(f"resolved {resolved}, still failing {failing}")
     if failing:
         sys.exit(1)
+
+
+@main.command()
+@CONFIG
+@click.option("--space", required=True, help="The embedding space to re-embed.")
+@click.option("--rate", type=float, default=None, help="At most this many texts a second.")
+@click.option("--batch", type=int, default=256, show_default=True, help="Rows per step.")
+@click.option("--switch-wait", type=float, default=None,
+              help="Seconds to wait for the running worker to stop before the switch "
+                   "(default: until it stops). Run again later to resume.")
+@_errors
+def reembed(config_path: str, space: str, rate: float | None, batch: int,
+            switch_wait: float | None) -> None:
+    """Re-embed SPACE with the configured embedder, beside the running worker; switch when done.
+
+    Searches and devices keep the old vectors until the switch and get only the new ones
+    after it. The switch needs the apply writer: stop the running worker when asked, then
+    start it with the new configuration. Interrupted, it resumes where it stopped.
+    """
+    from .config import load_config
+    from .reembed import run_reembed
+
+    shown = {"phase": None, "at": 0.0}
+
+    def show(p) -> None:
+        now = time.monotonic()
+        if p.phase != shown["phase"] or now - shown["at"] >= 2.0:
+            pct = 100.0 * p.done / p.total if p.total else 100.0
+            line = f"reembed {p.space}: {p.done:,}/{p.total:,} rows ({pct:.0f}%), {p.sent:,} texts sent"
+            if p.phase == "waiting for the writer":
+                line += " - shadow complete; stop the running worker to switch"
+            elif p.phase in ("switched", "current"):
+                line += f" - {p.phase}"
+            if p.error:
+                line += f" - last error: {p.error}"
+            click.echo(line)
+            shown.update(phase=p.phase, at=now)
+
+    last = run_reembed(load_config(config_path), space, rate=rate, batch=batch,
+                       switch_wait=switch_wait, progress=show)
+    if last.phase == "switched":
+        click.echo(f"space {space} now holds the new vectors; start the worker with this configuration")
+    elif last.phase == "current":
+        click.echo(f"space {space} already holds this embedder's vectors; nothing to do")
+    else:
+        click.echo("the worker is still running; the shadow stays; run this again to finish")
+        sys.exit(3)
 
 
 @main.command()

@@ -125,6 +125,7 @@ class SearchConfig:
     schema: str = "slipstream"
     exact_limit: int = 20000
     hnsw: bool = True
+    embed_cache_rows: int = 100_000  # content-hash cache entries per space; 0 = off
     origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
 
     def resolve_dsn(self, source: SourceConfig, environ: Mapping[str, str] | None = None) -> str:
@@ -157,6 +158,17 @@ class EmbedderConfig:
     api_key: str | None = None
     batch_size: int = 64
     timeout: float = 30.0
+    # How the client treats the service (kind = "http"): see worker/embedders.py.
+    concurrency: int = 4
+    max_batch_tokens: int = 100_000
+    max_input_tokens: int = 8191
+    dimensions: int | None = None
+    max_retries: int = 5
+    retry_initial_delay: float = 0.5
+    retry_max_delay: float = 8.0
+    retry_budget_seconds: float = 10.0
+    breaker_failures: int = 5
+    breaker_reset_seconds: float = 10.0
     origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
 
     def resolve_api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
@@ -175,7 +187,8 @@ class EmbedderConfig:
         r = self.redacted()
         return (f"EmbedderConfig(space={r.space!r}, dim={r.dim!r}, kind={r.kind!r}, url={r.url!r}, "
                 f"model={r.model!r}, api_key_env={r.api_key_env!r}, api_key={r.api_key!r}, "
-                f"batch_size={r.batch_size!r}, timeout={r.timeout!r})")
+                f"batch_size={r.batch_size!r}, timeout={r.timeout!r}, "
+                f"concurrency={r.concurrency!r}, dimensions={r.dimensions!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,13 +394,14 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<string>") -> Worker
         publication=r.identifier(src, ("source", "publication"), "slipstream"))
 
     sea = r.section(top.get("search", {}), ("search",),
-                    ("dsn", "dsn_env", "schema", "exact_limit", "hnsw"))
+                    ("dsn", "dsn_env", "schema", "exact_limit", "hnsw", "embed_cache_rows"))
     dsn, dsn_env = r.dsn_pair(sea, ("search",), required=False)
     search_cfg = SearchConfig(
         dsn=dsn, dsn_env=dsn_env, origin=source,
         schema=r.identifier(sea, ("search", "schema"), "slipstream"),
         exact_limit=r.integer(sea, ("search", "exact_limit"), 20000, minimum=1),
-        hnsw=r.get(sea, ("search", "hnsw"), True, (bool,), "true or false"))
+        hnsw=r.get(sea, ("search", "hnsw"), True, (bool,), "true or false"),
+        embed_cache_rows=r.integer(sea, ("search", "embed_cache_rows"), 100_000, minimum=0))
 
     raw_spaces = r.section(top.get("spaces", {}), ("spaces",), None)
     spaces: dict[str, int] = {}
@@ -441,7 +455,10 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<string>") -> Worker
 
 _TABLE_KEYS = ("object_type", "id_columns", "title", "body", "keywords", "partition", "attrs",
                "payload", "spaces", "node_kind", "updated_at", "filter", "chunks", "python")
-_EMBEDDER_KEYS = ("kind", "url", "model", "api_key_env", "api_key", "batch_size", "timeout")
+_EMBEDDER_KEYS = ("kind", "url", "model", "api_key_env", "api_key", "batch_size", "timeout",
+                  "concurrency", "max_batch_tokens", "max_input_tokens", "dimensions",
+                  "max_retries", "retry_initial_delay", "retry_max_delay",
+                  "retry_budget_seconds", "breaker_failures", "breaker_reset_seconds")
 
 
 class _Reader(TomlReader):
@@ -529,7 +546,31 @@ class _Reader(TomlReader):
             api_key_env=api_key_env, origin=self.source,
             model=self.string(sec, (*path, "model"), MISSING, "the model name"),
             batch_size=self.integer(sec, (*path, "batch_size"), 64, 1),
-            timeout=self.number(sec, (*path, "timeout"), 30.0, positive=True))
+            timeout=self.number(sec, (*path, "timeout"), 30.0, positive=True),
+            **self.embedder_client(sec, path, spaces[name]))
+
+    def embedder_client(self, sec: Mapping[str, Any], path: tuple[str, ...], dim: int
+                        ) -> dict[str, Any]:
+        """The HTTP client's keys: concurrency, batching budget, retries, circuit breaker."""
+        dimensions = None
+        if "dimensions" in sec:
+            dimensions = self.integer(sec, (*path, "dimensions"), None, 1)
+            if dimensions != dim:
+                self.fail((*path, "dimensions"), f"is {dimensions} but the space is {dim}-d; "
+                          "set it to the space's dimension (or remove it)")
+        return {
+            "concurrency": self.integer(sec, (*path, "concurrency"), 4, 1, 64),
+            "max_batch_tokens": self.integer(sec, (*path, "max_batch_tokens"), 100_000, 1),
+            "max_input_tokens": self.integer(sec, (*path, "max_input_tokens"), 8191, 1),
+            "dimensions": dimensions,
+            "max_retries": self.integer(sec, (*path, "max_retries"), 5, 0),
+            "retry_initial_delay": self.number(sec, (*path, "retry_initial_delay"), 0.5,
+                                               positive=True),
+            "retry_max_delay": self.number(sec, (*path, "retry_max_delay"), 8.0, positive=True),
+            "retry_budget_seconds": self.number(sec, (*path, "retry_budget_seconds"), 10.0),
+            "breaker_failures": self.integer(sec, (*path, "breaker_failures"), 5, 1),
+            "breaker_reset_seconds": self.number(sec, (*path, "breaker_reset_seconds"), 10.0,
+                                                 positive=True)}
 
     def table(self, raw: object, name: str, spaces: Mapping[str, int]) -> TableConfig:
         path: tuple[str, ...] = ("tables", name)

@@ -7,7 +7,9 @@ This module owns three things, so that error handling lives in one place:
 * `error_from_server()`: the only place that turns a server or libpq error (SQLSTATE
   plus message text) into one of those types;
 * `classify()` and `RetryPolicy`: retry or stop, and how long to wait before retrying
-  (exponential backoff, capped, with jitter).
+  (exponential backoff, capped, with jitter). The same policy serves the replication
+  reconnect loop and the embedding client: an error may carry `retry_after` (a
+  server's ``Retry-After``), which the policy honours up to `max_retry_after`.
 """
 
 from __future__ import annotations
@@ -174,6 +176,40 @@ def error_from_server(
     return ReplicationServerError(f"replication command failed: {server}", **kw)
 
 
+class EmbeddingError(SlipstreamError):
+    """The embedding service failed or answered something unusable; rows stay pending."""
+
+    retry_after: float | None = None
+
+
+class EmbeddingTransientError(EmbeddingError):
+    """429, a 5xx, a timeout or a lost connection: worth retrying after a wait.
+
+    `retry_after` is the server's ``Retry-After`` in seconds, when it sent one.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class EmbeddingRejectedError(EmbeddingError):
+    """The service refused the request (a 4xx other than 429) or answered the wrong shape:
+    retrying the same request cannot help. The message says what to fix. `status` is the
+    HTTP status when the service refused the request itself."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class EmbeddingCircuitOpenError(EmbeddingError):
+    """The circuit breaker is open: the service kept failing, so it is not called until
+    the next probe. Rows stay pending and are filled when the service is back."""
+
+
 # Decisions by error type; the first class in an exception's MRO that is listed wins.
 DECISIONS: dict[type[BaseException], Decision] = {
     ReplicationConnectionError: "retry",
@@ -187,6 +223,9 @@ DECISIONS: dict[type[BaseException], Decision] = {
     ReplicationStateError: "stop",
     ConnectionError: "retry",
     TimeoutError: "retry",
+    EmbeddingTransientError: "retry",
+    EmbeddingRejectedError: "stop",
+    EmbeddingCircuitOpenError: "stop",
 }
 
 # For ReplicationServerError: transient SQLSTATE classes (connection exception,
@@ -221,12 +260,15 @@ class RetryPolicy:
     [d/2, d] with d = min(max_delay, initial_delay * multiplier**attempt): the delay
     grows quickly, never exceeds the cap, and workers restarted together spread out.
     After `max_attempts` consecutive failures (None: never) even retryable errors stop.
+    An error with a `retry_after` (seconds the server asked for, as in HTTP
+    ``Retry-After``) waits at least that long, up to `max_retry_after`.
     """
 
     initial_delay: float = 0.5
     max_delay: float = 30.0
     multiplier: float = 2.0
     max_attempts: int | None = None
+    max_retry_after: float = 60.0
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         exponent = min(max(attempt, 0), 64)  # past the cap anyway; avoids float overflow
@@ -240,4 +282,7 @@ class RetryPolicy:
         if action == "retry" and self.max_attempts is not None and attempt >= self.max_attempts:
             return RetryDecision("stop", 0.0, f"gave up after {attempt} attempts: {exc}")
         delay = self.backoff(attempt, rng) if action == "retry" else 0.0
+        asked = getattr(exc, "retry_after", None)
+        if action == "retry" and isinstance(asked, int | float) and asked > 0:
+            delay = max(delay, min(float(asked), self.max_retry_after))
         return RetryDecision(action, delay, str(exc))

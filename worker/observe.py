@@ -262,6 +262,7 @@ class Metrics:
         )  # fmt: skip
         for op in OPS:  # both series exist from the start, so rate() sees the first change
             self.applied_changes_total.labels(op=op)
+        self._init_embedding_metrics(own)
 
     def count_changes(self, op: str, n: int = 1) -> None:
         """Add `n` applied changes of operation `op` ('upsert' or 'delete')."""
@@ -283,6 +284,71 @@ class Metrics:
     def render(self) -> bytes:
         """All metrics in the Prometheus text exposition format (`CONTENT_TYPE_LATEST`)."""
         return generate_latest(self.registry)
+
+    # --- embedding metrics (one block: requests, texts, cache, retries, breaker) --------
+
+    def _init_embedding_metrics(self, own: dict[str, Any]) -> None:
+        """Embedding metrics, every one labelled by space."""
+        self.embed_requests_total = Counter(
+            "embed_requests_total", "Requests to an embedding service, by space and outcome "
+            "(ok, retry, failed, rejected, open: refused by the open circuit).",
+            ["space", "outcome"], **own)
+        self.embed_texts_total = Counter(
+            "embed_texts_total", "Texts sent to an embedding service.", ["space"], **own)
+        self.embed_tokens_total = Counter(
+            "embed_tokens_total", "Estimated tokens sent to an embedding service.", ["space"],
+            **own)
+        self.embed_request_seconds = Histogram(
+            "embed_request_seconds", "Latency of one embedding request (each attempt).",
+            ["space"], buckets=EMBED_SECONDS_BUCKETS, **own)
+        self.embed_retries_total = Counter(
+            "embed_retries_total", "Embedding requests retried, by space and reason "
+            "(429, 5xx, timeout, connection).", ["space", "reason"], **own)
+        self.embed_failures_total = Counter(
+            "embed_failures_total", "Embedding calls that left rows pending, by space and reason.",
+            ["space", "reason"], **own)
+        self.embed_truncations_total = Counter(
+            "embed_truncations_total", "Texts cut to the model's input limit before sending.",
+            ["space"], **own)
+        self.embed_circuit_state = Gauge(
+            "embed_circuit_state", "Circuit breaker per space: 0 closed, 1 half-open, 2 open.",
+            ["space"], **own)
+        self.embed_cache_total = Counter(
+            "embed_cache_total", "Embedding lookups avoided or not, by space and result: "
+            "reused (the row's text is unchanged), hit (the content-hash cache had it), "
+            "miss (sent to the embedder).", ["space", "result"], **own)
+        self.embed_noop_updates_total = Counter(
+            "embed_noop_updates_total", "Updates that changed nothing a device sees: no search "
+            "row write, no change-log entry.", **own)
+        self._pending_by_space: dict[str, int] = {}
+        self._pending_lock = threading.Lock()
+        self.pending_embeddings_by_space = Gauge(
+            "pending_embeddings_by_space", "Rows waiting for a vector, by space.", ["space"],
+            **own)
+
+    def index_event(self, event: str, space: str, n: int) -> None:
+        """The `SearchIndex` observer: counts its embedding events (see `SearchIndex`)."""
+        if event in ("reused", "hit", "miss"):
+            self.embed_cache_total.labels(space=space, result=event).inc(n)
+        elif event == "noop":
+            self.embed_noop_updates_total.inc(n)
+        elif event == "failed":
+            self.embed_failures_total.labels(space=space, reason="error").inc(n)
+        elif event == "wrong_shape":
+            self.embed_failures_total.labels(space=space, reason="wrong_shape").inc(n)
+        elif event == "pending":  # a count, not an increment (n may be 0)
+            self.set_pending({space: n})
+
+    def set_pending(self, by_space: Mapping[str, int]) -> None:
+        """Rows waiting for a vector, per space (and rows-times-spaces in total)."""
+        with self._pending_lock:
+            self._pending_by_space.update(by_space)
+            for space, n in by_space.items():
+                self.pending_embeddings_by_space.labels(space=space).set(n)
+            self.pending_embeddings.set(sum(self._pending_by_space.values()))
+
+
+EMBED_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 # --- one line per batch --------------------------------------------------------------
