@@ -24,7 +24,9 @@ from .config import WorkerConfig
 from .embedders import build_embedders
 from .lsn import format_lsn, parse_lsn
 from .mapping import Registry
-from .observe import BatchLog, HealthServer, Metrics, get_logger, lag_from_slot
+from .health import HealthServer
+from .logs import get_logger
+from .metrics import BatchLog, Metrics, SlotLagPoller, lag_from_slot
 from .runner import RunnerSettings, StreamRunner
 from .setup import SetupReport, setup, slot_exists
 from .snapshot import copy_steps, pending_tables, read_row, table_shape

@@ -65,7 +65,7 @@ def check(config_path: str) -> None:
 @_errors
 def setup(config_path: str) -> None:
     """Create the publication, slot and search schema; copy existing rows. Idempotent."""
-    from .observe import configure_logging
+    from .logs import configure_logging
 
     configure_logging(json=False)
     worker = _worker(config_path)
@@ -87,7 +87,7 @@ def setup(config_path: str) -> None:
 @_errors
 def run(config_path: str, log_format: str, no_http: bool) -> None:
     """Follow the slot and keep the search index in step until SIGTERM or SIGINT."""
-    from .observe import configure_logging
+    from .logs import configure_logging
 
     configure_logging(json=log_format == "json")
     worker = _worker(config_path)

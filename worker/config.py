@@ -33,8 +33,9 @@ from types import MappingProxyType
 from typing import Any
 
 from slipstream.index.doc import IDENTIFIER, NODE_KINDS
-from slipstream.worker.templates import Template, TemplateError, json_safe
-from slipstream.worker.tomlreader import (
+
+from .templates import Template, TemplateError, json_safe
+from .tomlreader import (
     MISSING,
     ConfigError,
     TomlReader,

@@ -11,7 +11,7 @@ binary-format values stay `bytes`.
 
 from __future__ import annotations
 
-from slipstream.worker.pgoutput import (
+from .pgoutput import (
     NULL,
     UNCHANGED,
     DecodeError,
@@ -22,7 +22,7 @@ from slipstream.worker.pgoutput import (
     TupleData,
     Update,
 )
-from slipstream.worker.pgtypes import decode_text
+from .pgtypes import decode_text
 
 __all__ = ["RelationCache", "TupleShapeError", "UnknownRelationError"]
 
