@@ -22,11 +22,13 @@ from .apply import Applier, ApplyResult
 from .changes import Batch, SourceChange, row_key
 from .config import WorkerConfig
 from .embedders import build_embedders
-from .lsn import format_lsn, parse_lsn
-from .mapping import Registry
+from .errors import SlotInvalidatedError, search_errors, slot_invalidated_message
 from .health import HealthServer
 from .logs import get_logger
-from .metrics import BatchLog, Metrics, SlotLagPoller, lag_from_slot
+from .lsn import format_lsn, parse_lsn
+from .mapping import Registry
+from .metrics import BatchLog, Metrics, SlotLag, SlotLagPoller, lag_from_slot
+from .progress import estimate_rows, progress_reporter
 from .runner import RunnerSettings, StreamRunner
 from .setup import SetupReport, setup, slot_exists
 from .snapshot import copy_steps, pending_tables, read_row, table_shape
@@ -59,6 +61,7 @@ class Worker:
         with psycopg.connect(self.search_dsn) as conn:
             self.state.migrate(conn)
         self.metrics = Metrics()
+        self.lag_poller: SlotLagPoller | None = None
         self._resolved = False
 
     def close(self) -> None:
@@ -84,11 +87,12 @@ class Worker:
         return partial(self.registry.map, relation) if relation in self.registry else None
 
     def make_applier(self) -> Applier:
-        conn = self.backend.connect()
-        self.state.claim_writer(conn, self.slot)
-        conn.commit()
-        return Applier(conn, self.index, self.state, self.mapper_for, self.slot,
-                       read_conn=self.backend.connect(autocommit=True))
+        with search_errors("open the apply connections"):
+            conn = self.backend.connect()
+            self.state.claim_writer(conn, self.slot)
+            conn.commit()
+            return Applier(conn, self.index, self.state, self.mapper_for, self.slot,
+                           read_conn=self.backend.connect(autocommit=True))
 
     # -- commands -------------------------------------------------------------------------
 
@@ -105,6 +109,11 @@ class Worker:
         finally:
             applier.close()
 
+    def estimate_rows(self, table: str) -> int | None:
+        """The source planner's row count estimate for `table` (for progress ETAs)."""
+        with psycopg.connect(self.source_dsn, autocommit=True) as conn:
+            return estimate_rows(conn, table)
+
     def _same_database(self) -> bool:
         def ident(dsn: str) -> tuple:
             with psycopg.connect(dsn) as c:
@@ -117,6 +126,7 @@ class Worker:
         todo = pending_tables(applier, self.tables)
         if not todo:
             return
+        progress = progress_reporter(self.log, "backfill_progress", estimate=self.estimate_rows)
         with psycopg.connect(self.source_dsn, autocommit=True) as source:
             for table in todo:
                 self.log.info("backfill_started", table=table)
@@ -126,6 +136,7 @@ class Worker:
                                          chunk_rows=self.config.worker.snapshot_chunk_rows):
                     self.metrics.snapshot_rows_total.labels(table=table).inc(copied - before)
                     before = copied
+                    progress(table, copied)
                     yield copied
                 self.log.info("backfill_done", table=table)
 
@@ -138,13 +149,14 @@ class Worker:
         batch_log = BatchLog(self.metrics)
 
         def on_batch(result: ApplyResult, batch: Batch) -> None:
+            for txn in batch.completed:  # every transaction, not only the batch's last
+                self.metrics.observe_commit(datetime.fromtimestamp(txn.commit_ts, UTC))
             lag_s = time.time() - batch.completed[-1].commit_ts if batch.completed else None
-            if batch.completed:
-                self.metrics.observe_commit(
-                    datetime.fromtimestamp(batch.completed[-1].commit_ts, UTC))
+            slot = self.lag_poller.latest if self.lag_poller is not None else None
             batch_log.log_batch(
                 self.log, transactions=result.transactions, changes=result.changes,
-                bytes=batch.bytes, lag_bytes=None, lag_seconds=lag_s, duration_s=result.seconds,
+                bytes=batch.bytes, lag_bytes=None if slot is None else slot.lag_bytes,
+                lag_seconds=lag_s, duration_s=result.seconds,
                 first_lsn=batch.changes[0].commit_lsn if batch.changes else result.checkpoint.lsn,
                 last_lsn=result.checkpoint.lsn,
                 ops={"upsert": result.upserts, "delete": result.tombstones})
@@ -152,19 +164,44 @@ class Worker:
                 self.metrics.dead_letters_total.labels(table=table).inc(n)
                 self.log.warning("dead_letters", table=table, count=n)
 
+        def log(event: str, **kw: object) -> None:
+            if event == "reconnecting":
+                self.metrics.reconnects_total.labels(reason=str(kw.get("error", "unknown"))).inc()
+            self.log.info(event, **kw)
+
         return StreamRunner(settings, self.make_applier, tables=set(self.tables), on_batch=on_batch,
-                            backfill=self._backfill,
-                            log=lambda event, **kw: self.log.info(event, **kw))
+                            backfill=self._backfill, log=log)
+
+    def _read_lag(self) -> SlotLag | None:
+        with psycopg.connect(self.source_dsn, autocommit=True, connect_timeout=10) as conn:
+            return lag_from_slot(conn, self.slot)
+
+    def _read_pending(self) -> dict[str, int]:
+        with psycopg.connect(self.search_dsn, autocommit=True, connect_timeout=10) as conn:
+            return self.backend.pending_counts(conn)
 
     def run(self, *, http: bool = True) -> None:
-        """Set up what is missing, then follow the slot until SIGTERM/SIGINT."""
+        """Set up what is missing, then follow the slot until SIGTERM/SIGINT.
+
+        Raises `SlotInvalidatedError` when the server has invalidated the slot, whether
+        the stream finds out (on reconnect) or the lag poller does first.
+        """
         # Tables added to an existing slot's config are copied while streaming (runner backfill).
-        report = self.setup(progress=lambda t, n: self.log.info("snapshot_progress", table=t, rows=n),
+        report = self.setup(progress=progress_reporter(self.log, estimate=self.estimate_rows),
                             copy_pending=False)
         self.log.info("setup_done", created_slot=report.created_slot, copied=report.copied,
                       added_tables=report.added_tables, backfill=report.deferred)
         runner = self.runner()
         runner.install_signal_handlers()
+        lost: list[SlotLag] = []
+
+        def on_lost(lag: SlotLag) -> None:
+            lost.append(lag)
+            runner.stop()
+
+        self.lag_poller = SlotLagPoller(
+            self.metrics, self._read_lag, read_pending=self._read_pending, on_lost=on_lost,
+            interval=self.config.worker.metrics_interval_seconds, log=self.log).start()
         server = None
         port = self.config.worker.http_port
         if http and port:
@@ -176,41 +213,32 @@ class Worker:
         try:
             runner.run()
         finally:
+            self.lag_poller.stop()
             if server is not None:
                 server.stop()
+        if lost:
+            raise SlotInvalidatedError(slot_invalidated_message(self.slot, self.config.search.schema))
 
     def status(self) -> Status:
         with psycopg.connect(self.source_dsn) as source:
             lag = lag_from_slot(source, self.slot)
         with psycopg.connect(self.search_dsn) as conn:
-            cp = conn.execute(self.state.q(
-                "SELECT lsn::text, last_seq, updated_at FROM {s}.checkpoints WHERE slot = %s"),
-                (self.slot,)).fetchone()
-            counts = conn.execute(self.backend._q(
-                "SELECT object_type, count(*) FILTER (WHERE NOT deleted), count(*) FILTER (WHERE deleted) "
-                "FROM {s}.docs GROUP BY 1 ORDER BY 1")).fetchall()
-            (dead,) = conn.execute(self.state.q(
-                "SELECT count(*) FROM {s}.dead_letters WHERE resolved_at IS NULL")).fetchone()
-            (pending,) = conn.execute(self.backend._q(
-                "SELECT count(*) FROM {s}.docs WHERE pending_spaces <> '{{}}' AND NOT deleted")).fetchone()
-            snap = conn.execute(self.state.q(
-                "SELECT relation, rows_copied, done FROM {s}.snapshot_progress ORDER BY 1")).fetchall()
+            own = self.state.status(conn, self.slot)
+            counts = self.backend.counts_by_type(conn)
+            pending = sum(self.backend.pending_counts(conn).values())
         return Status(
             slot=None if lag is None else {
                 "name": self.slot, "active": lag.active, "lag_bytes": lag.lag_bytes,
                 "confirmed_flush_lsn": format_lsn(lag.confirmed_flush_lsn) if lag.confirmed_flush_lsn else None,
                 "wal_status": lag.wal_status},
-            checkpoint=None if cp is None else {"lsn": cp[0], "last_seq": cp[1], "updated_at": cp[2].isoformat()},
-            counts=[tuple(r) for r in counts], dead_letters=int(dead), pending_embeddings=int(pending),
-            snapshot=[tuple(r) for r in snap])
+            checkpoint=own["checkpoint"], counts=counts, dead_letters=own["dead_letters"],
+            pending_embeddings=pending, snapshot=own["snapshot"])
 
     # -- dead letters ---------------------------------------------------------------------
 
     def dead_letters(self, limit: int = 50) -> list[tuple]:
         with psycopg.connect(self.search_dsn) as conn:
-            return conn.execute(self.state.q(
-                "SELECT id, created_at, relation, op, row_key, error FROM {s}.dead_letters "
-                "WHERE resolved_at IS NULL ORDER BY id LIMIT %s"), (limit,)).fetchall()
+            return self.state.open_dead_letters(conn, limit=limit)
 
     def retry_dead_letters(self, ids: list[int] | None = None) -> tuple[int, int]:
         """Re-map the current source row of each open dead letter; returns (resolved, still failing).
@@ -223,12 +251,10 @@ class Worker:
         applier = self.make_applier()
         resolved = failing = 0
         try:
-            letters = applier.conn.execute(self.state.q(
-                "SELECT id, relation, row_key FROM {s}.dead_letters WHERE resolved_at IS NULL "
-                "AND (%s::bigint[] IS NULL OR id = ANY(%s)) ORDER BY id"), (ids, ids)).fetchall()
+            letters = self.state.open_dead_letters(applier.conn, ids=ids)
             applier.conn.commit()
             with psycopg.connect(self.source_dsn, autocommit=True) as source:
-                for letter_id, relation, key in letters:
+                for letter_id, _, relation, _, key, _ in letters:
                     ok = self._retry_one(applier, source, letter_id, relation, key)
                     resolved, failing = resolved + ok, failing + (not ok)
         finally:
@@ -245,22 +271,12 @@ class Worker:
             batch.changes.append(SourceChange(
                 kind="snapshot", relation=relation, commit_lsn=parse_lsn(lsn_text),
                 key=row_key(values, shape.key), values=dict(values), columns=shape.type_oids))
-        (last_id,) = applier.conn.execute(self.state.q(
-            "SELECT coalesce(max(id), 0) FROM {s}.dead_letters")).fetchone()
+        last_id = self.state.last_dead_letter_id(applier.conn)
         applier.conn.commit()
-
-        def settle(conn: psycopg.Connection) -> None:
-            # In the apply transaction: a row that fails again has just been dead-lettered
-            # anew; fold that letter into this one, which stays open with the new error.
-            again = conn.execute(self.state.q(
-                "DELETE FROM {s}.dead_letters WHERE id > %s RETURNING error"),
-                (last_id,)).fetchall()
-            conn.execute(self.state.q(
-                "UPDATE {s}.dead_letters SET retried_at = now(), error = coalesce(%s, error), "
-                "resolved_at = CASE WHEN %s THEN now() END WHERE id = %s"),
-                (again[-1][0] if again else None, not again, letter_id))
-
-        # With no row (it is gone) the batch is empty: nothing left to index, letter resolved.
+        # In the apply transaction: a row that fails again has just been dead-lettered anew;
+        # that letter is folded into this one. With no row (it is gone) the batch is empty:
+        # nothing left to index, letter resolved.
+        settle = partial(self.state.settle_retried_letter, letter_id=letter_id, after_id=last_id)
         return applier.apply(batch, also=settle).dead_letters == 0
 
     def slot_exists(self) -> bool:

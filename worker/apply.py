@@ -25,6 +25,7 @@ from slipstream.index.doc import DocKey
 from slipstream.index.postgres_backend import COPY_THRESHOLD
 
 from .changes import Batch, SourceChange, decode_row
+from .errors import on_search_database
 from .pgoutput import UNCHANGED
 from .state import COPY_MIN_ROWS, ChangeEntry, Checkpoint, DeadLetter, WorkerState
 
@@ -110,6 +111,7 @@ class Applier:
 
     # -- planning (no writes) -------------------------------------------------------------
 
+    @on_search_database("read source-row state")
     def plan(self, batch: Batch) -> Planned:
         """Work out a batch's effects and embed its rows. Reads only; safe to run while the
         previous batch commits (states it has not committed yet come from `_pending`)."""
@@ -242,6 +244,7 @@ class Applier:
         """Plan and commit `batch`; `also` runs inside its transaction (e.g. copy progress)."""
         return self.commit(self.plan(batch), also)
 
+    @on_search_database("commit an apply transaction")
     def commit(self, planned: Planned, also: Callable[[psycopg.Connection], None] | None = None
                ) -> ApplyResult:
         """Write a planned batch in one transaction, with the checkpoint it makes durable."""
@@ -286,13 +289,14 @@ class Applier:
                            len(tombstones), len(fx.dead),
                            planned.seconds + time.perf_counter() - started, dead_by_table)
 
+    @on_search_database("fill pending embeddings")
     def fill_pending(self, limit: int = 256) -> int:
         """Embed rows left lexical-only by an embedding outage, and log them for devices.
 
         Returns how many rows got their vectors; an embedder still failing leaves them
         pending for the next pass.
         """
-        pending = self.state.pending_rows(self.read_conn, limit)
+        pending = self.backend.pending_rows(limit, conn=self.read_conn)
         self.read_conn.commit()
         if not pending:
             return 0

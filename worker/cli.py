@@ -66,12 +66,15 @@ def check(config_path: str) -> None:
 def setup(config_path: str) -> None:
     """Create the publication, slot and search schema; copy existing rows. Idempotent."""
     from .logs import configure_logging
+    from .progress import terminal_progress
 
     configure_logging(json=False)
     worker = _worker(config_path)
+    progress = terminal_progress(worker.estimate_rows)
     try:
-        report = worker.setup(progress=lambda t, n: click.echo(f"  copied {n:>9,} rows of {t}"))
+        report = worker.setup(progress=progress)
     finally:
+        progress.close()
         worker.close()
     click.echo(f"publication: {'created' if report.created_publication else 'present'}"
                + (f", added {', '.join(report.added_tables)}" if report.added_tables else ""))

@@ -256,9 +256,44 @@ class WorkerState:
             "UPDATE {s}.source_rows SET deleted = true, row_values = NULL, docs = '[]', lsn = %s "
             "WHERE relation = %s AND NOT deleted"), (lsn_text(lsn), relation))
 
-    def pending_rows(self, conn: psycopg.Connection, limit: int) -> list[tuple]:
-        """Live search rows waiting for a vector: (type, id, kind, partition, title, body, spaces)."""
+    # -- operator views and dead-letter retries -------------------------------------------
+
+    def status(self, conn: psycopg.Connection, slot: str) -> dict[str, Any]:
+        """The checkpoint row, open dead letters and copy progress, for `slipstream status`."""
+        cp = conn.execute(self.q(
+            "SELECT lsn::text, last_seq, updated_at FROM {s}.checkpoints WHERE slot = %s"),
+            (slot,)).fetchone()
+        (dead,) = conn.execute(self.q(
+            "SELECT count(*) FROM {s}.dead_letters WHERE resolved_at IS NULL")).fetchone()
+        snap = conn.execute(self.q(
+            "SELECT relation, rows_copied, done FROM {s}.snapshot_progress ORDER BY 1")).fetchall()
+        return {
+            "checkpoint": None if cp is None else {
+                "lsn": cp[0], "last_seq": cp[1], "updated_at": cp[2].isoformat()},
+            "dead_letters": int(dead),
+            "snapshot": [tuple(r) for r in snap],
+        }
+
+    def open_dead_letters(self, conn: psycopg.Connection, *, limit: int | None = None,
+                          ids: Sequence[int] | None = None) -> list[tuple]:
+        """Open letters, oldest first: (id, created_at, relation, op, row_key, error);
+        only those in `ids` when given."""
         return conn.execute(self.q(
-            "SELECT object_type, object_id, node_kind, partition, title, body, pending_spaces "
-            "FROM {s}.docs WHERE pending_spaces <> '{{}}' AND NOT deleted ORDER BY id LIMIT %s"),
-            (limit,)).fetchall()
+            "SELECT id, created_at, relation, op, row_key, error FROM {s}.dead_letters "
+            "WHERE resolved_at IS NULL AND (%s::bigint[] IS NULL OR id = ANY(%s)) "
+            "ORDER BY id LIMIT %s"), (ids, ids, limit)).fetchall()
+
+    def last_dead_letter_id(self, conn: psycopg.Connection) -> int:
+        (last,) = conn.execute(self.q("SELECT coalesce(max(id), 0) FROM {s}.dead_letters")).fetchone()
+        return int(last)
+
+    def settle_retried_letter(self, conn: psycopg.Connection, letter_id: int, after_id: int) -> None:
+        """After a retry's apply (in its transaction): letters added since `after_id` are the
+        row failing again; fold them into `letter_id`, which stays open with the new error,
+        or resolve `letter_id` when there are none."""
+        again = conn.execute(self.q(
+            "DELETE FROM {s}.dead_letters WHERE id > %s RETURNING error"), (after_id,)).fetchall()
+        conn.execute(self.q(
+            "UPDATE {s}.dead_letters SET retried_at = now(), error = coalesce(%s, error), "
+            "resolved_at = CASE WHEN %s THEN now() END WHERE id = %s"),
+            (again[-1][0] if again else None, not again, letter_id))
