@@ -121,21 +121,30 @@ class Worker:
                     c.info.dbname,)
         return ident(self.source_dsn) == ident(self.search_dsn)
 
+    def _copy_progress(self, event: str = "copy_progress") -> Callable[[str, int], None]:
+        """The copy's hook: counts rows into `snapshot_rows_total` and logs rate and ETA."""
+        report = progress_reporter(self.log, event, estimate=self.estimate_rows)
+        seen: dict[str, int] = {}
+
+        def progress(table: str, copied: int) -> None:
+            self.metrics.snapshot_rows_total.labels(table=table).inc(copied - seen.get(table, 0))
+            seen[table] = copied
+            report(table, copied)
+
+        return progress
+
     def _backfill(self, applier: Applier) -> Iterator[object]:
         """Copy, chunk by chunk, the tables whose copy has not finished (added to the config later)."""
         todo = pending_tables(applier, self.tables)
         if not todo:
             return
-        progress = progress_reporter(self.log, "backfill_progress", estimate=self.estimate_rows)
+        progress = self._copy_progress("backfill_progress")
         with psycopg.connect(self.source_dsn, autocommit=True) as source:
             for table in todo:
                 self.log.info("backfill_started", table=table)
                 shape = table_shape(source, table)
-                before = 0
                 for copied in copy_steps(applier, source, shape,
                                          chunk_rows=self.config.worker.snapshot_chunk_rows):
-                    self.metrics.snapshot_rows_total.labels(table=table).inc(copied - before)
-                    before = copied
                     progress(table, copied)
                     yield copied
                 self.log.info("backfill_done", table=table)
@@ -187,8 +196,7 @@ class Worker:
         the stream finds out (on reconnect) or the lag poller does first.
         """
         # Tables added to an existing slot's config are copied while streaming (runner backfill).
-        report = self.setup(progress=progress_reporter(self.log, estimate=self.estimate_rows),
-                            copy_pending=False)
+        report = self.setup(progress=self._copy_progress(), copy_pending=False)
         self.log.info("setup_done", created_slot=report.created_slot, copied=report.copied,
                       added_tables=report.added_tables, backfill=report.deferred)
         runner = self.runner()
@@ -201,7 +209,7 @@ class Worker:
 
         self.lag_poller = SlotLagPoller(
             self.metrics, self._read_lag, read_pending=self._read_pending, on_lost=on_lost,
-            interval=self.config.worker.metrics_interval_seconds, log=self.log).start()
+            spaces=self.config.spaces, interval=self.config.worker.metrics_interval_seconds, log=self.log).start()
         server = None
         port = self.config.worker.http_port
         if http and port:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -276,7 +276,7 @@ class SlotLagPoller:
     `slot_lag_bytes`; `read_pending()` ({space: rows}) sets `pending_embeddings`. A
     failing read is logged and tried again at the next tick: the stream's own loop
     reports connection trouble. `latest` is the last slot reading, for the batch log
-    line. When the server has invalidated the slot (`wal_status = 'lost'`), `on_lost`
+    line. `spaces` are exported (as 0) from the start. When the server has invalidated the slot (`wal_status = 'lost'`), `on_lost`
     is called once with the reading; the worker stops on it.
     """
 
@@ -287,6 +287,7 @@ class SlotLagPoller:
         *,
         read_pending: Callable[[], Mapping[str, int]] | None = None,
         on_lost: Callable[[SlotLag], None] | None = None,
+        spaces: Iterable[str] = (),
         interval: float = 5.0,
         log: Any = None,
     ) -> None:
@@ -297,7 +298,9 @@ class SlotLagPoller:
         self.interval = interval
         self.log = log
         self.latest: SlotLag | None = None
-        self._spaces: set[str] = set()
+        self._spaces: set[str] = set(spaces)  # exported as 0 until rows are pending
+        for space in self._spaces:
+            metrics.pending_embeddings.labels(space=space).set(0)
         self._lost_reported = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
