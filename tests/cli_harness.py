@@ -155,7 +155,9 @@ class WorkerProcess:
             time.sleep(0.05)
 
     def wait_streaming(self, dsn: str, timeout: float = 30) -> None:
-        self.wait_for("the slot to be active", lambda: (slot_row(dsn) or (False,))[0], timeout)
+        """Until `run` has logged that it streams (a new slot is active during the copy too)."""
+        self.wait_for("the worker to stream", lambda: (slot_row(dsn) or (False,))[0] and any(
+            e.get("event") == "streaming" for e in self.events()), timeout)
 
     def wait_caught_up(self, dsn: str, timeout: float = 30) -> None:
         """Until the slot confirms everything written so far (as `Harness.wait_caught_up`)."""

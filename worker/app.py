@@ -41,6 +41,7 @@ class Status:
     checkpoint: dict[str, Any] | None
     counts: list[tuple[str, int, int]]  # object_type, live, tombstones
     dead_letters: int
+    dead_letters_by_table: dict[str, int]
     pending_embeddings: int
     snapshot: list[tuple[str, int, bool]]
 
@@ -101,11 +102,16 @@ class Worker:
         self.resolve_tables()
         applier = self.make_applier()
         try:
-            return setup(self.source_dsn, slot=self.slot, publication=self.publication,
-                         tables=self.tables, applier=applier,
-                         search_schema=self.config.search.schema if self._same_database() else None,
-                         chunk_rows=self.config.worker.snapshot_chunk_rows, progress=progress,
-                         copy_pending=copy_pending)
+            before = self.state.last_dead_letter_id(applier.conn)
+            applier.conn.commit()
+            report = setup(self.source_dsn, slot=self.slot, publication=self.publication,
+                           tables=self.tables, applier=applier,
+                           search_schema=self.config.search.schema if self._same_database() else None,
+                           chunk_rows=self.config.worker.snapshot_chunk_rows, progress=progress,
+                           copy_pending=copy_pending)
+            report.dead_letters = self.state.open_dead_letters(applier.conn, before)
+            applier.conn.commit()
+            return report
         finally:
             applier.close()
 
@@ -239,14 +245,15 @@ class Worker:
                 "name": self.slot, "active": lag.active, "lag_bytes": lag.lag_bytes,
                 "confirmed_flush_lsn": format_lsn(lag.confirmed_flush_lsn) if lag.confirmed_flush_lsn else None,
                 "wal_status": lag.wal_status},
-            checkpoint=own["checkpoint"], counts=counts, dead_letters=own["dead_letters"],
+            checkpoint=own["checkpoint"], counts=counts,
+            dead_letters=sum(own["dead_letters"].values()), dead_letters_by_table=own["dead_letters"],
             pending_embeddings=pending, snapshot=own["snapshot"])
 
     # -- dead letters ---------------------------------------------------------------------
 
     def dead_letters(self, limit: int = 50) -> list[tuple]:
         with psycopg.connect(self.search_dsn) as conn:
-            return self.state.open_dead_letters(conn, limit=limit)
+            return self.state.dead_letter_rows(conn, limit=limit)
 
     def retry_dead_letters(self, ids: list[int] | None = None) -> tuple[int, int]:
         """Re-map the current source row of each open dead letter; returns (resolved, still failing).
@@ -259,7 +266,7 @@ class Worker:
         applier = self.make_applier()
         resolved = failing = 0
         try:
-            letters = self.state.open_dead_letters(applier.conn, ids=ids)
+            letters = self.state.dead_letter_rows(applier.conn, ids=ids)
             applier.conn.commit()
             with psycopg.connect(self.source_dsn, autocommit=True) as source:
                 for letter_id, _, relation, _, key, _ in letters:

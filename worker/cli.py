@@ -81,6 +81,13 @@ def setup(config_path: str) -> None:
     click.echo(f"slot: {'created' if report.created_slot else 'present'}")
     for table, n in report.copied.items():
         click.echo(f"snapshot: {table}: {n:,} rows")
+    if report.dead_letters:
+        for table, (n, error) in report.dead_letters.items():
+            click.echo(f"error: {n:,} rows of {table} went to dead letters; first error: {error}",
+                       err=True)
+        click.echo("fix the mapper or the rows, then run `slipstream deadletter retry` "
+                   "(`slipstream deadletter list` shows each row and its error)", err=True)
+        sys.exit(1)
 
 
 @main.command()
@@ -115,7 +122,8 @@ def status(config_path: str, as_json: bool) -> None:
         click.echo(json.dumps({
             "slot": st.slot, "checkpoint": st.checkpoint,
             "counts": [{"object_type": t, "live": n, "tombstones": d} for t, n, d in st.counts],
-            "dead_letters": st.dead_letters, "pending_embeddings": st.pending_embeddings,
+            "dead_letters": st.dead_letters, "dead_letters_by_table": st.dead_letters_by_table,
+            "pending_embeddings": st.pending_embeddings,
             "snapshot": [{"table": t, "rows": n, "done": d} for t, n, d in st.snapshot]}, indent=2))
         return
     if st.slot is None:
@@ -132,6 +140,8 @@ def status(config_path: str, as_json: bool) -> None:
     for t, n, done in st.snapshot:
         click.echo(f"snapshot {t}: {n:,} rows{'' if done else ' (in progress)'}")
     click.echo(f"dead letters: {st.dead_letters:,}   pending embeddings: {st.pending_embeddings:,}")
+    for t, n in st.dead_letters_by_table.items():
+        click.echo(f"  dead letters in {t}: {n:,} (`slipstream deadletter list` shows them)")
 
 
 @main.group()

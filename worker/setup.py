@@ -30,6 +30,8 @@ class SetupReport:
     created_slot: bool = False
     copied: dict[str, int] = field(default_factory=dict)
     deferred: list[str] = field(default_factory=list)  # to be copied while streaming
+    # Rows of the copy that went to dead letters, per table: (count, first error).
+    dead_letters: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def check_wal_level(conn: psycopg.Connection) -> None:

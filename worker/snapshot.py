@@ -1,7 +1,7 @@
 """Copying existing rows: the initial snapshot and later backfills, chunked and resumable.
 
-A table is read in primary-key order, `chunk_rows` at a time, with every column cast
-to text by the server (the same text pgoutput sends), and each chunk is applied as a
+A table is read in primary-key order, `chunk_rows` at a time, with `COPY ... TO STDOUT`,
+so every column arrives in its type's output text (what pgoutput sends), and each chunk is applied as a
 batch of `snapshot` changes. The chunk's position is saved in `snapshot_progress` in
 the same transaction, so a restarted copy resumes after the last chunk applied.
 
@@ -78,47 +78,61 @@ def table_shape(conn: psycopg.Connection, relation: str) -> TableShape:
     return TableShape(relation, columns, key)
 
 
+def _select(shape: TableShape, where: sql.Composable | None, tail: sql.Composable) -> sql.Composed:
+    """`COPY (SELECT every column ...) TO STDOUT`: each value in its type's output text.
+
+    COPY's text format writes every value with the type's output function, which is
+    what pgoutput sends, so a copied row decodes exactly like a streamed one. A cast
+    to text would not do: `boolean::text` is 'true' where the output function says
+    't', `inet::text` adds '/32', `char(n)::text` drops the padding.
+    """
+    schema, table = split_relation(shape.relation)
+    return sql.SQL("COPY (SELECT {cols} FROM {t}{where}{tail}) TO STDOUT").format(
+        cols=sql.SQL(", ").join(sql.Identifier(n) for n, _, _ in shape.columns),
+        t=sql.Identifier(schema, table),
+        where=sql.SQL(" WHERE ") + where if where is not None else sql.SQL(""), tail=tail)
+
+
+def _key_match(shape: TableShape, op: str, values: Sequence[str | None]) -> sql.Composed:
+    """`(k1, k2) <op> ('v1'::type1, 'v2'::type2)`: key values given in their output text."""
+    types = {n: t for n, _, t in shape.columns}
+    return sql.SQL("({key}) {op} ({vals})").format(
+        key=sql.SQL(", ").join(sql.Identifier(k) for k in shape.key), op=sql.SQL(op),
+        vals=sql.SQL(", ").join(sql.SQL("{}::{}").format(sql.Literal(v), sql.SQL(types[k]))
+                                for k, v in zip(shape.key, values)))
+
+
+def _copy_rows(conn: psycopg.Connection, shape: TableShape, stmt: sql.Composed
+               ) -> list[dict[str, str | None]]:
+    names = [n for n, _, _ in shape.columns]
+    with conn.cursor().copy(stmt) as copy:
+        return [dict(zip(names, row)) for row in copy.rows()]
+
+
 def read_chunks(conn: psycopg.Connection, shape: TableShape, after: Sequence[str] | None,
                 chunk_rows: int) -> Iterator[list[dict[str, str | None]]]:
     """Rows as {column: text}, in key order after the key `after`, `chunk_rows` at a time."""
     schema, table = split_relation(shape.relation)
-    types = {n: t for n, _, t in shape.columns}
-    select = sql.SQL(", ").join(sql.SQL("{c}::text").format(c=sql.Identifier(n)) for n, _, _ in shape.columns)
-    key = sql.SQL(", ").join(sql.Identifier(k) for k in shape.key)
-    # Qualified: a bare name in ORDER BY would mean the select list's `k::text` column, and
-    # text order ('10' < '9') would not be the key order the WHERE resumes from.
-    order = sql.SQL(", ").join(sql.Identifier(schema, table, k) for k in shape.key)
-    where = sql.SQL("({key}) > ({vals})").format(
-        key=key, vals=sql.SQL(", ").join(sql.SQL("%s::" + types[k]) for k in shape.key))
-    names = [n for n, _, _ in shape.columns]
+    order = sql.SQL(" ORDER BY {keys} LIMIT {n}").format(
+        keys=sql.SQL(", ").join(sql.Identifier(schema, table, k) for k in shape.key),
+        n=sql.Literal(chunk_rows))
     last = list(after) if after is not None else None
     while True:
-        stmt = sql.SQL("SELECT {select} FROM {t} {where} ORDER BY {order} LIMIT {n}").format(
-            select=select, t=sql.Identifier(schema, table),
-            where=sql.SQL("WHERE ") + where if last is not None else sql.SQL(""),
-            order=order, n=sql.Literal(chunk_rows))
-        rows = conn.execute(stmt, last or []).fetchall()
-        if not rows:
+        where = _key_match(shape, ">", last) if last is not None else None
+        chunk = _copy_rows(conn, shape, _select(shape, where, order))
+        if not chunk:
             return
-        chunk = [dict(zip(names, r)) for r in rows]
         yield chunk
         last = [chunk[-1][k] for k in shape.key]
-        if len(rows) < chunk_rows:
+        if len(chunk) < chunk_rows:
             return
 
 
 def read_row(conn: psycopg.Connection, shape: TableShape, key: Sequence[str | None]
              ) -> dict[str, str | None] | None:
     """One row as {column: text} by its key values (as text), or None if it is gone."""
-    schema, table = split_relation(shape.relation)
-    types = {n: t for n, _, t in shape.columns}
-    stmt = sql.SQL("SELECT {select} FROM {t} WHERE ({key}) = ({vals})").format(
-        select=sql.SQL(", ").join(sql.SQL("{c}::text").format(c=sql.Identifier(n))
-                                  for n, _, _ in shape.columns),
-        t=sql.Identifier(schema, table), key=sql.SQL(", ").join(sql.Identifier(k) for k in shape.key),
-        vals=sql.SQL(", ").join(sql.SQL("%s::" + types[k]) for k in shape.key))
-    row = conn.execute(stmt, list(key)).fetchone()
-    return None if row is None else dict(zip([n for n, _, _ in shape.columns], row))
+    rows = _copy_rows(conn, shape, _select(shape, _key_match(shape, "=", key), sql.SQL("")))
+    return rows[0] if rows else None
 
 
 def copy_steps(applier: Applier, source: psycopg.Connection, shape: TableShape, *,

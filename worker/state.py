@@ -250,6 +250,19 @@ class WorkerState:
                   Jsonb(d.row_values) if d.row_values is not None else None, d.error)
                  for d in letters])
 
+    def last_dead_letter_id(self, conn: psycopg.Connection) -> int:
+        (last,) = conn.execute(self.q("SELECT coalesce(max(id), 0) FROM {s}.dead_letters")).fetchone()
+        return int(last)
+
+    def open_dead_letters(self, conn: psycopg.Connection, after_id: int = 0
+                          ) -> dict[str, tuple[int, str]]:
+        """Open dead letters with an id above `after_id`, per relation: (count, first error)."""
+        rows = conn.execute(self.q(
+            "SELECT relation, count(*), (array_agg(error ORDER BY id))[1] FROM {s}.dead_letters "
+            "WHERE resolved_at IS NULL AND id > %s GROUP BY relation ORDER BY relation"),
+            (after_id,)).fetchall()
+        return {relation: (int(n), error) for relation, n, error in rows}
+
     def mark_relation_deleted(self, conn: psycopg.Connection, relation: str, lsn: int) -> None:
         """After a TRUNCATE: every source row of `relation` is gone as of `lsn`."""
         conn.execute(self.q(
@@ -259,33 +272,28 @@ class WorkerState:
     # -- operator views and dead-letter retries -------------------------------------------
 
     def status(self, conn: psycopg.Connection, slot: str) -> dict[str, Any]:
-        """The checkpoint row, open dead letters and copy progress, for `slipstream status`."""
+        """The checkpoint row, open dead letters per table and copy progress, for `status`."""
         cp = conn.execute(self.q(
             "SELECT lsn::text, last_seq, updated_at FROM {s}.checkpoints WHERE slot = %s"),
             (slot,)).fetchone()
-        (dead,) = conn.execute(self.q(
-            "SELECT count(*) FROM {s}.dead_letters WHERE resolved_at IS NULL")).fetchone()
+        dead = {t: n for t, (n, _) in self.open_dead_letters(conn).items()}
         snap = conn.execute(self.q(
             "SELECT relation, rows_copied, done FROM {s}.snapshot_progress ORDER BY 1")).fetchall()
         return {
             "checkpoint": None if cp is None else {
                 "lsn": cp[0], "last_seq": cp[1], "updated_at": cp[2].isoformat()},
-            "dead_letters": int(dead),
+            "dead_letters": dead,
             "snapshot": [tuple(r) for r in snap],
         }
 
-    def open_dead_letters(self, conn: psycopg.Connection, *, limit: int | None = None,
-                          ids: Sequence[int] | None = None) -> list[tuple]:
+    def dead_letter_rows(self, conn: psycopg.Connection, *, limit: int | None = None,
+                         ids: Sequence[int] | None = None) -> list[tuple]:
         """Open letters, oldest first: (id, created_at, relation, op, row_key, error);
         only those in `ids` when given."""
         return conn.execute(self.q(
             "SELECT id, created_at, relation, op, row_key, error FROM {s}.dead_letters "
             "WHERE resolved_at IS NULL AND (%s::bigint[] IS NULL OR id = ANY(%s)) "
             "ORDER BY id LIMIT %s"), (ids, ids, limit)).fetchall()
-
-    def last_dead_letter_id(self, conn: psycopg.Connection) -> int:
-        (last,) = conn.execute(self.q("SELECT coalesce(max(id), 0) FROM {s}.dead_letters")).fetchone()
-        return int(last)
 
     def settle_retried_letter(self, conn: psycopg.Connection, letter_id: int, after_id: int) -> None:
         """After a retry's apply (in its transaction): letters added since `after_id` are the
