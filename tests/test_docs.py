@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import subprocess
@@ -81,7 +82,7 @@ def test_every_metric_name_in_the_docs_exists() -> None:
 
 
 def _error_classes() -> dict[str, type]:
-    import slipstream.worker.app  # noqa: F401 - imports every module that defines errors
+    import slipstream.worker.app
     import slipstream.worker.embedders  # noqa: F401
 
     found: dict[str, type] = {}
@@ -173,7 +174,7 @@ def test_readme_python_block_runs(index: int, pg_dsn: str, tmp_path: Path) -> No
     code = blocks(README, "python")[index]
     script = "import os\ndsn = os.environ['DSN']\n" + textwrap.dedent(code)
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env={**__import__("os").environ, "DSN": pg_dsn})
+                          check=False, text=True, timeout=120, env={**os.environ, "DSN": pg_dsn})
     assert done.returncode == 0, f"README python block {index}:\n{code}\n{done.stderr}"
 
 
