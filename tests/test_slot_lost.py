@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from slipstream.worker.errors import SlotInvalidatedError, classify, error_from_server
-from slipstream.worker.metrics import Metrics, SlotLag, SlotLagPoller
+from slipstream.worker.metrics import Metrics, MetricsPoller, SlotLag
 
 from .cli_harness import cli, environ, shown, write_config
 
@@ -85,6 +85,9 @@ def test_lost_slot_stops_the_worker_saying_what_happened_and_what_to_run(
     status = cli("status", "--config", str(config), "--json", cwd=tmp_path)
     assert status.returncode == 0, shown(status)
     assert '"wal_status": "lost"' in status.stdout
+    text = cli("status", "--config", str(config), cwd=tmp_path)
+    assert text.returncode == 0, shown(text)
+    assert "WAL lost" in text.stdout and "pg_drop_replication_slot('slipstream')" in text.stderr
 
 
 # --- without a server ------------------------------------------------------------------
@@ -111,7 +114,7 @@ def test_lag_poller_feeds_the_gauges_and_reports_a_lost_slot_once() -> None:
     lost: list[SlotLag] = []
     pending = iter([{"remote": 3}, {}, {}])
     m = Metrics()
-    poller = SlotLagPoller(m, lambda: next(readings), read_pending=lambda: next(pending),
+    poller = MetricsPoller(m, lambda: next(readings), read_pending=lambda: next(pending),
                            on_lost=lost.append, spaces=["local", "remote"], interval=1.0)
     assert m.pending_embeddings.labels(space="local")._value.get() == 0
     poller.poll()
@@ -138,7 +141,7 @@ def test_lag_poller_survives_a_failing_read() -> None:
 
     log = Log()
     m = Metrics()
-    poller = SlotLagPoller(m, broken, read_pending=lambda: {"local": 2}, log=log, interval=1.0)
+    poller = MetricsPoller(m, broken, read_pending=lambda: {"local": 2}, log=log, interval=1.0)
     poller.poll()
     assert log.events == ["slot_lag_read_failed"]
     assert m.pending_embeddings.labels(space="local")._value.get() == 2

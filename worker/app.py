@@ -27,7 +27,7 @@ from .health import HealthServer
 from .logs import get_logger
 from .lsn import format_lsn, parse_lsn
 from .mapping import Registry
-from .metrics import BatchLog, Metrics, SlotLag, SlotLagPoller, lag_from_slot
+from .metrics import BatchLog, Metrics, MetricsPoller, SlotLag, lag_from_slot
 from .progress import estimate_rows, progress_reporter
 from .runner import RunnerSettings, StreamRunner
 from .setup import SetupReport, setup, slot_exists
@@ -62,7 +62,7 @@ class Worker:
         with psycopg.connect(self.search_dsn) as conn:
             self.state.migrate(conn)
         self.metrics = Metrics()
-        self.lag_poller: SlotLagPoller | None = None
+        self.lag_poller: MetricsPoller | None = None
         self._resolved = False
 
     def close(self) -> None:
@@ -213,7 +213,7 @@ class Worker:
             lost.append(lag)
             runner.stop()
 
-        self.lag_poller = SlotLagPoller(
+        self.lag_poller = MetricsPoller(
             self.metrics, self._read_lag, read_pending=self._read_pending, on_lost=on_lost,
             spaces=self.config.spaces, interval=self.config.worker.metrics_interval_seconds, log=self.log).start()
         server = None

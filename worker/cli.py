@@ -130,8 +130,13 @@ def status(config_path: str, as_json: bool) -> None:
         click.echo(f"slot {worker.slot}: missing (run `slipstream setup`)")
     else:
         s = st.slot
+        lag = "unknown" if s["lag_bytes"] is None else f"{s['lag_bytes']:,} bytes"
         click.echo(f"slot {s['name']}: {'active' if s['active'] else 'inactive'}, "
-                   f"lag {s['lag_bytes']:,} bytes, confirmed {s['confirmed_flush_lsn']}")
+                   f"lag {lag}, confirmed {s['confirmed_flush_lsn']}, WAL {s['wal_status']}")
+        if s["wal_status"] == "lost":
+            from .errors import slot_invalidated_message
+
+            click.echo(slot_invalidated_message(s["name"], worker.config.search.schema), err=True)
     if st.checkpoint:
         c = st.checkpoint
         click.echo(f"checkpoint: {c['lsn']}, last seq {c['last_seq']:,}, at {c['updated_at']}")

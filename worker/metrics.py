@@ -7,7 +7,7 @@ This module owns:
   The README's metrics table lists exactly these; `tests/test_docs.py` compares them.
 * `BatchLog`: the one canonical log line per applied batch (event `batch_applied`)
   and the metric updates that go with it.
-* `lag_from_slot()` and `SlotLagPoller`: how far the replication slot trails the
+* `lag_from_slot()` and `MetricsPoller`: how far the replication slot trails the
   server's WAL, in bytes, read from the server on a timer.
 
 Nothing here opens a connection or starts a thread at import time.
@@ -27,7 +27,7 @@ from slipstream.index.errors import ValidationError
 
 from .lsn import format_lsn, parse_lsn
 
-__all__ = ["BatchLog", "Metrics", "SlotLag", "SlotLagPoller", "lag_from_slot"]
+__all__ = ["BatchLog", "Metrics", "MetricsPoller", "SlotLag", "lag_from_slot"]
 
 # --- metrics -------------------------------------------------------------------------
 
@@ -268,7 +268,7 @@ def lag_from_slot(conn: Any, slot_name: str) -> SlotLag | None:
     )
 
 
-class SlotLagPoller:
+class MetricsPoller:
     """Reads the slot's lag and the pending embeddings on a timer and feeds the gauges.
 
     Runs on a daemon thread from `start()` to `stop()`, every `interval` seconds:
@@ -344,10 +344,10 @@ class SlotLagPoller:
             if self._stop.wait(self.interval):
                 return
 
-    def start(self) -> SlotLagPoller:
+    def start(self) -> MetricsPoller:
         if self._thread is None:
             self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="slipstream-slot-lag",
+            self._thread = threading.Thread(target=self._run, name="slipstream-metrics-poller",
                                             daemon=True)
             self._thread.start()
         return self

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from .health import HealthServer, HealthServerError
 from .logs import configure_logging, get_logger
-from .metrics import BatchLog, Metrics, SlotLag, SlotLagPoller, lag_from_slot
+from .metrics import BatchLog, Metrics, MetricsPoller, SlotLag, lag_from_slot
 
 __all__ = [
     "BatchLog",
     "HealthServer",
     "HealthServerError",
     "Metrics",
+    "MetricsPoller",
     "SlotLag",
-    "SlotLagPoller",
     "configure_logging",
     "get_logger",
     "lag_from_slot",
