@@ -160,5 +160,8 @@ def test_every_readme_metric_is_fed_by_the_running_worker(pg_dsn: str, worker) -
     failed = [name for name, check in checks.items() if not check()]
     assert not failed, f"implausible or missing: {failed}\n" + "\n".join(
         f"{k} {v}" for k, v in sorted(s.items()) if k.startswith("slipstream_"))
+    # The canonical batch line carries the slot lag the poller read (it was always None).
+    batches = [e for e in proc.events() if e.get("event") == "batch_applied"]
+    assert batches and isinstance(batches[-1]["lag_bytes"], int), batches[-1:]
     reasons = set(s["slipstream_reconnects_total"])
     assert all(re.fullmatch(r'reason="[A-Za-z]+Error"', r) for r in reasons), reasons
