@@ -133,9 +133,10 @@ class Metrics:
         self.commit_to_apply_seconds.observe(delay)
         return delay
 
-    def names(self) -> set[str]:
-        """The exported metric names (with the namespace prefix, without `_total` etc.)."""
-        return {m.name for m in self.registry.collect()}
+    def set_pending(self, by_space: Mapping[str, int]) -> None:
+        """Rows waiting for a vector, per space (`pending_embeddings{space=...}`)."""
+        for space, n in by_space.items():
+            self.pending_embeddings.labels(space=space).set(n)
 
     def render(self) -> bytes:
         """All metrics in the Prometheus text exposition format (`CONTENT_TYPE_LATEST`)."""
@@ -299,8 +300,7 @@ class MetricsPoller:
         self.log = log
         self.latest: SlotLag | None = None
         self._spaces: set[str] = set(spaces)  # exported as 0 until rows are pending
-        for space in self._spaces:
-            metrics.pending_embeddings.labels(space=space).set(0)
+        metrics.set_pending(dict.fromkeys(self._spaces, 0))
         self._lost_reported = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -330,9 +330,9 @@ class MetricsPoller:
         except Exception as exc:  # noqa: BLE001
             self._warn("pending_read_failed", exc)
             return
-        for space in self._spaces | set(pending):  # a space with none left goes back to 0
-            self.metrics.pending_embeddings.labels(space=space).set(pending.get(space, 0))
         self._spaces |= set(pending)
+        # A space with none left goes back to 0.
+        self.metrics.set_pending({space: pending.get(space, 0) for space in self._spaces})
 
     def _warn(self, event: str, exc: BaseException) -> None:
         if self.log is not None:
