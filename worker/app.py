@@ -215,7 +215,8 @@ class Worker:
 
         self.lag_poller = MetricsPoller(
             self.metrics, self._read_lag, read_pending=self._read_pending, on_lost=on_lost,
-            spaces=self.config.spaces, interval=self.config.worker.metrics_interval_seconds, log=self.log).start()
+            spaces=self.config.spaces, interval=self.config.worker.metrics_interval_seconds,
+            log=self.log).start()
         server = None
         port = self.config.worker.http_port
         if http and port:

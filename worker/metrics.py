@@ -277,8 +277,9 @@ class MetricsPoller:
     `slot_lag_bytes`; `read_pending()` ({space: rows}) sets `pending_embeddings`. A
     failing read is logged and tried again at the next tick: the stream's own loop
     reports connection trouble. `latest` is the last slot reading, for the batch log
-    line. `spaces` are exported (as 0) from the start. When the server has invalidated the slot (`wal_status = 'lost'`), `on_lost`
-    is called once with the reading; the worker stops on it.
+    line. `spaces` are exported (as 0) from the start. When the server has invalidated
+    the slot (`wal_status = 'lost'`), `on_lost` is called once with the reading; the
+    worker stops on it.
     """
 
     def __init__(
