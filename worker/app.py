@@ -227,6 +227,11 @@ class Worker:
             server.start()
         try:
             runner.run()
+        except SlotInvalidatedError as exc:  # say it with this worker's schema
+            raise SlotInvalidatedError(
+                slot_invalidated_message(self.slot, self.config.search.schema,
+                                         detail=exc.server_message or ""),
+                sqlstate=exc.sqlstate, server_message=exc.server_message) from exc
         finally:
             self.lag_poller.stop()
             if server is not None:
