@@ -71,7 +71,7 @@ def bench_device(rows: int, n_queries: int, table: list[tuple]) -> None:
 def bench_server(rows: int, partitions: int, n_queries: int, dsn: str | None, table: list[tuple],
                  build_hnsw: bool, shared_buffers: str) -> None:
     from slipstream.index import PostgresBackend
-    from slipstream.worker.embedded import EmbeddedPostgres
+    from slipstream.worker.localpg import EmbeddedPostgres
 
     server = None
     if dsn is None:

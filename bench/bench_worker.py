@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from corpus import Corpus
 from slipstream.worker.app import Worker
 from slipstream.worker.config import load_config
-from slipstream.worker.embedded import EmbeddedPostgres
+from slipstream.worker.localpg import EmbeddedPostgres
 from slipstream.worker.lsn import parse_lsn
 
 CONFIG = """
@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--latency-seconds", type=float, default=30)
     ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
-    from slipstream.worker.observe import configure_logging
+    from slipstream.worker.logs import configure_logging
 
     configure_logging(json=True, level="error")
     table: list[tuple] = []

@@ -481,6 +481,30 @@ class PostgresBackend(EmbeddingState):
         return {(r[0], r[1], r[2]): {"partition": r[3], "title": r[4], "payload": r[5], "attrs": r[6]}
                 for r in rows}
 
+    # -- operator views (status command, metrics) -----------------------------------------
+
+    def counts_by_type(self, conn: psycopg.Connection | None = None) -> list[tuple[str, int, int]]:
+        """(object_type, live rows, tombstones) per object type, in type order."""
+        with self.connection(conn) as c:
+            return [tuple(r) for r in c.execute(self._q(
+                "SELECT object_type, count(*) FILTER (WHERE NOT deleted), "
+                "count(*) FILTER (WHERE deleted) FROM {s}.docs GROUP BY 1 ORDER BY 1"))]
+
+    def pending_counts(self, conn: psycopg.Connection | None = None) -> dict[str, int]:
+        """Live rows still waiting for a vector, per embedding space."""
+        with self.connection(conn) as c:
+            return dict(c.execute(self._q(
+                "SELECT space, count(*) FROM {s}.docs, unnest(pending_spaces) AS space "
+                "WHERE NOT deleted GROUP BY 1")).fetchall())
+
+    def pending_rows(self, limit: int, conn: psycopg.Connection | None = None) -> list[tuple]:
+        """Live rows waiting for a vector: (type, id, kind, partition, title, body, spaces)."""
+        with self.connection(conn) as c:
+            return c.execute(self._q(
+                "SELECT object_type, object_id, node_kind, partition, title, body, pending_spaces "
+                "FROM {s}.docs WHERE pending_spaces <> '{{}}' AND NOT deleted ORDER BY id LIMIT %s"),
+                (limit,)).fetchall()
+
     def get(self, object_type: str, object_id: str, node_kind: str = "leaf") -> dict[str, Any] | None:
         """One stored row (tombstones included) as a dict, vectors under `vectors`."""
         with self.connection() as c:

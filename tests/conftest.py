@@ -45,7 +45,7 @@ def pg_server() -> Iterator[_Server]:
         yield _Server(dsn)
         return
     try:
-        from slipstream.worker.embedded import EmbeddedPostgres
+        from slipstream.worker.localpg import EmbeddedPostgres
 
         server = EmbeddedPostgres(durable=False).start()
     except Exception as exc:  # pragma: no cover - only where the wheel cannot run

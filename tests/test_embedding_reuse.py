@@ -185,7 +185,7 @@ def test_outage_streams_on_lexically_and_every_row_gets_its_vector(pg_dsn: str, 
     fake.mode = outage
 
     def gauge() -> float | None:
-        return metrics.registry.get_sample_value("slipstream_pending_embeddings_by_space",
+        return metrics.registry.get_sample_value("slipstream_pending_embeddings",
                                                  {"space": "local"})
 
     def wait_gauge(value: float) -> None:

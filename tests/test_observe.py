@@ -143,7 +143,7 @@ def test_render_shows_updated_values():
     m.apply_batch_seconds.observe(0.02)
     m.batch_changes.observe(9)
     m.dead_letters_total.labels(table="public.items").inc()
-    m.pending_embeddings.set(11)
+    m.pending_embeddings.labels(space="local").set(11)
     m.checkpoint_lsn.set(0x16_B374D848)
     m.reconnects_total.labels(reason="timeout").inc()
     m.snapshot_rows_total.labels(table="public.items").inc(100)
@@ -158,7 +158,7 @@ def test_render_shows_updated_values():
     assert _sample(text, "slipstream_apply_batch_seconds_bucket", 'le="0.01"') == 0
     assert _sample(text, "slipstream_batch_changes_count") == 1
     assert _sample(text, "slipstream_dead_letters_total", 'table="public.items"') == 1
-    assert _sample(text, "slipstream_pending_embeddings") == 11
+    assert _sample(text, "slipstream_pending_embeddings", 'space="local"') == 11
     assert _sample(text, "slipstream_checkpoint_lsn") == 0x16_B374D848
     assert _sample(text, "slipstream_reconnects_total", 'reason="timeout"') == 1
     assert _sample(text, "slipstream_snapshot_rows_total", 'table="public.items"') == 100

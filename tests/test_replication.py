@@ -494,7 +494,7 @@ def test_role_without_replication_gets_what_to_grant(pg_server, pg_dsn: str) -> 
 def test_wal_level_below_logical_says_how_to_fix(pg_server) -> None:
     if pg_server.embedded is None:
         pytest.skip("needs the embedded server to start a second one with wal_level=replica")
-    from slipstream.worker.embedded import EmbeddedPostgres
+    from slipstream.worker.localpg import EmbeddedPostgres
 
     with (
         EmbeddedPostgres(durable=False, settings={"wal_level": "replica"}) as server,

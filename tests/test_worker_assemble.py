@@ -72,3 +72,21 @@ def test_tables_outside_the_config_are_ignored() -> None:
     a = TxnAssembler(Checkpoint(0, None, 0, 0), tables={"public.other"})
     out = [x for e in txn(100, 2) for x in a.feed(e)]
     assert [type(x) for x in out] == [TxnEnd]
+
+
+def test_a_tuple_with_the_wrong_column_count_is_a_typed_error_in_the_stream_path() -> None:
+    """Regression: the stream's row path raised a bare ValueError from zip(strict=True)."""
+    import pytest
+    from slipstream.index.errors import SlipstreamError
+    from slipstream.worker.errors import classify
+    from slipstream.worker.relations import TupleShapeError
+
+    a = TxnAssembler(Checkpoint(0, None, 0, 0))
+    a.feed(Begin(100, TS, 7))
+    a.feed(REL)
+    with pytest.raises(TupleShapeError, match="public.notes has 3 columns, its Relation message has 2"):
+        a.feed(Insert(16384, ("1", "t", "extra")))
+    with pytest.raises(TupleShapeError):
+        a.feed(Delete(16384, "O", ("1",)))
+    assert issubclass(TupleShapeError, SlipstreamError)
+    assert classify(TupleShapeError("x")) == "stop"

@@ -22,9 +22,13 @@ from .apply import Applier, ApplyResult
 from .changes import Batch, SourceChange, row_key
 from .config import WorkerConfig
 from .embedders import build_embedders
+from .errors import SlotInvalidatedError, search_errors, slot_invalidated_message
+from .health import HealthServer
+from .logs import get_logger
 from .lsn import format_lsn, parse_lsn
 from .mapping import Registry
-from .observe import BatchLog, HealthServer, Metrics, get_logger, lag_from_slot
+from .metrics import BatchLog, Metrics, MetricsPoller, SlotLag, lag_from_slot
+from .progress import estimate_rows, progress_reporter
 from .runner import RunnerSettings, StreamRunner
 from .setup import SetupReport, setup, slot_exists
 from .snapshot import copy_steps, pending_tables, read_row, table_shape
@@ -60,6 +64,7 @@ class Worker:
         self.state = WorkerState(config.search.schema)
         with psycopg.connect(self.search_dsn) as conn:
             self.state.migrate(conn)
+        self.lag_poller: MetricsPoller | None = None
         self._resolved = False
 
     def close(self) -> None:
@@ -85,11 +90,12 @@ class Worker:
         return partial(self.registry.map, relation) if relation in self.registry else None
 
     def make_applier(self) -> Applier:
-        conn = self.backend.connect()
-        self.state.claim_writer(conn, self.slot)
-        conn.commit()
-        return Applier(conn, self.index, self.state, self.mapper_for, self.slot,
-                       read_conn=self.backend.connect(autocommit=True))
+        with search_errors("open the apply connections"):
+            conn = self.backend.connect()
+            self.state.claim_writer(conn, self.slot)
+            conn.commit()
+            return Applier(conn, self.index, self.state, self.mapper_for, self.slot,
+                           read_conn=self.backend.connect(autocommit=True))
 
     # -- commands -------------------------------------------------------------------------
 
@@ -111,6 +117,11 @@ class Worker:
         finally:
             applier.close()
 
+    def estimate_rows(self, table: str) -> int | None:
+        """The source planner's row count estimate for `table` (for progress ETAs)."""
+        with psycopg.connect(self.source_dsn, autocommit=True) as conn:
+            return estimate_rows(conn, table)
+
     def _same_database(self) -> bool:
         def ident(dsn: str) -> tuple:
             with psycopg.connect(dsn) as c:
@@ -118,20 +129,31 @@ class Worker:
                     c.info.dbname,)
         return ident(self.source_dsn) == ident(self.search_dsn)
 
+    def _copy_progress(self, event: str = "copy_progress") -> Callable[[str, int], None]:
+        """The copy's hook: counts rows into `snapshot_rows_total` and logs rate and ETA."""
+        report = progress_reporter(self.log, event, estimate=self.estimate_rows)
+        seen: dict[str, int] = {}
+
+        def progress(table: str, copied: int) -> None:
+            self.metrics.snapshot_rows_total.labels(table=table).inc(copied - seen.get(table, 0))
+            seen[table] = copied
+            report(table, copied)
+
+        return progress
+
     def _backfill(self, applier: Applier) -> Iterator[object]:
         """Copy, chunk by chunk, the tables whose copy has not finished (added to the config later)."""
         todo = pending_tables(applier, self.tables)
         if not todo:
             return
+        progress = self._copy_progress("backfill_progress")
         with psycopg.connect(self.source_dsn, autocommit=True) as source:
             for table in todo:
                 self.log.info("backfill_started", table=table)
                 shape = table_shape(source, table)
-                before = 0
                 for copied in copy_steps(applier, source, shape,
                                          chunk_rows=self.config.worker.snapshot_chunk_rows):
-                    self.metrics.snapshot_rows_total.labels(table=table).inc(copied - before)
-                    before = copied
+                    progress(table, copied)
                     yield copied
                 self.log.info("backfill_done", table=table)
 
@@ -144,13 +166,14 @@ class Worker:
         batch_log = BatchLog(self.metrics)
 
         def on_batch(result: ApplyResult, batch: Batch) -> None:
+            for txn in batch.completed:  # every transaction, not only the batch's last
+                self.metrics.observe_commit(datetime.fromtimestamp(txn.commit_ts, UTC))
             lag_s = time.time() - batch.completed[-1].commit_ts if batch.completed else None
-            if batch.completed:
-                self.metrics.observe_commit(
-                    datetime.fromtimestamp(batch.completed[-1].commit_ts, UTC))
+            slot = self.lag_poller.latest if self.lag_poller is not None else None
             batch_log.log_batch(
                 self.log, transactions=result.transactions, changes=result.changes,
-                bytes=batch.bytes, lag_bytes=None, lag_seconds=lag_s, duration_s=result.seconds,
+                bytes=batch.bytes, lag_bytes=None if slot is None else slot.lag_bytes,
+                lag_seconds=lag_s, duration_s=result.seconds,
                 first_lsn=batch.changes[0].commit_lsn if batch.changes else result.checkpoint.lsn,
                 last_lsn=result.checkpoint.lsn,
                 ops={"upsert": result.upserts, "delete": result.tombstones})
@@ -158,19 +181,44 @@ class Worker:
                 self.metrics.dead_letters_total.labels(table=table).inc(n)
                 self.log.warning("dead_letters", table=table, count=n)
 
+        def log(event: str, **kw: object) -> None:
+            if event == "reconnecting":
+                self.metrics.reconnects_total.labels(reason=str(kw.get("error", "unknown"))).inc()
+            self.log.info(event, **kw)
+
         return StreamRunner(settings, self.make_applier, tables=set(self.tables), on_batch=on_batch,
-                            backfill=self._backfill,
-                            log=lambda event, **kw: self.log.info(event, **kw))
+                            backfill=self._backfill, log=log)
+
+    def _read_lag(self) -> SlotLag | None:
+        with psycopg.connect(self.source_dsn, autocommit=True, connect_timeout=10) as conn:
+            return lag_from_slot(conn, self.slot)
+
+    def _read_pending(self) -> dict[str, int]:
+        with psycopg.connect(self.search_dsn, autocommit=True, connect_timeout=10) as conn:
+            return self.backend.pending_counts(conn)
 
     def run(self, *, http: bool = True) -> None:
-        """Set up what is missing, then follow the slot until SIGTERM/SIGINT."""
+        """Set up what is missing, then follow the slot until SIGTERM/SIGINT.
+
+        Raises `SlotInvalidatedError` when the server has invalidated the slot, whether
+        the stream finds out (on reconnect) or the lag poller does first.
+        """
         # Tables added to an existing slot's config are copied while streaming (runner backfill).
-        report = self.setup(progress=lambda t, n: self.log.info("snapshot_progress", table=t, rows=n),
-                            copy_pending=False)
+        report = self.setup(progress=self._copy_progress(), copy_pending=False)
         self.log.info("setup_done", created_slot=report.created_slot, copied=report.copied,
                       added_tables=report.added_tables, backfill=report.deferred)
         runner = self.runner()
         runner.install_signal_handlers()
+        lost: list[SlotLag] = []
+
+        def on_lost(lag: SlotLag) -> None:
+            lost.append(lag)
+            runner.stop()
+
+        self.lag_poller = MetricsPoller(
+            self.metrics, self._read_lag, read_pending=self._read_pending, on_lost=on_lost,
+            spaces=self.config.spaces, interval=self.config.worker.metrics_interval_seconds,
+            log=self.log).start()
         server = None
         port = self.config.worker.http_port
         if http and port:
@@ -181,42 +229,39 @@ class Worker:
             server.start()
         try:
             runner.run()
+        except SlotInvalidatedError as exc:  # say it with this worker's schema
+            raise SlotInvalidatedError(
+                slot_invalidated_message(self.slot, self.config.search.schema,
+                                         detail=exc.server_message or ""),
+                sqlstate=exc.sqlstate, server_message=exc.server_message) from exc
         finally:
+            self.lag_poller.stop()
             if server is not None:
                 server.stop()
+        if lost:
+            raise SlotInvalidatedError(slot_invalidated_message(self.slot, self.config.search.schema))
 
     def status(self) -> Status:
         with psycopg.connect(self.source_dsn) as source:
             lag = lag_from_slot(source, self.slot)
         with psycopg.connect(self.search_dsn) as conn:
-            cp = conn.execute(self.state.q(
-                "SELECT lsn::text, last_seq, updated_at FROM {s}.checkpoints WHERE slot = %s"),
-                (self.slot,)).fetchone()
-            counts = conn.execute(self.backend._q(
-                "SELECT object_type, count(*) FILTER (WHERE NOT deleted), count(*) FILTER (WHERE deleted) "
-                "FROM {s}.docs GROUP BY 1 ORDER BY 1")).fetchall()
-            dead = {t: n for t, (n, _) in self.state.open_dead_letters(conn).items()}
-            (pending,) = conn.execute(self.backend._q(
-                "SELECT count(*) FROM {s}.docs WHERE pending_spaces <> '{{}}' AND NOT deleted")).fetchone()
-            snap = conn.execute(self.state.q(
-                "SELECT relation, rows_copied, done FROM {s}.snapshot_progress ORDER BY 1")).fetchall()
+            own = self.state.status(conn, self.slot)
+            counts = self.backend.counts_by_type(conn)
+            pending = sum(self.backend.pending_counts(conn).values())
         return Status(
             slot=None if lag is None else {
                 "name": self.slot, "active": lag.active, "lag_bytes": lag.lag_bytes,
                 "confirmed_flush_lsn": format_lsn(lag.confirmed_flush_lsn) if lag.confirmed_flush_lsn else None,
                 "wal_status": lag.wal_status},
-            checkpoint=None if cp is None else {"lsn": cp[0], "last_seq": cp[1], "updated_at": cp[2].isoformat()},
-            counts=[tuple(r) for r in counts], dead_letters=sum(dead.values()),
-            dead_letters_by_table=dead, pending_embeddings=int(pending),
-            snapshot=[tuple(r) for r in snap])
+            checkpoint=own["checkpoint"], counts=counts,
+            dead_letters=sum(own["dead_letters"].values()), dead_letters_by_table=own["dead_letters"],
+            pending_embeddings=pending, snapshot=own["snapshot"])
 
     # -- dead letters ---------------------------------------------------------------------
 
     def dead_letters(self, limit: int = 50) -> list[tuple]:
         with psycopg.connect(self.search_dsn) as conn:
-            return conn.execute(self.state.q(
-                "SELECT id, created_at, relation, op, row_key, error FROM {s}.dead_letters "
-                "WHERE resolved_at IS NULL ORDER BY id LIMIT %s"), (limit,)).fetchall()
+            return self.state.dead_letter_rows(conn, limit=limit)
 
     def retry_dead_letters(self, ids: list[int] | None = None) -> tuple[int, int]:
         """Re-map the current source row of each open dead letter; returns (resolved, still failing).
@@ -229,12 +274,10 @@ class Worker:
         applier = self.make_applier()
         resolved = failing = 0
         try:
-            letters = applier.conn.execute(self.state.q(
-                "SELECT id, relation, row_key FROM {s}.dead_letters WHERE resolved_at IS NULL "
-                "AND (%s::bigint[] IS NULL OR id = ANY(%s)) ORDER BY id"), (ids, ids)).fetchall()
+            letters = self.state.dead_letter_rows(applier.conn, ids=ids)
             applier.conn.commit()
             with psycopg.connect(self.source_dsn, autocommit=True) as source:
-                for letter_id, relation, key in letters:
+                for letter_id, _, relation, _, key, _ in letters:
                     ok = self._retry_one(applier, source, letter_id, relation, key)
                     resolved, failing = resolved + ok, failing + (not ok)
         finally:
@@ -253,19 +296,10 @@ class Worker:
                 key=row_key(values, shape.key), values=dict(values), columns=shape.type_oids))
         last_id = self.state.last_dead_letter_id(applier.conn)
         applier.conn.commit()
-
-        def settle(conn: psycopg.Connection) -> None:
-            # In the apply transaction: a row that fails again has just been dead-lettered
-            # anew; fold that letter into this one, which stays open with the new error.
-            again = conn.execute(self.state.q(
-                "DELETE FROM {s}.dead_letters WHERE id > %s RETURNING error"),
-                (last_id,)).fetchall()
-            conn.execute(self.state.q(
-                "UPDATE {s}.dead_letters SET retried_at = now(), error = coalesce(%s, error), "
-                "resolved_at = CASE WHEN %s THEN now() END WHERE id = %s"),
-                (again[-1][0] if again else None, not again, letter_id))
-
-        # With no row (it is gone) the batch is empty: nothing left to index, letter resolved.
+        # In the apply transaction: a row that fails again has just been dead-lettered anew;
+        # that letter is folded into this one. With no row (it is gone) the batch is empty:
+        # nothing left to index, letter resolved.
+        settle = partial(self.state.settle_retried_letter, letter_id=letter_id, after_id=last_id)
         return applier.apply(batch, also=settle).dead_letters == 0
 
     def slot_exists(self) -> bool:

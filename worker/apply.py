@@ -27,14 +27,12 @@ from slipstream.index.postgres_backend import COPY_THRESHOLD
 from slipstream.shardsync.changelog import COPY_MIN_ROWS, ChangeEntry
 
 from .changes import Batch, SourceChange, decode_row
+from .errors import on_search_database
 from .fill import fill_pending
 from .pgoutput import UNCHANGED
-from .state import Checkpoint, DeadLetter, WorkerState
+from .state import Checkpoint, DeadLetter, DocRef, SourceState, WorkerState
 
 MapperLookup = Callable[[str], Callable[[Mapping[str, object], str], list[IndexDoc]] | None]
-
-# (row_values, docs [[object_type, object_id, node_kind, partition], ...], lsn, deleted)
-SourceState = tuple[dict | None, list, int, bool]
 
 
 @dataclass(slots=True)
@@ -116,6 +114,7 @@ class Applier:
 
     # -- planning (no writes) -------------------------------------------------------------
 
+    @on_search_database("read source-row state")
     def plan(self, batch: Batch) -> Planned:
         """Work out a batch's effects and embed its rows. Reads only; safe to run while the
         previous batch commits (states it has not committed yet come from `_pending`)."""
@@ -156,20 +155,19 @@ class Applier:
                                    for k, d in fx.final.items() if d is None})
         return Planned(batch, fx, states, prepared, number, time.perf_counter() - started)
 
-    def _drop_docs(self, docs: list, keep: set[DocKey], lsn: int, fx: _Effects) -> None:
+    def _drop_docs(self, docs: tuple[DocRef, ...], keep: set[DocKey], lsn: int, fx: _Effects) -> None:
         for ref in docs:
-            key = (ref[0], ref[1], ref[2])
-            if key not in keep:
-                fx.tombstone(key, ref[3], lsn)
+            if ref.key not in keep:
+                fx.tombstone(ref.key, ref.partition, lsn)
 
     def _delete(self, change: SourceChange, overlay, touched, fx: _Effects) -> None:
         k = (change.relation, change.key)
         prev = overlay.get(k)
         if prev is None:
             return
-        if not prev[3]:
-            self._drop_docs(prev[1], set(), change.commit_lsn, fx)
-        overlay[k] = (None, [], change.commit_lsn, True)
+        if not prev.deleted:
+            self._drop_docs(prev.docs, set(), change.commit_lsn, fx)
+        overlay[k] = SourceState.gone(change.commit_lsn)
         touched.add(k)
 
     def _truncate(self, change: SourceChange, overlay, pending, touched, fx: _Effects) -> None:
@@ -178,12 +176,12 @@ class Applier:
             for k, st in {**pending, **overlay}.items():
                 if k[0] == relation:
                     live.pop(k, None)
-                    if not st[3]:
-                        live[k] = st[1]
+                    if not st.deleted:
+                        live[k] = st.docs
             for k, docs in live.items():
                 self._drop_docs(docs, set(), change.commit_lsn, fx)
                 if k in overlay or k in pending:
-                    overlay[k] = (None, [], change.commit_lsn, True)
+                    overlay[k] = SourceState.gone(change.commit_lsn)
                     touched.add(k)
             fx.truncated.append((relation, change.commit_lsn))
 
@@ -191,7 +189,7 @@ class Applier:
         k = (change.relation, change.key)
         prev = overlay.get(k)
         lsn = change.commit_lsn
-        if change.kind == "snapshot" and prev is not None and prev[2] >= lsn:
+        if change.kind == "snapshot" and prev is not None and prev.lsn >= lsn:
             return  # the stream already applied this row as of a later point
         base = prev
         if change.old_key is not None and change.old_key != change.key:
@@ -199,14 +197,14 @@ class Applier:
             old = overlay.get(old_k)
             if old is not None:
                 base = old
-                if not old[3]:
-                    self._drop_docs(old[1], set(), lsn, fx)
-                overlay[old_k] = (None, [], lsn, True)
+                if not old.deleted:
+                    self._drop_docs(old.docs, set(), lsn, fx)
+                overlay[old_k] = SourceState.gone(lsn)
                 touched.add(old_k)
         values = dict(change.values or {})
         missing = [c for c, v in values.items() if v is UNCHANGED]
         if missing:
-            stored = base[0] if base is not None and not base[3] else None
+            stored = base.values if base is not None and not base.deleted else None
             if stored is None or any(c not in stored for c in missing):
                 fx.dead.append(DeadLetter(lsn, change.relation, change.key, change.kind,
                                           {c: v for c, v in values.items() if v is not UNCHANGED},
@@ -215,11 +213,11 @@ class Applier:
                 return
             for c in missing:
                 values[c] = stored[c]
-        old_docs = prev[1] if prev is not None and not prev[3] else []
+        old_docs = prev.docs if prev is not None and not prev.deleted else ()
         mapper = self.mappers(change.relation)
         touched.add(k)
         if mapper is None:
-            overlay[k] = (values, old_docs, lsn, False)
+            overlay[k] = SourceState(values, old_docs, lsn, False)
             return
         try:
             row = decode_row(values, change.columns)
@@ -231,21 +229,16 @@ class Applier:
         except Exception as exc:  # noqa: BLE001 - a bad row must not stop the stream
             fx.dead.append(DeadLetter(lsn, change.relation, change.key, change.kind, values,
                                       _describe(exc)))
-            overlay[k] = (values, old_docs, lsn, False)
+            overlay[k] = SourceState(values, old_docs, lsn, False)
             return
-        new_keys = {d.key for d in docs}
-        for ref in old_docs:
-            key = (ref[0], ref[1], ref[2])
-            if key not in new_keys:
-                fx.tombstone(key, ref[3], lsn)
-        by_key = {(r[0], r[1], r[2]): r[3] for r in old_docs}
+        self._drop_docs(old_docs, {d.key for d in docs}, lsn, fx)
+        by_key = {r.key: r.partition for r in old_docs}
         for doc in docs:
             old_partition = by_key.get(doc.key)
             if old_partition is not None and old_partition != doc.partition:
                 fx._log(doc.key, old_partition, "d", lsn)  # the old partition's devices drop it
             fx.upsert(doc, lsn)
-        overlay[k] = (values, [[d.object_type, d.object_id, d.node_kind, d.partition] for d in docs],
-                      lsn, False)
+        overlay[k] = SourceState(values, tuple(DocRef(*d.key, d.partition) for d in docs), lsn, False)
 
     # -- the transaction ------------------------------------------------------------------
 
@@ -254,6 +247,7 @@ class Applier:
         """Plan and commit `batch`; `also` runs inside its transaction (e.g. copy progress)."""
         return self.commit(self.plan(batch), also)
 
+    @on_search_database("commit an apply transaction")
     def commit(self, planned: Planned, also: Callable[[psycopg.Connection], None] | None = None
                ) -> ApplyResult:
         """Write a planned batch in one transaction, with the checkpoint it makes durable."""
@@ -283,7 +277,7 @@ class Applier:
             for relation, lsn in fx.truncated:
                 self.state.mark_relation_deleted(self.conn, relation, lsn)
             self.state.save_source_rows(self.conn, [
-                (rel, key, st[0], st[1], st[2], st[3]) for (rel, key), st in planned.states.items()])
+                (rel, key, st) for (rel, key), st in planned.states.items()])
             self.state.add_dead_letters(self.conn, fx.dead)
             self.state.save_checkpoint(self.conn, self.slot, new_cp)
             if also is not None:
@@ -304,6 +298,7 @@ class Applier:
                            len(tombstones), len(fx.dead),
                            planned.seconds + time.perf_counter() - started, dead_by_table)
 
+    @on_search_database("fill pending embeddings")
     def fill_pending(self, limit: int = 256) -> int:
         """Embed up to `limit` rows left lexical-only, and log them for devices (see `fill`).
 

@@ -12,11 +12,14 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .pgoutput import NULL, UNCHANGED, Marker, Relation, TupleData
+from .pgoutput import Relation
 from .pgtypes import decode_text
+from .relations import RawRow, raw_row
 
 Columns = tuple[tuple[str, int], ...]  # (name, type oid)
-RawRow = dict[str, "str | None | Marker"]
+
+__all__ = ["Batch", "Columns", "RawRow", "SourceChange", "TxnEnd", "columns_of", "decode_row",
+           "key_columns", "raw_row", "relation_name", "row_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,21 +76,6 @@ class Batch:
 
 def relation_name(rel: Relation) -> str:
     return f"{rel.namespace}.{rel.name}"
-
-
-def raw_row(rel: Relation, data: TupleData) -> RawRow:
-    """Column name -> text value, None for NULL, UNCHANGED for an unchanged TOAST value."""
-    out: RawRow = {}
-    for column, value in zip(rel.columns, data, strict=True):
-        if value is NULL:
-            out[column.name] = None
-        elif value is UNCHANGED:
-            out[column.name] = UNCHANGED
-        elif isinstance(value, bytes):
-            out[column.name] = value.decode("utf-8", "replace")
-        else:
-            out[column.name] = value
-    return out
 
 
 def columns_of(rel: Relation) -> Columns:

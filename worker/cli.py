@@ -66,13 +66,16 @@ def check(config_path: str) -> None:
 @_errors
 def setup(config_path: str) -> None:
     """Create the publication, slot and search schema; copy existing rows. Idempotent."""
-    from .observe import configure_logging
+    from .logs import configure_logging
+    from .progress import terminal_progress
 
     configure_logging(json=False)
     worker = _worker(config_path)
+    progress = terminal_progress(worker.estimate_rows)
     try:
-        report = worker.setup(progress=lambda t, n: click.echo(f"  copied {n:>9,} rows of {t}"))
+        report = worker.setup(progress=progress)
     finally:
+        progress.close()
         worker.close()
     click.echo(f"publication: {'created' if report.created_publication else 'present'}"
                + (f", added {', '.join(report.added_tables)}" if report.added_tables else ""))
@@ -95,7 +98,7 @@ def setup(config_path: str) -> None:
 @_errors
 def run(config_path: str, log_format: str, no_http: bool) -> None:
     """Follow the slot and keep the search index in step until SIGTERM or SIGINT."""
-    from .observe import configure_logging
+    from .logs import configure_logging
 
     configure_logging(json=log_format == "json")
     worker = _worker(config_path)
@@ -128,8 +131,13 @@ def status(config_path: str, as_json: bool) -> None:
         click.echo(f"slot {worker.slot}: missing (run `slipstream setup`)")
     else:
         s = st.slot
+        lag = "unknown" if s["lag_bytes"] is None else f"{s['lag_bytes']:,} bytes"
         click.echo(f"slot {s['name']}: {'active' if s['active'] else 'inactive'}, "
-                   f"lag {s['lag_bytes']:,} bytes, confirmed {s['confirmed_flush_lsn']}")
+                   f"lag {lag}, confirmed {s['confirmed_flush_lsn']}, WAL {s['wal_status']}")
+        if s["wal_status"] == "lost":
+            from .errors import slot_invalidated_message
+
+            click.echo(slot_invalidated_message(s["name"], worker.config.search.schema), err=True)
     if st.checkpoint:
         c = st.checkpoint
         click.echo(f"checkpoint: {c['lsn']}, last seq {c['last_seq']:,}, at {c['updated_at']}")

@@ -33,8 +33,9 @@ from types import MappingProxyType
 from typing import Any
 
 from slipstream.index.doc import IDENTIFIER, NODE_KINDS
-from slipstream.worker.templates import Template, TemplateError, json_safe
-from slipstream.worker.tomlreader import (
+
+from .templates import Template, TemplateError, json_safe
+from .tomlreader import (
     MISSING,
     ConfigError,
     TomlReader,
@@ -201,6 +202,7 @@ class WorkerSettings:
     status_interval_seconds: float = 10.0
     heartbeat_seconds: float = 0.0
     http_port: int = 9187
+    metrics_interval_seconds: float = 5.0
     mapper_modules: tuple[str, ...] = ()
     snapshot_chunk_rows: int = 5000
 
@@ -433,6 +435,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<string>") -> Worker
                                          d.status_interval_seconds, positive=True),
         heartbeat_seconds=r.number(wrk, ("worker", "heartbeat_seconds"), d.heartbeat_seconds),
         http_port=r.integer(wrk, ("worker", "http_port"), d.http_port, 0, maximum=65535),
+        metrics_interval_seconds=r.number(wrk, ("worker", "metrics_interval_seconds"),
+                                          d.metrics_interval_seconds, positive=True),
         mapper_modules=modules,
         snapshot_chunk_rows=r.integer(wrk, ("worker", "snapshot_chunk_rows"),
                                       d.snapshot_chunk_rows, 1))

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import psycopg
 
-from .embedded import EmbeddedPostgres
+from .localpg import EmbeddedPostgres
 from .lsn import parse_lsn
 
 APP_DDL = """
@@ -161,7 +161,7 @@ def _device_sync(worker, app: psycopg.Connection, runner, thread: threading.Thre
 def run_demo(*, keep: bool = False) -> None:
     from .app import Worker
     from .config import load_config
-    from .observe import configure_logging
+    from .logs import configure_logging
 
     configure_logging(json=False, level="warning")
     click.echo("Starting PostgreSQL (embedded, wal_level=logical) ...")

@@ -2,10 +2,12 @@
 
 This module owns three things, so that error handling lives in one place:
 
-* the typed errors the replication client raises (all `SlipstreamError`s), each with
-  a message an operator can act on — what happened and, where there is one, the fix;
-* `error_from_server()`: the only place that turns a server or libpq error (SQLSTATE
-  plus message text) into one of those types;
+* the typed errors the replication client and the apply side raise (all
+  `SlipstreamError`s), each with a message an operator can act on — what happened
+  and, where there is one, the fix;
+* `error_from_server()` and `error_from_search()`: the only places that turn a
+  server or libpq error (SQLSTATE plus message text) from the source's replication
+  connection, or from the search database, into one of those types;
 * `classify()` and `RetryPolicy`: retry or stop, and how long to wait before retrying
   (exponential backoff, capped, with jitter). The same policy serves the replication
   reconnect loop and the embedding client: an error may carry `retry_after` (a
@@ -16,8 +18,11 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from functools import wraps
+from typing import Literal, ParamSpec, TypeVar
 
 from slipstream.index.errors import ConfigurationError, SlipstreamError
 
@@ -55,6 +60,14 @@ class SlotAlreadyExistsError(ReplicationError):
     """CREATE_REPLICATION_SLOT named a slot that already exists (SQLSTATE 42710)."""
 
 
+class SlotInvalidatedError(ReplicationError):
+    """The server invalidated the slot (`wal_status = 'lost'`): the WAL it needed is gone.
+
+    Changes made while the slot was behind can no longer be streamed, so the index
+    must be rebuilt from a fresh copy; the message says what to run.
+    """
+
+
 class ReplicationPermissionError(ReplicationError, ConfigurationError):
     """The role may not replicate (SQLSTATE 42501); the message says what to grant."""
 
@@ -77,6 +90,38 @@ class ReplicationStateError(ReplicationError):
 
 class ReplicationServerError(ReplicationError):
     """Any other server error; whether it is retried depends on its SQLSTATE class."""
+
+
+class SearchDatabaseError(SlipstreamError):
+    """A statement on the search database failed; `sqlstate` keeps the server's code.
+
+    Whether the worker retries depends on the SQLSTATE class (see `classify`): a
+    lost connection, a deadlock or a server shutting down is retried; a missing table
+    or a constraint violation stops the worker.
+    """
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class SearchPermissionError(SearchDatabaseError, ConfigurationError):
+    """The worker's role lacks a privilege on the search database; the message says what."""
+
+
+def slot_invalidated_message(slot: str, schema: str = "slipstream", detail: str = "") -> str:
+    """What happened to an invalidated slot and what the operator runs to recover."""
+    said = f" (server said: {detail})" if detail else ""
+    return (
+        f"replication slot {slot!r} was invalidated by the server (wal_status = 'lost'){said}: "
+        "it fell further behind than max_slot_wal_keep_size allows, the WAL it still needed "
+        "was removed, and changes made since can no longer be streamed. The index must be "
+        f"rebuilt from a fresh copy: stop every worker, run SELECT pg_drop_replication_slot("
+        f"'{slot}'); on the source and DROP SCHEMA {_ident(schema)} CASCADE; on the search "
+        "database, then `slipstream setup` (a new slot and a full copy; devices re-download "
+        "their shards). To keep it from recurring, raise max_slot_wal_keep_size (or set it "
+        "to -1) and alert on slipstream_slot_lag_bytes."
+    )
 
 
 def _ident(name: str) -> str:
@@ -104,6 +149,11 @@ _AUTH_TEXT = re.compile(
     re.IGNORECASE,
 )
 _WAL_LEVEL_TEXT = re.compile(r"wal_level", re.IGNORECASE)
+_INVALIDATED_TEXT = re.compile(
+    r"can no longer (get changes from|access) replication slot|slot .*has been invalidated"
+    r"|replication slot .* (is|has been) invalidated",
+    re.IGNORECASE,
+)
 _CONNECTION_SQLSTATES = {"57P01", "57P02", "57P03"}  # admin/crash shutdown, cannot connect now
 
 
@@ -147,6 +197,8 @@ def error_from_server(
             "when that connection ends (or after wal_sender_timeout if it died).",
             **kw,
         )
+    if _INVALIDATED_TEXT.search(server):
+        return SlotInvalidatedError(slot_invalidated_message(slot or "?", detail=server), **kw)
     if sqlstate == "42704" and "replication slot" in server:
         return SlotNotFoundError(
             f"{slot_txt} does not exist in database {dbname!r} (server said: {server}). "
@@ -210,10 +262,67 @@ class EmbeddingCircuitOpenError(EmbeddingError):
     the next probe. Rows stay pending and are filled when the service is back."""
 
 
+def error_from_search(exc: Exception, *, doing: str) -> SearchDatabaseError:
+    """Type a psycopg error raised on the search database while `doing` something."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    server = _clean(str(exc)) or type(exc).__name__
+    if sqlstate == "42501":
+        return SearchPermissionError(
+            f"the worker's role may not {doing} on the search database (server said: {server}). "
+            "Grant it USAGE and CREATE on the search schema and ownership of (or INSERT, "
+            "UPDATE, DELETE, SELECT on) its tables, or run the worker as the schema's owner.",
+            sqlstate=sqlstate,
+        )
+    if sqlstate is None or sqlstate[:2] in RETRYABLE_SQLSTATE_CLASSES:
+        return SearchDatabaseError(
+            f"the search database failed while the worker tried to {doing} (server said: "
+            f"{server}); the worker retries and resumes from its last checkpoint.",
+            sqlstate=sqlstate,
+        )
+    return SearchDatabaseError(
+        f"the search database refused to {doing} (SQLSTATE {sqlstate}, server said: {server}). "
+        "This is not transient: check the search schema (`slipstream setup` creates it) "
+        "and the server's log.",
+        sqlstate=sqlstate,
+    )
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@contextmanager
+def search_errors(doing: str) -> Iterator[None]:
+    """Raise psycopg errors from the block as `SearchDatabaseError`s (see `error_from_search`)."""
+    import psycopg  # only the worker, never the device side, has psycopg
+
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise error_from_search(exc, doing=doing) from exc
+
+
+def on_search_database(doing: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator form of `search_errors`, for a method whose statements go to the search side."""
+
+    def wrap(func: Callable[P, R]) -> Callable[P, R]:
+        @wraps(func)
+        def typed(*args: P.args, **kwargs: P.kwargs) -> R:
+            with search_errors(doing):
+                return func(*args, **kwargs)
+
+        return typed
+
+    return wrap
+
+
 # Decisions by error type; the first class in an exception's MRO that is listed wins.
+# ReplicationServerError and SearchDatabaseError are decided by SQLSTATE class instead.
 DECISIONS: dict[type[BaseException], Decision] = {
     ReplicationConnectionError: "retry",
     SlotInUseError: "retry",
+    SlotInvalidatedError: "stop",
+    SearchPermissionError: "stop",
     SlotNotFoundError: "stop",
     SlotAlreadyExistsError: "stop",
     ReplicationPermissionError: "stop",
@@ -237,6 +346,8 @@ def classify(exc: BaseException) -> Decision:
     """'retry' when reconnecting later can succeed without anyone's help, else 'stop'."""
     if isinstance(exc, ReplicationServerError):
         return "retry" if (exc.sqlstate or "")[:2] in RETRYABLE_SQLSTATE_CLASSES else "stop"
+    if type(exc) is SearchDatabaseError:  # no SQLSTATE: the connection itself failed
+        return "retry" if (exc.sqlstate or "08")[:2] in RETRYABLE_SQLSTATE_CLASSES else "stop"
     for cls in type(exc).__mro__:
         if cls in DECISIONS:
             return DECISIONS[cls]

@@ -56,10 +56,11 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from slipstream.index.doc import IndexDoc
 from slipstream.index.errors import SlipstreamError, ValidationError
-from slipstream.worker.config import CHUNK_PAYLOAD_KEYS, TableConfig, WorkerConfig
-from slipstream.worker.pgoutput import UNCHANGED
-from slipstream.worker.templates import Template, json_safe, split_chunks, to_text
-from slipstream.worker.tomlreader import ConfigError, key_path
+
+from .config import CHUNK_PAYLOAD_KEYS, TableConfig, WorkerConfig
+from .pgoutput import UNCHANGED
+from .templates import Template, json_safe, split_chunks, to_text
+from .tomlreader import ConfigError, key_path
 
 __all__ = [
     "DEFAULT_REGISTRY", "OPS", "Mapper", "MapperError", "Registry", "TomlMapper", "object_id",

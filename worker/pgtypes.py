@@ -39,7 +39,7 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from functools import partial
 
-from slipstream.worker.pgoutput import DecodeError
+from .pgoutput import DecodeError
 
 __all__ = ["ARRAY_ELEMENT", "OID", "OutOfRangeError", "ValueDecodeError", "decode_text"]
 

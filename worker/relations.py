@@ -11,7 +11,7 @@ binary-format values stay `bytes`.
 
 from __future__ import annotations
 
-from slipstream.worker.pgoutput import (
+from .pgoutput import (
     NULL,
     UNCHANGED,
     DecodeError,
@@ -22,11 +22,12 @@ from slipstream.worker.pgoutput import (
     TupleData,
     Update,
 )
-from slipstream.worker.pgtypes import decode_text
+from .pgtypes import decode_text
 
-__all__ = ["RelationCache", "TupleShapeError", "UnknownRelationError"]
+__all__ = ["RawRow", "RelationCache", "TupleShapeError", "UnknownRelationError", "raw_row"]
 
 Row = dict[str, object]
+RawRow = dict[str, "str | None | Marker"]
 
 
 class UnknownRelationError(DecodeError):
@@ -42,6 +43,31 @@ class UnknownRelationError(DecodeError):
 
 class TupleShapeError(DecodeError):
     """A tuple's column count differs from its relation's."""
+
+
+def raw_row(relation: Relation, data: TupleData) -> RawRow:
+    """`data` as {column: text}, before any decoding: the one place a tuple meets its relation.
+
+    None for SQL NULL, `UNCHANGED` for an unchanged TOASTed value, binary values as
+    text (the worker asks for text format). A tuple whose column count differs from
+    the relation's raises `TupleShapeError`.
+    """
+    if len(data) != len(relation.columns):
+        raise TupleShapeError(
+            f"tuple for {relation.namespace}.{relation.name} has {len(data)} columns, "
+            f"its Relation message has {len(relation.columns)}"
+        )
+    out: RawRow = {}
+    for column, value in zip(relation.columns, data, strict=True):
+        if value is NULL:
+            out[column.name] = None
+        elif isinstance(value, Marker):
+            out[column.name] = UNCHANGED
+        elif isinstance(value, bytes):
+            out[column.name] = value.decode("utf-8", "replace")
+        else:
+            out[column.name] = value
+    return out
 
 
 class RelationCache:
@@ -72,25 +98,19 @@ class RelationCache:
         return tuple(c.name for c in self.get(oid).columns if c.is_key)
 
     def row(self, oid: int, data: TupleData, *, keys_only: bool = False) -> Row:
-        """`data` as {column name: value}; only the key columns when `keys_only`."""
+        """`data` as {column name: value}; only the key columns when `keys_only`.
+
+        Binary-format values stay `bytes`; text values are decoded by column type.
+        """
         relation = self.get(oid)
-        if len(data) != len(relation.columns):
-            raise TupleShapeError(
-                f"tuple for {relation.namespace}.{relation.name} has {len(data)} columns, "
-                f"its Relation message has {len(relation.columns)}"
-            )
+        text = raw_row(relation, data)  # checks the shape
         row: Row = {}
         for column, value in zip(relation.columns, data, strict=True):
             if keys_only and not column.is_key:
                 continue
-            if value is NULL:
-                row[column.name] = None
-            elif isinstance(value, Marker):
-                row[column.name] = UNCHANGED
-            elif isinstance(value, str):
-                row[column.name] = decode_text(column.type_oid, value)
-            else:
-                row[column.name] = value
+            raw = text[column.name]
+            row[column.name] = value if isinstance(value, bytes) else (
+                decode_text(column.type_oid, raw) if isinstance(raw, str) else raw)
         return row
 
     def new_row(self, change: Insert | Update) -> Row:

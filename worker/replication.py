@@ -32,14 +32,15 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq.abc import PGconn, PGresult
 from slipstream.index.errors import ConfigurationError, InvalidIdentifierError, ValidationError
-from slipstream.worker.errors import (
+
+from .errors import (
     ReplicationError,
     ReplicationProtocolError,
     ReplicationStateError,
     error_from_server,
 )
-from slipstream.worker.lsn import MAX_LSN, format_lsn, parse_lsn
-from slipstream.worker.replication_proto import (
+from .lsn import MAX_LSN, format_lsn, parse_lsn
+from .replication_proto import (
     Keepalive,
     PQGen,
     ReplicationMessage,

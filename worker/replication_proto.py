@@ -24,8 +24,9 @@ import psycopg
 from psycopg import pq
 from psycopg.pq.abc import PGconn, PGresult
 from slipstream.index.errors import ValidationError
-from slipstream.worker.errors import ReplicationProtocolError
-from slipstream.worker.lsn import MAX_LSN
+
+from .errors import ReplicationProtocolError
+from .lsn import MAX_LSN
 
 T = TypeVar("T")
 

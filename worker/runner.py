@@ -92,7 +92,7 @@ class StreamRunner:
             if decision.action != "retry":
                 raise err
             self.log("reconnecting", reason=str(err)[:300], delay_s=round(decision.delay, 2),
-                     attempt=attempt)
+                     attempt=attempt, error=type(err).__name__)
             attempt += 1
             if self.stopping.wait(decision.delay):
                 return

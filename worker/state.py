@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from slipstream.index.doc import check_identifier
+from slipstream.index.doc import DocKey, check_identifier
 from slipstream.index.errors import ConfigurationError
 from slipstream.index.pg_migrations import apply_migrations
 from slipstream.shardsync.changelog import ChangeEntry, ChangeLog
@@ -103,6 +103,46 @@ class DeadLetter:
     error: str
 
 
+@dataclass(frozen=True, slots=True)
+class DocRef:
+    """A search row a source row produced: its key and the partition it was logged in."""
+
+    object_type: str
+    object_id: str
+    node_kind: str
+    partition: str
+
+    @property
+    def key(self) -> DocKey:
+        return (self.object_type, self.object_id, self.node_kind)
+
+    def to_json(self) -> list[str]:
+        return [self.object_type, self.object_id, self.node_kind, self.partition]
+
+    @classmethod
+    def from_json(cls, value: Sequence[str]) -> DocRef:
+        return cls(*value)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceState:
+    """What the worker remembers of one source row (a `source_rows` row).
+
+    `values` are its last column values as text (to merge unchanged TOAST values),
+    `docs` the search rows it produced (to tombstone them on delete, move or
+    truncate), `lsn` the source commit that last wrote it, `deleted` whether it is gone.
+    """
+
+    values: dict[str, Any] | None
+    docs: tuple[DocRef, ...]
+    lsn: int
+    deleted: bool
+
+    @classmethod
+    def gone(cls, lsn: int) -> SourceState:
+        return cls(None, (), lsn, True)
+
+
 def lsn_text(lsn: int) -> str:
     return format_lsn(lsn)
 
@@ -168,8 +208,8 @@ class WorkerState:
              cp.partial_offset, cp.last_seq))
 
     def load_source_rows(self, conn: psycopg.Connection, relation_keys: Iterable[tuple[str, str]]
-                         ) -> dict[tuple[str, str], tuple[dict | None, list, int, bool]]:
-        """(relation, row_key) -> (row_values, docs, lsn, deleted) for the keys that exist."""
+                         ) -> dict[tuple[str, str], SourceState]:
+        """(relation, row_key) -> its `SourceState`, for the keys that exist."""
         keys = list(dict.fromkeys(relation_keys))
         if not keys:
             return {}
@@ -178,18 +218,19 @@ class WorkerState:
             "SELECT relation, row_key, row_values, docs, lsn::text, deleted FROM {s}.source_rows "
             "WHERE (relation, row_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"),
             (rels, rks)).fetchall()
-        return {(r[0], r[1]): (r[2], r[3], lsn_int(r[4]), r[5]) for r in rows}
+        return {(r[0], r[1]): SourceState(r[2], tuple(map(DocRef.from_json, r[3])), lsn_int(r[4]), r[5])
+                for r in rows}
 
     def source_rows_of(self, conn: psycopg.Connection, relation: str
-                       ) -> list[tuple[str, list]]:
+                       ) -> list[tuple[str, tuple[DocRef, ...]]]:
         """Every live source row of a relation: (row_key, docs)."""
-        return [(r[0], r[1]) for r in conn.execute(self.q(
+        return [(r[0], tuple(map(DocRef.from_json, r[1]))) for r in conn.execute(self.q(
             "SELECT row_key, docs FROM {s}.source_rows WHERE relation = %s AND NOT deleted"),
             (relation,))]
 
     def save_source_rows(self, conn: psycopg.Connection,
-                         rows: Sequence[tuple[str, str, dict | None, list, int, bool]]) -> None:
-        """Upsert (relation, row_key, row_values, docs, lsn, deleted) rows."""
+                         rows: Sequence[tuple[str, str, SourceState]]) -> None:
+        """Upsert (relation, row_key, state) rows."""
         if not rows:
             return
         with conn.cursor() as cur:
@@ -198,8 +239,9 @@ class WorkerState:
                 "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (relation, row_key) DO UPDATE SET "
                 "row_values = excluded.row_values, docs = excluded.docs, lsn = excluded.lsn, "
                 "deleted = excluded.deleted"),
-                [(rel, key, Jsonb(values) if values is not None else None, Jsonb(docs),
-                  lsn_text(lsn), deleted) for rel, key, values, docs, lsn, deleted in rows])
+                [(rel, key, Jsonb(st.values) if st.values is not None else None,
+                  Jsonb([d.to_json() for d in st.docs]), lsn_text(st.lsn), st.deleted)
+                 for rel, key, st in rows])
 
     def add_dead_letters(self, conn: psycopg.Connection, letters: Sequence[DeadLetter]) -> None:
         if not letters:
@@ -231,9 +273,39 @@ class WorkerState:
             "UPDATE {s}.source_rows SET deleted = true, row_values = NULL, docs = '[]', lsn = %s "
             "WHERE relation = %s AND NOT deleted"), (lsn_text(lsn), relation))
 
-    def pending_rows(self, conn: psycopg.Connection, limit: int) -> list[tuple]:
-        """Live search rows waiting for a vector: (type, id, kind, partition, title, body, spaces)."""
+    # -- operator views and dead-letter retries -------------------------------------------
+
+    def status(self, conn: psycopg.Connection, slot: str) -> dict[str, Any]:
+        """The checkpoint row, open dead letters per table and copy progress, for `status`."""
+        cp = conn.execute(self.q(
+            "SELECT lsn::text, last_seq, updated_at FROM {s}.checkpoints WHERE slot = %s"),
+            (slot,)).fetchone()
+        dead = {t: n for t, (n, _) in self.open_dead_letters(conn).items()}
+        snap = conn.execute(self.q(
+            "SELECT relation, rows_copied, done FROM {s}.snapshot_progress ORDER BY 1")).fetchall()
+        return {
+            "checkpoint": None if cp is None else {
+                "lsn": cp[0], "last_seq": cp[1], "updated_at": cp[2].isoformat()},
+            "dead_letters": dead,
+            "snapshot": [tuple(r) for r in snap],
+        }
+
+    def dead_letter_rows(self, conn: psycopg.Connection, *, limit: int | None = None,
+                         ids: Sequence[int] | None = None) -> list[tuple]:
+        """Open letters, oldest first: (id, created_at, relation, op, row_key, error);
+        only those in `ids` when given."""
         return conn.execute(self.q(
-            "SELECT object_type, object_id, node_kind, partition, title, body, pending_spaces "
-            "FROM {s}.docs WHERE pending_spaces <> '{{}}' AND NOT deleted ORDER BY id LIMIT %s"),
-            (limit,)).fetchall()
+            "SELECT id, created_at, relation, op, row_key, error FROM {s}.dead_letters "
+            "WHERE resolved_at IS NULL AND (%s::bigint[] IS NULL OR id = ANY(%s)) "
+            "ORDER BY id LIMIT %s"), (ids, ids, limit)).fetchall()
+
+    def settle_retried_letter(self, conn: psycopg.Connection, letter_id: int, after_id: int) -> None:
+        """After a retry's apply (in its transaction): letters added since `after_id` are the
+        row failing again; fold them into `letter_id`, which stays open with the new error,
+        or resolve `letter_id` when there are none."""
+        again = conn.execute(self.q(
+            "DELETE FROM {s}.dead_letters WHERE id > %s RETURNING error"), (after_id,)).fetchall()
+        conn.execute(self.q(
+            "UPDATE {s}.dead_letters SET retried_at = now(), error = coalesce(%s, error), "
+            "resolved_at = CASE WHEN %s THEN now() END WHERE id = %s"),
+            (again[-1][0] if again else None, not again, letter_id))
