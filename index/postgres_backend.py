@@ -497,14 +497,6 @@ class PostgresBackend(EmbeddingState):
                 "SELECT space, count(*) FROM {s}.docs, unnest(pending_spaces) AS space "
                 "WHERE NOT deleted GROUP BY 1")).fetchall())
 
-    def pending_rows(self, limit: int, conn: psycopg.Connection | None = None) -> list[tuple]:
-        """Live rows waiting for a vector: (type, id, kind, partition, title, body, spaces)."""
-        with self.connection(conn) as c:
-            return c.execute(self._q(
-                "SELECT object_type, object_id, node_kind, partition, title, body, pending_spaces "
-                "FROM {s}.docs WHERE pending_spaces <> '{{}}' AND NOT deleted ORDER BY id LIMIT %s"),
-                (limit,)).fetchall()
-
     def get(self, object_type: str, object_id: str, node_kind: str = "leaf") -> dict[str, Any] | None:
         """One stored row (tombstones included) as a dict, vectors under `vectors`."""
         with self.connection() as c:

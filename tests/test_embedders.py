@@ -208,20 +208,6 @@ def test_the_api_key_is_never_logged(fake: FakeEmbeddings, caplog: pytest.LogCap
     assert KEY not in everything and "sk-secret" not in everything
 
 
-def test_the_readme_names_only_embedding_metrics_that_exist() -> None:
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Embeddings", 1)[1].split("\n## ", 1)[0]
-    names = re.findall(r"`(slipstream_\w+|_\w+)`", section)
-    assert len(names) >= 10
-    metrics = Metrics()
-    for name in names:
-        full = name if name.startswith("slipstream_") else "slipstream_embed" + name
-        assert hasattr(metrics, full.removeprefix("slipstream_")), full
-
-
 def test_a_batch_refused_for_one_text_is_halved_until_only_that_text_fails(fake) -> None:
     texts = ["fine one", "fine two", "poison pill", "fine three", "fine four"]
     with pytest.raises(PartialEmbeddingError) as info:
