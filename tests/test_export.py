@@ -143,3 +143,25 @@ def test_every_meta_key_of_an_exported_shard_is_documented(writer: LogWriter, pg
     assert all(f"`{k}`" in doc for k in keys)
     page_size = sqlite3.connect(tmp_path / "a.db").execute("PRAGMA page_size").fetchone()[0]
     assert f"{page_size // 1024} KiB pages" in doc
+
+
+def test_export_streams_with_bounded_memory(writer: LogWriter, pg_dsn: str, tmp_path,
+                                            monkeypatch) -> None:
+    import tracemalloc
+
+    from slipstream.shardsync import export
+
+    body = " ".join(f"word{i}" for i in range(400))  # ~3.5 KB a row
+    for start in range(0, 1500, 500):
+        writer.apply([doc_(str(i), "A", body=f"{body} {i}") for i in range(start, start + 500)])
+    monkeypatch.setattr(export, "BATCH_ROWS", 50)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        tracemalloc.start()
+        try:
+            export_shard(conn, "slipstream", ["A"], tmp_path / "a.db", ["local"])
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    total = 1500 * len(body)
+    assert len(shard_rows(open_shard(tmp_path / "a.db"))) == 1500
+    assert peak < total / 2, (peak, total)  # a few batches in memory, never the partition
