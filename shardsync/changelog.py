@@ -178,6 +178,13 @@ class ChangeLog:
             "(SELECT coalesce(max(horizon), 0) FROM {s}.changelog_horizon))")).fetchone()
         return int(seq)
 
+    def partitions_between(self, conn: psycopg.Connection, after: int, upto: int) -> frozenset[str]:
+        """The partitions that have entries with `after` < seq <= `upto`."""
+        rows = conn.execute(self.q(
+            "SELECT DISTINCT partition FROM {s}.changes WHERE seq > %s AND seq <= %s"),
+            (after, upto)).fetchall()
+        return frozenset(r[0] for r in rows)
+
     def horizon(self, conn: psycopg.Connection) -> int:
         """Entries at or below this seq may have been compacted away; a cursor below it
         must resync."""

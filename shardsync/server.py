@@ -159,10 +159,7 @@ class ChangeNotifier:
 
     def _touched(self, after: int, upto: int) -> frozenset[str]:
         with self.pool.connection() as conn:
-            rows = conn.execute(self.log.q(
-                "SELECT DISTINCT partition FROM {s}.changes WHERE seq > %s AND seq <= %s"),
-                (after, upto)).fetchall()
-        return frozenset(r[0] for r in rows)
+            return self.log.partitions_between(conn, after, upto)
 
     async def _on_notify(self, payload: str) -> None:
         try:
