@@ -25,26 +25,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import httpx
 from slipstream.index import SQLiteBackend
 from slipstream.index.errors import SlipstreamError
 
 from .errors import ResyncRequired, ShardFormatError
+from .retry import Decision, RetryPolicy, decide_by_table
 from .shard import apply_page, open_shard, shard_cursor, shard_partitions
 from .wire import WireFormatError, decode_page
 
 log = logging.getLogger("slipstream.sync.client")
 
-Decision = Literal["retry", "stop"]
 CURSOR_HEADER = "Slipstream-Cursor"
 DOWNLOAD_SUFFIX = ".download"
 
@@ -67,13 +65,6 @@ class SyncRefusedError(SlipstreamError):
         super().__init__(message)
 
 
-@dataclass(frozen=True, slots=True)
-class RetryDecision:
-    action: Decision
-    delay: float
-    reason: str
-
-
 DECISIONS: dict[type[BaseException], Decision] = {
     SyncConnectionError: "retry",
     WireFormatError: "stop",  # the server speaks another protocol version
@@ -81,29 +72,17 @@ DECISIONS: dict[type[BaseException], Decision] = {
 }
 
 
-def classify(exc: BaseException) -> Decision:
-    for cls in type(exc).__mro__:
-        if cls in DECISIONS:
-            return DECISIONS[cls]
-    return "stop"
-
-
 @dataclass(frozen=True, slots=True)
-class SyncRetryPolicy:
-    """Exponential backoff with jitter, capped; `max_attempts` consecutive failures stop."""
+class SyncRetryPolicy(RetryPolicy):
+    """The project's retry policy with the sync client's table: transport failures and
+    503s are retried, refusals are not. Gives up after 8 failures in a row by default."""
 
     initial_delay: float = 0.2
     max_delay: float = 15.0
-    multiplier: float = 2.0
     max_attempts: int | None = 8
 
-    def decide(self, exc: BaseException, attempt: int) -> RetryDecision:
-        action = classify(exc)
-        if action == "retry" and self.max_attempts is not None and attempt >= self.max_attempts:
-            return RetryDecision("stop", 0.0, f"gave up after {attempt} attempts: {exc}")
-        ceiling = min(self.max_delay, self.initial_delay * self.multiplier ** min(attempt, 32))
-        return RetryDecision(action, random.uniform(ceiling / 2, ceiling) if action == "retry"
-                             else 0.0, str(exc))
+    def classify(self, exc: BaseException) -> Decision:
+        return decide_by_table(exc, DECISIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +341,5 @@ __all__ = [
     "SyncRefusedError",
     "SyncReport",
     "SyncRetryPolicy",
-    "classify",
     "sync",
 ]

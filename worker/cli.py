@@ -246,9 +246,9 @@ def demo(keep: bool) -> None:
 # -- device sync ---------------------------------------------------------------------------
 
 def _sync_retry(live: bool):
-    from .errors import RetryPolicy
+    from slipstream.shardsync.client import SyncRetryPolicy
 
-    return RetryPolicy(initial_delay=0.2, max_delay=15.0, max_attempts=None if live else 8)
+    return SyncRetryPolicy(max_attempts=None if live else 8)
 
 
 @main.command()

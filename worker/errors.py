@@ -16,17 +16,16 @@ This module owns three things, so that error handling lives in one place:
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import wraps
-from typing import Literal, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from slipstream.index.errors import ConfigurationError, SlipstreamError
-
-Decision = Literal["retry", "stop"]
+from slipstream.shardsync.retry import Decision, decide_by_table
+from slipstream.shardsync.retry import RetryPolicy as BaseRetryPolicy
 
 
 class ReplicationError(SlipstreamError):
@@ -348,52 +347,13 @@ def classify(exc: BaseException) -> Decision:
         return "retry" if (exc.sqlstate or "")[:2] in RETRYABLE_SQLSTATE_CLASSES else "stop"
     if type(exc) is SearchDatabaseError:  # no SQLSTATE: the connection itself failed
         return "retry" if (exc.sqlstate or "08")[:2] in RETRYABLE_SQLSTATE_CLASSES else "stop"
-    for cls in type(exc).__mro__:
-        if cls in DECISIONS:
-            return DECISIONS[cls]
-    return "stop"
+    return decide_by_table(exc, DECISIONS)
 
 
 @dataclass(frozen=True, slots=True)
-class RetryDecision:
-    """What to do after a failure: `action`, how long to sleep first, and why (operator text)."""
+class RetryPolicy(BaseRetryPolicy):
+    """The project's retry policy (`slipstream.shardsync.retry`) with the worker's table:
+    the reconnect loop and the embedding client decide through `classify` above."""
 
-    action: Decision
-    delay: float
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff with jitter, capped, for the worker's reconnect loop.
-
-    Retry number `attempt` (0 for the first retry) waits a uniform random time in
-    [d/2, d] with d = min(max_delay, initial_delay * multiplier**attempt): the delay
-    grows quickly, never exceeds the cap, and workers restarted together spread out.
-    After `max_attempts` consecutive failures (None: never) even retryable errors stop.
-    An error with a `retry_after` (seconds the server asked for, as in HTTP
-    ``Retry-After``) waits at least that long, up to `max_retry_after`.
-    """
-
-    initial_delay: float = 0.5
-    max_delay: float = 30.0
-    multiplier: float = 2.0
-    max_attempts: int | None = None
-    max_retry_after: float = 60.0
-
-    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
-        exponent = min(max(attempt, 0), 64)  # past the cap anyway; avoids float overflow
-        ceiling = min(self.max_delay, self.initial_delay * self.multiplier**exponent)
-        return (rng or random).uniform(ceiling / 2, ceiling)
-
-    def decide(
-        self, exc: BaseException, attempt: int, rng: random.Random | None = None
-    ) -> RetryDecision:
-        action = classify(exc)
-        if action == "retry" and self.max_attempts is not None and attempt >= self.max_attempts:
-            return RetryDecision("stop", 0.0, f"gave up after {attempt} attempts: {exc}")
-        delay = self.backoff(attempt, rng) if action == "retry" else 0.0
-        asked = getattr(exc, "retry_after", None)
-        if action == "retry" and isinstance(asked, int | float) and asked > 0:
-            delay = max(delay, min(float(asked), self.max_retry_after))
-        return RetryDecision(action, delay, str(exc))
+    def classify(self, exc: BaseException) -> Decision:
+        return classify(exc)
