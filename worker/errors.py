@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+import psycopg
 from slipstream.index.errors import ConfigurationError, SlipstreamError
 
 Decision = Literal["retry", "stop"]
@@ -187,6 +188,8 @@ DECISIONS: dict[type[BaseException], Decision] = {
     ReplicationStateError: "stop",
     ConnectionError: "retry",
     TimeoutError: "retry",
+    psycopg.OperationalError: "retry",  # e.g. the search database's connection was lost
+    OSError: "retry",
 }
 
 # For ReplicationServerError: transient SQLSTATE classes (connection exception,
@@ -221,12 +224,19 @@ class RetryPolicy:
     [d/2, d] with d = min(max_delay, initial_delay * multiplier**attempt): the delay
     grows quickly, never exceeds the cap, and workers restarted together spread out.
     After `max_attempts` consecutive failures (None: never) even retryable errors stop.
+    A connection that held for `healthy_after` seconds ends the run of failures: the
+    next one is attempt 0 again (`attempt_after`).
     """
 
     initial_delay: float = 0.5
     max_delay: float = 30.0
     multiplier: float = 2.0
     max_attempts: int | None = None
+    healthy_after: float = 60.0
+
+    def attempt_after(self, attempt: int, held: float) -> int:
+        """The attempt number for a failure that ended a connection which held `held` seconds."""
+        return 0 if held >= self.healthy_after else attempt
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         exponent = min(max(attempt, 0), 64)  # past the cap anyway; avoids float overflow
