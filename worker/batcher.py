@@ -19,7 +19,8 @@ The rules:
   walsender's timeout never fires while the reader waits on the pipeline.
 * Chores (backfill chunks, filling pending embeddings) take a pipeline slot too: at
   once when the pipeline is idle and no batch is open, and under sustained load after
-  every `chore_every` batches, so a steady stream never starves them.
+  every `chore_every` batches, when the chore gets the next free slot before any
+  batch, so a steady stream that keeps the pipeline full never starves them.
 * The flush LSN only ever moves to the checkpoint of a committed batch, or — when
   nothing is open, in flight or mid-transaction — to a keepalive's WAL end, so idle
   tables do not pin WAL.
@@ -230,9 +231,9 @@ class Batcher:
             return True
         return self.quiet and not self.in_transaction
 
-    def _chore(self, now: float) -> ChoreKind | None:
-        """The chore that may run now, if any."""
-        if self.chore_in_flight is not None or self.in_flight >= self.settings.max_in_flight:
+    def _chore_turn(self, now: float) -> ChoreKind | None:
+        """The chore whose turn it is (it takes the next free slot before any batch), if any."""
+        if self.chore_in_flight is not None:
             return None
         if self.backfill:
             kind: ChoreKind = "backfill"
@@ -253,14 +254,15 @@ class Batcher:
                 self.stopped = True
                 out += [SendStatus(), Stopped(len(self.batch.changes))]
             return
-        kind = self._chore(now)
-        if kind is not None:
-            self.chore_in_flight = kind
+        kind = self._chore_turn(now)
+        if kind is not None and self.in_flight < s.max_in_flight:
+            self.chore_in_flight, kind = kind, None
             self.since_chore = 0
-            if kind == "fill_pending":
+            if self.chore_in_flight == "fill_pending":
                 self.next_fill = now + s.pending_interval
-            out.append(RunChore(kind))
-        if self._due(now) and self.in_flight < s.max_in_flight:
+            out.append(RunChore(self.chore_in_flight))
+        # A chore still waiting for its turn gets the next free slot, not a batch.
+        if kind is None and self._due(now) and self.in_flight < s.max_in_flight:
             self.batch.partial = self.partial if self.in_transaction else None
             out.append(Submit(self.batch))
             self.batch, self.quiet = Batch(), False
