@@ -158,8 +158,10 @@ def catch_up(worker: Worker, dsn: str, profile: str | None = None) -> float:
     thread.start()
     spy = None
     if profile:
+        import shutil
         import subprocess
-        spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--rate", "200", "--threads",
+        exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        spy = subprocess.Popen([exe, "record", "--gil", "--format", "raw", "--rate", "200", "--threads",
                                 "--pid", str(os.getpid()), "-o", profile],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

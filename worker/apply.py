@@ -261,8 +261,9 @@ class Applier:
                 last_seq=cp.last_seq + len(entries),
             )
         small = len(planned.prepared) < COPY_THRESHOLD and len(entries) < COPY_MIN_ROWS
-        # A small batch goes out in one pipeline: a single round trip, not one per statement.
-        with self.conn.transaction(), (self.conn.pipeline() if small else nullcontext()):
+        # A small batch goes out in one pipeline, BEGIN and COMMIT included: two round
+        # trips (statements, then COMMIT), not one per statement.
+        with (self.conn.pipeline() if small else nullcontext()), self.conn.transaction():
             self.backend.write(planned.prepared, conn=self.conn)
             self.backend.tombstone_many(tombstones, conn=self.conn)
             self.state.append_changes(self.conn, cp.last_seq + 1, entries)
