@@ -44,7 +44,8 @@ class BatcherSettings:
     max_changes: int = 2000
     max_bytes: int = 8 * 1024 * 1024
     max_seconds: float = 0.25
-    max_in_flight: int = 3  # batches and chores submitted and not yet applied
+    max_in_flight: int = 2  # batches and chores submitted and not yet applied: one being
+    # planned while one commits; more only queues, and a queue is latency
     status_interval: float = 10.0
     pending_interval: float = 5.0  # how often pending embeddings are retried
     chore_every: int = 8  # under load, a chore gets a turn after this many batches

@@ -204,27 +204,36 @@ class StreamRunner:
             return wait
 
         def read() -> tuple[Wait | None, bool]:
-            """Read what is buffered or arriving; (the wait asked for, whether more may be buffered)."""
-            n = 0
+            """Read what is buffered or arriving, a chunk of messages per batcher event;
+            (the wait asked for, whether more may still be buffered)."""
             while True:
-                message = conn.read_message(timeout=0)
-                now = time.monotonic()
-                if message is None:
-                    return act(batcher.send(Drained(now))), False
-                if isinstance(message, Keepalive):
-                    wait = act(batcher.send(KeepaliveReceived(now, message.wal_end)))
-                elif isinstance(message, XLogData):
-                    items = assembler.feed(decode(message.payload))
+                items: list = []
+                wal_end = 0
+                drained = False
+                for _ in range(READ_CHUNK):
+                    message = conn.read_message(timeout=0)
+                    if message is None:
+                        drained = True
+                        break
+                    if isinstance(message, XLogData):
+                        items += assembler.feed(decode(message.payload))
+                    elif isinstance(message, Keepalive):
+                        wal_end = max(wal_end, message.wal_end)
+                now = self.last_beat = time.monotonic()
+                wait = None
+                if items:
                     wait = act(batcher.send(Received(now, items, assembler.in_transaction,
                                                      assembler.position())))
-                else:
-                    continue
-                n += 1
-                if n % 256 == 0:  # a long backlog: let finished batches out and new ones in
-                    self.last_beat = now
-                    wait = collect() or wait
+                # After the items: a keepalive only moves the flush LSN when nothing is open.
+                if wal_end and not batcher.stopped:
+                    wait = act(batcher.send(KeepaliveReceived(now, wal_end)))
+                if drained and not batcher.stopped:
+                    return act(batcher.send(Drained(now))), False
+                wait = collect() or wait  # a long backlog: let finished batches out, new ones in
+                if wait is None and not batcher.stopped:
+                    wait = act(batcher.send(Tick(now)))
                 if batcher.stopped or not wait.read or self.stopping.is_set():
-                    return wait, True
+                    return wait, not drained
 
         sock, woken, stop_fd = conn.fileno(), pipeline.fileno(), self._wake_r.fileno()
         buffered = True  # libpq may already hold messages: read them before waiting
@@ -266,6 +275,7 @@ class StreamRunner:
 
 
 _DONE = object()
+READ_CHUNK = 64  # replication messages read per batcher event, at most
 
 
 class _Heartbeat:
