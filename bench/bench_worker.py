@@ -114,6 +114,10 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def sys_seconds() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 def make_db(server: EmbeddedPostgres, name: str) -> str:
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -403,19 +407,20 @@ def latency(server: EmbeddedPostgres, rate: int, seconds: float, hnsw: bool, tab
             time.sleep(idle_seconds)
             idle = (cpu_seconds() - cpu) / (time.perf_counter() - wall)
             proc = ctx.Process(target=writer, args=(dsn, rate, seconds, 0), daemon=True)
-            cpu = cpu_seconds()
+            cpu, sys_cpu, wall = cpu_seconds(), sys_seconds(), time.perf_counter()
             proc.start()
             proc.join(timeout=seconds + 120)
             if proc.is_alive():
                 proc.terminate()
                 raise Stalled(f"the writer did not finish {rate * seconds:.0f} transactions in time")
+            wrote = time.perf_counter() - wall
             with psycopg.connect(dsn, autocommit=True) as conn:
                 (goal,) = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
             while runner.flushed < parse_lsn(goal):
                 if not thread.is_alive():
                     raise RuntimeError("the worker stopped")
                 time.sleep(0.01)
-            busy = cpu_seconds() - cpu
+            busy, busy_sys = cpu_seconds() - cpu, sys_seconds() - sys_cpu
         finally:
             stop(runner, thread)
             stages.uninstall()
@@ -423,9 +428,10 @@ def latency(server: EmbeddedPostgres, rate: int, seconds: float, hnsw: bool, tab
     worker.close()
     rows = stages.rows
     total = np.asarray([r["total"] for r in rows]) * 1000
-    table.append((f"Commit-to-searchable, {rate} txn/s for {seconds:.0f} s ({len(rows)} txns), {mode}",
+    what = f"Commit-to-searchable, {rate} txn/s for {seconds:.0f} s ({len(rows)} txns, written in {wrote:.0f} s), {mode}"
+    table.append((what,
                   f"p50 {np.percentile(total, 50):.1f} ms", f"p99 {np.percentile(total, 99):.1f} ms",
-                  f"{busy / max(1, len(rows)) * 1000:.2f} ms CPU/txn",
+                  f"{busy / max(1, len(rows)) * 1000:.2f} ms CPU/txn ({busy_sys / max(busy, 1e-9):.0%} system)",
                   f"idle {idle * 100:.2f}% of a core"))
     names = [k for k in rows[0] if k != "total"] if rows else []
     decode_ms = stages.decode / max(1, stages.decoded) * 1000 * 3  # Begin, Insert, Commit
@@ -474,7 +480,8 @@ def main() -> None:
     finally:
         _server = None
     print(f"\nslipstream worker benchmark — {platform.machine()}, {os.cpu_count()} cores (shared), "
-          f"Python {platform.python_version()}, embedded PostgreSQL 18 (durable settings)\n")
+          f"Python {platform.python_version()}, embedded PostgreSQL 18 (durable settings), "
+          f"load average at the end {os.getloadavg()[0]:.1f}\n")
     width = max([len(r[0]) for r in table] + [4])
     print(f"| {'what'.ljust(width)} | result | floor / p99 | ratio / CPU | CPU |")
     print(f"|{'-' * (width + 2)}|---|---|---|---|")
