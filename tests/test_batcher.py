@@ -124,6 +124,10 @@ def test_keepalives_advance_the_flush_lsn_only_when_nothing_is_pending() -> None
     assert of(b.send(Applied(0.6, 108)), Flush) == [Flush(108)]
     assert of(b.send(KeepaliveReceived(0.7, 500)), Flush) == [Flush(500)]
     assert b.flushed == 500
+    assert of(b.send(Tick(6.0)), RunChore) == [RunChore("fill_pending")]
+    assert of(b.send(KeepaliveReceived(6.1, 600)), Flush) == []  # a chore is running
+    assert of(b.send(ChoreFinished(6.2, "fill_pending")), Flush) == []
+    assert of(b.send(KeepaliveReceived(6.3, 600)), Flush) == [Flush(600)]
 
 
 def test_keepalive_while_blocked_never_acknowledges_uncommitted_work() -> None:

@@ -30,8 +30,20 @@ from .state import COPY_MIN_ROWS, ChangeEntry, Checkpoint, DeadLetter, WorkerSta
 
 MapperLookup = Callable[[str], Callable[[Mapping[str, object], str], list[IndexDoc]] | None]
 
-# (row_values, docs [[object_type, object_id, node_kind, partition], ...], lsn, deleted)
-SourceState = tuple[dict | None, list, int, bool]
+@dataclass(frozen=True, slots=True)
+class SourceState:
+    """What the worker keeps of one source row: its last values (for unchanged TOAST
+    columns), the search rows it produced ([object_type, object_id, node_kind, partition]
+    each), the commit LSN that last changed it, and whether it is deleted."""
+
+    values: dict | None
+    docs: list
+    lsn: int
+    deleted: bool
+
+    @classmethod
+    def gone(cls, lsn: int) -> SourceState:
+        return cls(None, [], lsn, True)
 
 
 @dataclass(slots=True)
@@ -122,8 +134,9 @@ class Applier:
                 wanted.append((c.relation, c.old_key))
         with self._pending_lock:
             pending = {k: v[0] for k, v in self._pending.items()}
-        overlay: dict[tuple[str, str], SourceState] = dict(self.state.load_source_rows(
-            self.read_conn, [k for k in wanted if k not in pending]))
+        overlay: dict[tuple[str, str], SourceState] = {
+            k: SourceState(*row) for k, row in self.state.load_source_rows(
+                self.read_conn, [k for k in wanted if k not in pending]).items()}
         overlay.update({k: pending[k] for k in wanted if k in pending})
         touched: set[tuple[str, str]] = set()
         fx = _Effects()
@@ -155,9 +168,9 @@ class Applier:
         prev = overlay.get(k)
         if prev is None:
             return
-        if not prev[3]:
-            self._drop_docs(prev[1], set(), change.commit_lsn, fx)
-        overlay[k] = (None, [], change.commit_lsn, True)
+        if not prev.deleted:
+            self._drop_docs(prev.docs, set(), change.commit_lsn, fx)
+        overlay[k] = SourceState.gone(change.commit_lsn)
         touched.add(k)
 
     def _truncate(self, change: SourceChange, overlay, pending, touched, fx: _Effects) -> None:
@@ -166,12 +179,12 @@ class Applier:
             for k, st in {**pending, **overlay}.items():
                 if k[0] == relation:
                     live.pop(k, None)
-                    if not st[3]:
-                        live[k] = st[1]
+                    if not st.deleted:
+                        live[k] = st.docs
             for k, docs in live.items():
                 self._drop_docs(docs, set(), change.commit_lsn, fx)
                 if k in overlay or k in pending:
-                    overlay[k] = (None, [], change.commit_lsn, True)
+                    overlay[k] = SourceState.gone(change.commit_lsn)
                     touched.add(k)
             fx.truncated.append((relation, change.commit_lsn))
 
@@ -179,7 +192,7 @@ class Applier:
         k = (change.relation, change.key)
         prev = overlay.get(k)
         lsn = change.commit_lsn
-        if change.kind == "snapshot" and prev is not None and prev[2] >= lsn:
+        if change.kind == "snapshot" and prev is not None and prev.lsn >= lsn:
             return  # the stream already applied this row as of a later point
         base = prev
         if change.old_key is not None and change.old_key != change.key:
@@ -187,14 +200,14 @@ class Applier:
             old = overlay.get(old_k)
             if old is not None:
                 base = old
-                if not old[3]:
-                    self._drop_docs(old[1], set(), lsn, fx)
-                overlay[old_k] = (None, [], lsn, True)
+                if not old.deleted:
+                    self._drop_docs(old.docs, set(), lsn, fx)
+                overlay[old_k] = SourceState.gone(lsn)
                 touched.add(old_k)
         values = dict(change.values or {})
         missing = [c for c, v in values.items() if v is UNCHANGED]
         if missing:
-            stored = base[0] if base is not None and not base[3] else None
+            stored = base.values if base is not None and not base.deleted else None
             if stored is None or any(c not in stored for c in missing):
                 fx.dead.append(DeadLetter(lsn, change.relation, change.key, change.kind,
                                           {c: v for c, v in values.items() if v is not UNCHANGED},
@@ -203,11 +216,11 @@ class Applier:
                 return
             for c in missing:
                 values[c] = stored[c]
-        old_docs = prev[1] if prev is not None and not prev[3] else []
+        old_docs = prev.docs if prev is not None and not prev.deleted else []
         mapper = self.mappers(change.relation)
         touched.add(k)
         if mapper is None:
-            overlay[k] = (values, old_docs, lsn, False)
+            overlay[k] = SourceState(values, old_docs, lsn, False)
             return
         try:
             row = decode_row(values, change.columns)
@@ -219,7 +232,7 @@ class Applier:
         except Exception as exc:  # noqa: BLE001 - a bad row must not stop the stream
             fx.dead.append(DeadLetter(lsn, change.relation, change.key, change.kind, values,
                                       _describe(exc)))
-            overlay[k] = (values, old_docs, lsn, False)
+            overlay[k] = SourceState(values, old_docs, lsn, False)
             return
         new_keys = {d.key for d in docs}
         for ref in old_docs:
@@ -232,8 +245,8 @@ class Applier:
             if old_partition is not None and old_partition != doc.partition:
                 fx._log(doc.key, old_partition, "d", lsn)  # the old partition's devices drop it
             fx.upsert(doc, lsn)
-        overlay[k] = (values, [[d.object_type, d.object_id, d.node_kind, d.partition] for d in docs],
-                      lsn, False)
+        overlay[k] = SourceState(
+            values, [[d.object_type, d.object_id, d.node_kind, d.partition] for d in docs], lsn, False)
 
     # -- the transaction ------------------------------------------------------------------
 
@@ -270,7 +283,8 @@ class Applier:
             for relation, lsn in fx.truncated:
                 self.state.mark_relation_deleted(self.conn, relation, lsn)
             self.state.save_source_rows(self.conn, [
-                (rel, key, st[0], st[1], st[2], st[3]) for (rel, key), st in planned.states.items()])
+                (rel, key, st.values, st.docs, st.lsn, st.deleted)
+                for (rel, key), st in planned.states.items()])
             self.state.add_dead_letters(self.conn, fx.dead)
             self.state.save_checkpoint(self.conn, self.slot, new_cp)
             if also is not None:

@@ -22,8 +22,9 @@ The rules:
   every `chore_every` batches, when the chore gets the next free slot before any
   batch, so a steady stream that keeps the pipeline full never starves them.
 * The flush LSN only ever moves to the checkpoint of a committed batch, or — when
-  nothing is open, in flight or mid-transaction — to a keepalive's WAL end, so idle
-  tables do not pin WAL.
+  nothing is open, in flight (a chore included) or mid-transaction — to a keepalive's
+  WAL end, so idle tables do not pin WAL, and a worker counts as caught up only once
+  a backfill it is running has finished.
 * `StopRequested`: nothing more is read or submitted; once what is in flight has been
   applied, `SendStatus` and `Stopped` (the open batch is abandoned, to be streamed again).
 """
@@ -200,7 +201,7 @@ class Batcher:
             case Drained():
                 self.quiet = bool(self.batch)
             case KeepaliveReceived(_, wal_end):
-                idle = not self.batch and not self.batches_in_flight and not self.in_transaction
+                idle = not self.batch and not self.in_flight and not self.in_transaction
                 if idle and wal_end > self.flushed:
                     out.append(self._flush(event.now, wal_end))
             case Applied(now, lsn):
