@@ -3,7 +3,8 @@
 Planning (mapping, embedding: Python work) and committing (the search database's
 work) overlap, which on a small machine is most of the difference between applying
 at the speed of Python and at the speed of the database. One thread plans, one
-commits; commits happen strictly in submission order. Chores (backfill chunks,
+commits (unless nothing else waits to be planned: then the planning thread commits
+itself and spares a hand-off); commits happen strictly in submission order. Chores (backfill chunks,
 pending embeddings) run on the planning thread after every earlier commit and before
 any later batch is planned, so change-log sequence numbers keep the single-writer order.
 
@@ -158,9 +159,17 @@ class ApplyPipeline:
                 planned = applier.plan(item)  # overlaps the previous commit
                 if prev is not None and prev.exception() is not None:
                     return  # commits stay in order; never commit past a failed one
-                future = self._committer.submit(applier.commit, planned)
-                future.add_done_callback(lambda f, b=item: self._announce(_Committed(f, b)))
-                prev = future
+                if self._inbox.empty():
+                    # Nothing to plan meanwhile: commit here, and spare the hand-off.
+                    prev = Future()
+                    try:
+                        prev.set_result(applier.commit(planned))
+                    except Exception as exc:  # noqa: BLE001 - reported through collect()
+                        prev.set_exception(exc)
+                    self._announce(_Committed(prev, item))
+                    continue
+                prev = self._committer.submit(applier.commit, planned)
+                prev.add_done_callback(lambda f, b=item: self._announce(_Committed(f, b)))
             except BaseException as exc:  # noqa: BLE001 - handed to the stream loop
                 self._announce(_Failed(exc))
                 return
