@@ -3,8 +3,8 @@
 Planning (mapping, embedding: Python work) and committing (the search database's
 work) overlap, which on a small machine is most of the difference between applying
 at the speed of Python and at the speed of the database. One thread plans, one
-commits (unless nothing else waits to be planned: then the planning thread commits
-itself and spares a hand-off); commits happen strictly in submission order. Chores (backfill chunks,
+commits (a small batch with nothing else waiting to be planned is committed by the
+planning thread itself, sparing a hand-off); commits happen strictly in submission order. Chores (backfill chunks,
 pending embeddings) run on the planning thread after every earlier commit and before
 any later batch is planned, so change-log sequence numbers keep the single-writer order.
 
@@ -65,6 +65,7 @@ class _Chore:
 
 
 _STOP = object()
+INLINE_COMMIT_MAX = 32  # changes; a larger batch always commits on the committing thread
 
 
 class ApplyPipeline:
@@ -159,8 +160,10 @@ class ApplyPipeline:
                 planned = applier.plan(item)  # overlaps the previous commit
                 if prev is not None and prev.exception() is not None:
                     return  # commits stay in order; never commit past a failed one
-                if self._inbox.empty():
-                    # Nothing to plan meanwhile: commit here, and spare the hand-off.
+                if self._inbox.empty() and len(item.changes) <= INLINE_COMMIT_MAX:
+                    # A small batch and nothing to plan meanwhile (a quiet stream): commit
+                    # here and spare the hand-off. A backlog comes in large batches, whose
+                    # commits overlap the next plan on the committing thread.
                     prev = Future()
                     try:
                         prev.set_result(applier.commit(planned))
