@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -163,7 +165,7 @@ def test_chores_get_a_turn_under_sustained_load() -> None:
             b.send(ChoreFinished(now, chore.kind))
     assert [k for _, k in runs] == ["fill_pending"] * len(runs)
     assert len(runs) >= 3  # one every pending_interval (5 s), late by a few batches at most
-    gaps = [b2 - a for (a, _), (b2, _) in zip(runs, runs[1:], strict=False)]
+    gaps = [b2 - a for (a, _), (b2, _) in itertools.pairwise(runs)]
     assert all(g < S.pending_interval + 1.0 for g in gaps)
 
 
