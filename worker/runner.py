@@ -189,9 +189,8 @@ class StreamRunner:
                         return None
             raise AssertionError("the batcher answered without a Wait or Stopped")
 
-        # A Wait, or None once `batcher.stopped`; `collect()` also gives None when nothing finished.
-
         def collect() -> Wait | None:
+            """Report finished work to the batcher; its last wait, None if nothing finished."""
             wait = None
             for done in pipeline.collect():  # re-raises an apply failure
                 now = time.monotonic()
