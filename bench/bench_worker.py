@@ -165,6 +165,8 @@ def catch_up(worker: Worker, dsn: str, profile: str | None = None) -> float:
         import shutil
         import subprocess
         exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        if not os.path.exists(exe):
+            raise SystemExit("--profile needs py-spy: pip install py-spy")
         spy = subprocess.Popen([exe, "record", "--gil", "--format", "raw", "--rate", "200", "--threads",
                                 "--pid", str(os.getpid()), "-o", profile],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
