@@ -1,7 +1,8 @@
-"""Worker benchmarks: apply throughput against a COPY floor, and commit-to-searchable latency.
+"""Worker benchmarks: apply throughput against a COPY floor, commit-to-searchable latency, CPU.
 
     python bench/bench_worker.py                 # 50k inserts + 50k updates, then latency
     python bench/bench_worker.py --rows 10000 --latency-seconds 10
+    python bench/bench_worker.py --skip-throughput --modes exact
 
 Throughput: the source table's changes are written while the worker is stopped, then
 the worker is started and timed until it has applied them all (decode, map, analyse,
@@ -9,20 +10,31 @@ embed with HashingEmbedder(384), write). The floor is a COPY of the same final s
 rows into an identical, identically indexed table, timed in the same run. Both are
 measured with the HNSW index and in exact-scan mode (no HNSW index).
 
-Latency: a writer commits single-row transactions at a fixed rate; for each one the
-time from its source commit to the commit of the apply transaction that made it
-searchable is recorded.
+Latency: a writer process commits single-row transactions at a fixed rate; for each
+one the time from its source commit to the commit of the apply transaction that made
+it searchable is recorded, with a breakdown by stage (taken by wrapping the worker's
+functions in this process, not by changing them). CPU: the bench process runs only
+the worker (the writer is a child process), so its CPU time while idle and while the
+writer runs is the worker's.
+
+Every phase has a hard time limit: a phase that overruns is reported as stalled and
+the bench exits. The embedded PostgreSQL is stopped on every exit, SIGINT and SIGTERM
+included.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
+import resource
+import signal
 import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +70,54 @@ attrs = ["tenant"]
 """
 
 
+class Stalled(Exception):
+    pass
+
+
+@contextmanager
+def phase(name: str, limit: float):
+    """Run a phase under a hard time limit: on overrun, say so and end the bench (cleanly
+    through SIGTERM; if even that does not return within 60 s, at once)."""
+    def overrun() -> None:
+        print(f"\nSTALLED: phase '{name}' did not finish within its limit of {limit:.0f} s; "
+              "stopping the bench", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def hard() -> None:
+        print(f"phase '{name}' ignored SIGTERM; exiting now", file=sys.stderr, flush=True)
+        if _server is not None:
+            _server.stop(mode="immediate")
+        os._exit(3)
+
+    timers = [threading.Timer(limit, overrun), threading.Timer(limit + 60, hard)]
+    for t in timers:
+        t.daemon = True
+        t.start()
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        for t in timers:
+            t.cancel()
+    print(f"  {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+
+
+_server: EmbeddedPostgres | None = None
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds the `with EmbeddedPostgres` block: Postgres stops
+
+
+def cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def sys_seconds() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 def make_db(server: EmbeddedPostgres, name: str) -> str:
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -76,21 +136,51 @@ def worker_for(dsn: str, hnsw: bool) -> Worker:
     return Worker(load_config(path))
 
 
-def catch_up(worker: Worker, dsn: str) -> float:
+def start(runner) -> threading.Thread:
+    thread = threading.Thread(target=runner.run, daemon=True, name="slipstream-reader")
+    thread.start()
+    while not runner.ready.wait(0.1):
+        if not thread.is_alive():
+            raise RuntimeError("the worker stopped before it streamed")
+    return thread
+
+
+def stop(runner, thread: threading.Thread) -> None:
+    runner.stop()
+    thread.join(timeout=60)
+    if thread.is_alive():
+        raise Stalled("the worker did not stop within 60 s")
+
+
+def catch_up(worker: Worker, dsn: str, profile: str | None = None) -> float:
     """Start the worker, time until everything committed so far is applied, stop it."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         (goal,) = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
     runner = worker.runner()
-    thread = threading.Thread(target=runner.run, daemon=True)
     started = time.perf_counter()
+    thread = threading.Thread(target=runner.run, daemon=True, name="slipstream-reader")
     thread.start()
-    while runner.flushed < parse_lsn(goal):
-        if not thread.is_alive():
-            raise RuntimeError("worker stopped")
-        time.sleep(0.01)
-    elapsed = time.perf_counter() - started
-    runner.stop()
-    thread.join()
+    spy = None
+    if profile:
+        import shutil
+        import subprocess
+        exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        if not os.path.exists(exe):
+            raise SystemExit("--profile needs py-spy: pip install py-spy")
+        spy = subprocess.Popen([exe, "record", "--gil", "--format", "raw", "--rate", "200", "--threads",
+                                "--pid", str(os.getpid()), "-o", profile],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while runner.flushed < parse_lsn(goal):
+            if not thread.is_alive():
+                raise RuntimeError("worker stopped")
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - started
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
+    stop(runner, thread)
     return elapsed
 
 
@@ -115,96 +205,299 @@ def copy_floor(dsn: str, hnsw: bool) -> float:
     return elapsed
 
 
-def throughput(server: EmbeddedPostgres, rows: int, hnsw: bool, table: list) -> None:
+def throughput(server: EmbeddedPostgres, rows: int, hnsw: bool, table: list, limit: float,
+               profile: str | None) -> None:
     mode = "HNSW" if hnsw else "exact-scan"
     dsn = make_db(server, f"bench_{'hnsw' if hnsw else 'exact'}")
     worker = worker_for(dsn, hnsw)
     worker.setup()
     corpus = Corpus(seed=3)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for start in range(0, rows, 1000):
+        for start_ in range(0, rows, 1000):
             with conn.transaction(), conn.cursor().copy(
                     "COPY items (id, tenant, title, body) FROM STDIN") as copy:
-                for i in range(start, min(rows, start + 1000)):
+                for i in range(start_, min(rows, start_ + 1000)):
                     copy.write_row((i, i % 100, corpus.words(6), corpus.words(50)))
-    t_ins = catch_up(worker, dsn)
+    with phase(f"apply {rows:,} inserts, {mode}", limit):
+        cpu = cpu_seconds()
+        t_ins = catch_up(worker, dsn, profile and f"{profile}.inserts.txt")
+        cpu_ins = cpu_seconds() - cpu
     floor_ins = copy_floor(dsn, hnsw)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for start in range(0, rows, 1000):
+        for start_ in range(0, rows, 1000):
             conn.execute("UPDATE items SET title = title || ' revised', body = body || ' edited' "
-                         "WHERE id >= %s AND id < %s", (start, start + 1000))
-    t_upd = catch_up(worker, dsn)
+                         "WHERE id >= %s AND id < %s", (start_, start_ + 1000))
+    with phase(f"apply {rows:,} updates, {mode}", limit):
+        cpu = cpu_seconds()
+        t_upd = catch_up(worker, dsn, profile and f"{profile}.updates.txt")
+        cpu_upd = cpu_seconds() - cpu
     floor_upd = copy_floor(dsn, hnsw)
     worker.close()
-    for what, t, floor in (("inserts", t_ins, floor_ins), ("updates", t_upd, floor_upd)):
+    for what, t, floor, cpu in (("inserts", t_ins, floor_ins, cpu_ins), ("updates", t_upd, floor_upd, cpu_upd)):
         table.append((f"Apply {rows:,} {what}, {mode}", f"{rows / t:,.0f} changes/s",
-                      f"COPY floor {rows / floor:,.0f} rows/s", f"ratio {floor / t:.2f}"))
+                      f"{rows / floor:,.0f} rows/s", f"{floor / t:.2f}",
+                      f"{cpu / t * 100:.0f}% of a core"))
 
 
-def latency(server: EmbeddedPostgres, rate: int, seconds: float, hnsw: bool, table: list) -> None:
+# -- latency ------------------------------------------------------------------------------
+
+class Stages:
+    """Wall time of each stage, per batch and per transaction, from wrapped functions."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[int, float] = {}  # end LSN -> when the reader had the transaction
+        self.batch: dict[int, dict[str, float]] = {}  # id(batch) -> stage -> seconds / instants
+        self.current: dict[str, float] | None = None  # the batch being planned
+        self.decode = 0.0
+        self.decoded = 0
+        self.rows: list[dict[str, float]] = []
+
+    def timed(self, name: str, fn):
+        def wrapper(*args, **kw):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                cur = self.current
+                if cur is not None:
+                    cur[name] = cur.get(name, 0.0) + time.perf_counter() - started
+        return wrapper
+
+    def install(self, runner) -> None:
+        import slipstream.index.search as search_mod
+        import slipstream.worker.runner as runner_mod
+
+        stages = self
+        decode = runner_mod.decode
+
+        def timed_decode(payload):
+            started = time.perf_counter()
+            try:
+                return decode(payload)
+            finally:
+                stages.decode += time.perf_counter() - started
+                stages.decoded += 1
+
+        class Assembler(runner_mod.TxnAssembler):
+            def feed(self, event):
+                items = super().feed(event)
+                now = time.time()
+                for item in items:
+                    end = getattr(item, "end_lsn", None)
+                    if end is not None:
+                        stages.arrived[end] = now
+                return items
+
+        saved = runner_mod.decode, runner_mod.TxnAssembler, search_mod.analyze_doc
+
+        def uninstall() -> None:
+            runner_mod.decode, runner_mod.TxnAssembler, search_mod.analyze_doc = saved
+
+        self.uninstall = uninstall
+        runner_mod.decode = timed_decode
+        runner_mod.TxnAssembler = Assembler
+        search_mod.analyze_doc = self.timed("analyse", search_mod.analyze_doc)
+        make = runner.make_applier
+
+        def make_applier():
+            applier = make()
+            plan, commit, lookup = applier.plan, applier.commit, applier.mappers
+            for space, emb in list(applier.index.embedders.items()):
+                emb.embed = self.timed("embed", emb.embed)
+
+            def timed_lookup(relation):
+                mapper = lookup(relation)
+                return None if mapper is None else self.timed("map", mapper)
+
+            def timed_plan(batch):
+                rec = {"plan_start": time.time()}
+                self.current = rec
+                try:
+                    return plan(batch)
+                finally:
+                    self.current = None
+                    rec["plan_end"] = time.time()
+                    self.batch[id(batch)] = rec
+
+            def timed_commit(planned, also=None):
+                rec = self.batch.setdefault(id(planned.batch), {})
+                rec["commit_start"] = time.time()
+                try:
+                    return commit(planned, also)
+                finally:
+                    rec["commit_end"] = time.time()
+
+            applier.mappers, applier.plan, applier.commit = timed_lookup, timed_plan, timed_commit
+            return applier
+
+        runner.make_applier = make_applier
+
+    def done(self, batch) -> None:
+        now = time.time()
+        rec = self.batch.pop(id(batch), {})
+        n = max(1, len(batch.completed))
+        for t in batch.completed:
+            arrived = self.arrived.pop(t.end_lsn, now)
+            plan = rec.get("plan_end", now) - rec.get("plan_start", now)
+            work = sum(rec.get(k, 0.0) for k in ("map", "analyse", "embed"))
+            self.rows.append({
+                "total": now - t.commit_ts,
+                "source commit -> reader has it": arrived - t.commit_ts,
+                "reader -> planning starts": rec.get("plan_start", now) - arrived,
+                "map": rec.get("map", 0.0) / n,
+                "analyse": rec.get("analyse", 0.0) / n,
+                "embed": rec.get("embed", 0.0) / n,
+                "plan: state reads and rest": (plan - work) / n,
+                "planned -> commit starts": rec.get("commit_start", now) - rec.get("plan_end", now),
+                "commit (write + fsync)": rec.get("commit_end", now) - rec.get("commit_start", now),
+                "commit -> reported": now - rec.get("commit_end", now),
+            })
+
+
+def writer(dsn: str, rate: int, seconds: float, start_id: int) -> None:
+    """Child process: single-row transactions at `rate` per second, durably committed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends it
+    corpus = Corpus(seed=5)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SET synchronous_commit = on")
+            n = int(rate * seconds)
+            started = time.perf_counter()
+            for i in range(n):
+                conn.execute("INSERT INTO items VALUES (%s, %s, %s, %s)",
+                             (start_id + i, i % 100, corpus.words(6), corpus.words(40)))
+                delay = started + (i + 1) / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+    except psycopg.OperationalError:
+        pass  # the bench is stopping and took the server down: nothing to report
+
+
+def durable_commit_ms(dsn: str, n: int = 200) -> float:
+    """p50 of a bare single-row INSERT + COMMIT on the search database: the fsync floor."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS slipstream.fsync_probe (x int)")
+        out = []
+        for i in range(n):
+            started = time.perf_counter()
+            conn.execute("INSERT INTO slipstream.fsync_probe VALUES (%s)", (i,))
+            out.append(time.perf_counter() - started)
+        conn.execute("DROP TABLE slipstream.fsync_probe")
+    return float(np.percentile(np.asarray(out) * 1000, 50))
+
+
+def latency(server: EmbeddedPostgres, rate: int, seconds: float, hnsw: bool, table: list,
+            stages_table: list, limit: float, idle_seconds: float) -> None:
+    mode = "HNSW" if hnsw else "exact-scan"
     dsn = make_db(server, f"bench_latency_{'hnsw' if hnsw else 'exact'}")
     worker = worker_for(dsn, hnsw)
     worker.setup()
-    samples: list[float] = []
     runner = worker.runner()
+    stages = Stages()
+    stages.install(runner)
     inner = runner.on_batch
 
     def on_batch(result, batch) -> None:
-        now = time.time()
-        samples.extend(now - t.commit_ts for t in batch.completed)
+        stages.done(batch)
         if inner is not None:
             inner(result, batch)
 
     runner.on_batch = on_batch
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    while not runner.ready.is_set():
-        time.sleep(0.01)
-    corpus = Corpus(seed=5)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SET synchronous_commit = on")
-        n = int(rate * seconds)
-        started = time.perf_counter()
-        for i in range(n):
-            conn.execute("INSERT INTO items VALUES (%s, %s, %s, %s)",
-                         (i, i % 100, corpus.words(6), corpus.words(40)))
-            delay = started + (i + 1) / rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-    time.sleep(1.0)
-    runner.stop()
-    thread.join()
+    ctx = multiprocessing.get_context("spawn")
+    with phase(f"latency, {mode}", limit):
+        thread = start(runner)
+        try:
+            time.sleep(1.0)  # settle
+            cpu, wall = cpu_seconds(), time.perf_counter()
+            time.sleep(idle_seconds)
+            idle = (cpu_seconds() - cpu) / (time.perf_counter() - wall)
+            proc = ctx.Process(target=writer, args=(dsn, rate, seconds, 0), daemon=True)
+            cpu, sys_cpu, wall = cpu_seconds(), sys_seconds(), time.perf_counter()
+            proc.start()
+            proc.join(timeout=seconds + 120)
+            if proc.is_alive():
+                proc.terminate()
+                raise Stalled(f"the writer did not finish {rate * seconds:.0f} transactions in time")
+            wrote = time.perf_counter() - wall
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                (goal,) = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+            while runner.flushed < parse_lsn(goal):
+                if not thread.is_alive():
+                    raise RuntimeError("the worker stopped")
+                time.sleep(0.01)
+            busy, busy_sys = cpu_seconds() - cpu, sys_seconds() - sys_cpu
+        finally:
+            stop(runner, thread)
+            stages.uninstall()
+        fsync_ms = durable_commit_ms(dsn)
     worker.close()
-    ms = np.asarray(samples) * 1000
-    mode = "HNSW" if hnsw else "exact-scan"
-    table.append((f"Commit-to-searchable, {rate} changes/s for {seconds:.0f} s ({len(ms)} txns), {mode}",
-                  f"p50 {np.percentile(ms, 50):.1f} ms", f"p99 {np.percentile(ms, 99):.1f} ms", ""))
+    rows = stages.rows
+    total = np.asarray([r["total"] for r in rows]) * 1000
+    what = f"Commit-to-searchable, {rate} txn/s for {seconds:.0f} s ({len(rows)} txns, written in {wrote:.0f} s), {mode}"
+    table.append((what,
+                  f"p50 {np.percentile(total, 50):.1f} ms", f"p99 {np.percentile(total, 99):.1f} ms",
+                  f"{busy / max(1, len(rows)) * 1000:.2f} ms CPU/txn ({busy_sys / max(busy, 1e-9):.0%} system)",
+                  f"idle {idle * 100:.2f}% of a core"))
+    names = [k for k in rows[0] if k != "total"] if rows else []
+    decode_ms = stages.decode / max(1, stages.decoded) * 1000 * 3  # Begin, Insert, Commit
+    stages_table.append((mode, [("decode (3 messages)", decode_ms, decode_ms)] + [
+        (k, float(np.percentile([r[k] * 1000 for r in rows], 50)),
+         float(np.percentile([r[k] * 1000 for r in rows], 99))) for k in names],
+        fsync_ms))
 
 
 def main() -> None:
+    global _server
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=50_000)
     ap.add_argument("--rate", type=int, default=200)
     ap.add_argument("--latency-seconds", type=float, default=30)
+    ap.add_argument("--idle-seconds", type=float, default=5)
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--modes", choices=["both", "exact", "hnsw"], default="both")
+    ap.add_argument("--phase-limit", type=float, default=900, help="hard limit per phase, seconds")
+    ap.add_argument("--profile", metavar="PREFIX",
+                    help="sample the exact-scan apply phases with py-spy into PREFIX.*.txt")
     args = ap.parse_args()
     from slipstream.worker.logs import configure_logging
 
     configure_logging(json=True, level="error")
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    modes = {"both": (False, True), "exact": (False,), "hnsw": (True,)}[args.modes]
     table: list[tuple] = []
-    with EmbeddedPostgres(settings={"maintenance_work_mem": "512MB"}) as server:
-        if not args.skip_throughput:
-            for hnsw in (True, False):
-                throughput(server, args.rows, hnsw, table)
-        for hnsw in (False, True):
-            latency(server, args.rate, args.latency_seconds, hnsw, table)
-    print(f"\nslipstream worker benchmark — {platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, embedded PostgreSQL 18 (durable settings)\n")
-    width = max(len(r[0]) for r in table)
-    print(f"| {'what'.ljust(width)} | result | floor | |")
-    print(f"|{'-' * (width + 2)}|---|---|---|")
+    stages_table: list[tuple] = []
+    try:
+        with EmbeddedPostgres(settings={"maintenance_work_mem": "512MB"}) as server:
+            _server = server
+            if not args.skip_throughput:
+                for hnsw in modes:
+                    throughput(server, args.rows, hnsw, table, args.phase_limit,
+                               None if hnsw else args.profile)
+            if not args.skip_latency:
+                for hnsw in modes:
+                    latency(server, args.rate, args.latency_seconds, hnsw, table, stages_table,
+                            args.phase_limit, args.idle_seconds)
+    except Stalled as exc:
+        print(f"STALLED: {exc}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        _server = None
+    print(f"\nslipstream worker benchmark — {platform.machine()}, {os.cpu_count()} cores (shared), "
+          f"Python {platform.python_version()}, embedded PostgreSQL 18 (durable settings), "
+          f"load average at the end {os.getloadavg()[0]:.1f}\n")
+    width = max([len(r[0]) for r in table] + [4])
+    print(f"| {'what'.ljust(width)} | result | floor / p99 | ratio / CPU | CPU |")
+    print(f"|{'-' * (width + 2)}|---|---|---|---|")
     for row in table:
         print(f"| {row[0].ljust(width)} | " + " | ".join(row[1:]) + " |")
+    for mode, rows, fsync_ms in stages_table:
+        print(f"\nWhere the time goes, {mode} (per transaction, ms; a bare durable single-row "
+              f"commit on the search database: p50 {fsync_ms:.2f} ms)\n")
+        print("| stage | p50 | p99 |\n|---|---|---|")
+        for name, p50, p99 in rows:
+            print(f"| {name} | {p50:.2f} | {p99:.2f} |")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ class RetryPolicy:
     grows quickly, never exceeds the cap, and clients restarted together spread out.
     After `max_attempts` consecutive failures (None: never) even retryable errors stop.
     An error with a `retry_after` (seconds the server asked for, as in HTTP
-    ``Retry-After``) waits at least that long, up to `max_retry_after`.
-    Subclasses say which errors are worth retrying (`classify`).
+    ``Retry-After``) waits at least that long, up to `max_retry_after`. A connection
+    that held for `healthy_after` seconds ends the run of failures: the next one is
+    attempt 0 again (`attempt_after`). Subclasses say which errors are worth retrying (`classify`).
     """
 
     initial_delay: float = 0.5
@@ -54,6 +55,11 @@ class RetryPolicy:
     multiplier: float = 2.0
     max_attempts: int | None = None
     max_retry_after: float = 60.0
+    healthy_after: float = 60.0
+
+    def attempt_after(self, attempt: int, held: float) -> int:
+        """The attempt number for a failure that ended a connection which held `held` seconds."""
+        return 0 if held >= self.healthy_after else attempt
 
     def classify(self, exc: BaseException) -> Decision:
         return "stop"

@@ -127,8 +127,8 @@ class Applier:
                 wanted.append((c.relation, c.old_key))
         with self._pending_lock:
             pending = {k: v[0] for k, v in self._pending.items()}
-        overlay: dict[tuple[str, str], SourceState] = dict(self.state.load_source_rows(
-            self.read_conn, [k for k in wanted if k not in pending]))
+        overlay: dict[tuple[str, str], SourceState] = self.state.load_source_rows(
+            self.read_conn, [k for k in wanted if k not in pending])
         overlay.update({k: pending[k] for k in wanted if k in pending})
         touched: set[tuple[str, str]] = set()
         fx = _Effects()
@@ -269,8 +269,9 @@ class Applier:
                 last_seq=cp.last_seq + len(entries),
             )
         small = len(planned.prepared) < COPY_THRESHOLD and len(entries) < COPY_MIN_ROWS
-        # A small batch goes out in one pipeline: a single round trip, not one per statement.
-        with self.conn.transaction(), (self.conn.pipeline() if small else nullcontext()):
+        # A small batch goes out in one pipeline, BEGIN and COMMIT included: two round
+        # trips (statements, then COMMIT), not one per statement.
+        with (self.conn.pipeline() if small else nullcontext()), self.conn.transaction():
             self.backend.write(planned.prepared, conn=self.conn)
             self.backend.tombstone_many(tombstones, conn=self.conn)
             self.state.changelog.append(self.conn, entries, first_seq=cp.last_seq + 1)

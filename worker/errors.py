@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import wraps
 from typing import ParamSpec, TypeVar
 
+import psycopg
 from slipstream.index.errors import ConfigurationError, SlipstreamError
 from slipstream.shardsync.retry import Decision, decide_by_table
 from slipstream.shardsync.retry import RetryPolicy as BaseRetryPolicy
@@ -334,6 +335,8 @@ DECISIONS: dict[type[BaseException], Decision] = {
     EmbeddingTransientError: "retry",
     EmbeddingRejectedError: "stop",
     EmbeddingCircuitOpenError: "stop",
+    psycopg.OperationalError: "retry",  # e.g. the search database's connection was lost
+    OSError: "retry",
 }
 
 # For ReplicationServerError: transient SQLSTATE classes (connection exception,

@@ -2,32 +2,80 @@
 
 Planning (mapping, embedding: Python work) and committing (the search database's
 work) overlap, which on a small machine is most of the difference between applying
-at the speed of Python and at the speed of the database. At most one batch is being
-planned, one is waiting, and one is committing; `submit` refuses more, which is how
-back-pressure reaches the stream reader. Commits happen strictly in order. Chores
-(backfill chunks, pending embeddings) run between commits, alone, on the same
-writer, so change-log sequence numbers keep the single-writer order.
+at the speed of Python and at the speed of the database. One thread plans, one
+commits (a small batch with nothing else waiting to be planned is committed by the
+planning thread itself, sparing a hand-off); commits happen strictly in submission order. Chores (backfill chunks,
+pending embeddings) run on the planning thread after every earlier commit and before
+any later batch is planned, so change-log sequence numbers keep the single-writer order.
+
+The pipeline does not bound itself: the caller (the stream runner's `Batcher`) keeps
+at most a few items in flight. Every finished item is announced on a pipe, whose read
+end (`fileno()`) the runner polls together with the replication socket, so the
+reader sleeps until either has something for it.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from .apply import Applier, ApplyResult
 from .changes import Batch
 
+
+@dataclass(frozen=True, slots=True)
+class BatchDone:
+    """A batch committed: its result (the checkpoint it made durable) and the batch."""
+
+    result: ApplyResult
+    batch: Batch
+
+
+@dataclass(frozen=True, slots=True)
+class ChoreDone:
+    """A chore returned `value`; `name` is what the caller called it."""
+
+    name: str
+    value: Any
+
+
+PipelineResult = BatchDone | ChoreDone
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    future: Future[ApplyResult]
+    batch: Batch
+
+
+@dataclass(frozen=True, slots=True)
+class _Chore:
+    name: str
+    run: Callable[[], Any]
+
+
 _STOP = object()
+INLINE_COMMIT_MAX = 32  # changes; a larger batch always commits on the committing thread
 
 
 class ApplyPipeline:
     def __init__(self, applier: Applier) -> None:
         self.applier = applier
-        self._inbox: queue.Queue[Any] = queue.Queue(maxsize=1)
-        self._outbox: queue.Queue[tuple] = queue.Queue()
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[_Committed | ChoreDone | _Failed] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slipstream-commit")
         self._outstanding = 0  # submitted and not yet collected
         self._thread = threading.Thread(target=self._run, name="slipstream-plan", daemon=True)
@@ -38,41 +86,62 @@ class ApplyPipeline:
         """Nothing submitted is still waiting to be collected."""
         return self._outstanding == 0
 
-    def submit(self, item: Batch | Callable[[], Any], timeout: float = 0.0) -> bool:
-        """Queue a batch (or a chore); False when the pipeline is full."""
-        try:
-            self._inbox.put(item, timeout=timeout) if timeout > 0 else self._inbox.put_nowait(item)
-        except queue.Full:
-            return False
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    def fileno(self) -> int:
+        """Readable when finished work (or a failure) is waiting to be collected."""
+        return self._wake_r
+
+    def submit(self, batch: Batch) -> None:
+        """Plan and commit `batch` after everything submitted before it."""
+        self._inbox.put(batch)
         self._outstanding += 1
-        return True
 
-    def collect(self, timeout: float = 0.0) -> list[tuple[str, Any, Any]]:
-        """Finished work, oldest first: ("batch", ApplyResult, Batch) or ("chore", value, None).
+    def submit_chore(self, name: str, run: Callable[[], Any]) -> None:
+        """Run `run()` alone on the writer, after every earlier commit."""
+        self._inbox.put(_Chore(name, run))
+        self._outstanding += 1
 
-        Re-raises the first failure (the batch's transaction rolled back).
-        """
-        out = []
-        block = timeout > 0
+    def collect(self) -> list[PipelineResult]:
+        """Finished work, oldest first, without waiting. Re-raises the first failure (the
+        batch's transaction rolled back; nothing after it was committed)."""
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass  # drained; anything announced from now on is picked up below or next time
+        out: list[PipelineResult] = []
         while True:
             try:
-                kind, value, extra = self._outbox.get(timeout=timeout) if block else self._outbox.get_nowait()
+                item = self._outbox.get_nowait()
             except queue.Empty:
                 return out
-            block = False
             self._outstanding -= 1
-            if kind == "error":
-                raise value
-            if kind == "batch":
-                out.append(("batch", value.result(), extra))
+            if isinstance(item, _Failed):
+                raise item.error
+            if isinstance(item, _Committed):
+                out.append(BatchDone(item.future.result(), item.batch))
             else:
-                out.append((kind, value, extra))
+                out.append(item)
 
     def close(self) -> None:
         """Finish what was submitted (results stay collectable), then stop the threads."""
         self._inbox.put(_STOP)
         self._thread.join()
         self._committer.shutdown(wait=True)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- the planning thread --------------------------------------------------------------
+
+    def _announce(self, item: _Committed | ChoreDone | _Failed) -> None:
+        self._outbox.put(item)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
 
     def _run(self) -> None:
         applier = self.applier
@@ -82,21 +151,31 @@ class ApplyPipeline:
             if item is _STOP:
                 return
             try:
-                if callable(item):
+                if isinstance(item, _Chore):
                     if prev is not None and prev.exception() is not None:
                         return  # a commit failed (already reported): nothing after it may commit
                     prev = None  # chores run alone, after every commit
-                    self._outbox.put(("chore", item(), None))
+                    self._announce(ChoreDone(item.name, item.run()))
                     continue
                 planned = applier.plan(item)  # overlaps the previous commit
                 if prev is not None and prev.exception() is not None:
                     return  # commits stay in order; never commit past a failed one
-                future = self._committer.submit(applier.commit, planned)
-                future.add_done_callback(lambda f, b=item: self._outbox.put(("batch", f, b)))
-                prev = future
+                if self._inbox.empty() and len(item.changes) <= INLINE_COMMIT_MAX:
+                    # A small batch and nothing to plan meanwhile (a quiet stream): commit
+                    # here and spare the hand-off. A backlog comes in large batches, whose
+                    # commits overlap the next plan on the committing thread.
+                    prev = Future()
+                    try:
+                        prev.set_result(applier.commit(planned))
+                    except Exception as exc:  # noqa: BLE001 - reported through collect()
+                        prev.set_exception(exc)
+                    self._announce(_Committed(prev, item))
+                    continue
+                prev = self._committer.submit(applier.commit, planned)
+                prev.add_done_callback(lambda f, b=item: self._announce(_Committed(f, b)))
             except BaseException as exc:  # noqa: BLE001 - handed to the stream loop
-                self._outbox.put(("error", exc, None))
+                self._announce(_Failed(exc))
                 return
 
 
-__all__ = ["ApplyPipeline", "ApplyResult"]
+__all__ = ["ApplyPipeline", "ApplyResult", "BatchDone", "ChoreDone", "PipelineResult"]

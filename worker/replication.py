@@ -292,6 +292,11 @@ class ReplicationConnection:
     def streaming(self) -> bool:
         return self._state is _State.STREAMING
 
+    def fileno(self) -> int:
+        """The connection's socket, for a caller that waits on it together with other files;
+        after it polls readable, `read_message(timeout=0)` takes what arrived."""
+        return self._pgconn.socket
+
     @property
     def backend_pid(self) -> int:
         """The walsender's process id (as in pg_stat_replication.pid)."""

@@ -1,20 +1,22 @@
-"""The streaming loop: read the slot, cut batches, apply them in order, report what is durable.
+"""The streaming loop: read the slot, hand batches to the apply pipeline, report what is durable.
 
-One thread reads the replication stream and assembles batches; the apply pipeline
-plans the next batch while the previous one commits. A batch closes when it reaches
-`max_changes` or `max_bytes`, or has been open `max_seconds`, or the stream goes quiet
-between transactions — whichever comes first, so a busy stream gets large batches and
-a quiet one low latency. When the pipeline is full, reading pauses (back-pressure
-lands on the WAL) while status updates keep the walsender from timing out. The flush
-LSN sent to the server is only ever the checkpoint of a committed apply transaction,
-or — when nothing is pending — the server's own keepalive position, so idle tables
-do not pin WAL. Connection loss and a busy slot are retried with backoff; anything
-else stops the loop with its error.
+This module owns the I/O around the `Batcher` (which decides, without I/O, when a
+batch is cut, when a chore runs, what to acknowledge and how long to wait): one
+thread reads the replication stream, decodes and assembles it, feeds the batcher and
+carries out its actions. Between reads it sleeps in one poll(2) on the replication
+socket, the pipeline's completion pipe and a stop pipe together, so it wakes the
+moment any of them has something, and never polls in a loop. The flush LSN sent to
+the server is only ever the checkpoint of a committed apply transaction, or — when
+nothing is pending — the server's own keepalive position, so idle tables do not pin
+WAL. Failures go to the one retry policy (`errors.RetryPolicy`): retried with
+backoff, which starts over once a connection has held; anything else stops the loop.
 """
 
 from __future__ import annotations
 
+import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,10 +26,28 @@ import psycopg
 
 from .apply import Applier, ApplyResult
 from .assemble import TxnAssembler
-from .changes import Batch, SourceChange, TxnEnd
-from .errors import ReplicationConnectionError, RetryPolicy, classify
+from .batcher import (
+    Action,
+    Applied,
+    Batcher,
+    BatcherSettings,
+    ChoreFinished,
+    Drained,
+    Flush,
+    KeepaliveReceived,
+    Received,
+    RunChore,
+    SendStatus,
+    Stopped,
+    StopRequested,
+    Submit,
+    Tick,
+    Wait,
+)
+from .changes import Batch
+from .errors import RetryPolicy
 from .pgoutput import decode
-from .pipeline import ApplyPipeline
+from .pipeline import ApplyPipeline, ChoreDone
 from .replication import Keepalive, ReplicationConnection, XLogData
 
 
@@ -41,7 +61,8 @@ class RunnerSettings:
     max_seconds: float = 0.25
     status_interval: float = 10.0
     heartbeat_seconds: float = 0.0
-    pending_interval: float = 5.0  # how often an idle worker retries pending embeddings
+    pending_interval: float = 5.0  # how often pending embeddings are retried
+    chore_every: int = 8  # under sustained load, a chore gets a turn after this many batches
 
 
 class StreamRunner:
@@ -63,36 +84,48 @@ class StreamRunner:
         self.flushed = 0
         self.ready = threading.Event()
         self.last_beat = time.monotonic()
+        self.waits = 0  # how many times the reader has slept (blocking polls)
+        # stop() writes here, so a reader asleep in poll() wakes at once.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._streaming_since: float | None = None
 
     # -- control --------------------------------------------------------------------------
 
     def stop(self, *_: object) -> None:
         self.stopping.set()
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already woken (or closed): the flag is what counts
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
 
     def run(self) -> None:
-        """Run until `stop()`; retries what can be retried, raises what cannot."""
+        """Run until `stop()`; retries what the retry policy says to retry, raises the rest.
+
+        The backoff grows with consecutive failures and starts again from the first delay
+        once a connection has streamed for the policy's `healthy_after` seconds.
+        """
         attempt = 0
         while not self.stopping.is_set():
+            self._streaming_since = None
             try:
                 self._run_once()
                 return
-            except (ReplicationConnectionError, psycopg.OperationalError, OSError) as exc:
-                err = exc
-            except Exception as exc:
-                if classify(exc) != "retry":
-                    raise
+            except Exception as exc:  # noqa: BLE001 - the retry policy decides what it is
                 err = exc
             self.ready.clear()
-            decision = self.retry.decide(err if classify(err) == "retry" else
-                                         ReplicationConnectionError(str(err)), attempt)
+            held = 0.0 if self._streaming_since is None else time.monotonic() - self._streaming_since
+            attempt = self.retry.attempt_after(attempt, held)
+            decision = self.retry.decide(err, attempt)
             if decision.action != "retry":
                 raise err
             self.log("reconnecting", reason=str(err)[:300], delay_s=round(decision.delay, 2),
-                     attempt=attempt, error=type(err).__name__)
+                     attempt=attempt, held_s=round(held, 1), error=type(err).__name__)
             attempt += 1
             if self.stopping.wait(decision.delay):
                 return
@@ -112,6 +145,7 @@ class StreamRunner:
                 self.flushed = max(self.flushed, cp.lsn)
                 if self.flushed:
                     conn.send_status(flushed=self.flushed)
+                self._streaming_since = time.monotonic()
                 self.ready.set()
                 self.log("streaming", slot=s.slot, start_lsn=cp.lsn)
                 self._loop(conn, applier, pipeline)
@@ -124,87 +158,123 @@ class StreamRunner:
     def _loop(self, conn: ReplicationConnection, applier: Applier, pipeline: ApplyPipeline) -> None:
         s = self.settings
         assembler = TxnAssembler(applier.checkpoint, self.tables)
-        batch, opened = Batch(), 0.0
-        chore_running = False
-        next_chore = time.monotonic() + s.pending_interval
-        # Tables to copy while streaming: one chunk at a time, between batches, on the writer.
+        # Tables to copy while streaming: one chunk per chore, on the writer.
         steps = self.backfill(applier) if self.backfill is not None else None
+        batcher = Batcher(BatcherSettings(
+            max_changes=s.max_changes, max_bytes=s.max_bytes, max_seconds=s.max_seconds,
+            status_interval=s.status_interval, pending_interval=s.pending_interval,
+            chore_every=s.chore_every), now=time.monotonic(), flushed=self.flushed,
+            backfill=steps is not None)
+        chores: dict[str, Callable[[], object]] = {
+            "backfill": lambda: next(steps, _DONE) if steps is not None else _DONE,
+            "fill_pending": applier.fill_pending}
 
-        def collect(timeout: float = 0.0) -> None:
-            nonlocal steps, chore_running
-            for kind, value, done in pipeline.collect(timeout):  # re-raises an apply failure
-                if kind == "chore":
-                    chore_running = False
-                    if value is _DONE:
-                        steps = None
+        def act(actions: list[Action]) -> Wait | None:
+            """Carry out the batcher's actions; the wait it asks for, or None once stopped."""
+            for action in actions:
+                match action:
+                    case Wait():
+                        return action
+                    case Submit(batch):
+                        pipeline.submit(batch)
+                    case RunChore(kind):
+                        pipeline.submit_chore(kind, chores[kind])
+                    case Flush(lsn):
+                        self.flushed = lsn
+                        conn.send_status(flushed=lsn)
+                    case SendStatus():
+                        conn.send_status()
+                    case Stopped(abandoned):
+                        self.log("stopped", flushed_lsn=self.flushed, abandoned_changes=abandoned)
+                        return None
+            raise AssertionError("the batcher answered without a Wait or Stopped")
+
+        def collect() -> Wait | None:
+            """Report finished work to the batcher; its last wait, None if nothing finished."""
+            wait = None
+            for done in pipeline.collect():  # re-raises an apply failure
+                now = time.monotonic()
+                if isinstance(done, ChoreDone):
+                    wait = act(batcher.send(ChoreFinished(now, done.name, done.value is _DONE)))
                     continue
-                if value.checkpoint.lsn > self.flushed:
-                    self.flushed = value.checkpoint.lsn
-                    conn.send_status(flushed=self.flushed)
+                wait = act(batcher.send(Applied(now, done.result.checkpoint.lsn)))
                 if self.on_batch is not None:
-                    self.on_batch(value, done)
+                    self.on_batch(done.result, done.batch)
+            return wait
 
-        while True:
+        def read() -> tuple[Wait | None, bool]:
+            """Read what is buffered or arriving, a chunk of messages per batcher event;
+            (the wait asked for, whether more may still be buffered)."""
+            while True:
+                items: list = []
+                wal_end = 0
+                drained = False
+                for _ in range(READ_CHUNK):
+                    message = conn.read_message(timeout=0)
+                    if message is None:
+                        drained = True
+                        break
+                    if isinstance(message, XLogData):
+                        items += assembler.feed(decode(message.payload))
+                    elif isinstance(message, Keepalive):
+                        wal_end = max(wal_end, message.wal_end)
+                now = self.last_beat = time.monotonic()
+                wait = None
+                if items:
+                    wait = act(batcher.send(Received(now, items, assembler.in_transaction,
+                                                     assembler.position())))
+                # After the items: a keepalive only moves the flush LSN when nothing is open.
+                if wal_end and not batcher.stopped:
+                    wait = act(batcher.send(KeepaliveReceived(now, wal_end)))
+                if drained and not batcher.stopped:
+                    return act(batcher.send(Drained(now))), False
+                wait = collect() or wait  # a long backlog: let finished batches out, new ones in
+                if wait is None and not batcher.stopped:
+                    wait = act(batcher.send(Tick(now)))
+                if batcher.stopped or not wait.read or self.stopping.is_set():
+                    return wait, not drained
+
+        sock, woken, stop_fd = conn.fileno(), pipeline.fileno(), self._wake_r.fileno()
+        buffered = True  # libpq may already hold messages: read them before waiting
+        wait = act(batcher.send(Tick(time.monotonic())))
+        while not batcher.stopped:
+            assert wait is not None
             self.last_beat = time.monotonic()
-            collect()
-            if self.stopping.is_set():
-                while not pipeline.idle:
-                    collect(timeout=0.5)
-                conn.send_status()
-                self.log("stopped", flushed_lsn=self.flushed, abandoned_changes=len(batch.changes))
-                return
-            now = time.monotonic()
-            if pipeline.idle and not batch:
-                if steps is not None:
-                    chore_running = pipeline.submit(lambda: next(steps, _DONE))
-                elif now >= next_chore:
-                    chore_running = pipeline.submit(applier.fill_pending)
-                    next_chore = now + s.pending_interval
-            full = len(batch.changes) >= s.max_changes or batch.bytes >= s.max_bytes
-            due = bool(batch) and now - opened >= s.max_seconds
-            if (full or due) and not chore_running:
-                batch.partial = assembler.position() if assembler.in_transaction else None
-                if pipeline.submit(batch):
-                    batch = Batch()
-                    continue
-            if full or (due and chore_running):
-                # Back-pressure: stop reading until the pipeline takes the batch; keep the
-                # walsender's timeout at bay meanwhile.
-                collect(timeout=min(1.0, s.status_interval / 2))
-                conn.send_status()
+            if self.stopping.is_set() and not batcher.stopping:
+                wait = act(batcher.send(StopRequested(time.monotonic())))
                 continue
-            busy = not pipeline.idle
-            timeout = 1.0 if not batch else max(0.0, min(opened + s.max_seconds - now, IDLE_FLUSH))
-            if busy:
-                timeout = min(timeout, 0.002)
-            message = conn.read_message(timeout=timeout)
-            if message is None:
-                if batch and not assembler.in_transaction:
-                    opened = 0.0  # the stream went quiet between transactions: apply now
+            if wait.read and buffered and not batcher.stopping:
+                wait, buffered = read()
                 continue
-            if isinstance(message, Keepalive):
-                idle = not batch and pipeline.idle and not assembler.in_transaction
-                if idle and message.wal_end > self.flushed:
-                    self.flushed = message.wal_end
-                    conn.send_status(flushed=self.flushed)
-                continue
-            if isinstance(message, XLogData):
-                for item in assembler.feed(decode(message.payload)):
-                    if not batch:
-                        opened = time.monotonic()
-                    if isinstance(item, TxnEnd):
-                        batch.completed.append(item)
-                    else:
-                        _add(batch, item)
+            # Sleep until the pipeline finishes something, the socket has data (when reading),
+            # a stop is asked for, or the batcher's deadline: never a busy poll.
+            poller = select.poll()
+            poller.register(woken, select.POLLIN)
+            poller.register(stop_fd, select.POLLIN)
+            if wait.read and not batcher.stopping:
+                poller.register(sock, select.POLLIN)
+            timeout = None if wait.until is None else max(0.0, wait.until - time.monotonic()) * 1000
+            ready = {fd for fd, _ in poller.poll(timeout)}
+            self.waits += 1
+            if stop_fd in ready:
+                self._drain_stop()
+            if sock in ready:
+                buffered = True
+            if woken in ready:
+                wait = collect() or wait
+            if not ready:
+                wait = act(batcher.send(Tick(time.monotonic())))
+
+    def _drain_stop(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
 
 
 _DONE = object()
-IDLE_FLUSH = 0.001  # a batch whose stream has been quiet this long is applied without waiting
-
-
-def _add(batch: Batch, change: SourceChange) -> None:
-    batch.changes.append(change)
-    batch.bytes += change.approx_bytes
+READ_CHUNK = 64  # replication messages read per batcher event, at most
 
 
 class _Heartbeat:
