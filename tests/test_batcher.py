@@ -169,6 +169,40 @@ def test_chores_get_a_turn_under_sustained_load() -> None:
     assert all(g < S.pending_interval + 1.0 for g in gaps)
 
 
+def test_compaction_runs_on_its_interval_idle_and_under_load() -> None:
+    settings = BatcherSettings(**{**{f: getattr(S, f) for f in S.__slots__},
+                                  "compact_interval": 7.0, "pending_interval": 100.0,
+                                  "status_interval": 100.0})
+    b = Batcher(settings, now=0.0)
+    assert last_wait(b.send(Tick(0.0))).until == 7.0  # an idle worker wakes for it
+    assert of(b.send(Tick(6.9)), RunChore) == []
+    assert of(b.send(Tick(7.0)), RunChore) == [RunChore("compact")]
+    assert of(b.send(Tick(8.0)), RunChore) == []  # one at a time
+    b.send(ChoreFinished(8.0, "compact"))
+    runs, oldest, now, lsn = [], [], 8.0, 100
+    for _ in range(300):  # 15 s of a stream that keeps the pipeline full
+        now += 0.05
+        lsn += 100
+        out = b.send(Received(now, txn(lsn))) + b.send(Drained(now))
+        oldest += [a.batch.completed[-1].end_lsn for a in of(out, Submit)]
+        if b.in_flight == settings.max_in_flight and b.batches_in_flight:
+            out += b.send(Applied(now, oldest.pop(0)))
+            oldest += [a.batch.completed[-1].end_lsn for a in of(out, Submit)]
+        for chore in of(out, RunChore):
+            runs.append((now, chore.kind))
+            b.send(ChoreFinished(now, chore.kind))
+    assert [k for _, k in runs] == ["compact", "compact"], runs  # at ~14 s and ~21 s
+    assert all(abs(t - due) < 1.0 for (t, _), due in zip(runs, (14.0, 21.0), strict=True)), runs
+
+
+def test_no_compaction_without_an_interval() -> None:
+    b = Batcher(S, now=0.0)
+    for t in range(1, 100):
+        assert "compact" not in [c.kind for c in of(b.send(Tick(float(t))), RunChore)]
+        for c in b.chore_in_flight and [b.chore_in_flight] or []:
+            b.send(ChoreFinished(float(t), c))
+
+
 def test_backfill_runs_back_to_back_when_idle_and_between_batches_under_load() -> None:
     b = Batcher(S, now=0.0, backfill=True)
     out = b.send(Tick(0.0))

@@ -10,9 +10,11 @@ import time
 import psycopg
 import pytest
 from slipstream.index import HashingEmbedder
+from slipstream.shardsync.changelog import ChangeLog
 from slipstream.worker.errors import ReplicationConnectionError, RetryPolicy, SlotNotFoundError
 from slipstream.worker.runner import RunnerSettings, StreamRunner
 
+from .cli_harness import query, run_sql
 from .worker_harness import DIM, NOTES_DDL, Harness, note_mapper
 
 
@@ -212,3 +214,36 @@ def test_retry_policy_decides_every_failure() -> None:
     assert policy.decide(ValueError("bug"), 0).action == "stop"
     assert policy.attempt_after(5, held=policy.healthy_after) == 0
     assert policy.attempt_after(5, held=policy.healthy_after - 1) == 5
+
+
+def test_the_worker_compacts_the_change_log_on_its_interval(pg_dsn: str) -> None:
+    """With an interval set, the running worker drops superseded entries and purged
+    tombstones between batches, and raises the horizon; devices resync past it."""
+    run_sql(pg_dsn, NOTES_DDL)
+    harness = Harness(pg_dsn)
+    harness.settings = dataclasses.replace(harness.settings, compact_interval=0.3,
+                                           tombstone_retention=0.0)
+    harness.setup()
+    harness.start()
+    try:
+        run_sql(pg_dsn, "INSERT INTO notes (owner, title) SELECT 'u', 'n' || g FROM generate_series(1, 20) g")
+        run_sql(pg_dsn, "UPDATE notes SET title = title || ' edited'")
+        run_sql(pg_dsn, "DELETE FROM notes WHERE id <= 5")
+        harness.wait_caught_up()
+        log = ChangeLog("slipstream")
+
+        def horizon() -> int:
+            with psycopg.connect(pg_dsn) as conn:
+                return log.horizon(conn)
+        deadline = time.monotonic() + 30
+        while horizon() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert horizon() > 0, harness.events[-5:]
+        assert any(e == "change_log_compacted" for e, _ in harness.events)
+        # One entry per key is left: the 15 live rows' last upserts; the deletes are purged.
+        rows = query(pg_dsn, "SELECT object_id, op FROM slipstream.changes ORDER BY seq")
+        assert sorted(int(i) for i, _ in rows) == list(range(6, 21))
+        assert {op for _, op in rows} == {"u"}
+        assert query(pg_dsn, "SELECT count(*) FROM slipstream.docs WHERE deleted") == [(0,)]
+    finally:
+        harness.close()

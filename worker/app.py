@@ -162,7 +162,9 @@ class Worker:
         settings = RunnerSettings(
             self.source_dsn, self.slot, self.publication, max_changes=w.batch_max_changes,
             max_bytes=w.batch_max_bytes, max_seconds=w.batch_max_seconds,
-            status_interval=w.status_interval_seconds, heartbeat_seconds=w.heartbeat_seconds)
+            status_interval=w.status_interval_seconds, heartbeat_seconds=w.heartbeat_seconds,
+            compact_interval=w.compact_interval_seconds or None,
+            tombstone_retention=w.tombstone_retention_seconds)
         batch_log = BatchLog(self.metrics)
 
         def on_batch(result: ApplyResult, batch: Batch) -> None:

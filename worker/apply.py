@@ -25,6 +25,7 @@ from slipstream.index.backend import StoredRow
 from slipstream.index.doc import DocKey
 from slipstream.index.postgres_backend import COPY_THRESHOLD
 from slipstream.shardsync.changelog import COPY_MIN_ROWS, ChangeEntry
+from slipstream.shardsync.compact import CompactionReport, compact
 
 from .changes import Batch, SourceChange, decode_row
 from .errors import on_search_database
@@ -298,6 +299,11 @@ class Applier:
                            len(planned.prepared) - len(noop),
                            len(tombstones), len(fx.dead),
                            planned.seconds + time.perf_counter() - started, dead_by_table)
+
+    @on_search_database("compact the change log")
+    def compact(self, retention: float) -> CompactionReport:
+        """Compact the change log on the writer's connection, between two batches."""
+        return compact(self.conn, self.state.schema, retention)
 
     @on_search_database("fill pending embeddings")
     def fill_pending(self, limit: int = 256) -> int:

@@ -37,7 +37,7 @@ from typing import Literal
 
 from .changes import Batch, SourceChange, TxnEnd
 
-ChoreKind = Literal["backfill", "fill_pending"]
+ChoreKind = Literal["backfill", "fill_pending", "compact"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,7 @@ class BatcherSettings:
     # planned while one commits; more only queues, and a queue is latency
     status_interval: float = 10.0
     pending_interval: float = 5.0  # how often pending embeddings are retried
+    compact_interval: float | None = None  # how often the change log is compacted (None: never)
     chore_every: int = 8  # under load, a chore gets a turn after this many batches
 
 
@@ -166,6 +167,8 @@ class Batcher:
         self.chore_in_flight: ChoreKind | None = None
         self.backfill = backfill  # backfill chunks remain to be copied
         self.next_fill = now + settings.pending_interval
+        self.next_compact = (now + settings.compact_interval
+                             if settings.compact_interval is not None else None)
         self.since_chore = 0  # batches submitted since the last chore
         self.last_status = now
         self.stopping = False
@@ -241,6 +244,8 @@ class Batcher:
             kind: ChoreKind = "backfill"
         elif now >= self.next_fill:
             kind = "fill_pending"
+        elif self.next_compact is not None and now >= self.next_compact:
+            kind = "compact"
         else:
             return None
         idle = not self.batches_in_flight and not self.batch
@@ -262,6 +267,8 @@ class Batcher:
             self.since_chore = 0
             if self.chore_in_flight == "fill_pending":
                 self.next_fill = now + s.pending_interval
+            elif self.chore_in_flight == "compact":
+                self.next_compact = now + (s.compact_interval or 0.0)
             out.append(RunChore(self.chore_in_flight))
         # A chore still waiting for its turn gets the next free slot, not a batch.
         if kind is None and self._due(now) and self.in_flight < s.max_in_flight:
@@ -277,6 +284,8 @@ class Batcher:
             timers.append(self.opened + s.max_seconds)
         if not self.backfill:
             timers.append(self.next_fill)
+            if self.next_compact is not None:
+                timers.append(self.next_compact)
         future = [t for t in timers if t > now]  # a deadline that has passed is not waited for
         out.append(Wait(min(future) if future else None, read))
 

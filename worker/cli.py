@@ -312,7 +312,7 @@ def token_issue(config_path: str, partitions: tuple[str, ...], ttl: str, subject
 @main.command()
 @CONFIG
 @click.option("--retention", default=None, help="Keep tombstones this long (e.g. 7d; default "
-              "the change log's own).")
+              "[worker] tombstone_retention_seconds).")
 @_errors
 def compact(config_path: str, retention: str | None) -> None:
     """Compact the change log: drop superseded entries and old tombstones, raise the horizon."""
@@ -322,7 +322,7 @@ def compact(config_path: str, retention: str | None) -> None:
     from .config import load_config
 
     cfg = load_config(config_path)
-    kwargs = {}
+    kwargs = {"retention": cfg.worker.tombstone_retention_seconds}
     if retention is not None:
         from datetime import timedelta
 

@@ -205,6 +205,8 @@ class WorkerSettings:
     metrics_interval_seconds: float = 5.0
     mapper_modules: tuple[str, ...] = ()
     snapshot_chunk_rows: int = 5000
+    compact_interval_seconds: float = 3600.0  # 0 = never (run `slipstream compact` instead)
+    tombstone_retention_seconds: float = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,7 +441,11 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<string>") -> Worker
                                           d.metrics_interval_seconds, positive=True),
         mapper_modules=modules,
         snapshot_chunk_rows=r.integer(wrk, ("worker", "snapshot_chunk_rows"),
-                                      d.snapshot_chunk_rows, 1))
+                                      d.snapshot_chunk_rows, 1),
+        compact_interval_seconds=r.number(wrk, ("worker", "compact_interval_seconds"),
+                                          d.compact_interval_seconds),
+        tombstone_retention_seconds=r.number(wrk, ("worker", "tombstone_retention_seconds"),
+                                             d.tombstone_retention_seconds))
 
     sync_cfg = r.sync(top.get("sync", {}), spaces)
 

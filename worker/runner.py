@@ -62,6 +62,8 @@ class RunnerSettings:
     status_interval: float = 10.0
     heartbeat_seconds: float = 0.0
     pending_interval: float = 5.0  # how often pending embeddings are retried
+    compact_interval: float | None = None  # how often the change log is compacted (None: never)
+    tombstone_retention: float = 7 * 24 * 3600.0  # deletes older than this leave the log
     chore_every: int = 8  # under sustained load, a chore gets a turn after this many batches
 
 
@@ -155,6 +157,13 @@ class StreamRunner:
                 heartbeat.close()
             applier.close()
 
+    def _compact(self, applier: Applier) -> object:
+        report = applier.compact(self.settings.tombstone_retention)
+        self.log("change_log_compacted", superseded=report.superseded, tombstones=report.tombstones,
+                 docs_purged=report.docs_purged, horizon=report.horizon,
+                 duration_s=round(report.seconds, 3))
+        return report
+
     def _loop(self, conn: ReplicationConnection, applier: Applier, pipeline: ApplyPipeline) -> None:
         s = self.settings
         assembler = TxnAssembler(applier.checkpoint, self.tables)
@@ -163,11 +172,12 @@ class StreamRunner:
         batcher = Batcher(BatcherSettings(
             max_changes=s.max_changes, max_bytes=s.max_bytes, max_seconds=s.max_seconds,
             status_interval=s.status_interval, pending_interval=s.pending_interval,
-            chore_every=s.chore_every), now=time.monotonic(), flushed=self.flushed,
+            compact_interval=s.compact_interval, chore_every=s.chore_every), now=time.monotonic(), flushed=self.flushed,
             backfill=steps is not None)
         chores: dict[str, Callable[[], object]] = {
             "backfill": lambda: next(steps, _DONE) if steps is not None else _DONE,
-            "fill_pending": applier.fill_pending}
+            "fill_pending": applier.fill_pending,
+            "compact": lambda: self._compact(applier)}
 
         def act(actions: list[Action]) -> Wait | None:
             """Carry out the batcher's actions; the wait it asks for, or None once stopped."""
