@@ -24,7 +24,7 @@ from slipstream.worker.batcher import (
     Tick,
     Wait,
 )
-from slipstream.worker.changes import SourceChange, TxnEnd
+from slipstream.worker.incoming import SourceChange, TxnEnd
 
 S = BatcherSettings(max_changes=10, max_bytes=10**9, max_seconds=0.25, max_in_flight=2,
                     status_interval=10.0, pending_interval=5.0, chore_every=3)

@@ -224,7 +224,7 @@ def test_outage_streams_on_lexically_and_every_row_gets_its_vector(pg_dsn: str, 
 def test_a_batch_planned_while_the_previous_commits_compares_with_it(pg_dsn: str) -> None:
     """Regression: planning batch N+1 before N commits must not compare against the stale
     table — a text changed in N and changed back in N+1 is a real change, not a no-op."""
-    from slipstream.worker.changes import Batch, SourceChange, TxnEnd
+    from slipstream.worker.incoming import Batch, SourceChange, TxnEnd
 
     harness = Harness(pg_dsn)
     applier = harness.applier()

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from slipstream.worker.changes import Batch, SourceChange, TxnEnd
+from slipstream.worker.incoming import Batch, SourceChange, TxnEnd
 from slipstream.worker.pipeline import ApplyPipeline, BatchDone, ChoreDone
 
 

@@ -3,7 +3,7 @@
 from datetime import UTC, datetime
 
 from slipstream.worker.assemble import TxnAssembler
-from slipstream.worker.changes import SourceChange, TxnEnd
+from slipstream.worker.incoming import SourceChange, TxnEnd
 from slipstream.worker.pgoutput import (
     Begin,
     Column,

@@ -19,7 +19,7 @@ import psycopg
 from slipstream.index import PostgresBackend, SearchIndex
 
 from .apply import Applier, ApplyResult
-from .changes import Batch, SourceChange, row_key
+from .incoming import Batch, SourceChange, row_key
 from .config import WorkerConfig
 from .embedders import build_embedders
 from .errors import SlotInvalidatedError, search_errors, slot_invalidated_message

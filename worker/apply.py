@@ -27,7 +27,7 @@ from slipstream.index.postgres_backend import COPY_THRESHOLD
 from slipstream.shardsync.changelog import COPY_MIN_ROWS, ChangeEntry
 from slipstream.shardsync.compact import CompactionReport, compact
 
-from .changes import Batch, SourceChange, decode_row
+from .incoming import Batch, SourceChange, decode_row
 from .errors import on_search_database
 from .fill import fill_pending
 from .pgoutput import UNCHANGED

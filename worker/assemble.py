@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .changes import SourceChange, TxnEnd, columns_of, key_columns, raw_row, relation_name, row_key
+from .incoming import SourceChange, TxnEnd, columns_of, key_columns, raw_row, relation_name, row_key
 from .pgoutput import (
     Begin,
     Commit,

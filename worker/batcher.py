@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .changes import Batch, SourceChange, TxnEnd
+from .incoming import Batch, SourceChange, TxnEnd
 
 ChoreKind = Literal["backfill", "fill_pending", "compact"]
 

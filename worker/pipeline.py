@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .apply import Applier, ApplyResult
-from .changes import Batch
+from .incoming import Batch
 
 
 @dataclass(frozen=True, slots=True)

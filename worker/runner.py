@@ -44,7 +44,7 @@ from .batcher import (
     Tick,
     Wait,
 )
-from .changes import Batch
+from .incoming import Batch
 from .errors import RetryPolicy
 from .pgoutput import decode
 from .pipeline import ApplyPipeline, ChoreDone

@@ -25,7 +25,7 @@ from psycopg.types.json import Jsonb
 from slipstream.index.errors import ConfigurationError
 
 from .apply import Applier
-from .changes import Batch, SourceChange, row_key
+from .incoming import Batch, SourceChange, row_key
 from .lsn import format_lsn, parse_lsn
 
 

@@ -1,4 +1,6 @@
-"""Source changes as the apply loop sees them, and batches of them with their checkpoint.
+"""What comes in from the source: its row changes as the apply loop sees them, and batches.
+
+("Changes" alone means the change log, `slipstream.shardsync.changelog`, which devices read.)
 
 The stream turns pgoutput events into `SourceChange`s: the row's column values as the
 server's text (so unchanged TOAST values can be merged before decoding), its
