@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .doc import DocKey
-from .ranking import K1, W_BODY, W_TITLE, B, ScopeStats
+from .quantize import CodeColumns
+from .ranking import ScopeStats
+from .scope_view import ScopeView
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,7 @@ class ShardCache:
     """Slots, postings and per-space matrices for the live rows of one shard."""
 
     MERGE_MIN = 20_000
+    MAX_VIEWS = 8
 
     def __init__(self, dims: Mapping[str, int], generation: int) -> None:
         self.generation = generation
@@ -74,7 +77,8 @@ class ShardCache:
         self._labels = {name: _Column(np.int32) for name in self._codes}
         self.vectors = {s: _Column(np.float32, d) for s, d in self.dims.items()}
         self.has_vector = {s: _Column(np.bool_) for s in self.dims}
-        self.inv_norm = {s: _Column(np.float32) for s in self.dims}
+        # int8 codes of the same vectors, for the semantic first pass (`quantize`).
+        self.codes = {s: CodeColumns(d) for s, d in self.dims.items()}
         # Inverted index: term -> (start, end) in the sorted base arrays, plus a delta.
         self.term_ids: dict[str, int] = {}
         self.base_terms = np.zeros(0, np.int64)
@@ -83,10 +87,13 @@ class ShardCache:
         self.base_range: dict[int, tuple[int, int]] = {}
         self.delta: dict[int, tuple[list[int], list[int], list[int]]] = {}
         self.delta_size = 0
+        self._views: dict[tuple[str, ...] | None, ScopeView] = {}  # dropped on every change
 
     # -- maintenance ----------------------------------------------------------------------
 
     def add(self, rows: Iterable[CachedRow]) -> None:
+        self._views.clear()
+        first = len(self.keys)
         for row in rows:
             self.remove([row.doc_id])
             slot = len(self.keys)
@@ -105,8 +112,6 @@ class ShardCache:
                 ok = vec is not None
                 self.vectors[space].append(vec if ok else 0.0)
                 self.has_vector[space].append(ok)
-                norm = float(np.linalg.norm(vec)) if ok else 0.0
-                self.inv_norm[space].append(1.0 / norm if norm > 0 else 0.0)
             for term, (t, b) in row.tf.items():
                 tid = self.term_ids.setdefault(term, len(self.term_ids))
                 entry = self.delta.setdefault(tid, ([], [], []))
@@ -114,10 +119,13 @@ class ShardCache:
                 entry[1].append(t)
                 entry[2].append(b)
                 self.delta_size += 1
+        for space, codes in self.codes.items():
+            codes.extend(self.vectors[space].view[first:])
         if self.delta_size > max(self.MERGE_MIN, self.base_slots.size // 4):
             self.merge()
 
     def remove(self, doc_ids: Iterable[int]) -> None:
+        self._views.clear()
         for doc_id in doc_ids:
             slot = self.slot_of.pop(doc_id, None)
             if slot is not None:
@@ -143,6 +151,7 @@ class ShardCache:
         ends = np.concatenate([bounds, [self.base_terms.size]]) if self.base_terms.size else starts
         self.base_range = {int(self.base_terms[s]): (int(s), int(e)) for s, e in zip(starts, ends)}
         self.delta, self.delta_size = {}, 0
+        self._views.clear()
 
     # -- queries --------------------------------------------------------------------------
 
@@ -184,30 +193,23 @@ class ShardCache:
             return np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
         return np.concatenate(parts_s), np.concatenate(parts_tf)
 
-    def bm25(self, terms: Sequence[str], scope: np.ndarray, selected: np.ndarray,
-             stats: ScopeStats) -> tuple[np.ndarray, np.ndarray]:
-        """BM25 of every selected slot, vectorised, bit-identical to `ranking.bm25_rank`.
+    def scope_view(self, partitions: Sequence[str] | None) -> ScopeView:
+        """The scope's mask, statistics and cached BM25 summands (a few scopes are kept)."""
+        key = None if partitions is None else tuple(partitions)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= self.MAX_VIEWS:
+                self._views.pop(next(iter(self._views)))
+            view = self._views[key] = ScopeView(self, partitions)
+        return view
 
-        Returns (slots, scores) for the slots with a positive score.
-        """
-        n_slots = len(self.keys)
-        scores = np.zeros(n_slots, np.float64)
-        hit = np.zeros(n_slots, bool)
-        avgdl = stats.avgdl
-        lt, lb = self.len_title.view, self.len_body.view
-        for term in terms:  # sorted: the same order the reference sums in
-            slots, tf = self.postings(term)
-            in_scope = scope[slots]
-            slots, tf = slots[in_scope], tf[in_scope]
-            df = slots.size
-            if df == 0:
-                continue
-            idf = math.log(1.0 + (stats.n_docs - df + 0.5) / (df + 0.5))
-            sel = selected[slots]
-            slots, tf = slots[sel], tf[sel]
-            tfw = W_TITLE * tf[:, 0] + W_BODY * tf[:, 1]
-            norm = K1 * (1.0 - B + B * (W_TITLE * lt[slots] + W_BODY * lb[slots]) / avgdl)
-            scores[slots] += idf * tfw * (K1 + 1.0) / (tfw + norm)
-            hit[slots] = True
-        found = np.flatnonzero(hit & (scores > 0.0))
-        return found, scores[found]
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in arrays (slots, postings, vectors, codes), without Python objects."""
+        total = sum(c.data.nbytes for c in (self.doc_ids, self.alive, self.len_title, self.len_body))
+        total += sum(c.data.nbytes for c in self._labels.values())
+        total += sum(c.data.nbytes for c in self.vectors.values())
+        total += sum(c.data.nbytes for c in self.has_vector.values())
+        total += sum(c.codes_t.nbytes + c.a.nbytes + c.h.nbytes for c in self.codes.values())
+        total += self.base_terms.nbytes + self.base_slots.nbytes + self.base_tf.nbytes
+        return total

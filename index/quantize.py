@@ -1,0 +1,182 @@
+"""int8 codes for a device's vectors, with a provable per-row bound on the cosine.
+
+The semantic channel ranks by exact float64 cosine (`ranking.exact_cosine`). Reading
+every float32 vector of a large shard costs more than the rest of a query, so a first
+pass reads one byte per component instead and keeps only the rows that *could* reach
+the top `depth`; those are re-scored exactly. Nothing the exact scan would rank in the
+top `depth` is ever dropped, so results are identical, bit for bit.
+
+Codes and the bound
+-------------------
+For a float32 row ``v`` (dimension ``d``): scale ``s = max|v_i| / 127`` (a float32),
+codes ``c_i = round(v_i / s)`` in ``[-127, 127]``, residual ``e = v - s·c`` (computed
+exactly in float64: ``s·c_i`` has at most 31 significant bits). For the query,
+normalised to ``u = q/‖q‖`` in float64 and rounded to float32 ``û`` (``δ = u - û``)::
+
+    cos(q, v) = u·v / ‖v‖ = (s·(û·c) + û·e + δ·v) / ‖v‖
+             ≤ a·(û·c) + ‖û‖·‖e‖/‖v‖ + ‖δ‖,          a = s/‖v‖   (Cauchy–Schwarz)
+
+``û·c`` is computed in float32; whatever the order of summation its error is at most
+``γ·Σ|û_i c_i| ≤ γ·‖û‖·‖c‖`` with ``γ = 2·d·2⁻²⁴``. So, per row::
+
+    ub = a·D + ‖û‖·h + ‖δ‖ + SLACK,      h = γ·a·‖c‖ + ‖e‖/‖v‖
+
+with ``D`` the float32 dot product, ``a`` and ``h`` stored per row (``h`` rounded up),
+and ``SLACK`` covering the float64 rounding of this sum and of the exact cosine itself
+(both below 1e-13 for values of magnitude ≤ 1). ``ub`` is therefore at least the cosine
+the exact path computes.
+
+The first pass (`Survivors`) takes the `depth` rows with the highest bound, computes
+their exact cosine, and keeps every row whose bound reaches the lowest of those (and
+the score floor). Any row of the exact top `depth` has a cosine at least that high,
+hence a bound at least that high: it survives.
+
+Codes are stored column-major (a row of the array per dimension), so a query with
+few non-zero components (hashed features, for instance) reads only those columns;
+a dense query converts blocks of codes to float32 and multiplies them with BLAS.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+SLACK = 1e-9
+_U32 = 2.0 ** -24
+BLOCK = 2048  # rows per block of the dense pass: its float32 buffer stays in cache
+SPARSE_FRACTION = 8  # a query with at most d/8 non-zero components reads only those columns
+
+
+def gamma(dim: int) -> float:
+    """A bound on the relative error of a float32 dot product of length `dim`, any order."""
+    return 2.0 * dim * _U32
+
+
+def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int8 codes, and the per-row ``a`` and ``h`` of the bound, for float32 rows.
+
+    Rows whose norm is zero get ``a = h = 0``.
+    """
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    if v.ndim != 2:
+        raise ValueError("quantize takes a 2-D array of rows")
+    n, dim = v.shape
+    v64 = v.astype(np.float64)
+    peak = np.abs(v).max(axis=1) if dim else np.zeros(n, np.float32)
+    scale = (peak / np.float32(127)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1)).astype(np.float64)
+    codes64 = np.clip(np.rint(v64 / safe[:, None]), -127, 127)
+    codes64[scale == 0] = 0
+    codes = codes64.astype(np.int8)
+    residual = v64 - scale.astype(np.float64)[:, None] * codes64
+    norm_v = np.sqrt((v64 * v64).sum(axis=1))
+    norm_e = np.sqrt((residual * residual).sum(axis=1))
+    norm_c = np.sqrt((codes64 * codes64).sum(axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(norm_v > 0, scale.astype(np.float64) / norm_v, 0.0)
+        h = np.where(norm_v > 0, gamma(dim) * a * norm_c + norm_e / norm_v, 0.0)
+    # Round h up generously: the float64 arithmetic above is good to ~1e-15 relative.
+    h = h * (1.0 + 1e-6) + 1e-12
+    h[norm_v == 0] = 0.0
+    return codes, a, h
+
+
+class CodeColumns:
+    """Growable column-major int8 codes plus per-row ``a`` and ``h``, one slot per row."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.codes_t = np.zeros((dim, 16), np.int8)
+        self.a = np.zeros(16, np.float64)
+        self.h = np.zeros(16, np.float64)
+        self.n = 0
+
+    def _reserve(self, extra: int) -> None:
+        need = self.n + extra
+        cap = self.a.shape[0]
+        if need <= cap:
+            return
+        while cap < need:
+            cap *= 2
+        codes_t = np.zeros((self.dim, cap), np.int8)
+        codes_t[:, : self.n] = self.codes_t[:, : self.n]
+        a, h = np.zeros(cap, np.float64), np.zeros(cap, np.float64)
+        a[: self.n], h[: self.n] = self.a[: self.n], self.h[: self.n]
+        self.codes_t, self.a, self.h = codes_t, a, h
+
+    def extend(self, vectors: np.ndarray) -> None:
+        """Append rows (float32, zero rows for slots without a vector)."""
+        vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)
+        k = vectors.shape[0]
+        if k == 0:
+            return
+        self._reserve(k)
+        codes, a, h = quantize(vectors)
+        self.codes_t[:, self.n: self.n + k] = codes.T
+        self.a[self.n: self.n + k] = a
+        self.h[self.n: self.n + k] = h
+        self.n += k
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * (self.dim + 16)
+
+    def dots(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``û·c`` for every slot (or for `rows`), reading only the columns `query` needs."""
+        n = self.n
+        nz = np.flatnonzero(query)
+        if nz.size == 0:
+            return np.zeros(n if rows is None else rows.size, np.float32)
+        sparse = nz.size * SPARSE_FRACTION <= self.dim
+        if rows is not None:
+            codes = self.codes_t[nz] if sparse else self.codes_t
+            return (query[nz] if sparse else query) @ codes[:, rows].astype(np.float32)
+        if sparse:
+            return query[nz] @ self.codes_t[nz, :n].astype(np.float32)
+        out = np.empty(n, np.float32)
+        buf = np.empty((self.dim, BLOCK), np.float32)
+        for start in range(0, n, BLOCK):
+            stop = min(n, start + BLOCK)
+            b = buf[:, : stop - start]
+            np.copyto(b, self.codes_t[:, start:stop], casting="unsafe")
+            np.matmul(query, b, out=out[start:stop])
+        return out
+
+    def upper_bounds(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """A float64 upper bound on the exact cosine of `query` with every slot's row.
+
+        With `rows` (slot numbers), bounds for those slots only; worth it when they are
+        a small part of the shard, since the codes are then gathered rather than streamed.
+        """
+        q64 = np.asarray(query, np.float64)
+        norm = math.sqrt(float(q64 @ q64))
+        count = self.n if rows is None else rows.size
+        if norm == 0.0:
+            return np.full(count, SLACK)
+        u = q64 / norm
+        u32 = u.astype(np.float32)
+        d = u - u32.astype(np.float64)
+        delta = math.sqrt(float(d @ d))
+        u32_64 = u32.astype(np.float64)
+        norm_u32 = math.sqrt(float(u32_64 @ u32_64))
+        dots = self.dots(u32, rows).astype(np.float64)
+        a, h = (self.a[: self.n], self.h[: self.n]) if rows is None else (self.a[rows], self.h[rows])
+        return a * dots + (norm_u32 * h + (delta + SLACK))
+
+
+def survivors(bounds: np.ndarray, rows: np.ndarray, depth: int,
+              exact: Callable[[np.ndarray], np.ndarray], floor: float = 0.0) -> np.ndarray:
+    """The rows (of `rows`, with upper bounds `bounds`) that may rank in the exact top `depth`.
+
+    `exact(rows_subset)` gives the exact cosines of a subset. Keeps every row whose
+    bound reaches both the lowest exact cosine of the `depth` highest bounds and the
+    score `floor` (rows need a positive cosine at least `floor` to match at all).
+    """
+    if rows.size <= depth:
+        return rows
+    top = np.argpartition(bounds, rows.size - depth)[rows.size - depth:]
+    cut = float(exact(rows[top]).min())
+    cut = max(cut, floor)
+    return rows[bounds >= cut]
