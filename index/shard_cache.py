@@ -10,7 +10,6 @@ moved) makes the backend reload the whole cache.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
