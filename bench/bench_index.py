@@ -68,59 +68,71 @@ def bench_device(rows: int, n_queries: int, table: list[tuple]) -> None:
                   f"p50 {pct(samples, 50):.2f} ms", f"p95 {pct(samples, 95):.2f} ms"))
 
 
+def scoped_samples(index: SearchIndex, queries: list[str], scopes: list, limit_s: float) -> list[float]:
+    """Wall milliseconds of scoped queries, stopping at `limit_s` seconds."""
+    index.search("warm up", partition=scopes[0])
+    samples, t_end = [], time.perf_counter() + limit_s
+    for q, scope in zip(queries, scopes):
+        t0 = time.perf_counter()
+        index.search(q, k=10, partition=scope)
+        samples.append((time.perf_counter() - t0) * 1000)
+        if t0 > t_end:
+            break
+    return samples
+
+
 def bench_server(rows: int, partitions: int, n_queries: int, dsn: str | None, table: list[tuple],
-                 build_hnsw: bool, shared_buffers: str) -> None:
+                 shared_buffers: str, milestones: list[int], cluster: bool, growth: bool,
+                 limit_s: float) -> None:
+    from bulkload import BulkCorpus, UnigramEmbedder, bulk_load
     from slipstream.index import PostgresBackend
     from slipstream.worker.embedded import EmbeddedPostgres
 
     server = None
     if dsn is None:
-        server = EmbeddedPostgres(settings={"maintenance_work_mem": "1GB",
-                                            "shared_buffers": shared_buffers}).start()
+        server = EmbeddedPostgres(durable=False, settings={
+            "maintenance_work_mem": "1GB", "shared_buffers": shared_buffers,
+            "max_wal_size": "8GB", "checkpoint_timeout": "30min"}).start()
         dsn = server.dsn()
     try:
-        # Loaded without the HNSW index (exact-scan mode), which is then built once at the
-        # end: a scoped query below the exact-scan limit never uses it, and building it
-        # after the load is how a large index is made in practice.
         backend = PostgresBackend(dsn, schema="bench", spaces={"local": DIM}, hnsw=False)
         with backend.connection() as conn:
             conn.execute("TRUNCATE bench.docs")
-        embedder = HashingEmbedder(DIM)
-        index = SearchIndex(backend, embedder)
-        corpus = Corpus(seed=7)
+        index = SearchIndex(backend, UnigramEmbedder(DIM))
+        corpus = BulkCorpus(DIM)
         names = [f"tenant-{i}" for i in range(partitions)]
-        chunk_rows = 20_000
-        first_rate = None
-        t_load = time.perf_counter()
-        for start in range(0, rows, chunk_rows):
-            docs = corpus.docs(min(chunk_rows, rows - start), names, start=start)
-            vectors = embed_all(embedder, docs)
-            rate = write_batches(index, docs, vectors, 2000)
-            first_rate = first_rate or rate
-        load_s = time.perf_counter() - t_load
-        table.append((f"Postgres upsert_many, 2k-row batches (GIN maintained, no HNSW), first {chunk_rows:,}",
-                      f"{first_rate:,.0f} rows/s", ""))
-        t_hnsw = time.perf_counter()
-        if build_hnsw:
-            with backend.connection() as conn:
-                conn.execute("SET maintenance_work_mem = '2GB'")
-                conn.execute("CREATE INDEX ON bench.docs USING hnsw (emb_local vector_cosine_ops)")
-        hnsw_s = time.perf_counter() - t_hnsw
-        with backend.connection() as conn:  # pooled connections are in autocommit
-            conn.execute("VACUUM ANALYZE bench.docs")  # the steady state autovacuum keeps
-        queries = corpus.queries(n_queries)
         rng = np.random.default_rng(0)
+        queries = Corpus(seed=7).queries(n_queries)
         targets = [names[int(i)] for i in rng.integers(0, partitions, n_queries)]
-        index.search("warm up", partition=targets[0])
-        samples = []
-        for q, part in zip(queries, targets):
+        loaded, load_s, steps = 0, 0.0, sorted({m for m in milestones if m < rows} | {rows})
+        for step in steps:
+            n, secs = bulk_load(backend, corpus, step - loaded, names, start=loaded,
+                                deadline=limit_s * 6)
+            loaded, load_s = loaded + n, load_s + secs
+            with backend.connection() as conn:
+                conn.execute("VACUUM ANALYZE bench.docs")  # the steady state autovacuum keeps
+                size = conn.execute("SELECT pg_total_relation_size('bench.docs')").fetchone()[0]
+            samples = scoped_samples(index, queries, targets, limit_s)
+            table.append((f"Server scoped query (1 partition, {loaded // partitions:,} rows), "
+                          f"{loaded:,} rows / {partitions:,} partitions, rows in partition order "
+                          f"of arrival; table + indexes {size / 2**30:.1f} GiB",
+                          f"p50 {pct(samples, 50):.2f} ms", f"p95 {pct(samples, 95):.2f} ms"))
+            if n < step - (loaded - n):
+                break
+        table.append((f"Server bulk load (binary COPY, vectors in bulk, GIN rebuilt), {loaded:,} rows",
+                      f"{loaded / load_s:,.0f} rows/s", f"{load_s:.0f} s"))
+        if cluster:
             t0 = time.perf_counter()
-            index.search(q, k=10, partition=part)
-            samples.append((time.perf_counter() - t0) * 1000)
-        hnsw_note = f", HNSW built in {hnsw_s:.0f} s" if build_hnsw else ", no HNSW index"
-        table.append((f"Server scoped query, {rows:,} rows / {partitions:,} partitions "
-                      f"(load {load_s:.0f} s{hnsw_note}, shared_buffers {shared_buffers})", f"p50 {pct(samples, 50):.2f} ms",
-                      f"p95 {pct(samples, 95):.2f} ms"))
+            with backend.connection() as conn:
+                conn.execute("SET maintenance_work_mem = '1GB'")
+                conn.execute("CREATE INDEX IF NOT EXISTS docs_partition_order ON bench.docs (partition)")
+                conn.execute("CLUSTER bench.docs USING docs_partition_order")
+                conn.execute("VACUUM ANALYZE bench.docs")
+            cluster_s = time.perf_counter() - t0
+            samples = scoped_samples(index, queries, targets, limit_s)
+            table.append((f"Server scoped query, {loaded:,} rows, after CLUSTER by partition "
+                          f"({cluster_s:.0f} s)", f"p50 {pct(samples, 50):.2f} ms",
+                          f"p95 {pct(samples, 95):.2f} ms"))
         backend.close()
     finally:
         if server is not None:
@@ -130,20 +142,25 @@ def bench_server(rows: int, partitions: int, n_queries: int, dsn: str | None, ta
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device-rows", default="10000,50000")
-    ap.add_argument("--server-rows", type=int, default=200_000)
-    ap.add_argument("--partitions", type=int, default=200)
+    ap.add_argument("--server-rows", type=int, default=1_000_000)
+    ap.add_argument("--partitions", type=int, default=1000)
+    ap.add_argument("--milestones", default="100000,300000",
+                    help="also measure the fixed-size scoped query at these total sizes")
+    ap.add_argument("--cluster", action="store_true", help="then CLUSTER the table by partition and measure again")
+    ap.add_argument("--phase-limit", type=float, default=120.0, help="seconds per query phase")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--dsn", default=None)
     ap.add_argument("--skip-server", action="store_true")
-    ap.add_argument("--no-hnsw", action="store_true", help="skip building the HNSW index after the load")
-    ap.add_argument("--shared-buffers", default="2GB", help="for the embedded server (default 2GB)")
+    ap.add_argument("--shared-buffers", default="6GB", help="for the embedded server (default 6GB)")
     args = ap.parse_args()
     table: list[tuple] = []
     for rows in (int(r) for r in args.device_rows.split(",") if r):
         bench_device(rows, args.queries, table)
     if not args.skip_server:
         bench_server(args.server_rows, args.partitions, args.queries, args.dsn, table,
-                     build_hnsw=not args.no_hnsw, shared_buffers=args.shared_buffers)
+                     shared_buffers=args.shared_buffers,
+                     milestones=[int(m) for m in args.milestones.split(",") if m],
+                     cluster=args.cluster, growth=False, limit_s=args.phase_limit)
     print(f"\nslipstream index benchmark — {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, {args.queries} queries, k=10\n")
     width = max(len(r[0]) for r in table)
