@@ -30,7 +30,8 @@ from .backend import Filters, PreparedDoc, Retrieved, Scope, check_vector
 from .doc import DocKey, check_identifier
 from .errors import ConfigurationError, MissingDependencyError
 from .pg_migrations import apply_migrations
-from .ranking import CANDIDATE_MARGIN, LexicalCandidate, ScopeStats, bm25_rank
+from .ranking import CANDIDATE_MARGIN, ScopeStats
+from .scope_view import rank_candidates
 
 try:
     import psycopg
@@ -354,7 +355,7 @@ class PostgresBackend:
             stats = ScopeStats(int(n), int(lt), int(lb))
             lexical = []
             if cur_lex is not None:
-                lexical = bm25_rank(terms, stats, _candidates(cur_lex.fetchall()))[:depth]
+                lexical = _rank_lexical(cur_lex.fetchall(), len(terms), stats, depth)
             keys: list[DocKey] = []
             matrix = np.zeros((0, self.spaces[space] if space else 0), np.float32)
             approximate = False
@@ -373,15 +374,18 @@ class PostgresBackend:
             [sql.SQL("coalesce((tf -> %s ->> 0)::int, 0), coalesce((tf -> %s ->> 1)::int, 0)")]
             * len(terms))
         # Scoped to partitions, the partition index narrows to a few thousand rows and the
-        # match is best checked row by row: the function form keeps the planner from also
-        # building a GIN bitmap of every row in the table holding a common term.
-        match = sql.SQL("tsv @@ %s::tsquery" if not sparams else "ts_match_vq(tsv, %s::tsquery)")
+        # match is best checked row by row, on the term counts the query reads anyway (their
+        # keys are the tsvector's lexemes): the tsvector is often stored out of line, which
+        # costs a TOAST lookup per row, and the GIN bitmap of every row in the table that
+        # holds a common term is no use here.
+        match = sql.SQL("tsv @@ %s::tsquery" if not sparams else "tf ?| %s::text[]")
         stmt = sql.SQL(
             "SELECT object_type, object_id, node_kind, len_title, len_body, ({f}), {tf} "
             "FROM {s}.docs WHERE {where} AND NOT deleted AND {match}"
         ).format(s=self._s, f=fsql, tf=tf_cols, where=where, match=match)
         term_params = [t for t in terms for _ in (0, 1)]
-        return stmt, [*fparams, *term_params, *sparams, tsquery_any(terms)]
+        matcher = list(terms) if sparams else tsquery_any(terms)
+        return stmt, [*fparams, *term_params, *sparams, matcher]
 
     def _exact_query(self, space, q, where, sparams, fsql, fparams, depth) -> tuple[sql.Composed, list]:
         """Candidates within CANDIDATE_MARGIN of the depth-th distance; scored exactly later."""
@@ -451,9 +455,15 @@ def _configure_pooled(conn: psycopg.Connection) -> None:
     conn.autocommit = True
 
 
-def _candidates(rows: list[tuple]) -> list[LexicalCandidate]:
-    return [LexicalCandidate(key=(r[0], r[1], r[2]), len_title=r[3], len_body=r[4],
-                             tfs=tuple(zip(r[6::2], r[7::2])), selected=bool(r[5])) for r in rows]
+def _rank_lexical(rows: list[tuple], n_terms: int, stats: ScopeStats, depth: int) -> list:
+    """The lexical top `depth` from the candidate rows, as `ranking.bm25_rank` ranks them."""
+    if not rows:
+        return []
+    cols = list(zip(*rows))
+    keys = list(zip(cols[0], cols[1], cols[2]))
+    tfs = np.array(cols[6:], np.int64).T.reshape(len(rows), n_terms, 2)
+    return rank_candidates(stats, keys, np.array(cols[3], np.int64), np.array(cols[4], np.int64),
+                           tfs, np.array(cols[5], bool), depth)
 
 
 def _unpack(rows: list[tuple], dim: int, *, approximate: bool) -> tuple[list[DocKey], np.ndarray, bool]:

@@ -14,19 +14,21 @@ exactly in float64: ``s·c_i`` has at most 31 significant bits). For the query,
 normalised to ``u = q/‖q‖`` in float64 and rounded to float32 ``û`` (``δ = u - û``)::
 
     cos(q, v) = u·v / ‖v‖ = (s·(û·c) + û·e + δ·v) / ‖v‖
-             ≤ a·(û·c) + ‖û‖·‖e‖/‖v‖ + ‖δ‖,          a = s/‖v‖   (Cauchy–Schwarz)
+             ≤ a·(û·c) + min(‖û‖·‖e‖, ‖û‖₁·max|e_i|)/‖v‖ + ‖δ‖,       a = s/‖v‖
 
+(Cauchy–Schwarz, or Hölder, tighter for a query with few non-zero components).
 ``û·c`` is computed in float32; whatever the order of summation its error is at most
 ``γ·Σ|û_i c_i| ≤ γ·‖û‖·‖c‖`` with ``γ = 2·d·2⁻²⁴``. So, per row::
 
-    ub = a·D + ‖û‖·h + ‖δ‖ + SLACK,      h = γ·a·‖c‖ + ‖e‖/‖v‖
+    ub = a·D + ‖û‖·g + min(‖û‖·eps, ‖û‖₁·emax) + ‖δ‖ + SLACK
 
-with ``D`` the float32 dot product, ``a`` and ``h`` stored per row (``h`` rounded up),
+with ``D`` the float32 dot product and, stored per row (rounded up), ``a``,
+``g = γ·a·‖c‖``, ``eps = ‖e‖/‖v‖`` and ``emax = max|e_i|/‖v‖``;
 and ``SLACK`` covering the float64 rounding of this sum and of the exact cosine itself
 (both below 1e-13 for values of magnitude ≤ 1). ``ub`` is therefore at least the cosine
 the exact path computes.
 
-The first pass (`Survivors`) takes the `depth` rows with the highest bound, computes
+The first pass (`survivors`) takes the `depth` rows with the highest bound, computes
 their exact cosine, and keeps every row whose bound reaches the lowest of those (and
 the score floor). Any row of the exact top `depth` has a cosine at least that high,
 hence a bound at least that high: it survives.
@@ -45,7 +47,7 @@ import numpy as np
 
 SLACK = 1e-9
 _U32 = 2.0 ** -24
-BLOCK = 2048  # rows per block of the dense pass: its float32 buffer stays in cache
+BLOCK = 512  # rows per block of the dense pass: a small product BLAS runs on one thread
 SPARSE_FRACTION = 8  # a query with at most d/8 non-zero components reads only those columns
 
 
@@ -54,10 +56,13 @@ def gamma(dim: int) -> float:
     return 2.0 * dim * _U32
 
 
-def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """int8 codes, and the per-row ``a`` and ``h`` of the bound, for float32 rows.
+def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """int8 codes, and the per-row terms of the bound, for float32 rows.
 
-    Rows whose norm is zero get ``a = h = 0``.
+    Returns ``(codes, a, g, eps, emax)``: ``a = s/‖v‖``, ``g = γ·a·‖c‖`` (float32
+    rounding of the dot product), ``eps = ‖e‖/‖v‖`` and ``emax = max|e_i|/‖v‖`` (the
+    residual, for the Cauchy–Schwarz and the ``‖û‖₁·max|e_i|`` forms of ``|û·e|``),
+    the last three rounded up. Rows whose norm is zero get zeros.
     """
     v = np.ascontiguousarray(vectors, dtype=np.float32)
     if v.ndim != 2:
@@ -73,14 +78,17 @@ def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     residual = v64 - scale.astype(np.float64)[:, None] * codes64
     norm_v = np.sqrt((v64 * v64).sum(axis=1))
     norm_e = np.sqrt((residual * residual).sum(axis=1))
+    max_e = np.abs(residual).max(axis=1) if dim else np.zeros(n)
     norm_c = np.sqrt((codes64 * codes64).sum(axis=1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = np.where(norm_v > 0, scale.astype(np.float64) / norm_v, 0.0)
-        h = np.where(norm_v > 0, gamma(dim) * a * norm_c + norm_e / norm_v, 0.0)
-    # Round h up generously: the float64 arithmetic above is good to ~1e-15 relative.
-    h = h * (1.0 + 1e-6) + 1e-12
-    h[norm_v == 0] = 0.0
-    return codes, a, h
+    live = norm_v > 0
+    inv = np.divide(1.0, norm_v, out=np.zeros(n), where=live)
+    a = scale.astype(np.float64) * inv
+    # Round up generously: the float64 arithmetic above is good to ~1e-15 relative.
+    up = 1.0 + 1e-6
+    g = np.where(live, gamma(dim) * a * norm_c * up + 1e-12, 0.0)
+    eps = np.where(live, norm_e * inv * up + 1e-12, 0.0)
+    emax = np.where(live, max_e * inv * up + 1e-12, 0.0)
+    return codes, a, g, eps, emax
 
 
 class CodeColumns:
@@ -90,7 +98,9 @@ class CodeColumns:
         self.dim = dim
         self.codes_t = np.zeros((dim, 16), np.int8)
         self.a = np.zeros(16, np.float64)
-        self.h = np.zeros(16, np.float64)
+        self.g = np.zeros(16, np.float64)
+        self.eps = np.zeros(16, np.float64)
+        self.emax = np.zeros(16, np.float64)
         self.n = 0
 
     def _reserve(self, extra: int) -> None:
@@ -102,9 +112,11 @@ class CodeColumns:
             cap *= 2
         codes_t = np.zeros((self.dim, cap), np.int8)
         codes_t[:, : self.n] = self.codes_t[:, : self.n]
-        a, h = np.zeros(cap, np.float64), np.zeros(cap, np.float64)
-        a[: self.n], h[: self.n] = self.a[: self.n], self.h[: self.n]
-        self.codes_t, self.a, self.h = codes_t, a, h
+        self.codes_t = codes_t
+        for name in ("a", "g", "eps", "emax"):
+            grown = np.zeros(cap, np.float64)
+            grown[: self.n] = getattr(self, name)[: self.n]
+            setattr(self, name, grown)
 
     def extend(self, vectors: np.ndarray) -> None:
         """Append rows (float32, zero rows for slots without a vector)."""
@@ -113,15 +125,15 @@ class CodeColumns:
         if k == 0:
             return
         self._reserve(k)
-        codes, a, h = quantize(vectors)
+        codes, *terms = quantize(vectors)
         self.codes_t[:, self.n: self.n + k] = codes.T
-        self.a[self.n: self.n + k] = a
-        self.h[self.n: self.n + k] = h
+        for name, values in zip(("a", "g", "eps", "emax"), terms):
+            getattr(self, name)[self.n: self.n + k] = values
         self.n += k
 
     @property
     def nbytes(self) -> int:
-        return self.n * (self.dim + 16)
+        return self.codes_t.nbytes + 4 * self.a.nbytes
 
     def dots(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """float32 ``û·c`` for every slot (or for `rows`), reading only the columns `query` needs."""
@@ -161,9 +173,12 @@ class CodeColumns:
         delta = math.sqrt(float(d @ d))
         u32_64 = u32.astype(np.float64)
         norm_u32 = math.sqrt(float(u32_64 @ u32_64))
+        l1_u32 = float(np.abs(u32_64).sum()) * (1.0 + 1e-12)
         dots = self.dots(u32, rows).astype(np.float64)
-        a, h = (self.a[: self.n], self.h[: self.n]) if rows is None else (self.a[rows], self.h[rows])
-        return a * dots + (norm_u32 * h + (delta + SLACK))
+        pick = slice(0, self.n) if rows is None else rows
+        a, g, eps, emax = self.a[pick], self.g[pick], self.eps[pick], self.emax[pick]
+        residual = np.minimum(norm_u32 * eps, l1_u32 * emax)
+        return a * dots + norm_u32 * g + residual + (delta + SLACK)
 
 
 def survivors(bounds: np.ndarray, rows: np.ndarray, depth: int,

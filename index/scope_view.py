@@ -30,6 +30,48 @@ if TYPE_CHECKING:
 CACHED_POSTINGS = 2_000_000  # summands kept per scope (16 bytes each, plus an order when used)
 
 
+def idf_of(n_docs: int, df: int) -> float:
+    """`ranking.bm25_rank`'s idf, the same float arithmetic."""
+    return math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
+
+
+def length_norm(len_title: np.ndarray, len_body: np.ndarray, avgdl: float) -> np.ndarray:
+    """Per row, ``K1·(1 − b + b·len/avgdl)`` as `ranking.bm25_rank` computes it."""
+    return K1 * (1.0 - B + B * (W_TITLE * len_title + W_BODY * len_body) / avgdl)
+
+
+def summands(idf: float, tf_title: np.ndarray, tf_body: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """One term's BM25 summand per row (0.0 where the row lacks the term), elementwise exactly
+    the reference's ``idf·tf·(k1 + 1)/(tf + norm)``."""
+    tfw = W_TITLE * tf_title + W_BODY * tf_body
+    return idf * tfw * (K1 + 1.0) / (tfw + norm)
+
+
+def rank_candidates(stats: ScopeStats, keys: Sequence, len_title: np.ndarray, len_body: np.ndarray,
+                    tfs: np.ndarray, selected: np.ndarray, depth: int) -> list[tuple]:
+    """`ranking.bm25_rank(...)[:depth]` over candidates given as arrays, bit for bit.
+
+    `tfs` is (rows, terms, 2): each candidate's (title, body) counts of each query term,
+    in the terms' sorted order; df counts every candidate, scores only `selected` ones.
+    """
+    if not len(keys):
+        return []
+    norm = length_norm(len_title, len_body, stats.avgdl)
+    scores = np.zeros(len(keys), np.float64)
+    for i in range(tfs.shape[1]):
+        t, b = tfs[:, i, 0], tfs[:, i, 1]
+        df = int(np.count_nonzero((t != 0) | (b != 0)))
+        if df:
+            scores += summands(idf_of(stats.n_docs, df), t, b, norm)
+    found = np.flatnonzero(selected & (scores > 0.0))
+    if found.size > depth:
+        kth = np.partition(scores[found], found.size - depth)[found.size - depth]
+        found = found[scores[found] >= kth]
+    ranked = sorted(((keys[i], s) for i, s in zip(found.tolist(), scores[found].tolist())),
+                    key=lambda kv: (-kv[1], kv[0]))
+    return ranked[:depth]
+
+
 @dataclass(slots=True)
 class TermScores:
     """One term's rows in a scope (ascending slots) and their BM25 summands."""
@@ -75,11 +117,9 @@ class ScopeView:
         slots, tf = slots[keep], tf[keep]
         df = slots.size
         if df:
-            idf = math.log(1.0 + (stats.n_docs - df + 0.5) / (df + 0.5))
-            tfw = W_TITLE * tf[:, 0] + W_BODY * tf[:, 1]
             lt, lb = cache.len_title.view, cache.len_body.view
-            norm = K1 * (1.0 - B + B * (W_TITLE * lt[slots] + W_BODY * lb[slots]) / stats.avgdl)
-            contrib = idf * tfw * (K1 + 1.0) / (tfw + norm)
+            contrib = summands(idf_of(stats.n_docs, df), tf[:, 0], tf[:, 1],
+                               length_norm(lt[slots], lb[slots], stats.avgdl))
         else:
             contrib = np.zeros(0, np.float64)
         found = TermScores(slots, contrib)

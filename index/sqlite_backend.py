@@ -148,6 +148,8 @@ class SQLiteBackend:
         self._lock = threading.RLock()
         self._cache: ShardCache | None = None
         self._selection_memo: tuple[Any, np.ndarray] | None = None
+        self._recent: dict[DocKey, int] = {}  # key -> docs.id of the rows the last query ranked
+        self._ranked_slots: list[list[int]] = []
         self._check_fts5()
         if self.path != ":memory:":
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -389,11 +391,14 @@ class SQLiteBackend:
                  scope: Scope, filters: Filters, depth: int) -> Retrieved:
         cache = self.cache()  # one generation check per query
         stats = cache.scope_view(scope.partitions).stats
+        self._ranked_slots = []
         lexical = self._lexical(cache, terms, scope, filters, depth)
         if query is None or space is None:
             keys, vectors = [], np.zeros((0, 0), np.float32)
         else:
             keys, vectors = self._semantic(cache, space, query, scope, filters, depth)
+        ids = cache.doc_ids.view
+        self._recent = {cache.keys[i]: int(ids[i]) for part in self._ranked_slots for i in part}
         return Retrieved(stats, lexical, keys, vectors, False)
 
     def lexical_rank(self, terms: Sequence[str], scope: Scope, filters: Filters, stats: ScopeStats,
@@ -414,9 +419,10 @@ class SQLiteBackend:
             keep = scores >= kth
             slots, scores = slots[keep], scores[keep]
         keys = cache.keys
-        ranked = sorted(((keys[i], v) for i, v in zip(slots.tolist(), scores.tolist())),
-                        key=lambda kv: (-kv[1], kv[0]))
-        return ranked[:depth]
+        ranked = sorted(zip(slots.tolist(), scores.tolist()),
+                        key=lambda sv: (-sv[1], keys[sv[0]]))[:depth]
+        self._ranked_slots.append([slot for slot, _ in ranked])
+        return [(keys[slot], score) for slot, score in ranked]
 
     def lexical_candidates(self, terms: Sequence[str], scope: Scope, filters: Filters) -> list[LexicalCandidate]:
         """Candidates straight from FTS5 and the stored term frequencies, for the reference scorer.
@@ -467,12 +473,26 @@ class SQLiteBackend:
         if idx.size == 0:
             return [], np.zeros((0, self.spaces[space]), np.float32)
         keys = cache.keys
-        return [keys[i] for i in idx], matrix[idx]
+        idx_list = idx.tolist()
+        self._ranked_slots.append(idx_list)
+        return [keys[i] for i in idx_list], matrix[idx]
 
     def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
         out: dict[DocKey, dict[str, Any]] = {}
+        recent = self._recent
+        ids = [recent[key] for key in keys if key in recent]
+        if ids:  # rows the last query ranked: one read by rowid, keys checked
+            for r in self._conn.execute(
+                    "SELECT object_type, object_id, node_kind, partition, title, payload, attrs "
+                    f"FROM docs WHERE id IN ({_placeholders(len(ids))})", ids):
+                key = (r[0], r[1], r[2])
+                if recent.get(key) is not None:
+                    out[key] = {"partition": r[3], "title": r[4],
+                                "payload": json.loads(r[5]), "attrs": json.loads(r[6])}
         lookup = self._conn.cursor()
-        for key in keys:  # one unique-index probe each: k is small, and this beats a scan
+        for key in keys:  # any other: one unique-index probe each (k is small)
+            if key in out:
+                continue
             row = lookup.execute(
                 "SELECT partition, title, payload, attrs FROM docs "
                 "WHERE object_type = ? AND object_id = ? AND node_kind = ?", key).fetchone()
