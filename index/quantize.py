@@ -125,10 +125,12 @@ class CodeColumns:
         if k == 0:
             return
         self._reserve(k)
-        codes, *terms = quantize(vectors)
-        self.codes_t[:, self.n: self.n + k] = codes.T
-        for name, values in zip(("a", "g", "eps", "emax"), terms):
-            getattr(self, name)[self.n: self.n + k] = values
+        for start in range(0, k, 4096):  # float64 temporaries stay small
+            codes, *terms = quantize(vectors[start:start + 4096])
+            at = self.n + start
+            self.codes_t[:, at: at + codes.shape[0]] = codes.T
+            for name, values in zip(("a", "g", "eps", "emax"), terms):
+                getattr(self, name)[at: at + codes.shape[0]] = values
         self.n += k
 
     @property

@@ -69,8 +69,8 @@ class ShardCache:
         self.slot_of: dict[int, int] = {}  # doc_id -> live slot
         self.doc_ids = _Column(np.int64)
         self.alive = _Column(np.bool_)
-        self.len_title = _Column(np.int64)
-        self.len_body = _Column(np.int64)
+        self.len_title = _Column(np.int32)
+        self.len_body = _Column(np.int32)
         # Labels as small integer codes, so scope and filter masks are integer compares.
         self._codes: dict[str, dict[str, int]] = {"partition": {}, "object_type": {}, "node_kind": {}}
         self._labels = {name: _Column(np.int32) for name in self._codes}
@@ -80,9 +80,9 @@ class ShardCache:
         self.codes = {s: CodeColumns(d) for s, d in self.dims.items()}
         # Inverted index: term -> (start, end) in the sorted base arrays, plus a delta.
         self.term_ids: dict[str, int] = {}
-        self.base_terms = np.zeros(0, np.int64)
-        self.base_slots = np.zeros(0, np.int64)
-        self.base_tf = np.zeros((0, 2), np.int64)
+        self.base_terms = np.zeros(0, np.int32)
+        self.base_slots = np.zeros(0, np.int32)
+        self.base_tf = np.zeros((0, 2), np.int32)
         self.base_range: dict[int, tuple[int, int]] = {}
         self.delta: dict[int, tuple[list[int], list[int], list[int]]] = {}
         self.delta_size = 0
@@ -136,17 +136,17 @@ class ShardCache:
         slots = [self.base_slots]
         tfs = [self.base_tf]
         for tid, (s, t, b) in self.delta.items():
-            terms.append(np.full(len(s), tid, np.int64))
-            slots.append(np.asarray(s, np.int64))
-            tfs.append(np.column_stack([np.asarray(t, np.int64), np.asarray(b, np.int64)]))
+            terms.append(np.full(len(s), tid, np.int32))
+            slots.append(np.asarray(s, np.int32))
+            tfs.append(np.column_stack([np.asarray(t, np.int32), np.asarray(b, np.int32)]))
         all_terms, all_slots = np.concatenate(terms), np.concatenate(slots)
-        all_tf = np.concatenate(tfs) if tfs else np.zeros((0, 2), np.int64)
+        all_tf = np.concatenate(tfs) if tfs else np.zeros((0, 2), np.int32)
         keep = self.alive.view[all_slots] if all_slots.size else np.zeros(0, bool)
         all_terms, all_slots, all_tf = all_terms[keep], all_slots[keep], all_tf[keep]
         order = np.lexsort((all_slots, all_terms))
         self.base_terms, self.base_slots, self.base_tf = all_terms[order], all_slots[order], all_tf[order]
         bounds = np.flatnonzero(np.diff(self.base_terms)) + 1
-        starts = np.concatenate([[0], bounds]) if self.base_terms.size else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], bounds]) if self.base_terms.size else np.zeros(0, np.int32)
         ends = np.concatenate([bounds, [self.base_terms.size]]) if self.base_terms.size else starts
         self.base_range = {int(self.base_terms[s]): (int(s), int(e)) for s, e in zip(starts, ends)}
         self.delta, self.delta_size = {}, 0
@@ -178,7 +178,7 @@ class ShardCache:
         """(slots, tf[:, (title, body)]) of a term, dead slots included."""
         tid = self.term_ids.get(term)
         if tid is None:
-            return np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+            return np.zeros(0, np.int32), np.zeros((0, 2), np.int32)
         parts_s, parts_tf = [], []
         if tid in self.base_range:
             s, e = self.base_range[tid]
@@ -186,10 +186,10 @@ class ShardCache:
             parts_tf.append(self.base_tf[s:e])
         if tid in self.delta:
             ds, dt, db = self.delta[tid]
-            parts_s.append(np.asarray(ds, np.int64))
-            parts_tf.append(np.column_stack([np.asarray(dt, np.int64), np.asarray(db, np.int64)]))
+            parts_s.append(np.asarray(ds, np.int32))
+            parts_tf.append(np.column_stack([np.asarray(dt, np.int32), np.asarray(db, np.int32)]))
         if not parts_s:
-            return np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+            return np.zeros(0, np.int32), np.zeros((0, 2), np.int32)
         return np.concatenate(parts_s), np.concatenate(parts_tf)
 
     def scope_view(self, partitions: Sequence[str] | None) -> ScopeView:
@@ -209,6 +209,6 @@ class ShardCache:
         total += sum(c.data.nbytes for c in self._labels.values())
         total += sum(c.data.nbytes for c in self.vectors.values())
         total += sum(c.data.nbytes for c in self.has_vector.values())
-        total += sum(c.codes_t.nbytes + c.a.nbytes + c.h.nbytes for c in self.codes.values())
+        total += sum(c.nbytes for c in self.codes.values())
         total += self.base_terms.nbytes + self.base_slots.nbytes + self.base_tf.nbytes
         return total
