@@ -397,8 +397,9 @@ class SQLiteBackend:
             keys, vectors = [], np.zeros((0, 0), np.float32)
         else:
             keys, vectors = self._semantic(cache, space, query, scope, filters, depth)
-        ids = cache.doc_ids.view
-        self._recent = {cache.keys[i]: int(ids[i]) for part in self._ranked_slots for i in part}
+        ranked = [slot for part in self._ranked_slots for slot in part]
+        self._recent = dict(zip(map(cache.keys.__getitem__, ranked),
+                                cache.doc_ids.view[ranked].tolist()))
         return Retrieved(stats, lexical, keys, vectors, False)
 
     def lexical_rank(self, terms: Sequence[str], scope: Scope, filters: Filters, stats: ScopeStats,

@@ -113,13 +113,15 @@ def test_bounds_are_tight_enough_to_prune() -> None:
 def test_quantize_round_trip_error_is_within_the_stored_bound() -> None:
     rng = np.random.default_rng(3)
     rows = (rng.standard_normal((200, 48)) * 10.0 ** rng.integers(-5, 5, (200, 1))).astype(np.float32)
-    codes, a, h = quantize(rows)
+    codes, a, g, eps, emax = quantize(rows)
     norms = np.linalg.norm(rows.astype(np.float64), axis=1)
     scale = a * norms
     residual = rows.astype(np.float64) - scale[:, None] * codes.astype(np.float64)
     assert np.all(np.abs(codes) <= 127)
-    assert np.all(np.linalg.norm(residual, axis=1) / norms <= h)
+    assert np.all(np.linalg.norm(residual, axis=1) / norms <= eps)
+    assert np.all(np.abs(residual).max(axis=1) / norms <= emax)
     assert np.all(np.abs(residual) <= scale[:, None] * 0.5 * (1 + 1e-6))
+    assert np.all(g > 0) and np.all(g < 1e-3)
 
 
 def test_quantize_rejects_a_flat_array() -> None:
