@@ -145,8 +145,9 @@ class CodeColumns:
             return np.zeros(n if rows is None else rows.size, np.float32)
         sparse = nz.size * SPARSE_FRACTION <= self.dim
         if rows is not None:
-            codes = self.codes_t[nz] if sparse else self.codes_t
-            return (query[nz] if sparse else query) @ codes[:, rows].astype(np.float32)
+            if sparse:
+                return query[nz] @ self.codes_t[np.ix_(nz, rows)].astype(np.float32)
+            return query @ self.codes_t[:, rows].astype(np.float32)
         if sparse:
             return query[nz] @ self.codes_t[nz, :n].astype(np.float32)
         out = np.empty(n, np.float32)
