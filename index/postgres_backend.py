@@ -370,9 +370,13 @@ class PostgresBackend:
 
     def _lexical_query(self, terms, where, sparams, fsql, fparams) -> tuple[sql.Composed, list]:
         # Each term's (title, body) counts as two integers, so nothing is parsed as JSON here.
+        # The lateral subquery (kept apart by OFFSET 0) reads each term's pair once per row:
+        # every access to the compressed term counts decompresses them again.
+        pairs = sql.SQL(", ").join(sql.SQL("tf -> %s AS {}").format(sql.Identifier(f"t{i}"))
+                                   for i in range(len(terms)))
         tf_cols = sql.SQL(", ").join(
-            [sql.SQL("coalesce((tf -> %s ->> 0)::int, 0), coalesce((tf -> %s ->> 1)::int, 0)")]
-            * len(terms))
+            sql.SQL("coalesce(({j} ->> 0)::int, 0), coalesce(({j} ->> 1)::int, 0)").format(
+                j=sql.Identifier("x", f"t{i}")) for i in range(len(terms)))
         # Scoped to partitions, the partition index narrows to a few thousand rows and the
         # match is best checked row by row, on the term counts the query reads anyway (their
         # keys are the tsvector's lexemes): the tsvector is often stored out of line, which
@@ -381,11 +385,11 @@ class PostgresBackend:
         match = sql.SQL("tsv @@ %s::tsquery" if not sparams else "tf ?| %s::text[]")
         stmt = sql.SQL(
             "SELECT object_type, object_id, node_kind, len_title, len_body, ({f}), {tf} "
-            "FROM {s}.docs WHERE {where} AND NOT deleted AND {match}"
-        ).format(s=self._s, f=fsql, tf=tf_cols, where=where, match=match)
-        term_params = [t for t in terms for _ in (0, 1)]
+            "FROM {s}.docs, LATERAL (SELECT {pairs} OFFSET 0) AS x "
+            "WHERE {where} AND NOT deleted AND {match}"
+        ).format(s=self._s, f=fsql, tf=tf_cols, pairs=pairs, where=where, match=match)
         matcher = list(terms) if sparams else tsquery_any(terms)
-        return stmt, [*fparams, *term_params, *sparams, matcher]
+        return stmt, [*fparams, *terms, *sparams, matcher]
 
     def _exact_query(self, space, q, where, sparams, fsql, fparams, depth) -> tuple[sql.Composed, list]:
         """Candidates within CANDIDATE_MARGIN of the depth-th distance; scored exactly later."""
