@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from slipstream.index import HashingEmbedder, IndexDoc, PostgresBackend, SearchIndex, SQLiteBackend
-from slipstream.index.scope_view import _dense
+from slipstream.index.ranking import LexicalCandidate, ScopeStats, bm25_rank
+from slipstream.index.scope_view import _dense, rank_candidates
 from slipstream.index.shard_cache import CachedRow, ShardCache
 
 TERMS = [f"t{i}" for i in range(12)]
@@ -53,6 +54,25 @@ def test_pruned_bm25_top_depth_equals_scoring_every_row(seed, n, depth, query, d
         slots, scores = view.top_rows(terms, None, depth)
         every_slot, every_score = _dense([view.term(t) for t in terms], len(cache.keys))
         assert _ranked(cache, slots, scores, depth) == _ranked(cache, every_slot, every_score, depth)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 400), n_terms=st.integers(1, 4),
+       depth=st.sampled_from([1, 5, 50]), n_docs_extra=st.integers(0, 1000))
+def test_array_scoring_of_server_candidates_equals_bm25_rank(seed, n, n_terms, depth, n_docs_extra) -> None:
+    """The server ranks its candidate rows as arrays; `bm25_rank` is the reference."""
+    rng = np.random.default_rng(seed)
+    tfs = rng.integers(0, 3, (n, n_terms, 2)) * (rng.random((n, n_terms, 1)) < 0.6)
+    lens = rng.integers(0, 4, (n, 2)) + tfs.sum(axis=1)
+    selected = rng.random(n) < 0.8
+    keys = [("note", f"{int(i):04d}", "leaf") for i in rng.permutation(n)]
+    stats = ScopeStats(n + n_docs_extra, int(lens[:, 0].sum()) + n_docs_extra,
+                       int(lens[:, 1].sum()) + 3 * n_docs_extra)
+    candidates = [LexicalCandidate(keys[i], int(lens[i, 0]), int(lens[i, 1]),
+                                   tuple((int(t), int(b)) for t, b in tfs[i]), bool(selected[i]))
+                  for i in range(n)]
+    want = bm25_rank([f"t{i}" for i in range(n_terms)], stats, candidates)[:depth]
+    assert rank_candidates(stats, keys, lens[:, 0], lens[:, 1], tfs, selected, depth) == want
 
 
 def test_pruned_bm25_finds_tied_rows_beyond_the_seeds() -> None:
