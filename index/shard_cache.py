@@ -3,7 +3,8 @@
 A device answers a query with NumPy, not with a row-at-a-time scan: rows live in
 *slots* (growable column arrays), term frequencies in an inverted index (a sorted
 base plus a small delta that is merged when it grows), and each embedding space in
-one float32 matrix with a row per slot. Writes made through the owning backend are
+one float32 matrix with a row per slot plus its int8 codes (`quantize`). Per-scope
+BM25 summands live in `ScopeView`s, dropped on any change. Writes made through the owning backend are
 applied incrementally; a change made by another connection (the shard's generation
 moved) makes the backend reload the whole cache.
 """
