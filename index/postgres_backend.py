@@ -344,13 +344,16 @@ class PostgresBackend:
             "FROM {s}.docs WHERE {where} AND NOT deleted").format(s=self._s, where=where)
         q = check_vector(space, self.spaces, query) if query is not None and space else None
         with self.connection() as c:
+            # One snapshot for the statistics and both channels, in one round trip.
             with c.pipeline():
+                c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
                 cur_stats = c.execute(stats_q, sparams)
                 cur_lex = c.cursor(binary=True).execute(
                     *self._lexical_query(terms, where, sparams, fsql, fparams)) if terms else None
                 cur_sem = c.cursor(binary=True).execute(
-                    *self._exact_query(space, q, where, sparams, fsql, fparams, depth)
+                    *self._exact_query(space, q, where, sparams, fsql, fparams, depth, guard=True)
                 ) if q is not None else None
+                c.execute("COMMIT")
             n, lt, lb = cur_stats.fetchone()
             stats = ScopeStats(int(n), int(lt), int(lb))
             lexical = []
@@ -360,11 +363,13 @@ class PostgresBackend:
             matrix = np.zeros((0, self.spaces[space] if space else 0), np.float32)
             approximate = False
             if q is not None:
-                rows = cur_sem.fetchall()
+                rows = cur_sem.fetchall()  # empty when the scope is above the exact limit
                 if stats.n_docs > self.exact_limit:
-                    approx_rows = self._hnsw(c, space, q, where, sparams, fsql, fparams, depth)
-                    if len(approx_rows) >= depth:  # else: filtered HNSW came back short; stay exact
-                        rows, approximate = approx_rows, True
+                    rows = self._hnsw(c, space, q, where, sparams, fsql, fparams, depth)
+                    approximate = True
+                    if len(rows) < depth:  # filtered HNSW came back short: exact after all
+                        rows, approximate = c.cursor(binary=True).execute(*self._exact_query(
+                            space, q, where, sparams, fsql, fparams, depth, guard=False)).fetchall(), False
                 keys, matrix, approximate = _unpack(rows, self.spaces[space], approximate=approximate)
         return Retrieved(stats, lexical, keys, matrix, approximate)
 
@@ -391,17 +396,26 @@ class PostgresBackend:
         matcher = list(terms) if sparams else tsquery_any(terms)
         return stmt, [*fparams, *terms, *sparams, matcher]
 
-    def _exact_query(self, space, q, where, sparams, fsql, fparams, depth) -> tuple[sql.Composed, list]:
-        """Candidates within CANDIDATE_MARGIN of the depth-th distance; scored exactly later."""
+    def _exact_query(self, space, q, where, sparams, fsql, fparams, depth, *,
+                     guard: bool) -> tuple[sql.Composed, list]:
+        """Candidates within CANDIDATE_MARGIN of the depth-th distance; scored exactly later.
+
+        With `guard`, nothing is read when the scope is above `exact_limit` (HNSW answers)."""
         col = sql.Identifier(f"emb_{space}")
+        limit = sql.SQL("")
+        limit_params: list[Any] = []
+        if guard:
+            limit = sql.SQL(" AND (SELECT count(*) FROM {s}.docs WHERE {where} AND NOT deleted) <= %s"
+                            ).format(s=self._s, where=where)
+            limit_params = [*sparams, self.exact_limit]
         stmt = sql.SQL(
             "WITH c AS MATERIALIZED ("
             " SELECT object_type, object_id, node_kind, {col} AS v, ({col} <=> %s::vector) + 0 AS d"
-            " FROM {s}.docs WHERE {where} AND NOT deleted AND {f} AND {col} IS NOT NULL) "
+            " FROM {s}.docs WHERE {where} AND NOT deleted AND {f} AND {col} IS NOT NULL{limit}) "
             "SELECT object_type, object_id, node_kind, v FROM c WHERE d <= coalesce("
             " (SELECT d FROM c ORDER BY d LIMIT 1 OFFSET %s), 'Infinity'::float8) + %s"
-        ).format(s=self._s, col=col, where=where, f=fsql)
-        return stmt, [q, *sparams, *fparams, depth - 1, CANDIDATE_MARGIN]
+        ).format(s=self._s, col=col, where=where, f=fsql, limit=limit)
+        return stmt, [q, *sparams, *fparams, *limit_params, depth - 1, CANDIDATE_MARGIN]
 
     def _hnsw(self, c, space, q, where, sparams, fsql, fparams, depth) -> list[tuple]:
         col = sql.Identifier(f"emb_{space}")

@@ -118,6 +118,13 @@ class CodeColumns:
             grown[: self.n] = getattr(self, name)[: self.n]
             setattr(self, name, grown)
 
+    def trim(self) -> None:
+        """Drop the spare capacity (after a bulk load)."""
+        keep = max(self.n, 1)
+        self.codes_t = self.codes_t[:, :keep].copy()
+        for name in ("a", "g", "eps", "emax"):
+            setattr(self, name, getattr(self, name)[:keep].copy())
+
     def extend(self, vectors: np.ndarray) -> None:
         """Append rows (float32, zero rows for slots without a vector)."""
         vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)

@@ -56,6 +56,10 @@ class _Column:
     def view(self) -> np.ndarray:
         return self.data[: self.n]
 
+    def trim(self) -> None:
+        """Drop the spare capacity (after a bulk load)."""
+        self.data = self.data[: max(self.n, 1)].copy()
+
 
 class ShardCache:
     """Slots, postings and per-space matrices for the live rows of one shard."""
@@ -192,6 +196,15 @@ class ShardCache:
         if not parts_s:
             return np.zeros(0, np.int32), np.zeros((0, 2), np.int32)
         return np.concatenate(parts_s), np.concatenate(parts_tf)
+
+    def trim(self) -> None:
+        """Release spare capacity after a bulk load; later appends grow it again."""
+        columns = [self.doc_ids, self.alive, self.len_title, self.len_body, *self._labels.values(),
+                   *self.vectors.values(), *self.has_vector.values()]
+        for column in columns:
+            column.trim()
+        for codes in self.codes.values():
+            codes.trim()
 
     def scope_view(self, partitions: Sequence[str] | None) -> ScopeView:
         """The scope's mask, statistics and cached BM25 summands (a few scopes are kept)."""

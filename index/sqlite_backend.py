@@ -358,6 +358,7 @@ class SQLiteBackend:
                             {t: (v[0], v[1]) for t, v in json.loads(r[7]).items()},
                             vectors.get(r[0], {})) for r in rows)
         cache.merge()
+        cache.trim()
         return cache
 
     def _selection(self, cache: ShardCache, scope: Scope,
