@@ -1,7 +1,7 @@
 """Index benchmarks: device query latency, server scoped query latency, batch upsert throughput.
 
     python bench/bench_index.py                      # defaults below
-    python bench/bench_index.py --device-rows 10000 --server-rows 20000 --partitions 20
+    python bench/bench_index.py --device-rows 10000 --server-rows 200000 --milestones 100000
 
 Prints one table. The server part starts an embedded Postgres unless --dsn is given.
 Embedding uses HashingEmbedder(384); vectors are computed once, outside the timings.
@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -23,6 +25,7 @@ from corpus import Corpus
 from slipstream.index import HashingEmbedder, SearchIndex, SQLiteBackend
 
 DIM = 384
+BLOCK_ROWS = 100_000
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -44,83 +47,171 @@ def write_batches(index: SearchIndex, docs, vectors, batch: int) -> float:
     return len(docs) / (time.perf_counter() - t0)
 
 
-def time_queries(index: SearchIndex, queries: list[str], **kw) -> list[float]:
-    samples = []
+def time_queries(index: SearchIndex, queries: list[str], **kw) -> tuple[list[float], list[float]]:
+    """(wall ms, CPU ms of this thread) per query: on a shared machine the gap is time
+    spent waiting for a core."""
+    wall, cpu = [], []
     for q in queries:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         index.search(q, k=10, **kw)
-        samples.append((time.perf_counter() - t0) * 1000)
-    return samples
+        cpu.append((time.thread_time() - c0) * 1000)
+        wall.append((time.perf_counter() - t0) * 1000)
+    return wall, cpu
 
 
-def bench_device(rows: int, n_queries: int, table: list[tuple]) -> None:
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_device(rows: int, n_queries: int, table: list[tuple], growth: list[tuple]) -> None:
     corpus = Corpus(seed=rows)
     embedder = HashingEmbedder(DIM)
     docs = corpus.docs(rows, ["user-1"])
     vectors = embed_all(embedder, docs)
-    index = SearchIndex(SQLiteBackend(spaces={"local": DIM}), embedder)
-    rate = write_batches(index, docs, vectors, 1000)
-    table.append((f"SQLite upsert_many, 1k-row batches, {rows:,} rows", f"{rate:,.0f} rows/s", ""))
-    queries = corpus.queries(n_queries)
-    index.search("warm up", k=10)  # builds the in-memory matrix once
-    samples = time_queries(index, queries)
-    table.append((f"Device query, SQLite shard {rows:,} rows, {DIM}-d",
-                  f"p50 {pct(samples, 50):.2f} ms", f"p95 {pct(samples, 95):.2f} ms"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "shard.db")
+        writer = SearchIndex(SQLiteBackend(path, spaces={"local": DIM}), embedder)
+        rate = write_batches(writer, docs, vectors, 1000)
+        writer.backend.close()
+        table.append((f"SQLite upsert_many, 1k-row batches, {rows:,} rows", f"{rate:,.0f} rows/s", ""))
+        before = rss_bytes()
+        index = SearchIndex(SQLiteBackend(path, spaces={"local": DIM}), embedder)
+        t0 = time.perf_counter()
+        index.search("warm up", k=10)  # loads the shard's in-memory structures once
+        load_s = time.perf_counter() - t0
+        held = rss_bytes() - before
+        arrays = index.backend.cache().nbytes
+        queries = corpus.queries(n_queries)
+        time_queries(index, queries[:20])
+        wall, cpu = time_queries(index, queries)
+        index.backend.close()
+    table.append((f"Device query, SQLite shard {rows:,} rows, {DIM}-d (CPU p50 {pct(cpu, 50):.2f} ms)",
+                  f"p50 {pct(wall, 50):.2f} ms", f"p95 {pct(wall, 95):.2f} ms"))
+    growth.append(("device", rows, pct(wall, 50), pct(wall, 95), pct(cpu, 50),
+                   (f"cache load {load_s:.1f} s; memory per 10k rows: {held / rows * 1e4 / 2**20:.1f} MiB "
+                   f"process, {arrays / rows * 1e4 / 2**20:.1f} MiB in arrays")))
 
 
-def bench_server(rows: int, partitions: int, n_queries: int, dsn: str | None, table: list[tuple],
-                 build_hnsw: bool, shared_buffers: str) -> None:
+def scoped_samples(index: SearchIndex, queries: list[str], scopes: list, limit_s: float) -> list[float]:
+    """Wall milliseconds of scoped queries, stopping at `limit_s` seconds."""
+    index.search("warm up", partition=scopes[0])
+    samples, t_end = [], time.perf_counter() + limit_s
+    for q, scope in zip(queries, scopes):
+        t0 = time.perf_counter()
+        index.search(q, k=10, partition=scope)
+        samples.append((time.perf_counter() - t0) * 1000)
+        if t0 > t_end:
+            break
+    return samples
+
+
+def bench_server(rows: int, partition_rows: int, n_queries: int, dsn: str | None, table: list[tuple],
+                 shared_buffers: str, milestones: list[int], cluster: bool, limit_s: float) -> None:
+    """Scoped queries on one partition of `partition_rows` rows as the table grows.
+
+    Each block of BLOCK_ROWS loaded rows holds BLOCK_ROWS / partition_rows partitions,
+    their rows interleaved (row i of a block goes to partition i mod count), so at each
+    milestone every partition is full and a partition's rows lie on as many heap pages
+    as it has rows, as rows arriving from many tenants do."""
+    from bulkload import BulkCorpus, UnigramEmbedder, bulk_load, rebuild_gin
     from slipstream.index import PostgresBackend
     from slipstream.worker.localpg import EmbeddedPostgres
 
     server = None
     if dsn is None:
-        server = EmbeddedPostgres(settings={"maintenance_work_mem": "1GB",
-                                            "shared_buffers": shared_buffers}).start()
+        server = EmbeddedPostgres(durable=False, settings={
+            "maintenance_work_mem": "1GB", "shared_buffers": shared_buffers,
+            "max_wal_size": "8GB", "checkpoint_timeout": "30min"}).start()
         dsn = server.dsn()
     try:
-        # Loaded without the HNSW index (exact-scan mode), which is then built once at the
-        # end: a scoped query below the exact-scan limit never uses it, and building it
-        # after the load is how a large index is made in practice.
         backend = PostgresBackend(dsn, schema="bench", spaces={"local": DIM}, hnsw=False)
         with backend.connection() as conn:
             conn.execute("TRUNCATE bench.docs")
-        embedder = HashingEmbedder(DIM)
-        index = SearchIndex(backend, embedder)
-        corpus = Corpus(seed=7)
-        names = [f"tenant-{i}" for i in range(partitions)]
-        chunk_rows = 20_000
-        first_rate = None
-        t_load = time.perf_counter()
-        for start in range(0, rows, chunk_rows):
-            docs = corpus.docs(min(chunk_rows, rows - start), names, start=start)
-            vectors = embed_all(embedder, docs)
-            rate = write_batches(index, docs, vectors, 2000)
-            first_rate = first_rate or rate
-        load_s = time.perf_counter() - t_load
-        table.append((f"Postgres upsert_many, 2k-row batches (GIN maintained, no HNSW), first {chunk_rows:,}",
-                      f"{first_rate:,.0f} rows/s", ""))
-        t_hnsw = time.perf_counter()
-        if build_hnsw:
-            with backend.connection() as conn:
-                conn.execute("SET maintenance_work_mem = '2GB'")
-                conn.execute("CREATE INDEX ON bench.docs USING hnsw (emb_local vector_cosine_ops)")
-        hnsw_s = time.perf_counter() - t_hnsw
-        with backend.connection() as conn:  # pooled connections are in autocommit
-            conn.execute("VACUUM ANALYZE bench.docs")  # the steady state autovacuum keeps
-        queries = corpus.queries(n_queries)
-        rng = np.random.default_rng(0)
-        targets = [names[int(i)] for i in rng.integers(0, partitions, n_queries)]
-        index.search("warm up", partition=targets[0])
-        samples = []
-        for q, part in zip(queries, targets):
+        index = SearchIndex(backend, UnigramEmbedder(DIM))
+        corpus = BulkCorpus(DIM)
+        per_block = BLOCK_ROWS // partition_rows
+        names = [f"tenant-{i}" for i in range(rows // partition_rows)]
+        queries = Corpus(seed=7).queries(n_queries)
+        loaded, load_s, steps = 0, 0.0, sorted({m for m in milestones if m < rows} | {rows})
+        for step in steps:
+            n, secs = 0, 0.0
+            for block in range(loaded // BLOCK_ROWS, step // BLOCK_ROWS):
+                part = names[block * per_block:(block + 1) * per_block]
+                got, t = bulk_load(backend, corpus, BLOCK_ROWS, part, start=block * BLOCK_ROWS,
+                                   deadline=limit_s * 6, gin=False)
+                n, secs = n + got, secs + t
+            loaded, load_s = loaded + n, load_s + secs
+            rng = np.random.default_rng(0)
+            full = loaded // partition_rows
+            targets = [names[int(i)] for i in rng.integers(0, full, n_queries)]
             t0 = time.perf_counter()
-            index.search(q, k=10, partition=part)
-            samples.append((time.perf_counter() - t0) * 1000)
-        hnsw_note = f", HNSW built in {hnsw_s:.0f} s" if build_hnsw else ", no HNSW index"
-        table.append((f"Server scoped query, {rows:,} rows / {partitions:,} partitions "
-                      f"(load {load_s:.0f} s{hnsw_note}, shared_buffers {shared_buffers})", f"p50 {pct(samples, 50):.2f} ms",
-                      f"p95 {pct(samples, 95):.2f} ms"))
+            rebuild_gin(backend)
+            load_s += time.perf_counter() - t0
+            with backend.connection() as conn:
+                conn.execute("VACUUM ANALYZE bench.docs")  # the steady state autovacuum keeps
+                size = conn.execute("SELECT pg_total_relation_size('bench.docs')").fetchone()[0]
+            samples = scoped_samples(index, queries, targets, limit_s)
+            table.append(((f"Server scoped query (1 partition, {partition_rows:,} rows), "
+                          f"{loaded:,} rows / {full:,} partitions, rows interleaved; "
+                          f"table + indexes {size / 2**30:.1f} GiB"),
+                          f"p50 {pct(samples, 50):.2f} ms", f"p95 {pct(samples, 95):.2f} ms"))
+            if loaded < step:
+                break
+        table.append((f"Server bulk load (binary COPY, vectors in bulk, GIN built after), {loaded:,} rows",
+                      f"{loaded / load_s:,.0f} rows/s", f"{load_s:.0f} s"))
+        if cluster:
+            t0 = time.perf_counter()
+            with backend.connection() as conn:
+                conn.execute("SET maintenance_work_mem = '1GB'")
+                conn.execute("CREATE INDEX IF NOT EXISTS docs_partition_order ON bench.docs (partition)")
+                conn.execute("CLUSTER bench.docs USING docs_partition_order")
+                conn.execute("VACUUM ANALYZE bench.docs")
+            cluster_s = time.perf_counter() - t0
+            samples = scoped_samples(index, queries, targets, limit_s)
+            table.append(((f"Server scoped query, {loaded:,} rows, after CLUSTER by partition "
+                          f"({cluster_s:.0f} s)"), f"p50 {pct(samples, 50):.2f} ms",
+                          f"p95 {pct(samples, 95):.2f} ms"))
+        backend.close()
+    finally:
+        if server is not None:
+            server.cleanup()
+
+
+def bench_growth(n_queries: int, dsn: str | None, growth: list[tuple], shared_buffers: str,
+                 limit_s: float) -> None:
+    """Server p50/p95 against rows in scope: partitions of 1k, 5k and 20k rows (exact) and
+    50k rows (above the exact-scan limit: HNSW), in one 76k-row table."""
+    from bulkload import BulkCorpus, UnigramEmbedder, bulk_load
+    from slipstream.index import PostgresBackend
+    from slipstream.worker.embedded import EmbeddedPostgres
+
+    sizes = {"g1k": 1, "g5k": 5, "g20k": 20, "g50k": 50}
+    cycle = [name for name, share in sizes.items() for _ in range(share)]
+    server = None
+    if dsn is None:
+        server = EmbeddedPostgres(durable=False, settings={
+            "maintenance_work_mem": "1GB", "shared_buffers": shared_buffers}).start()
+        dsn = server.dsn()
+    try:
+        backend = PostgresBackend(dsn, schema="growth", spaces={"local": DIM}, hnsw=False)
+        with backend.connection() as conn:
+            conn.execute("TRUNCATE growth.docs")
+        loaded, _ = bulk_load(backend, BulkCorpus(DIM, seed=11), 1000 * len(cycle), cycle)
+        t0 = time.perf_counter()
+        with backend.connection() as conn:
+            conn.execute("SET maintenance_work_mem = '1GB'")
+            conn.execute("CREATE INDEX ON growth.docs USING hnsw (emb_local vector_cosine_ops)")
+            conn.execute("VACUUM ANALYZE growth.docs")
+        hnsw_s = time.perf_counter() - t0
+        index = SearchIndex(backend, UnigramEmbedder(DIM))
+        queries = Corpus(seed=11).queries(n_queries)
+        for name, share in sizes.items():
+            samples = scoped_samples(index, queries, [name] * len(queries), limit_s)
+            approx = index.search(queries[0], k=10, partition=name).approximate
+            growth.append(("server", 1000 * share, pct(samples, 50), pct(samples, 95), None,
+                           ("HNSW" if approx else "exact") + f"; {loaded:,} rows in the table"
+                           + (f", HNSW built in {hnsw_s:.0f} s" if approx else "")))
         backend.close()
     finally:
         if server is not None:
@@ -128,29 +219,45 @@ def bench_server(rows: int, partitions: int, n_queries: int, dsn: str | None, ta
 
 
 def main() -> None:
+    # A SIGTERM (a timeout, an impatient operator) still stops the embedded server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device-rows", default="10000,50000")
-    ap.add_argument("--server-rows", type=int, default=200_000)
-    ap.add_argument("--partitions", type=int, default=200)
+    ap.add_argument("--server-rows", type=int, default=1_000_000)
+    ap.add_argument("--partition-rows", type=int, default=1000)
+    ap.add_argument("--milestones", default="100000,300000",
+                    help="also measure the fixed-size scoped query at these total sizes")
+    ap.add_argument("--cluster", action="store_true", help="then CLUSTER the table by partition and measure again")
+    ap.add_argument("--phase-limit", type=float, default=120.0, help="seconds per query phase")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--dsn", default=None)
     ap.add_argument("--skip-server", action="store_true")
-    ap.add_argument("--no-hnsw", action="store_true", help="skip building the HNSW index after the load")
-    ap.add_argument("--shared-buffers", default="2GB", help="for the embedded server (default 2GB)")
+    ap.add_argument("--skip-growth", action="store_true", help="skip the server rows-in-scope table")
+    ap.add_argument("--shared-buffers", default="6GB", help="for the embedded server (default 6GB)")
     args = ap.parse_args()
     table: list[tuple] = []
+    growth: list[tuple] = []
     for rows in (int(r) for r in args.device_rows.split(",") if r):
-        bench_device(rows, args.queries, table)
+        bench_device(rows, args.queries, table, growth)
+    if not args.skip_growth:
+        bench_growth(args.queries, args.dsn, growth, args.shared_buffers, args.phase_limit)
     if not args.skip_server:
-        bench_server(args.server_rows, args.partitions, args.queries, args.dsn, table,
-                     build_hnsw=not args.no_hnsw, shared_buffers=args.shared_buffers)
+        bench_server(args.server_rows, args.partition_rows, args.queries, args.dsn, table,
+                     shared_buffers=args.shared_buffers,
+                     milestones=[int(m) for m in args.milestones.split(",") if m],
+                     cluster=args.cluster, limit_s=args.phase_limit)
     print(f"\nslipstream index benchmark — {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, {args.queries} queries, k=10\n")
-    width = max(len(r[0]) for r in table)
+    width = max((len(r[0]) for r in table), default=4)
     print(f"| {'what'.ljust(width)} | result | |")
     print(f"|{'-' * (width + 2)}|---|---|")
     for what, a, b in table:
         print(f"| {what.ljust(width)} | {a} | {b} |")
+    if growth:
+        print("\n| side | rows in scope | p50 ms | p95 ms | CPU p50 ms | notes |\n|---|---|---|---|---|---|")
+        for side, rows, p50, p95, cpu, note in growth:
+            cpu_text = f"{cpu:.2f}" if cpu is not None else ""
+            print(f"| {side} | {rows:,} | {p50:.2f} | {p95:.2f} | {cpu_text} | {note} |")
 
 
 if __name__ == "__main__":

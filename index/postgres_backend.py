@@ -30,7 +30,8 @@ from .backend import Filters, PreparedDoc, Retrieved, Scope, check_vector
 from .doc import DocKey, check_identifier
 from .errors import ConfigurationError, MissingDependencyError
 from .pg_migrations import apply_migrations
-from .ranking import CANDIDATE_MARGIN, LexicalCandidate, ScopeStats, bm25_rank
+from .ranking import CANDIDATE_MARGIN, ScopeStats
+from .scope_view import rank_candidates
 
 try:
     import psycopg
@@ -402,57 +403,78 @@ class PostgresBackend(EmbeddingState):
             "FROM {s}.docs WHERE {where} AND NOT deleted").format(s=self._s, where=where)
         q = check_vector(space, self.spaces, query) if query is not None and space else None
         with self.connection() as c:
+            # One snapshot for the statistics and both channels, in one round trip.
             with c.pipeline():
+                c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
                 cur_stats = c.execute(stats_q, sparams)
                 cur_lex = c.cursor(binary=True).execute(
                     *self._lexical_query(terms, where, sparams, fsql, fparams)) if terms else None
                 cur_sem = c.cursor(binary=True).execute(
-                    *self._exact_query(space, q, where, sparams, fsql, fparams, depth)
+                    *self._exact_query(space, q, where, sparams, fsql, fparams, depth, guard=True)
                 ) if q is not None else None
+                c.execute("COMMIT")
             n, lt, lb = cur_stats.fetchone()
             stats = ScopeStats(int(n), int(lt), int(lb))
             lexical = []
             if cur_lex is not None:
-                lexical = bm25_rank(terms, stats, _candidates(cur_lex.fetchall()))[:depth]
+                lexical = _rank_lexical(cur_lex.fetchall(), len(terms), stats, depth)
             keys: list[DocKey] = []
             matrix = np.zeros((0, self.spaces[space] if space else 0), np.float32)
             approximate = False
             if q is not None:
-                rows = cur_sem.fetchall()
+                rows = cur_sem.fetchall()  # empty when the scope is above the exact limit
                 if stats.n_docs > self.exact_limit:
-                    approx_rows = self._hnsw(c, space, q, where, sparams, fsql, fparams, depth)
-                    if len(approx_rows) >= depth:  # else: filtered HNSW came back short; stay exact
-                        rows, approximate = approx_rows, True
+                    rows = self._hnsw(c, space, q, where, sparams, fsql, fparams, depth)
+                    approximate = True
+                    if len(rows) < depth:  # filtered HNSW came back short: exact after all
+                        rows, approximate = c.cursor(binary=True).execute(*self._exact_query(
+                            space, q, where, sparams, fsql, fparams, depth, guard=False)).fetchall(), False
                 keys, matrix, approximate = _unpack(rows, self.spaces[space], approximate=approximate)
         return Retrieved(stats, lexical, keys, matrix, approximate)
 
     def _lexical_query(self, terms, where, sparams, fsql, fparams) -> tuple[sql.Composed, list]:
         # Each term's (title, body) counts as two integers, so nothing is parsed as JSON here.
+        # The lateral subquery (kept apart by OFFSET 0) reads each term's pair once per row:
+        # every access to the compressed term counts decompresses them again.
+        pairs = sql.SQL(", ").join(sql.SQL("tf -> %s AS {}").format(sql.Identifier(f"t{i}"))
+                                   for i in range(len(terms)))
         tf_cols = sql.SQL(", ").join(
-            [sql.SQL("coalesce((tf -> %s ->> 0)::int, 0), coalesce((tf -> %s ->> 1)::int, 0)")]
-            * len(terms))
+            sql.SQL("coalesce(({j} ->> 0)::int, 0), coalesce(({j} ->> 1)::int, 0)").format(
+                j=sql.Identifier("x", f"t{i}")) for i in range(len(terms)))
         # Scoped to partitions, the partition index narrows to a few thousand rows and the
-        # match is best checked row by row: the function form keeps the planner from also
-        # building a GIN bitmap of every row in the table holding a common term.
-        match = sql.SQL("tsv @@ %s::tsquery" if not sparams else "ts_match_vq(tsv, %s::tsquery)")
+        # match is best checked row by row, on the term counts the query reads anyway (their
+        # keys are the tsvector's lexemes): the tsvector is often stored out of line, which
+        # costs a TOAST lookup per row, and the GIN bitmap of every row in the table that
+        # holds a common term is no use here.
+        match = sql.SQL("tsv @@ %s::tsquery" if not sparams else "tf ?| %s::text[]")
         stmt = sql.SQL(
             "SELECT object_type, object_id, node_kind, len_title, len_body, ({f}), {tf} "
-            "FROM {s}.docs WHERE {where} AND NOT deleted AND {match}"
-        ).format(s=self._s, f=fsql, tf=tf_cols, where=where, match=match)
-        term_params = [t for t in terms for _ in (0, 1)]
-        return stmt, [*fparams, *term_params, *sparams, tsquery_any(terms)]
+            "FROM {s}.docs, LATERAL (SELECT {pairs} OFFSET 0) AS x "
+            "WHERE {where} AND NOT deleted AND {match}"
+        ).format(s=self._s, f=fsql, tf=tf_cols, pairs=pairs, where=where, match=match)
+        matcher = list(terms) if sparams else tsquery_any(terms)
+        return stmt, [*fparams, *terms, *sparams, matcher]
 
-    def _exact_query(self, space, q, where, sparams, fsql, fparams, depth) -> tuple[sql.Composed, list]:
-        """Candidates within CANDIDATE_MARGIN of the depth-th distance; scored exactly later."""
+    def _exact_query(self, space, q, where, sparams, fsql, fparams, depth, *,
+                     guard: bool) -> tuple[sql.Composed, list]:
+        """Candidates within CANDIDATE_MARGIN of the depth-th distance; scored exactly later.
+
+        With `guard`, nothing is read when the scope is above `exact_limit` (HNSW answers)."""
         col = sql.Identifier(f"emb_{space}")
+        limit = sql.SQL("")
+        limit_params: list[Any] = []
+        if guard:
+            limit = sql.SQL(" AND (SELECT count(*) FROM {s}.docs WHERE {where} AND NOT deleted) <= %s"
+                            ).format(s=self._s, where=where)
+            limit_params = [*sparams, self.exact_limit]
         stmt = sql.SQL(
             "WITH c AS MATERIALIZED ("
             " SELECT object_type, object_id, node_kind, {col} AS v, ({col} <=> %s::vector) + 0 AS d"
-            " FROM {s}.docs WHERE {where} AND NOT deleted AND {f} AND {col} IS NOT NULL) "
+            " FROM {s}.docs WHERE {where} AND NOT deleted AND {f} AND {col} IS NOT NULL{limit}) "
             "SELECT object_type, object_id, node_kind, v FROM c WHERE d <= coalesce("
             " (SELECT d FROM c ORDER BY d LIMIT 1 OFFSET %s), 'Infinity'::float8) + %s"
-        ).format(s=self._s, col=col, where=where, f=fsql)
-        return stmt, [q, *sparams, *fparams, depth - 1, CANDIDATE_MARGIN]
+        ).format(s=self._s, col=col, where=where, f=fsql, limit=limit)
+        return stmt, [q, *sparams, *fparams, *limit_params, depth - 1, CANDIDATE_MARGIN]
 
     def _hnsw(self, c, space, q, where, sparams, fsql, fparams, depth) -> list[tuple]:
         col = sql.Identifier(f"emb_{space}")
@@ -526,9 +548,15 @@ def _configure_pooled(conn: psycopg.Connection) -> None:
     conn.autocommit = True
 
 
-def _candidates(rows: list[tuple]) -> list[LexicalCandidate]:
-    return [LexicalCandidate(key=(r[0], r[1], r[2]), len_title=r[3], len_body=r[4],
-                             tfs=tuple(zip(r[6::2], r[7::2])), selected=bool(r[5])) for r in rows]
+def _rank_lexical(rows: list[tuple], n_terms: int, stats: ScopeStats, depth: int) -> list:
+    """The lexical top `depth` from the candidate rows, as `ranking.bm25_rank` ranks them."""
+    if not rows:
+        return []
+    cols = list(zip(*rows))
+    keys = list(zip(cols[0], cols[1], cols[2]))
+    tfs = np.array(cols[6:], np.int64).T.reshape(len(rows), n_terms, 2)
+    return rank_candidates(stats, keys, np.array(cols[3], np.int64), np.array(cols[4], np.int64),
+                           tfs, np.array(cols[5], bool), depth)
 
 
 def _unpack(rows: list[tuple], dim: int, *, approximate: bool) -> tuple[list[DocKey], np.ndarray, bool]:

@@ -3,21 +3,23 @@
 A device answers a query with NumPy, not with a row-at-a-time scan: rows live in
 *slots* (growable column arrays), term frequencies in an inverted index (a sorted
 base plus a small delta that is merged when it grows), and each embedding space in
-one float32 matrix with a row per slot. Writes made through the owning backend are
+one float32 matrix with a row per slot plus its int8 codes (`quantize`). Per-scope
+BM25 summands live in `ScopeView`s, dropped on any change. Writes made through the owning backend are
 applied incrementally; a change made by another connection (the shard's generation
 moved) makes the backend reload the whole cache.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .doc import DocKey
-from .ranking import K1, W_BODY, W_TITLE, B, ScopeStats
+from .quantize import CodeColumns
+from .ranking import ScopeStats
+from .scope_view import ScopeView
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +56,16 @@ class _Column:
     def view(self) -> np.ndarray:
         return self.data[: self.n]
 
+    def trim(self) -> None:
+        """Drop the spare capacity (after a bulk load)."""
+        self.data = self.data[: max(self.n, 1)].copy()
+
 
 class ShardCache:
     """Slots, postings and per-space matrices for the live rows of one shard."""
 
     MERGE_MIN = 20_000
+    MAX_VIEWS = 8
 
     def __init__(self, dims: Mapping[str, int], generation: int) -> None:
         self.generation = generation
@@ -67,26 +74,30 @@ class ShardCache:
         self.slot_of: dict[int, int] = {}  # doc_id -> live slot
         self.doc_ids = _Column(np.int64)
         self.alive = _Column(np.bool_)
-        self.len_title = _Column(np.int64)
-        self.len_body = _Column(np.int64)
+        self.len_title = _Column(np.int32)
+        self.len_body = _Column(np.int32)
         # Labels as small integer codes, so scope and filter masks are integer compares.
         self._codes: dict[str, dict[str, int]] = {"partition": {}, "object_type": {}, "node_kind": {}}
         self._labels = {name: _Column(np.int32) for name in self._codes}
         self.vectors = {s: _Column(np.float32, d) for s, d in self.dims.items()}
         self.has_vector = {s: _Column(np.bool_) for s in self.dims}
-        self.inv_norm = {s: _Column(np.float32) for s in self.dims}
+        # int8 codes of the same vectors, for the semantic first pass (`quantize`).
+        self.codes = {s: CodeColumns(d) for s, d in self.dims.items()}
         # Inverted index: term -> (start, end) in the sorted base arrays, plus a delta.
         self.term_ids: dict[str, int] = {}
-        self.base_terms = np.zeros(0, np.int64)
-        self.base_slots = np.zeros(0, np.int64)
-        self.base_tf = np.zeros((0, 2), np.int64)
+        self.base_terms = np.zeros(0, np.int32)
+        self.base_slots = np.zeros(0, np.int32)
+        self.base_tf = np.zeros((0, 2), np.int32)
         self.base_range: dict[int, tuple[int, int]] = {}
         self.delta: dict[int, tuple[list[int], list[int], list[int]]] = {}
         self.delta_size = 0
+        self._views: dict[tuple[str, ...] | None, ScopeView] = {}  # dropped on every change
 
     # -- maintenance ----------------------------------------------------------------------
 
     def add(self, rows: Iterable[CachedRow]) -> None:
+        self._views.clear()
+        first = len(self.keys)
         for row in rows:
             self.remove([row.doc_id])
             slot = len(self.keys)
@@ -105,8 +116,6 @@ class ShardCache:
                 ok = vec is not None
                 self.vectors[space].append(vec if ok else 0.0)
                 self.has_vector[space].append(ok)
-                norm = float(np.linalg.norm(vec)) if ok else 0.0
-                self.inv_norm[space].append(1.0 / norm if norm > 0 else 0.0)
             for term, (t, b) in row.tf.items():
                 tid = self.term_ids.setdefault(term, len(self.term_ids))
                 entry = self.delta.setdefault(tid, ([], [], []))
@@ -114,10 +123,13 @@ class ShardCache:
                 entry[1].append(t)
                 entry[2].append(b)
                 self.delta_size += 1
+        for space, codes in self.codes.items():
+            codes.extend(self.vectors[space].view[first:])
         if self.delta_size > max(self.MERGE_MIN, self.base_slots.size // 4):
             self.merge()
 
     def remove(self, doc_ids: Iterable[int]) -> None:
+        self._views.clear()
         for doc_id in doc_ids:
             slot = self.slot_of.pop(doc_id, None)
             if slot is not None:
@@ -129,20 +141,21 @@ class ShardCache:
         slots = [self.base_slots]
         tfs = [self.base_tf]
         for tid, (s, t, b) in self.delta.items():
-            terms.append(np.full(len(s), tid, np.int64))
-            slots.append(np.asarray(s, np.int64))
-            tfs.append(np.column_stack([np.asarray(t, np.int64), np.asarray(b, np.int64)]))
+            terms.append(np.full(len(s), tid, np.int32))
+            slots.append(np.asarray(s, np.int32))
+            tfs.append(np.column_stack([np.asarray(t, np.int32), np.asarray(b, np.int32)]))
         all_terms, all_slots = np.concatenate(terms), np.concatenate(slots)
-        all_tf = np.concatenate(tfs) if tfs else np.zeros((0, 2), np.int64)
+        all_tf = np.concatenate(tfs) if tfs else np.zeros((0, 2), np.int32)
         keep = self.alive.view[all_slots] if all_slots.size else np.zeros(0, bool)
         all_terms, all_slots, all_tf = all_terms[keep], all_slots[keep], all_tf[keep]
         order = np.lexsort((all_slots, all_terms))
         self.base_terms, self.base_slots, self.base_tf = all_terms[order], all_slots[order], all_tf[order]
         bounds = np.flatnonzero(np.diff(self.base_terms)) + 1
-        starts = np.concatenate([[0], bounds]) if self.base_terms.size else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], bounds]) if self.base_terms.size else np.zeros(0, np.int32)
         ends = np.concatenate([bounds, [self.base_terms.size]]) if self.base_terms.size else starts
         self.base_range = {int(self.base_terms[s]): (int(s), int(e)) for s, e in zip(starts, ends)}
         self.delta, self.delta_size = {}, 0
+        self._views.clear()
 
     # -- queries --------------------------------------------------------------------------
 
@@ -170,7 +183,7 @@ class ShardCache:
         """(slots, tf[:, (title, body)]) of a term, dead slots included."""
         tid = self.term_ids.get(term)
         if tid is None:
-            return np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+            return np.zeros(0, np.int32), np.zeros((0, 2), np.int32)
         parts_s, parts_tf = [], []
         if tid in self.base_range:
             s, e = self.base_range[tid]
@@ -178,36 +191,38 @@ class ShardCache:
             parts_tf.append(self.base_tf[s:e])
         if tid in self.delta:
             ds, dt, db = self.delta[tid]
-            parts_s.append(np.asarray(ds, np.int64))
-            parts_tf.append(np.column_stack([np.asarray(dt, np.int64), np.asarray(db, np.int64)]))
+            parts_s.append(np.asarray(ds, np.int32))
+            parts_tf.append(np.column_stack([np.asarray(dt, np.int32), np.asarray(db, np.int32)]))
         if not parts_s:
-            return np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+            return np.zeros(0, np.int32), np.zeros((0, 2), np.int32)
         return np.concatenate(parts_s), np.concatenate(parts_tf)
 
-    def bm25(self, terms: Sequence[str], scope: np.ndarray, selected: np.ndarray,
-             stats: ScopeStats) -> tuple[np.ndarray, np.ndarray]:
-        """BM25 of every selected slot, vectorised, bit-identical to `ranking.bm25_rank`.
+    def trim(self) -> None:
+        """Release spare capacity after a bulk load; later appends grow it again."""
+        columns = [self.doc_ids, self.alive, self.len_title, self.len_body, *self._labels.values(),
+                   *self.vectors.values(), *self.has_vector.values()]
+        for column in columns:
+            column.trim()
+        for codes in self.codes.values():
+            codes.trim()
 
-        Returns (slots, scores) for the slots with a positive score.
-        """
-        n_slots = len(self.keys)
-        scores = np.zeros(n_slots, np.float64)
-        hit = np.zeros(n_slots, bool)
-        avgdl = stats.avgdl
-        lt, lb = self.len_title.view, self.len_body.view
-        for term in terms:  # sorted: the same order the reference sums in
-            slots, tf = self.postings(term)
-            in_scope = scope[slots]
-            slots, tf = slots[in_scope], tf[in_scope]
-            df = slots.size
-            if df == 0:
-                continue
-            idf = math.log(1.0 + (stats.n_docs - df + 0.5) / (df + 0.5))
-            sel = selected[slots]
-            slots, tf = slots[sel], tf[sel]
-            tfw = W_TITLE * tf[:, 0] + W_BODY * tf[:, 1]
-            norm = K1 * (1.0 - B + B * (W_TITLE * lt[slots] + W_BODY * lb[slots]) / avgdl)
-            scores[slots] += idf * tfw * (K1 + 1.0) / (tfw + norm)
-            hit[slots] = True
-        found = np.flatnonzero(hit & (scores > 0.0))
-        return found, scores[found]
+    def scope_view(self, partitions: Sequence[str] | None) -> ScopeView:
+        """The scope's mask, statistics and cached BM25 summands (a few scopes are kept)."""
+        key = None if partitions is None else tuple(partitions)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= self.MAX_VIEWS:
+                self._views.pop(next(iter(self._views)))
+            view = self._views[key] = ScopeView(self, partitions)
+        return view
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in arrays (slots, postings, vectors, codes), without Python objects."""
+        total = sum(c.data.nbytes for c in (self.doc_ids, self.alive, self.len_title, self.len_body))
+        total += sum(c.data.nbytes for c in self._labels.values())
+        total += sum(c.data.nbytes for c in self.vectors.values())
+        total += sum(c.data.nbytes for c in self.has_vector.values())
+        total += sum(c.nbytes for c in self.codes.values())
+        total += self.base_terms.nbytes + self.base_slots.nbytes + self.base_tf.nbytes
+        return total

@@ -37,7 +37,9 @@ from .analysis import ANALYZER
 from .backend import Filters, PreparedDoc, Retrieved, Scope, check_vector
 from .doc import DocKey, check_identifier
 from .errors import ConfigurationError
-from .ranking import LexicalCandidate, ScopeStats, margin_cut, parse_tf
+from .quantize import survivors
+from .ranking import LexicalCandidate, ScopeStats, exact_cosine, parse_tf
+from .scope_view import ScopeView
 from .shard_cache import CachedRow, ShardCache
 
 FORMAT_VERSION = 1
@@ -145,7 +147,9 @@ class SQLiteBackend:
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
         self._cache: ShardCache | None = None
-        self._selection_memo: tuple[Any, tuple[np.ndarray, np.ndarray]] | None = None
+        self._selection_memo: tuple[Any, np.ndarray] | None = None
+        self._recent: dict[DocKey, int] = {}  # key -> docs.id of the rows the last query ranked
+        self._ranked_slots: list[list[int]] = []
         self._check_fts5()
         if self.path != ":memory:":
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -354,16 +358,20 @@ class SQLiteBackend:
                             {t: (v[0], v[1]) for t, v in json.loads(r[7]).items()},
                             vectors.get(r[0], {})) for r in rows)
         cache.merge()
+        cache.trim()
         return cache
 
-    def _selection(self, cache: ShardCache, scope: Scope, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
-        """(scope mask, selected mask) over the cache's slots; the last one is remembered,
-        since the lexical and semantic channels of one query ask for the same."""
+    def _selection(self, cache: ShardCache, scope: Scope,
+                   filters: Filters) -> tuple[ScopeView, np.ndarray | None]:
+        """The scope's view and the filters' mask over the cache's slots (None: no filters).
+        The last mask is remembered: both channels of one query ask for it."""
+        view = cache.scope_view(scope.partitions)
+        if filters.object_types is None and filters.node_kinds is None and not filters.attrs:
+            return view, None
         memo_key = (id(cache), cache.generation, len(cache.keys), scope, repr(filters))
         if self._selection_memo is not None and self._selection_memo[0] == memo_key:
-            return self._selection_memo[1]
-        in_scope = cache.scope_mask(scope.partitions)
-        selected = in_scope.copy()
+            return view, self._selection_memo[1]
+        selected = view.mask.copy()
         if filters.object_types is not None:
             selected &= cache.label_mask("object_type", filters.object_types)
         if filters.node_kinds is not None:
@@ -374,42 +382,49 @@ class SQLiteBackend:
                 (i for (i,) in self._conn.execute(f"SELECT id FROM docs WHERE deleted = 0 AND {sql}", params)),
                 dtype=np.int64)
             selected &= np.isin(cache.doc_ids.view, allowed)
-        self._selection_memo = (memo_key, (in_scope, selected))
-        return in_scope, selected
+        self._selection_memo = (memo_key, selected)
+        return view, selected
 
     def scope_stats(self, scope: Scope) -> ScopeStats:
-        cache = self.cache()
-        return cache.stats(cache.scope_mask(scope.partitions))
+        return self.cache().scope_view(scope.partitions).stats
 
     def retrieve(self, terms: Sequence[str], space: str | None, query: np.ndarray | None,
                  scope: Scope, filters: Filters, depth: int) -> Retrieved:
         cache = self.cache()  # one generation check per query
-        stats = cache.stats(cache.scope_mask(scope.partitions))
-        lexical = self._lexical(cache, terms, scope, filters, stats, depth)
+        stats = cache.scope_view(scope.partitions).stats
+        self._ranked_slots = []
+        lexical = self._lexical(cache, terms, scope, filters, depth)
         if query is None or space is None:
             keys, vectors = [], np.zeros((0, 0), np.float32)
         else:
             keys, vectors = self._semantic(cache, space, query, scope, filters, depth)
+        ranked = [slot for part in self._ranked_slots for slot in part]
+        self._recent = dict(zip(map(cache.keys.__getitem__, ranked),
+                                cache.doc_ids.view[ranked].tolist()))
         return Retrieved(stats, lexical, keys, vectors, False)
 
     def lexical_rank(self, terms: Sequence[str], scope: Scope, filters: Filters, stats: ScopeStats,
                      depth: int) -> list[tuple[DocKey, float]]:
-        """The top `depth` rows by BM25, computed with NumPy over the in-memory postings."""
-        return self._lexical(self.cache(), terms, scope, filters, stats, depth)
+        """The top `depth` rows by BM25, computed with NumPy over the in-memory postings.
+
+        `stats` must be the scope's (`scope_stats`); the cached view already holds them."""
+        return self._lexical(self.cache(), terms, scope, filters, depth)
 
     def _lexical(self, cache: ShardCache, terms: Sequence[str], scope: Scope, filters: Filters,
-                 stats: ScopeStats, depth: int) -> list[tuple[DocKey, float]]:
+                 depth: int) -> list[tuple[DocKey, float]]:
         if not terms:
             return []
-        in_scope, selected = self._selection(cache, scope, filters)
-        slots, scores = cache.bm25(terms, in_scope, selected, stats)
+        view, selected = self._selection(cache, scope, filters)
+        slots, scores = view.top_rows(terms, selected, depth)
         if slots.size > depth:
             kth = np.partition(scores, slots.size - depth)[slots.size - depth]
             keep = scores >= kth
             slots, scores = slots[keep], scores[keep]
-        ranked = sorted(((cache.keys[i], float(v)) for i, v in zip(slots, scores)),
-                        key=lambda kv: (-kv[1], kv[0]))
-        return ranked[:depth]
+        keys = cache.keys
+        ranked = sorted(zip(slots.tolist(), scores.tolist()),
+                        key=lambda sv: (-sv[1], keys[sv[0]]))[:depth]
+        self._ranked_slots.append([slot for slot, _ in ranked])
+        return [(keys[slot], score) for slot, score in ranked]
 
     def lexical_candidates(self, terms: Sequence[str], scope: Scope, filters: Filters) -> list[LexicalCandidate]:
         """Candidates straight from FTS5 and the stored term frequencies, for the reference scorer.
@@ -439,25 +454,47 @@ class SQLiteBackend:
 
     def _semantic(self, cache: ShardCache, space: str, query: np.ndarray, scope: Scope,
                   filters: Filters, depth: int) -> tuple[list[DocKey], np.ndarray]:
-        """Rows within `ranking.CANDIDATE_MARGIN` of the depth-th float32 cosine, with their vectors."""
-        _, selected = self._selection(cache, scope, filters)
+        """Every row that may rank in the exact top `depth`, with its vector.
+
+        A first pass over int8 codes bounds each row's cosine from above (`quantize`);
+        the rows whose bound cannot reach the exact top `depth` are dropped unread.
+        """
+        view, selected = self._selection(cache, scope, filters)
+        if selected is None:
+            selected = view.mask
+        matrix = cache.vectors[space].view
         idx = np.flatnonzero(selected & cache.has_vector[space].view)
+        if idx.size > depth:
+            q = np.asarray(query, dtype=np.float32)
+            codes = cache.codes[space]
+            if idx.size * 4 < codes.n:
+                bounds = codes.upper_bounds(q, idx)
+            else:
+                bounds = codes.upper_bounds(q)[idx]
+            idx = survivors(bounds, idx, depth, lambda rows: exact_cosine(matrix[rows], q))
         if idx.size == 0:
             return [], np.zeros((0, self.spaces[space]), np.float32)
-        q = np.asarray(query, dtype=np.float32)
-        q = q / np.float32(max(float(np.linalg.norm(q)), 1e-30))
-        matrix, inv = cache.vectors[space].view, cache.inv_norm[space].view
-        if idx.size == matrix.shape[0]:
-            approx = (matrix @ q) * inv
-        else:
-            approx = (matrix[idx] @ q) * inv[idx]
-        keep = idx[approx >= margin_cut(approx, depth)]
-        return [cache.keys[i] for i in keep], matrix[keep]
+        keys = cache.keys
+        idx_list = idx.tolist()
+        self._ranked_slots.append(idx_list)
+        return [keys[i] for i in idx_list], matrix[idx]
 
     def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
         out: dict[DocKey, dict[str, Any]] = {}
+        recent = self._recent
+        ids = [recent[key] for key in keys if key in recent]
+        if ids:  # rows the last query ranked: one read by rowid, keys checked
+            for r in self._conn.execute(
+                    "SELECT object_type, object_id, node_kind, partition, title, payload, attrs "
+                    f"FROM docs WHERE id IN ({_placeholders(len(ids))})", ids):
+                key = (r[0], r[1], r[2])
+                if recent.get(key) is not None:
+                    out[key] = {"partition": r[3], "title": r[4],
+                                "payload": json.loads(r[5]), "attrs": json.loads(r[6])}
         lookup = self._conn.cursor()
-        for key in keys:  # one unique-index probe each: k is small, and this beats a scan
+        for key in keys:  # any other: one unique-index probe each (k is small)
+            if key in out:
+                continue
             row = lookup.execute(
                 "SELECT partition, title, payload, attrs FROM docs "
                 "WHERE object_type = ? AND object_id = ? AND node_kind = ?", key).fetchone()

@@ -1,0 +1,207 @@
+"""int8 codes for a device's vectors, with a provable per-row bound on the cosine.
+
+The semantic channel ranks by exact float64 cosine (`ranking.exact_cosine`). Reading
+every float32 vector of a large shard costs more than the rest of a query, so a first
+pass reads one byte per component instead and keeps only the rows that *could* reach
+the top `depth`; those are re-scored exactly. Nothing the exact scan would rank in the
+top `depth` is ever dropped, so results are identical, bit for bit.
+
+Codes and the bound
+-------------------
+For a float32 row ``v`` (dimension ``d``): scale ``s = max|v_i| / 127`` (a float32),
+codes ``c_i = round(v_i / s)`` in ``[-127, 127]``, residual ``e = v - s·c`` (computed
+exactly in float64: ``s·c_i`` has at most 31 significant bits). For the query,
+normalised to ``u = q/‖q‖`` in float64 and rounded to float32 ``û`` (``δ = u - û``)::
+
+    cos(q, v) = u·v / ‖v‖ = (s·(û·c) + û·e + δ·v) / ‖v‖
+             ≤ a·(û·c) + min(‖û‖·‖e‖, ‖û‖₁·max|e_i|)/‖v‖ + ‖δ‖,       a = s/‖v‖
+
+(Cauchy–Schwarz, or Hölder, tighter for a query with few non-zero components).
+``û·c`` is computed in float32; whatever the order of summation its error is at most
+``γ·Σ|û_i c_i| ≤ γ·‖û‖·‖c‖`` with ``γ = 2·d·2⁻²⁴``. So, per row::
+
+    ub = a·D + ‖û‖·g + min(‖û‖·eps, ‖û‖₁·emax) + ‖δ‖ + SLACK
+
+with ``D`` the float32 dot product and, stored per row (rounded up), ``a``,
+``g = γ·a·‖c‖``, ``eps = ‖e‖/‖v‖`` and ``emax = max|e_i|/‖v‖``;
+and ``SLACK`` covering the float64 rounding of this sum and of the exact cosine itself
+(both below 1e-13 for values of magnitude ≤ 1). ``ub`` is therefore at least the cosine
+the exact path computes.
+
+The first pass (`survivors`) takes the `depth` rows with the highest bound, computes
+their exact cosine, and keeps every row whose bound reaches the lowest of those (and
+the score floor). Any row of the exact top `depth` has a cosine at least that high,
+hence a bound at least that high: it survives.
+
+Codes are stored column-major (a row of the array per dimension), so a query with
+few non-zero components (hashed features, for instance) reads only those columns;
+a dense query converts blocks of codes to float32 and multiplies them with BLAS.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+SLACK = 1e-9
+_U32 = 2.0 ** -24
+BLOCK = 512  # rows per block of the dense pass: a small product BLAS runs on one thread
+SPARSE_FRACTION = 8  # a query with at most d/8 non-zero components reads only those columns
+
+
+def gamma(dim: int) -> float:
+    """A bound on the relative error of a float32 dot product of length `dim`, any order."""
+    return 2.0 * dim * _U32
+
+
+def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """int8 codes, and the per-row terms of the bound, for float32 rows.
+
+    Returns ``(codes, a, g, eps, emax)``: ``a = s/‖v‖``, ``g = γ·a·‖c‖`` (float32
+    rounding of the dot product), ``eps = ‖e‖/‖v‖`` and ``emax = max|e_i|/‖v‖`` (the
+    residual, for the Cauchy–Schwarz and the ``‖û‖₁·max|e_i|`` forms of ``|û·e|``),
+    the last three rounded up. Rows whose norm is zero get zeros.
+    """
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    if v.ndim != 2:
+        raise ValueError("quantize takes a 2-D array of rows")
+    n, dim = v.shape
+    v64 = v.astype(np.float64)
+    peak = np.abs(v).max(axis=1) if dim else np.zeros(n, np.float32)
+    scale = (peak / np.float32(127)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1)).astype(np.float64)
+    codes64 = np.clip(np.rint(v64 / safe[:, None]), -127, 127)
+    codes64[scale == 0] = 0
+    codes = codes64.astype(np.int8)
+    residual = v64 - scale.astype(np.float64)[:, None] * codes64
+    norm_v = np.sqrt((v64 * v64).sum(axis=1))
+    norm_e = np.sqrt((residual * residual).sum(axis=1))
+    max_e = np.abs(residual).max(axis=1) if dim else np.zeros(n)
+    norm_c = np.sqrt((codes64 * codes64).sum(axis=1))
+    live = norm_v > 0
+    inv = np.divide(1.0, norm_v, out=np.zeros(n), where=live)
+    a = scale.astype(np.float64) * inv
+    # Round up generously: the float64 arithmetic above is good to ~1e-15 relative.
+    up = 1.0 + 1e-6
+    g = np.where(live, gamma(dim) * a * norm_c * up + 1e-12, 0.0)
+    eps = np.where(live, norm_e * inv * up + 1e-12, 0.0)
+    emax = np.where(live, max_e * inv * up + 1e-12, 0.0)
+    return codes, a, g, eps, emax
+
+
+class CodeColumns:
+    """Growable column-major int8 codes plus per-row ``a`` and ``h``, one slot per row."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.codes_t = np.zeros((dim, 16), np.int8)
+        self.a = np.zeros(16, np.float64)
+        self.g = np.zeros(16, np.float64)
+        self.eps = np.zeros(16, np.float64)
+        self.emax = np.zeros(16, np.float64)
+        self.n = 0
+
+    def _reserve(self, extra: int) -> None:
+        need = self.n + extra
+        cap = self.a.shape[0]
+        if need <= cap:
+            return
+        while cap < need:
+            cap *= 2
+        codes_t = np.zeros((self.dim, cap), np.int8)
+        codes_t[:, : self.n] = self.codes_t[:, : self.n]
+        self.codes_t = codes_t
+        for name in ("a", "g", "eps", "emax"):
+            grown = np.zeros(cap, np.float64)
+            grown[: self.n] = getattr(self, name)[: self.n]
+            setattr(self, name, grown)
+
+    def trim(self) -> None:
+        """Drop the spare capacity (after a bulk load)."""
+        keep = max(self.n, 1)
+        self.codes_t = self.codes_t[:, :keep].copy()
+        for name in ("a", "g", "eps", "emax"):
+            setattr(self, name, getattr(self, name)[:keep].copy())
+
+    def extend(self, vectors: np.ndarray) -> None:
+        """Append rows (float32, zero rows for slots without a vector)."""
+        vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)
+        k = vectors.shape[0]
+        if k == 0:
+            return
+        self._reserve(k)
+        for start in range(0, k, 4096):  # float64 temporaries stay small
+            codes, *terms = quantize(vectors[start:start + 4096])
+            at = self.n + start
+            self.codes_t[:, at: at + codes.shape[0]] = codes.T
+            for name, values in zip(("a", "g", "eps", "emax"), terms):
+                getattr(self, name)[at: at + codes.shape[0]] = values
+        self.n += k
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes_t.nbytes + 4 * self.a.nbytes
+
+    def dots(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``û·c`` for every slot (or for `rows`), reading only the columns `query` needs."""
+        n = self.n
+        nz = np.flatnonzero(query)
+        if nz.size == 0:
+            return np.zeros(n if rows is None else rows.size, np.float32)
+        sparse = nz.size * SPARSE_FRACTION <= self.dim
+        if rows is not None:
+            if sparse:
+                return query[nz] @ self.codes_t[np.ix_(nz, rows)].astype(np.float32)
+            return query @ self.codes_t[:, rows].astype(np.float32)
+        if sparse:
+            return query[nz] @ self.codes_t[nz, :n].astype(np.float32)
+        out = np.empty(n, np.float32)
+        buf = np.empty((self.dim, BLOCK), np.float32)
+        for start in range(0, n, BLOCK):
+            stop = min(n, start + BLOCK)
+            b = buf[:, : stop - start]
+            np.copyto(b, self.codes_t[:, start:stop], casting="unsafe")
+            np.matmul(query, b, out=out[start:stop])
+        return out
+
+    def upper_bounds(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """A float64 upper bound on the exact cosine of `query` with every slot's row.
+
+        With `rows` (slot numbers), bounds for those slots only; worth it when they are
+        a small part of the shard, since the codes are then gathered rather than streamed.
+        """
+        q64 = np.asarray(query, np.float64)
+        norm = math.sqrt(float(q64 @ q64))
+        count = self.n if rows is None else rows.size
+        if norm == 0.0:
+            return np.full(count, SLACK)
+        u = q64 / norm
+        u32 = u.astype(np.float32)
+        d = u - u32.astype(np.float64)
+        delta = math.sqrt(float(d @ d))
+        u32_64 = u32.astype(np.float64)
+        norm_u32 = math.sqrt(float(u32_64 @ u32_64))
+        l1_u32 = float(np.abs(u32_64).sum()) * (1.0 + 1e-12)
+        dots = self.dots(u32, rows).astype(np.float64)
+        pick = slice(0, self.n) if rows is None else rows
+        a, g, eps, emax = self.a[pick], self.g[pick], self.eps[pick], self.emax[pick]
+        residual = np.minimum(norm_u32 * eps, l1_u32 * emax)
+        return a * dots + norm_u32 * g + residual + (delta + SLACK)
+
+
+def survivors(bounds: np.ndarray, rows: np.ndarray, depth: int,
+              exact: Callable[[np.ndarray], np.ndarray], floor: float = 0.0) -> np.ndarray:
+    """The rows (of `rows`, with upper bounds `bounds`) that may rank in the exact top `depth`.
+
+    `exact(rows_subset)` gives the exact cosines of a subset. Keeps every row whose
+    bound reaches both the lowest exact cosine of the `depth` highest bounds and the
+    score `floor` (rows need a positive cosine at least `floor` to match at all).
+    """
+    if rows.size <= depth:
+        return rows
+    top = np.argpartition(bounds, rows.size - depth)[rows.size - depth:]
+    cut = float(exact(rows[top]).min())
+    cut = max(cut, floor)
+    return rows[bounds >= cut]

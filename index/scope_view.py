@@ -1,0 +1,261 @@
+"""Per-scope BM25 summands on a device, cached until the next write, and an exact top-`depth`.
+
+A query's lexical score is a sum over its terms of one summand per (term, row), and
+each summand depends only on the scope (``N``, ``avgdl``, ``df``) and the row
+(`ranking`). `ScopeView` computes a term's summands for every row of the scope once,
+with exactly the expression `ranking.bm25_rank` uses, and keeps them (bounded) until
+the shard changes; a query then only adds them up, term by term in sorted order,
+which gives the same float64 sums as the reference scorer.
+
+`top_rows` returns a superset of the rows that rank in the top `depth` without
+touching every row of a common term (see `_pruned`): a floor from a few rows scored
+exactly, then only the rows of common terms whose summands can still reach it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .ranking import K1, W_BODY, W_TITLE, B, ScopeStats
+
+if TYPE_CHECKING:
+    from .shard_cache import ShardCache
+
+CACHED_POSTINGS = 1_000_000  # summands kept per scope (12 bytes each, 16 more once sorted)
+
+
+def idf_of(n_docs: int, df: int) -> float:
+    """`ranking.bm25_rank`'s idf, the same float arithmetic."""
+    return math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
+
+
+def length_norm(len_title: np.ndarray, len_body: np.ndarray, avgdl: float) -> np.ndarray:
+    """Per row, ``K1·(1 − b + b·len/avgdl)`` as `ranking.bm25_rank` computes it."""
+    return K1 * (1.0 - B + B * (W_TITLE * len_title + W_BODY * len_body) / avgdl)
+
+
+def summands(idf: float, tf_title: np.ndarray, tf_body: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """One term's BM25 summand per row (0.0 where the row lacks the term), elementwise exactly
+    the reference's ``idf·tf·(k1 + 1)/(tf + norm)``."""
+    tfw = W_TITLE * tf_title + W_BODY * tf_body
+    return idf * tfw * (K1 + 1.0) / (tfw + norm)
+
+
+def rank_candidates(stats: ScopeStats, keys: Sequence, len_title: np.ndarray, len_body: np.ndarray,
+                    tfs: np.ndarray, selected: np.ndarray, depth: int) -> list[tuple]:
+    """`ranking.bm25_rank(...)[:depth]` over candidates given as arrays, bit for bit.
+
+    `tfs` is (rows, terms, 2): each candidate's (title, body) counts of each query term,
+    in the terms' sorted order; df counts every candidate, scores only `selected` ones.
+    """
+    if not len(keys):
+        return []
+    norm = length_norm(len_title, len_body, stats.avgdl)
+    scores = np.zeros(len(keys), np.float64)
+    for i in range(tfs.shape[1]):
+        t, b = tfs[:, i, 0], tfs[:, i, 1]
+        df = int(np.count_nonzero((t != 0) | (b != 0)))
+        if df:
+            scores += summands(idf_of(stats.n_docs, df), t, b, norm)
+    found = np.flatnonzero(selected & (scores > 0.0))
+    if found.size > depth:
+        kth = np.partition(scores[found], found.size - depth)[found.size - depth]
+        found = found[scores[found] >= kth]
+    ranked = sorted(((keys[i], s) for i, s in zip(found.tolist(), scores[found].tolist())),
+                    key=lambda kv: (-kv[1], kv[0]))
+    return ranked[:depth]
+
+
+@dataclass(slots=True)
+class TermScores:
+    """One term's rows in a scope (ascending slots) and their BM25 summands."""
+
+    slots: np.ndarray
+    contrib: np.ndarray
+    _desc: tuple[np.ndarray, np.ndarray] | None = None
+
+    def descending(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions by summand descending, the negated summands in that order)."""
+        if self._desc is None:
+            order = np.argsort(-self.contrib, kind="stable")
+            self._desc = (order, -self.contrib[order])
+        return self._desc
+
+    def lookup(self, slots: np.ndarray) -> np.ndarray:
+        """The summand of each of `slots` (ascending), 0.0 where the row lacks the term."""
+        if self.slots.size == 0:
+            return np.zeros(slots.size, np.float64)
+        pos = np.searchsorted(self.slots, slots)
+        pos[pos == self.slots.size] = 0
+        return np.where(self.slots[pos] == slots, self.contrib[pos], 0.0)
+
+
+class ScopeView:
+    """A scope's mask and statistics, and its terms' summands, valid for one cache state."""
+
+    def __init__(self, cache: ShardCache, partitions: Sequence[str] | None) -> None:
+        self.cache = cache
+        self.mask = cache.scope_mask(partitions)
+        self.stats: ScopeStats = cache.stats(self.mask)
+        self._terms: OrderedDict[str, TermScores] = OrderedDict()
+        self._held = 0
+
+    def term(self, term: str) -> TermScores:
+        found = self._terms.get(term)
+        if found is not None:
+            self._terms.move_to_end(term)
+            return found
+        cache, stats = self.cache, self.stats
+        slots, tf = cache.postings(term)
+        keep = self.mask[slots]
+        slots, tf = slots[keep], tf[keep]
+        df = slots.size
+        if df:
+            lt, lb = cache.len_title.view, cache.len_body.view
+            contrib = summands(idf_of(stats.n_docs, df), tf[:, 0], tf[:, 1],
+                               length_norm(lt[slots], lb[slots], stats.avgdl))
+        else:
+            contrib = np.zeros(0, np.float64)
+        found = TermScores(slots, contrib)
+        self._terms[term] = found
+        self._held += df
+        while self._held > CACHED_POSTINGS and len(self._terms) > 1:
+            _, old = self._terms.popitem(last=False)
+            self._held -= old.slots.size
+        return found
+
+    def top_rows(self, terms: Sequence[str], selected: np.ndarray | None,
+                 depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, scores) of scoring rows, a superset of the top `depth` by BM25.
+
+        `terms` are sorted; `selected` is the filter mask, or None when every row of the
+        scope is selected. Scores are bit-identical to `ranking.bm25_rank`'s.
+        """
+        entries = [self.term(t) for t in terms]
+        if selected is not None:
+            entries = [_subset(e, selected) for e in entries]
+        present = [e for e in entries if e.slots.size]
+        if not present:
+            return np.zeros(0, np.int64), np.zeros(0, np.float64)
+        if len(present) == 1 and selected is None:
+            return _head(present[0], depth)
+        if selected is None:
+            found = _pruned(entries, present, depth, len(self.cache.keys))
+            if found is not None:
+                return found
+        return _dense(entries, len(self.cache.keys))
+
+
+def _union(parts: list[np.ndarray], n_slots: int) -> np.ndarray:
+    """The sorted union of slot arrays (each unique)."""
+    if len(parts) == 1:
+        return np.sort(parts[0])
+    total = sum(p.size for p in parts)
+    if total * 16 < n_slots:
+        merged = np.concatenate(parts)
+        merged.sort()
+        keep = np.empty(merged.size, bool)
+        keep[:1] = True
+        np.not_equal(merged[1:], merged[:-1], out=keep[1:])
+        return merged[keep]
+    mark = np.zeros(n_slots, bool)
+    for p in parts:
+        mark[p] = True
+    return np.flatnonzero(mark)
+
+
+def _subset(e: TermScores, selected: np.ndarray) -> TermScores:
+    keep = selected[e.slots]
+    return TermScores(e.slots[keep], e.contrib[keep])
+
+
+def _head(e: TermScores, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """A single term: its rows whose summand reaches the depth-th best (ties kept)."""
+    if e.slots.size <= depth:
+        keep = e.contrib > 0.0
+        return e.slots[keep], e.contrib[keep]
+    order, neg = e.descending()
+    count = int(np.searchsorted(neg, neg[depth - 1], side="right"))
+    pos = order[:count]
+    pos = pos[e.contrib[pos] > 0.0]
+    return e.slots[pos], e.contrib[pos]
+
+
+def _sum(entries: list[TermScores], slots: np.ndarray) -> np.ndarray:
+    """The BM25 score of `slots` (ascending): summands added in term order, as the reference does."""
+    scores = np.zeros(slots.size, np.float64)
+    for e in entries:
+        scores += e.lookup(slots)
+    return scores
+
+
+def _pruned(entries: list[TermScores], present: list[TermScores], depth: int,
+            n_slots: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Score only the rows that can reach the top `depth`; None when that would not pay.
+
+    Seeds: every row of the small terms, and the `depth` best rows of each large term.
+    Their `depth`-th best score is a floor for the final top `depth`. A row outside the
+    seeds holds large terms only; to score at least the floor, one of its (at most
+    ``m``) summands must reach ``floor / m``, so each large term adds its rows above
+    that, read off its rows sorted by summand.
+    """
+    largest = max(e.slots.size for e in present)
+    small_limit = max(4 * depth, largest // 16)
+    large = [e for e in present if e.slots.size > small_limit]
+    parts = [e.slots for e in present if e.slots.size <= small_limit]
+    for e in large:
+        order, _ = e.descending()
+        parts.append(e.slots[order[:depth]])
+    seeds = _union(parts, n_slots)
+    scores = _sum(entries, seeds)
+    if not large:  # the seeds are every row holding a term
+        keep = scores > 0.0
+        return seeds[keep], scores[keep]
+    positive = scores[scores > 0.0]
+    if positive.size < depth:
+        return None
+    floor = float(np.partition(positive, positive.size - depth)[positive.size - depth])
+    # Either bound leaves out only rows scoring below the floor; take the one that reads less.
+    # A row must reach floor/m in one of its m large terms; and in every large term t,
+    # floor minus the other terms' best summands (when that is positive).
+    reach = floor / len(large) * (1.0 - 1e-12)  # the margins cover rounding in the sums
+    extra = [e.slots[e.descending()[0][:_count_at_least(e, reach)]] for e in large]
+    best_max = [float(e.contrib.max()) for e in large]
+    for e, m in zip(large, best_max):
+        others = sum(best_max) - m
+        need = floor - others - 1e-9 * (floor + others)
+        if need > 0:
+            count = _count_at_least(e, need)
+            if count < sum(x.size for x in extra):
+                extra = [e.slots[e.descending()[0][:count]]]
+    slots = _union([seeds, *extra], n_slots)
+    if slots.size * 4 > largest:
+        return None
+    scores = _sum(entries, slots)
+    keep = scores > 0.0
+    return slots[keep], scores[keep]
+
+
+def _count_at_least(e: TermScores, value: float) -> int:
+    """How many of the term's summands are >= value (a prefix of its descending order)."""
+    _, neg = e.descending()
+    return int(np.searchsorted(neg, -value, side="right"))
+
+
+def _dense(entries: list[TermScores], n_slots: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Every scoring row: summands scattered into one array, term by term."""
+    if n_slots is None:
+        n_slots = int(max(int(e.slots[-1]) for e in entries if e.slots.size)) + 1
+    scores = np.zeros(n_slots, np.float64)
+    hit = np.zeros(n_slots, bool)
+    for e in entries:
+        scores[e.slots] += e.contrib
+        hit[e.slots] = True
+    found = np.flatnonzero(hit & (scores > 0.0))
+    return found, scores[found]

@@ -1,0 +1,129 @@
+"""The int8 first pass never drops a row the exact scan ranks in the top `depth`.
+
+Random and adversarial vectors (near-ties, exact duplicates, components half-way
+between two codes, huge and subnormal magnitudes, zero rows, sparse queries): every
+row's bound is at least the cosine the exact path computes, and ranking only the
+survivors gives the exact ranking of all rows, bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from slipstream.index.quantize import CodeColumns, quantize, survivors
+from slipstream.index.ranking import exact_cosine, semantic_rank
+
+DIMS = st.sampled_from([1, 3, 8, 33, 64, 384])
+
+
+def _adversarial(rng: np.random.Generator, kind: str, n: int, dim: int, q: np.ndarray) -> np.ndarray:
+    base = rng.standard_normal((n, dim)).astype(np.float32)
+    if kind == "random":
+        return base
+    if kind == "near_ties":  # copies of a few rows, nudged by an ulp or not at all
+        picks = base[rng.integers(0, max(1, n // 8), n)]
+        nudge = rng.integers(-1, 2, picks.shape)
+        up = np.nextafter(picks, np.float32(np.inf))
+        down = np.nextafter(picks, np.float32(-np.inf))
+        return np.where(nudge > 0, up, np.where(nudge < 0, down, picks)).astype(np.float32)
+    if kind == "query_like":  # rows close to the query: cosines bunch up near 1
+        return (q[None, :] + np.float32(1e-4) * base).astype(np.float32)
+    if kind == "half_codes":  # components exactly half-way between two int8 codes
+        peak = np.float32(1.0)
+        codes = rng.integers(-126, 126, (n, dim)).astype(np.float32)
+        rows = (codes + np.float32(0.5)) * (peak / np.float32(127))
+        rows[:, 0] = peak
+        return rows.astype(np.float32)
+    if kind == "magnitudes":  # a huge component next to tiny and subnormal ones
+        scale = np.float32(10.0) ** rng.integers(-40, 38, (n, 1)).astype(np.float32)
+        rows = (base * scale).astype(np.float32)
+        rows[: n // 3, 1:] = np.float32(1e-45)
+        return rows
+    if kind == "zeros_and_signs":
+        rows = base.copy()
+        rows[::4] = 0.0
+        pairs = min(rows[1::4].shape[0], rows[2::4].shape[0])
+        rows[1::4][:pairs] = -rows[2::4][:pairs]  # exact opposites
+        return rows
+    raise AssertionError(kind)
+
+
+queries_kinds = st.sampled_from(["dense", "sparse", "one_hot", "row"])
+row_kinds = st.sampled_from(["random", "near_ties", "query_like", "half_codes", "magnitudes",
+                             "zeros_and_signs"])
+
+
+def _query(rng: np.random.Generator, kind: str, dim: int, rows: np.ndarray | None) -> np.ndarray:
+    q = rng.standard_normal(dim).astype(np.float32)
+    if kind == "sparse":
+        q[rng.random(dim) < 0.9] = 0.0
+    elif kind == "one_hot":
+        q = np.zeros(dim, np.float32)
+        q[rng.integers(dim)] = np.float32(rng.choice([-3.0, 1e-20, 7e30]))
+    elif kind == "row" and rows is not None and len(rows):
+        q = rows[rng.integers(len(rows))].copy()
+    if not q.any():
+        q[0] = 1.0
+    return q
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dim=DIMS, n=st.integers(1, 300), rows_kind=row_kinds,
+       q_kind=queries_kinds, depth=st.sampled_from([1, 2, 5, 50]), chunks=st.integers(1, 4))
+def test_first_pass_keeps_the_exact_top_depth(seed, dim, n, rows_kind, q_kind, depth, chunks) -> None:
+    rng = np.random.default_rng(seed)
+    q = _query(rng, q_kind if q_kind != "row" else "dense", dim, None)
+    rows = _adversarial(rng, rows_kind, n, dim, q)
+    if q_kind == "row":
+        q = _query(rng, "row", dim, rows)
+    assert np.all(np.isfinite(rows))
+    codes = CodeColumns(dim)
+    for part in np.array_split(rows, chunks):  # grown in pieces, as a cache is
+        codes.extend(part)
+    exact = exact_cosine(rows, q)
+    bounds = codes.upper_bounds(q)
+    assert np.all(bounds >= exact), (bounds - exact).min()
+    subset = np.flatnonzero(rng.random(n) < 0.5)
+    if subset.size:
+        assert np.all(codes.upper_bounds(q, subset) >= exact[subset])
+
+    everything = np.arange(n)
+    keys = [("t", f"{i:05d}", "leaf") for i in range(n)]
+    kept = survivors(bounds, everything, depth, lambda r: exact_cosine(rows[r], q))
+    for floor in (None, 0.3):
+        want = semantic_rank(keys, rows, q, depth=depth, min_score=floor)
+        got = semantic_rank([keys[i] for i in kept], rows[kept], q, depth=depth, min_score=floor)
+        assert got == want
+
+
+def test_bounds_are_tight_enough_to_prune() -> None:
+    """Not a safety property: the first pass must actually drop rows, or it is no faster."""
+    rng = np.random.default_rng(7)
+    rows = rng.standard_normal((5000, 384)).astype(np.float32)
+    q = rng.standard_normal(384).astype(np.float32)
+    codes = CodeColumns(384)
+    codes.extend(rows)
+    kept = survivors(codes.upper_bounds(q), np.arange(5000), 50,
+                     lambda r: exact_cosine(rows[r], q))
+    assert 50 <= kept.size < 1000
+
+
+def test_quantize_round_trip_error_is_within_the_stored_bound() -> None:
+    rng = np.random.default_rng(3)
+    rows = (rng.standard_normal((200, 48)) * 10.0 ** rng.integers(-5, 5, (200, 1))).astype(np.float32)
+    codes, a, g, eps, emax = quantize(rows)
+    norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+    scale = a * norms
+    residual = rows.astype(np.float64) - scale[:, None] * codes.astype(np.float64)
+    assert np.all(np.abs(codes) <= 127)
+    assert np.all(np.linalg.norm(residual, axis=1) / norms <= eps)
+    assert np.all(np.abs(residual).max(axis=1) / norms <= emax)
+    assert np.all(np.abs(residual) <= scale[:, None] * 0.5 * (1 + 1e-6))
+    assert np.all(g > 0) and np.all(g < 1e-3)
+
+
+def test_quantize_rejects_a_flat_array() -> None:
+    with pytest.raises(ValueError):
+        quantize(np.zeros(4, np.float32))
