@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from corpus import Corpus
 from slipstream.worker.app import Worker
 from slipstream.worker.config import load_config
-from slipstream.worker.embedded import EmbeddedPostgres
+from slipstream.worker.localpg import EmbeddedPostgres
 from slipstream.worker.lsn import parse_lsn
 
 DIM = 256

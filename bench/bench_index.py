@@ -184,7 +184,7 @@ def bench_growth(n_queries: int, dsn: str | None, growth: list[tuple], shared_bu
     50k rows (above the exact-scan limit: HNSW), in one 76k-row table."""
     from bulkload import BulkCorpus, UnigramEmbedder, bulk_load
     from slipstream.index import PostgresBackend
-    from slipstream.worker.embedded import EmbeddedPostgres
+    from slipstream.worker.localpg import EmbeddedPostgres
 
     sizes = {"g1k": 1, "g5k": 5, "g20k": 20, "g50k": 50}
     cycle = [name for name, share in sizes.items() for _ in range(share)]

@@ -49,7 +49,7 @@ from slipstream.shardsync.export import export_shard
 from slipstream.shardsync.shard import apply_page, open_shard
 from slipstream.shardsync.tokens import issue_token
 from slipstream.shardsync.wire import decode_page, encode_page
-from slipstream.worker.embedded import EmbeddedPostgres
+from slipstream.worker.localpg import EmbeddedPostgres
 
 SECRET = "bench-sync-secret-" + "b" * 32
 DIM = 384
