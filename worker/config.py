@@ -25,23 +25,28 @@ import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from slipstream.index.doc import IDENTIFIER, NODE_KINDS
+from slipstream.index.doc import IDENTIFIER
 
-from .templates import Template, TemplateError, json_safe
+from .table_config import (
+    CHUNK_PAYLOAD_KEYS,
+    ChunkConfig,
+    FilterConfig,
+    TableConfig,
+    TableReader,
+)
+from .templates import Template, json_safe
 from .tomlreader import (
     MISSING,
     ConfigError,
-    TomlReader,
     did_you_mean,
     key_path,
-    type_name,
 )
 
 __all__ = [
@@ -53,12 +58,8 @@ __all__ = [
 REDACTED = "***"
 # Payload keys the TOML mapper sets on chunk nodes; a table with chunks may not copy
 # columns of these names into its payload.
-CHUNK_PAYLOAD_KEYS = ("parent_id", "chunk_index", "chunk_start")
 _SLOT = re.compile(r"[a-z0-9_]{1,63}")
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-_PG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
-_EMPTY_TEMPLATE = Template.parse("")
-_DEFAULT_PARTITION = Template.parse("default")
 _URI_DSN = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
 _KV_SECRET = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
 _QUERY_SECRET = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
@@ -241,89 +242,6 @@ class SyncSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class FilterConfig:
-    """[tables."x".filter]: a row is indexed only if every condition holds.
-
-    `one_of` maps a column to the values it must equal (one of); `not_null` lists
-    columns that must not be NULL. A row that fails maps to no documents.
-    """
-
-    one_of: Mapping[str, tuple[Any, ...]] = dataclasses.field(
-        default_factory=lambda: MappingProxyType({}))
-    not_null: tuple[str, ...] = ()
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys([*self.one_of, *self.not_null]))
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkConfig:
-    """[tables."x".chunks]: bodies longer than `size` characters also become chunk nodes."""
-
-    size: int
-    overlap: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class TableConfig:
-    """[tables."schema.table"]: how the TOML mapper turns one row into documents.
-
-    With `python` set ("pkg.mod:func"), that callable is the table's mapper and the
-    other fields are unused. Templates are parsed; `id_columns` may be empty, meaning
-    "the replica identity", which the worker fills in from the catalog.
-    """
-
-    table: str
-    object_type: str
-    id_columns: tuple[str, ...] = ()
-    title: Template = _EMPTY_TEMPLATE
-    body: Template = _EMPTY_TEMPLATE
-    partition: Template = _DEFAULT_PARTITION
-    keywords: tuple[str, ...] = ()
-    attrs: tuple[str, ...] = ()
-    payload: tuple[str, ...] = ()
-    spaces: tuple[str, ...] | None = None
-    node_kind: str = "leaf"
-    updated_at: str | None = None
-    filter: FilterConfig | None = None
-    chunks: ChunkConfig | None = None
-    python: str | None = None
-    origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
-
-    @property
-    def path(self) -> str:
-        return key_path("tables", self.table)
-
-    def column_uses(self) -> list[tuple[str, str]]:
-        """(key path, column) for every column the configuration reads from a row."""
-        uses = [(key_path("tables", self.table, "id_columns"), c) for c in self.id_columns]
-        for name in ("title", "body", "partition"):
-            uses += [(key_path("tables", self.table, name), c)
-                     for c in getattr(self, name).columns]
-        for name in ("keywords", "attrs", "payload"):
-            uses += [(key_path("tables", self.table, name), c) for c in getattr(self, name)]
-        if self.updated_at is not None:
-            uses.append((key_path("tables", self.table, "updated_at"), self.updated_at))
-        if self.filter is not None:
-            uses += [(key_path("tables", self.table, "filter", c), c) for c in self.filter.one_of]
-            uses += [(key_path("tables", self.table, "filter", "not_null"), c)
-                     for c in self.filter.not_null]
-        return uses
-
-    def check_columns(self, columns: Collection[str]) -> None:
-        """Raise ConfigError if the configuration names a column the table does not have."""
-        if self.python is not None:
-            return
-        for path, column in self.column_uses():
-            if column not in columns:
-                raise ConfigError(
-                    f"column {column!r} does not exist in {self.table} (its columns: "
-                    f"{', '.join(sorted(columns))}){did_you_mean(column, columns)}",
-                    path=path, source=self.origin)
-
-
-@dataclass(frozen=True, slots=True)
 class WorkerConfig:
     """The whole file. `origin` is where it was read from (for messages)."""
 
@@ -463,15 +381,13 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<string>") -> Worker
         tables=MappingProxyType(tables), origin=source)
 
 
-_TABLE_KEYS = ("object_type", "id_columns", "title", "body", "keywords", "partition", "attrs",
-               "payload", "spaces", "node_kind", "updated_at", "filter", "chunks", "python")
 _EMBEDDER_KEYS = ("kind", "url", "model", "api_key_env", "api_key", "batch_size", "timeout",
                   "concurrency", "max_batch_tokens", "max_input_tokens", "dimensions",
                   "max_retries", "retry_initial_delay", "retry_max_delay",
                   "retry_budget_seconds", "breaker_failures", "breaker_reset_seconds")
 
 
-class _Reader(TomlReader):
+class _Reader(TableReader):
     """The section-specific checks; the generic typed access is `TomlReader`'s."""
 
     def dsn_pair(self, sec: Mapping[str, Any], path: tuple[str, ...],
@@ -510,23 +426,6 @@ class _Reader(TomlReader):
             public_key_file=key_file, algorithm=algorithm,
             audience=self.string(sec, (*path, "audience"), None, "a string") or None,
             spaces=self.spaces(sec, (*path, "spaces"), spaces), origin=self.source)
-
-    def template(self, sec: Mapping[str, Any], path: tuple[str | int, ...], default: str) -> Template:
-        value = self.get(sec, path, default, (str,), "a template string such as \"{title}\"")
-        try:
-            return Template.parse(value)
-        except TemplateError as exc:
-            self.fail(path, str(exc))
-
-    def spaces(self, sec: Mapping[str, Any], path: tuple[str | int, ...],
-               spaces: Mapping[str, int]) -> tuple[str, ...] | None:
-        names = self.str_list(sec, path, None, "an array of space names")
-        for i, name in enumerate(names or ()):
-            if name not in spaces:
-                known = ", ".join(spaces) or "none are defined"
-                self.fail((*path, i), f"space {name!r} is not defined in [spaces] ({known})"
-                          f"{did_you_mean(name, spaces)}")
-        return names
 
     def embedder(self, raw: object, name: str, spaces: Mapping[str, int]) -> EmbedderConfig:
         path: tuple[str, ...] = ("embedders", name)
@@ -581,86 +480,3 @@ class _Reader(TomlReader):
             "breaker_failures": self.integer(sec, (*path, "breaker_failures"), 5, 1),
             "breaker_reset_seconds": self.number(sec, (*path, "breaker_reset_seconds"), 10.0,
                                                  positive=True)}
-
-    def table(self, raw: object, name: str, spaces: Mapping[str, int]) -> TableConfig:
-        path: tuple[str, ...] = ("tables", name)
-        schema, dot, table = name.partition(".")
-        if not dot:
-            nested = isinstance(raw, Mapping) and raw and all(isinstance(v, Mapping) for v in raw.values())
-            example = f'{name}.{next(iter(raw))}' if nested else f"public.{name}"
-            self.fail(path, f'table keys are "schema.table" in quotes; write [tables."{example}"]')
-        for part in (schema, table):
-            if not _PG_NAME.fullmatch(part):
-                self.fail(path, f"{part!r} is not a plain Postgres name; use letters, digits, "
-                          "_ and $, starting with a letter or _, at most 63 characters")
-        sec = self.section(raw, path, _TABLE_KEYS)
-        if "python" in sec:
-            ref = self.string(sec, (*path, "python"), MISSING, '"package.module:function"')
-            module, colon, attr = ref.partition(":")
-            if not colon or not _MODULE.fullmatch(module) or not _MODULE.fullmatch(attr):
-                self.fail((*path, "python"), f"{ref!r} is not an import reference; write "
-                          '"package.module:function"')
-            for key in sec:
-                if key != "python":
-                    self.fail((*path, key), "a table with python = … is mapped by that function "
-                              "alone; remove this key or the python key")
-            return TableConfig(table=name, object_type=table, python=ref, origin=self.source)
-        filter_cfg = chunks = None
-        if "filter" in sec:
-            filter_cfg = self.row_filter(sec["filter"], (*path, "filter"))
-        if "chunks" in sec:
-            chunks = self.chunks(sec["chunks"], (*path, "chunks"))
-        node_kind = self.string(sec, (*path, "node_kind"), "leaf", f"one of {', '.join(NODE_KINDS)}")
-        if node_kind not in NODE_KINDS:
-            self.fail((*path, "node_kind"), f"{node_kind!r} is not a node kind; use one of "
-                      f"{', '.join(NODE_KINDS)}{did_you_mean(node_kind, NODE_KINDS)}")
-        attrs = self.str_list(sec, (*path, "attrs"), ())
-        for i, column in enumerate(attrs):
-            self.check_name(column, (*path, "attrs", i), "usable as an attrs key", IDENTIFIER,
-                            "a column whose name is a plain identifier (a Python mapper can "
-                            "rename others)")
-        payload = self.str_list(sec, (*path, "payload"), ())
-        for i, column in enumerate(payload):
-            if chunks is not None and column in CHUNK_PAYLOAD_KEYS:
-                self.fail((*path, "payload", i), f"{column!r} is a payload key chunk nodes set "
-                          "themselves; drop it here, or write a Python mapper")
-        object_type = self.string(sec, (*path, "object_type"), table)
-        if len(object_type) > 512 or "\x00" in object_type:
-            self.fail((*path, "object_type"), "must be at most 512 characters with no NUL")
-        updated_at = self.string(sec, (*path, "updated_at"), None, "a timestamp column name")
-        return TableConfig(
-            table=name, object_type=object_type, origin=self.source,
-            id_columns=self.str_list(sec, (*path, "id_columns"), ()),
-            title=self.template(sec, (*path, "title"), ""),
-            body=self.template(sec, (*path, "body"), ""),
-            partition=self.template(sec, (*path, "partition"), "default"),
-            keywords=self.str_list(sec, (*path, "keywords"), ()),
-            attrs=attrs, payload=payload, spaces=self.spaces(sec, (*path, "spaces"), spaces),
-            node_kind=node_kind, updated_at=updated_at, filter=filter_cfg, chunks=chunks)
-
-    def row_filter(self, raw: object, path: tuple[str, ...]) -> FilterConfig:
-        sec = self.section(raw, path, None)
-        not_null = self.str_list(sec, (*path, "not_null"), ())
-        one_of: dict[str, tuple[Any, ...]] = {}
-        for column, value in sec.items():
-            if column == "not_null":
-                continue
-            values = value if isinstance(value, list) else [value]
-            if not values:
-                self.fail((*path, column), "is an empty array, so no row could pass; list the "
-                          "values to keep, or remove the key")
-            for i, v in enumerate(values):
-                if not isinstance(v, (str, int, float, bool, datetime, date)):
-                    self.fail((*path, column, i) if isinstance(value, list) else (*path, column),
-                              f"must be a string, number, boolean or date, got {type_name(v)}")
-            one_of[column] = tuple(values)
-        return FilterConfig(one_of=MappingProxyType(one_of), not_null=not_null)
-
-    def chunks(self, raw: object, path: tuple[str, ...]) -> ChunkConfig:
-        sec = self.section(raw, path, ("size", "overlap"))
-        size = self.integer(sec, (*path, "size"), None, 1)
-        overlap = self.integer(sec, (*path, "overlap"), 0, 0)
-        if overlap >= size:
-            self.fail((*path, "overlap"), f"is {overlap}, not less than size ({size}); "
-                      "make it smaller than size (about a tenth of it is usual)")
-        return ChunkConfig(size=size, overlap=overlap)
