@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from corpus import Corpus
+from report import print_table
 from slipstream.worker.app import Worker
 from slipstream.worker.config import load_config
 from slipstream.worker.localpg import EmbeddedPostgres
@@ -266,14 +267,10 @@ def main() -> None:
             updates(worker, dsn, fake, args.rows, args.phase_limit, table)
             cache(worker, dsn, fake, args.rows, args.phase_limit, table)
             worker.close()
-    print(f"\nslipstream embedding benchmark — {platform.machine()}, {os.cpu_count()} cores (shared), "
-          f"Python {platform.python_version()}, embedded PostgreSQL; fake service: "
-          f"{args.latency_ms:.0f} ms a request, 429 on every {args.fault_every}th\n")
-    width = max(len(r[0]) for r in table)
-    print(f"| {'what'.ljust(width)} | result | detail | time |")
-    print(f"|{'-' * (width + 2)}|---|---|---|")
-    for row in table:
-        print(f"| {row[0].ljust(width)} | " + " | ".join(row[1:]) + " |")
+    print_table(f"slipstream embedding benchmark — {platform.machine()}, {os.cpu_count()} cores "
+                f"(shared), Python {platform.python_version()}, embedded PostgreSQL; fake service: "
+                f"{args.latency_ms:.0f} ms a request, 429 on every {args.fault_every}th",
+                ("what", "result", "detail", "time"), table)
 
 
 if __name__ == "__main__":

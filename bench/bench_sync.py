@@ -42,6 +42,7 @@ import psycopg
 sys.path.insert(0, os.path.dirname(__file__))
 
 from corpus import Corpus
+from report import print_table
 from slipstream.index import HashingEmbedder, PostgresBackend, SearchIndex
 from slipstream.shardsync.changelog import ChangeEntry, ChangeLog
 from slipstream.shardsync.client import SyncClient
@@ -264,6 +265,43 @@ partition = "tenant-{{tenant}}"
 """
 
 
+class LiveFollower:
+    """A device client following the server live in a thread, noting when each object's
+    row was applied to its shard (`arrived[object_id]`, wall-clock time)."""
+
+    def __init__(self, client: SyncClient) -> None:
+        import slipstream.shardsync.client as client_mod
+
+        self.client, self.arrived = client, {}
+        self._module, self._real_apply = client_mod, client_mod.apply_page
+
+        def timed_apply(shard, page):
+            cursor = self._real_apply(shard, page)
+            now = time.time()
+            for e in page.entries:
+                self.arrived.setdefault(e.key[1], now)
+            return cursor
+
+        client_mod.apply_page = timed_apply
+        self.thread = threading.Thread(target=client.sync, kwargs={"live": True, "wait": 10},
+                                       daemon=True)
+
+    def wait_for(self, committed: dict[str, float], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while set(committed) - set(self.arrived) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.client.stop()
+        self.thread.join(timeout=15)
+        self.client.close()
+        self._module.apply_page = self._real_apply
+
+    def latencies_ms(self, committed: dict[str, float]) -> np.ndarray:
+        return np.asarray([self.arrived[k] - committed[k] for k in committed
+                           if k in self.arrived]) * 1000
+
+
 def latency_phase(server: EmbeddedPostgres, rate: int, seconds: float, workdir: Path,
                   table: list) -> None:
     from slipstream.worker.app import Worker
@@ -297,27 +335,13 @@ def latency_phase(server: EmbeddedPostgres, rate: int, seconds: float, workdir: 
         wlog.close()
         raise
     committed: dict[str, float] = {}
-    arrived: dict[str, float] = {}
     path = workdir / "live.db"
-    client = SyncClient(serve.url, issue_token(SECRET, ["tenant-1"]), path, spaces=["local"])
-    real_apply = apply_page
-
-    def timed_apply(shard, page):
-        cursor = real_apply(shard, page)
-        now = time.time()
-        for e in page.entries:
-            arrived.setdefault(e.key[1], now)
-        return cursor
-
-    import slipstream.shardsync.client as client_mod
-
-    client_mod.apply_page = timed_apply
-    follower = threading.Thread(target=client.sync, kwargs={"live": True, "wait": 10},
-                                daemon=True)
+    follower = LiveFollower(SyncClient(serve.url, issue_token(SECRET, ["tenant-1"]), path,
+                                       spaces=["local"]))
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("INSERT INTO items VALUES (0, 1, 'warm up', 'first row')")
-            follower.start()
+            follower.thread.start()
             while not path.exists():
                 time.sleep(0.01)
             corpus = Corpus(seed=9)
@@ -330,14 +354,9 @@ def latency_phase(server: EmbeddedPostgres, rate: int, seconds: float, workdir: 
                 delay = started + i / rate - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-        deadline = time.monotonic() + 30
-        while len(set(committed) - set(arrived)) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        follower.wait_for(committed)
     finally:
-        client.stop()
-        follower.join(timeout=15)
-        client.close()
-        client_mod.apply_page = real_apply
+        follower.close()
         serve.stop()
         wproc.terminate()
         try:
@@ -346,7 +365,7 @@ def latency_phase(server: EmbeddedPostgres, rate: int, seconds: float, workdir: 
             wproc.kill()
             wproc.wait()
         wlog.close()
-    ms = np.asarray([arrived[k] - committed[k] for k in committed if k in arrived]) * 1000
+    ms = follower.latencies_ms(committed)
     missing = len(committed) - len(ms)
     table.append((f"App commit -> applied in a live device shard, {rate} txn/s for "
                   f"{seconds:.0f} s ({len(ms)} rows{f', {missing} missing' if missing else ''})",
@@ -381,24 +400,10 @@ def log_latency_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve
     in a live-following device shard."""
     path = workdir / "log-live.db"
     load(dsn, 1, "loglive", index, log, corpus, start=20_000_000)
-    client = SyncClient(serve.url, issue_token(SECRET, ["loglive"]), path, spaces=["local"])
     committed: dict[str, float] = {}
-    arrived: dict[str, float] = {}
-    import slipstream.shardsync.client as client_mod
-
-    real_apply = client_mod.apply_page
-
-    def timed_apply(shard, page):
-        cursor = real_apply(shard, page)
-        now = time.time()
-        for e in page.entries:
-            arrived.setdefault(e.key[1], now)
-        return cursor
-
-    client_mod.apply_page = timed_apply
-    follower = threading.Thread(target=client.sync, kwargs={"live": True, "wait": 10},
-                                daemon=True)
-    follower.start()
+    follower = LiveFollower(SyncClient(serve.url, issue_token(SECRET, ["loglive"]), path,
+                                       spaces=["local"]))
+    follower.thread.start()
     try:
         while not path.exists():
             time.sleep(0.01)
@@ -415,15 +420,10 @@ def log_latency_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve
                 delay = started + (i + 1) / rate - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-        deadline = time.monotonic() + 30
-        while set(committed) - set(arrived) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        follower.wait_for(committed)
     finally:
-        client.stop()
-        follower.join(timeout=15)
-        client.close()
-        client_mod.apply_page = real_apply
-    ms = np.asarray([arrived[k] - committed[k] for k in committed if k in arrived]) * 1000
+        follower.close()
+    ms = follower.latencies_ms(committed)
     table.append((f"Change-log commit -> applied in a live device shard, {rate} txn/s "
                   f"({len(ms)} rows)", f"p50 {np.percentile(ms, 50):.1f} ms",
                   f"p99 {np.percentile(ms, 99):.1f} ms", "NOTIFY + long-poll + apply only"))
@@ -515,13 +515,9 @@ def main() -> None:
             if serve is not None:
                 serve.stop()
             backend.close()
-    print(f"\nslipstream sync benchmark — {platform.machine()}, {os.cpu_count()} cores (shared), "
-          f"Python {platform.python_version()}, embedded PostgreSQL 18\n")
-    width = max(len(r[0]) for r in table)
-    print(f"| {'what'.ljust(width)} | result | detail | |")
-    print(f"|{'-' * (width + 2)}|---|---|---|")
-    for row in table:
-        print(f"| {row[0].ljust(width)} | " + " | ".join(row[1:]) + " |")
+    print_table(f"slipstream sync benchmark — {platform.machine()}, {os.cpu_count()} cores "
+                f"(shared), Python {platform.python_version()}, embedded PostgreSQL 18",
+                ("what", "result", "detail", ""), table)
 
 
 if __name__ == "__main__":
