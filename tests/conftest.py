@@ -91,3 +91,13 @@ def pg_dsn(pg_server: _Server) -> Iterator[str]:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture
+def writer(pg_dsn: str):
+    """A stand-in for the worker's apply step writing docs and the change log (sync tests)."""
+    from .shardsync_helpers import LogWriter
+
+    w = LogWriter(pg_dsn)
+    yield w
+    w.close()

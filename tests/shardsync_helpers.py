@@ -13,6 +13,8 @@ import psycopg
 from slipstream.index import HashingEmbedder, IndexDoc, PostgresBackend, SearchIndex
 from slipstream.index.doc import DocKey
 from slipstream.shardsync.changelog import ChangeEntry, ChangeLog
+from slipstream.shardsync.reader import changes_since
+from slipstream.shardsync.shard import apply_page, shard_cursor
 
 DIM = 16
 SPACES = {"local": DIM, "server": 24}
@@ -150,3 +152,15 @@ def assert_same_search(server: SearchIndex, shard: SearchIndex, partition: str |
             assert summary(on_server) == summary(on_device), (text, options)
             compared += len(on_server)
     return compared
+
+
+def pull(shard, conn: psycopg.Connection, partitions: Sequence[str], limit: int) -> int:
+    """Apply pages of `partitions` (space `local`) until the shard is current; returns how many."""
+    pages = 0
+    while True:
+        page = changes_since(conn, "slipstream", list(partitions), shard_cursor(shard), limit,
+                             ["local"])
+        apply_page(shard, page)
+        pages += 1
+        if not page.has_more:
+            return pages

@@ -13,7 +13,7 @@ from slipstream.shardsync.export import export_shard
 from slipstream.shardsync.reader import changes_since
 from slipstream.shardsync.shard import apply_page, open_shard, shard_cursor
 
-from .shardsync_helpers import server_rows, shard_rows, summary
+from .shardsync_helpers import pull, server_rows, shard_rows, summary
 from .worker_harness import DIM, NOTES_DDL, Harness
 
 OWNERS = ["alice", "bob", "carol"]
@@ -53,11 +53,7 @@ def burst(dsn: str, rng: random.Random, sessions: int = 3, statements: int = 6) 
 
 
 def sync(shard, conn, partition: str) -> None:
-    while True:
-        page = changes_since(conn, "slipstream", [partition], shard_cursor(shard), 4, ["local"])
-        apply_page(shard, page)
-        if not page.has_more:
-            return
+    pull(shard, conn, [partition], limit=4)
 
 
 def test_devices_follow_the_worker_through_interleaved_commits(pg_dsn: str, tmp_path) -> None:

@@ -23,17 +23,11 @@ from .shardsync_helpers import (
     LogWriter,
     assert_same_search,
     doc,
+    pull,
     random_doc,
     server_rows,
     shard_rows,
 )
-
-
-@pytest.fixture
-def writer(pg_dsn: str):
-    w = LogWriter(pg_dsn)
-    yield w
-    w.close()
 
 
 @pytest.fixture
@@ -42,12 +36,8 @@ def conn(pg_dsn: str):
         yield c
 
 
-def sync(shard, conn, partitions=("A",), limit=7) -> None:
-    while True:
-        page = changes_since(conn, "slipstream", list(partitions), shard_cursor(shard), limit, ["local"])
-        apply_page(shard, page)
-        if not page.has_more:
-            return
+def sync(shard, conn) -> None:
+    pull(shard, conn, ["A"], limit=7)
 
 
 def log_of(conn) -> list[tuple]:

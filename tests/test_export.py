@@ -27,13 +27,6 @@ from .shardsync_helpers import (
 from .shardsync_helpers import doc as doc_
 
 
-@pytest.fixture
-def writer(pg_dsn: str):
-    w = LogWriter(pg_dsn)
-    yield w
-    w.close()
-
-
 def test_export_carries_the_partition_as_the_server_stores_it(writer: LogWriter, pg_dsn: str,
                                                              tmp_path) -> None:
     rng = random.Random(7)

@@ -14,13 +14,6 @@ from .shardsync_helpers import LogWriter, doc
 
 
 @pytest.fixture
-def writer(pg_dsn: str):
-    w = LogWriter(pg_dsn)
-    yield w
-    w.close()
-
-
-@pytest.fixture
 def conn(pg_dsn: str):
     with psycopg.connect(pg_dsn, autocommit=True) as c:
         yield c

@@ -24,6 +24,7 @@ from .shardsync_helpers import (
     LogWriter,
     assert_same_search,
     doc,
+    pull,
     random_doc,
     server_rows,
     shard_rows,
@@ -31,22 +32,9 @@ from .shardsync_helpers import (
 )
 
 
-@pytest.fixture
-def writer(pg_dsn: str):
-    w = LogWriter(pg_dsn)
-    yield w
-    w.close()
-
-
 def sync(shard: SQLiteBackend, dsn: str, partitions, limit: int = 5) -> int:
-    pages = 0
     with psycopg.connect(dsn, autocommit=True) as conn:
-        while True:
-            page = changes_since(conn, "slipstream", partitions, shard_cursor(shard), limit, ["local"])
-            apply_page(shard, page)
-            pages += 1
-            if not page.has_more:
-                return pages
+        return pull(shard, conn, partitions, limit)
 
 
 def exported(dsn: str, partitions, path) -> SQLiteBackend:

@@ -45,13 +45,6 @@ def token(*partitions: str, ttl: float = 600, **kw) -> str:
 
 
 @pytest.fixture
-def writer(pg_dsn):
-    w = LogWriter(pg_dsn)
-    yield w
-    w.close()
-
-
-@pytest.fixture
 def server(pg_dsn, writer):
     s = RunningServer(ServerSettings(dsn=pg_dsn, verifier=TokenVerifier(SECRET, audience=AUDIENCE),
                                      pool_max=4, max_wait=30))
