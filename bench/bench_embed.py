@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from corpus import Corpus
+import pgdb
 from report import print_table
 from slipstream.worker.app import Worker
 from slipstream.worker.config import load_config
@@ -114,15 +115,8 @@ class FakeService:
 
 
 def make_db(server: EmbeddedPostgres, name: str) -> str:
-    with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
-    dsn = server.dsn(name)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION vector")
-        conn.execute("CREATE TABLE items (id int PRIMARY KEY, tenant int NOT NULL, title text, "
-                     "body text, views int NOT NULL DEFAULT 0)")
-    return dsn
+    return pgdb.make_db(server, name, "CREATE TABLE items (id int PRIMARY KEY, tenant int NOT NULL, "
+                        "title text, body text, views int NOT NULL DEFAULT 0)")
 
 
 def worker_for(dsn: str, url: str, concurrency: int) -> Worker:

@@ -42,6 +42,7 @@ import psycopg
 sys.path.insert(0, os.path.dirname(__file__))
 
 from corpus import Corpus
+from pgdb import make_db
 from report import print_table
 from slipstream.index import HashingEmbedder, PostgresBackend, SearchIndex
 from slipstream.shardsync.changelog import ChangeEntry, ChangeLog
@@ -71,16 +72,6 @@ def limit(seconds: int, name: str):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-
-
-def make_db(server: EmbeddedPostgres, name: str) -> str:
-    with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
-    dsn = server.dsn(name)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION vector")
-    return dsn
 
 
 def load(dsn: str, rows: int, partition: str, index: SearchIndex, log: ChangeLog,

@@ -43,6 +43,7 @@ import psycopg
 sys.path.insert(0, os.path.dirname(__file__))
 
 from corpus import Corpus
+import pgdb
 from slipstream.worker.app import Worker
 from slipstream.worker.config import load_config
 from slipstream.worker.localpg import EmbeddedPostgres
@@ -119,14 +120,8 @@ def sys_seconds() -> float:
 
 
 def make_db(server: EmbeddedPostgres, name: str) -> str:
-    with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
-    dsn = server.dsn(name)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION vector")
-        conn.execute("CREATE TABLE items (id int PRIMARY KEY, tenant int NOT NULL, title text, body text)")
-    return dsn
+    return pgdb.make_db(server, name, "CREATE TABLE items (id int PRIMARY KEY, tenant int NOT NULL, "
+                        "title text, body text)")
 
 
 def worker_for(dsn: str, hnsw: bool) -> Worker:
