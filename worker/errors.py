@@ -294,8 +294,6 @@ R = TypeVar("R")
 @contextmanager
 def search_errors(doing: str) -> Iterator[None]:
     """Raise psycopg errors from the block as `SearchDatabaseError`s (see `error_from_search`)."""
-    import psycopg  # only the worker, never the device side, has psycopg
-
     try:
         yield
     except psycopg.Error as exc:
