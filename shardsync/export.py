@@ -13,25 +13,34 @@ when complete and synced, so `path` is never a half-written shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import sqlite3
+import threading
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import psycopg
 from psycopg import sql
+from psycopg.adapt import Loader
+from psycopg.pq import Format
 from slipstream.index import SQLiteBackend
+from slipstream.index.errors import ValidationError
 from slipstream.index.sqlite_backend import fts_token
 
 from .changelog import ChangeLog, read_snapshot
-from .reader import check_partitions, check_spaces, register_vector_bytes
+from .reader import check_partitions, check_spaces, vector_oid
 from .shard import set_sync_meta
 
 BATCH_ROWS = 2000
+QUEUE_BATCHES = 1  # batches parsed ahead of the writer: memory stays bounded
+CACHE_KIB = 65536  # the writer's page cache (bounded; the OS caches the rest of the file)
 # SQLite keeps a WITHOUT ROWID row on its b-tree page only up to about page_size / 4
 # bytes; a 384-d vector (1,536 bytes) spills to an overflow page of its own at the
 # default 4 KiB, tripling the file. 16 KiB pages hold vectors up to ~1,000-d inline.
@@ -57,7 +66,7 @@ def export_shard(conn: psycopg.Connection, schema: str, partitions: Sequence[str
             new.execute("VACUUM")  # writes the header, so the page size sticks
             new.close()
             SQLiteBackend(tmp, spaces=dims).close()  # the format's schema, meta and spaces
-            _copy_rows(conn, log, parts, list(dims), tmp)
+            _copy_rows(conn, log, parts, dims, tmp)
         backend = SQLiteBackend(tmp)
         try:
             set_sync_meta(backend, cursor, parts)
@@ -85,19 +94,106 @@ def fts_terms(terms: str) -> str:
     return " ".join(map(fts_token, terms.split(" ")))
 
 
+class _Raw(Loader):
+    """A column's binary value as bytes, converted later for a whole batch at once."""
+
+    format = Format.BINARY
+
+    def load(self, data) -> bytes:
+        return bytes(data)
+
+
+def _vectors_le(raw: list[bytes | None], dim: int) -> list[bytes | None]:
+    """pgvector binary values (``>HH`` header, big-endian float32s) as little-endian
+    float32 bytes, converted in one NumPy pass for the batch."""
+    size = 4 + 4 * dim
+    present = [v for v in raw if v is not None]
+    if any(len(v) != size for v in present):
+        raise ValidationError(f"a stored vector is not {dim}-d; the search table's space "
+                              "column does not match its spaces row")
+    if not present:
+        return raw
+    block = np.frombuffer(b"".join(present), np.uint8).reshape(len(present), size)[:, 4:]
+    flat = block.view(">f4").astype("<f4").tobytes()
+    step = 4 * dim
+    it = iter(range(0, len(flat), step))
+    return [None if v is None else flat[(i := next(it)):i + step] for v in raw]
+
+
+class _Writer(threading.Thread):
+    """Writes batches into the new file on a thread of its own, so SQLite works while the
+    next batch is read and parsed (sqlite3 releases the GIL while it steps)."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(name="slipstream-export-writer", daemon=True)
+        self.tmp = tmp
+        self.batches: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+        self.error: BaseException | None = None
+
+    def put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.batches.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            self._write()
+        except BaseException as exc:  # noqa: BLE001 - the reader re-raises it
+            self.error = exc
+            with contextlib.suppress(queue.Empty):  # unblock a reader waiting to put
+                while True:
+                    self.batches.get_nowait()
+
+    def _write(self) -> None:
+        out = sqlite3.connect(self.tmp, isolation_level=None)
+        try:
+            out.execute("PRAGMA journal_mode=OFF")  # a new file: on failure it is thrown away
+            out.execute("PRAGMA synchronous=OFF")
+            out.execute("PRAGMA locking_mode=EXCLUSIVE")
+            out.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            out.execute("BEGIN")
+            while (batch := self.batches.get()) is not None:
+                if batch is _ABORT:
+                    out.execute("ROLLBACK")
+                    return
+                docs, fts, vectors = batch
+                out.executemany(_INSERT_DOCS, docs)
+                out.executemany(_INSERT_FTS, fts)
+                out.executemany(_INSERT_VECTORS, vectors)
+            out.execute("COMMIT")
+        finally:
+            out.close()
+
+
+_ABORT = object()
+_INSERT_DOCS = (
+    "INSERT INTO docs (id, object_type, object_id, node_kind, partition, title, body, keywords, "
+    "payload, attrs, source_updated_at, tf, len_title, len_body, deleted, pending_spaces, "
+    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)")
+_INSERT_FTS = "INSERT INTO docs_fts (rowid, terms) VALUES (?, ?)"
+_INSERT_VECTORS = "INSERT INTO vectors (doc_id, space, vec) VALUES (?, ?, ?)"
+
+
 def _copy_rows(conn: psycopg.Connection, log: ChangeLog, parts: tuple[str, ...],
-               spaces: list[str], tmp: Path) -> int:
-    """Stream the rows into the new file (COPY out, batched inserts); returns how many."""
-    out = sqlite3.connect(tmp, isolation_level=None)
+               dims: dict[str, int], tmp: Path) -> int:
+    """Stream the rows into the new file (COPY out here, batched inserts on the writer
+    thread); returns how many."""
+    spaces = list(dims)
+    writer = _Writer(tmp)
+    writer.start()
     try:
-        out.execute("PRAGMA journal_mode=OFF")  # a new file: on failure it is thrown away
-        out.execute("PRAGMA synchronous=OFF")
-        out.execute("BEGIN")
         now = datetime.now(UTC).isoformat()
         wanted = set(spaces)
         doc_id = 0
         with conn.cursor(binary=True) as cur:
-            vector_oid = register_vector_bytes(conn, cur)
+            oid = vector_oid(conn)
+            if oid is not None:
+                cur.adapters.register_loader(oid, _Raw)
             query = sql.SQL(
                 "COPY (SELECT object_type, object_id, node_kind, partition, title, body, "
                 "keywords::text, payload::text, attrs::text, source_updated_at, tf::text, len_title, "
@@ -107,26 +203,34 @@ def _copy_rows(conn: psycopg.Connection, log: ChangeLog, parts: tuple[str, ...],
                      vecs=sql.SQL("").join(sql.SQL(", ") + sql.Identifier(f"emb_{s}") for s in spaces))
             with cur.copy(query) as copy:
                 copy.set_types(["text"] * 9 + ["timestamptz", "text", "int4", "int4", "text[]", "text"]
-                               + [vector_oid] * len(spaces))
+                               + [oid] * len(spaces))
                 rows = copy.rows()
                 while batch := list(islice(rows, BATCH_ROWS)):
-                    docs, fts, vectors = [], [], []
+                    first = doc_id + 1
+                    docs, fts = [], []
                     for r in batch:
                         doc_id += 1
+                        ts = r[9]
                         docs.append((doc_id, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
-                                     r[9].isoformat() if r[9] is not None else None, r[10], r[11],
-                                     r[12], json.dumps([s for s in r[13] if s in wanted]), now))
+                                     None if ts is None else ts.isoformat(), r[10], r[11], r[12],
+                                     json.dumps([s for s in r[13] if s in wanted]) if r[13] else "[]",
+                                     now))
                         if r[14]:
                             fts.append((doc_id, fts_terms(r[14])))
-                        vectors.extend((doc_id, s, v) for s, v in zip(spaces, r[15:]) if v is not None)
-                    out.executemany(
-                        "INSERT INTO docs (id, object_type, object_id, node_kind, partition, title, body, "
-                        "keywords, payload, attrs, source_updated_at, tf, len_title, len_body, deleted, "
-                        "pending_spaces, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                        docs)
-                    out.executemany("INSERT INTO docs_fts (rowid, terms) VALUES (?, ?)", fts)
-                    out.executemany("INSERT INTO vectors (doc_id, space, vec) VALUES (?, ?, ?)", vectors)
-        out.execute("COMMIT")
-        return doc_id
+                    vectors = []
+                    for j, space in enumerate(spaces):
+                        le = _vectors_le([r[15 + j] for r in batch], dims[space])
+                        vectors.extend((first + i, space, v) for i, v in enumerate(le) if v is not None)
+                    if len(spaces) > 1:
+                        vectors.sort(key=lambda v: v[0])
+                    writer.put((docs, fts, vectors))
+        writer.put(None)
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            writer.put(_ABORT)
+        raise
     finally:
-        out.close()
+        writer.join()
+    if writer.error is not None:
+        raise writer.error
+    return doc_id

@@ -79,12 +79,18 @@ def check_spaces(conn: psycopg.Connection, schema: str,
     return {s: int(dims[s]) for s in wanted}
 
 
+def vector_oid(conn: psycopg.Connection) -> int | None:
+    """The oid of pgvector's `vector` type (None: the extension is not installed)."""
+    (oid,) = conn.execute("SELECT to_regtype('vector')::oid").fetchone()
+    return None if oid is None else int(oid)
+
+
 def register_vector_bytes(conn: psycopg.Connection, cur: psycopg.Cursor) -> int | None:
     """Load `vector` columns on `cur` as little-endian float32 bytes; returns the type's oid."""
-    (oid,) = conn.execute("SELECT to_regtype('vector')::oid").fetchone()
+    oid = vector_oid(conn)
     if oid is not None:
-        cur.adapters.register_loader(int(oid), VectorBytesLoader)
-    return None if oid is None else int(oid)
+        cur.adapters.register_loader(oid, VectorBytesLoader)
+    return oid
 
 
 def row_columns(spaces: Sequence[str]) -> sql.Composed:

@@ -147,7 +147,7 @@ def test_export_streams_with_bounded_memory(writer: LogWriter, pg_dsn: str, tmp_
     body = " ".join(f"word{i}" for i in range(400))  # ~3.5 KB a row
     for start in range(0, 1500, 500):
         writer.apply([doc_(str(i), "A", body=f"{body} {i}") for i in range(start, start + 500)])
-    monkeypatch.setattr(export, "BATCH_ROWS", 50)
+    monkeypatch.setattr(export, "BATCH_ROWS", 25)
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         tracemalloc.start()
         try:
@@ -158,3 +158,59 @@ def test_export_streams_with_bounded_memory(writer: LogWriter, pg_dsn: str, tmp_
     total = 1500 * len(body)
     assert len(shard_rows(open_shard(tmp_path / "a.db"))) == 1500
     assert peak < total / 2, (peak, total)  # a few batches in memory, never the partition
+
+
+def test_every_space_bit_for_bit_across_batches_and_rows_without_a_vector(
+        writer: LogWriter, pg_dsn: str, tmp_path, monkeypatch) -> None:
+    """Vectors are converted a batch at a time: a row without one (pending) in the middle
+    of a batch must not shift the others, in either space."""
+    from slipstream.shardsync import export
+
+    rng = random.Random(11)
+    writer.apply([random_doc(rng, str(i), ["A"]) for i in range(60)])
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # as a failed embedding leaves them
+        conn.execute("UPDATE slipstream.docs SET emb_local = NULL WHERE object_id IN ('3', '17', '18')")
+        conn.execute("UPDATE slipstream.docs SET emb_server = NULL WHERE object_id IN ('17', '40')")
+    monkeypatch.setattr(export, "BATCH_ROWS", 7)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        export_shard(conn, "slipstream", ["A"], tmp_path / "a.db")
+    shard = open_shard(tmp_path / "a.db")
+    assert shard.spaces == {"local": DIM, "server": 24}
+    expected = server_rows(pg_dsn, ["A"], ["local", "server"])
+    assert shard_rows(shard) == expected
+    assert sorted(len(r[-1]) for r in expected.values())[:3] == [0, 1, 1]
+    shard.close()
+
+
+def test_a_failure_while_writing_or_reading_leaves_the_old_shard(writer: LogWriter, pg_dsn: str,
+                                                                tmp_path, monkeypatch) -> None:
+    from slipstream.shardsync import export
+
+    writer.apply([doc(str(i), "A", "apple") for i in range(30)])
+    path = tmp_path / "a.db"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        export_shard(conn, "slipstream", ["A"], path, ["local"])
+    before = path.read_bytes()
+    writer.apply([doc(str(i), "A", "banana") for i in range(30, 40)])
+    monkeypatch.setattr(export, "BATCH_ROWS", 4)
+    real = export._vectors_le
+
+    def fail_third(raw, dim, calls=[]):  # noqa: B006 - counts the calls
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("reader failed")
+        return real(raw, dim)
+
+    monkeypatch.setattr(export, "_vectors_le", fail_third)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        with pytest.raises(RuntimeError, match="reader failed"):
+            export_shard(conn, "slipstream", ["A"], path, ["local"])
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    monkeypatch.setattr(export, "_vectors_le", real)
+    monkeypatch.setattr(export, "_INSERT_FTS", "INSERT INTO no_such_table (rowid, terms) VALUES (?, ?)")
+    with (psycopg.connect(pg_dsn, autocommit=True) as conn,
+          pytest.raises(sqlite3.OperationalError, match="no_such_table")):
+        export_shard(conn, "slipstream", ["A"], path, ["local"])
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a.db"]  # no temporary file left
+    assert not [t for t in threading.enumerate() if t.name == "slipstream-export-writer"]
