@@ -87,17 +87,24 @@ def channel_name(schema: str) -> str:
     return name
 
 
+SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+
+def check_idle(conn: psycopg.Connection | psycopg.AsyncConnection) -> None:
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise ValidationError(
+            "a consistent read needs a connection with no open transaction; commit or roll "
+            "back first, or pass an autocommit connection")
+
+
 @contextmanager
 def read_snapshot(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
     """One REPEATABLE READ, READ ONLY transaction on `conn`: every read inside sees one snapshot.
 
     `conn` must have no transaction open (autocommit, or idle)."""
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raise ValidationError(
-            "a consistent read needs a connection with no open transaction; commit or roll "
-            "back first, or pass an autocommit connection")
+    check_idle(conn)
     with conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        conn.execute(SNAPSHOT)
         yield conn
 
 
@@ -170,19 +177,30 @@ class ChangeLog:
 
     # -- positions ------------------------------------------------------------------------
 
+    _MAX_SEQ = ("SELECT greatest((SELECT coalesce(max(seq), 0) FROM {s}.changes), "
+                "(SELECT coalesce(max(horizon), 0) FROM {s}.changelog_horizon))")
+    _BETWEEN = "SELECT DISTINCT partition FROM {s}.changes WHERE seq > %s AND seq <= %s"
+
     def max_seq(self, conn: psycopg.Connection) -> int:
         """The last seq visible to `conn` (never below the horizon, even when compaction
         removed the newest entries)."""
-        (seq,) = conn.execute(self.q(
-            "SELECT greatest((SELECT coalesce(max(seq), 0) FROM {s}.changes), "
-            "(SELECT coalesce(max(horizon), 0) FROM {s}.changelog_horizon))")).fetchone()
+        (seq,) = conn.execute(self.q(self._MAX_SEQ)).fetchone()
+        return int(seq)
+
+    async def max_seq_async(self, conn: psycopg.AsyncConnection) -> int:
+        """`max_seq` on an async connection."""
+        (seq,) = await (await conn.execute(self.q(self._MAX_SEQ))).fetchone()
         return int(seq)
 
     def partitions_between(self, conn: psycopg.Connection, after: int, upto: int) -> frozenset[str]:
         """The partitions that have entries with `after` < seq <= `upto`."""
-        rows = conn.execute(self.q(
-            "SELECT DISTINCT partition FROM {s}.changes WHERE seq > %s AND seq <= %s"),
-            (after, upto)).fetchall()
+        rows = conn.execute(self.q(self._BETWEEN), (after, upto)).fetchall()
+        return frozenset(r[0] for r in rows)
+
+    async def partitions_between_async(self, conn: psycopg.AsyncConnection, after: int,
+                                       upto: int) -> frozenset[str]:
+        """`partitions_between` on an async connection."""
+        rows = await (await conn.execute(self.q(self._BETWEEN), (after, upto))).fetchall()
         return frozenset(r[0] for r in rows)
 
     def horizon(self, conn: psycopg.Connection) -> int:

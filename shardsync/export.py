@@ -25,17 +25,15 @@ from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import psycopg
 from psycopg import sql
 from psycopg.adapt import Loader
 from psycopg.pq import Format
 from slipstream.index import SQLiteBackend
-from slipstream.index.errors import ValidationError
 from slipstream.index.sqlite_backend import fts_token
 
 from .changelog import ChangeLog, read_snapshot
-from .reader import check_partitions, check_spaces, vector_oid
+from .reader import check_partitions, check_spaces, vector_oid, vectors_le
 from .shard import set_sync_meta
 
 BATCH_ROWS = 2000
@@ -101,23 +99,6 @@ class _Raw(Loader):
 
     def load(self, data) -> bytes:
         return bytes(data)
-
-
-def _vectors_le(raw: list[bytes | None], dim: int) -> list[bytes | None]:
-    """pgvector binary values (``>HH`` header, big-endian float32s) as little-endian
-    float32 bytes, converted in one NumPy pass for the batch."""
-    size = 4 + 4 * dim
-    present = [v for v in raw if v is not None]
-    if any(len(v) != size for v in present):
-        raise ValidationError(f"a stored vector is not {dim}-d; the search table's space "
-                              "column does not match its spaces row")
-    if not present:
-        return raw
-    block = np.frombuffer(b"".join(present), np.uint8).reshape(len(present), size)[:, 4:]
-    flat = block.view(">f4").astype("<f4").tobytes()
-    step = 4 * dim
-    it = iter(range(0, len(flat), step))
-    return [None if v is None else flat[(i := next(it)):i + step] for v in raw]
 
 
 class _Writer(threading.Thread):
@@ -219,7 +200,7 @@ def _copy_rows(conn: psycopg.Connection, log: ChangeLog, parts: tuple[str, ...],
                             fts.append((doc_id, fts_terms(r[14])))
                     vectors = []
                     for j, space in enumerate(spaces):
-                        le = _vectors_le([r[15 + j] for r in batch], dims[space])
+                        le = vectors_le([r[15 + j] for r in batch], dims[space])
                         vectors.extend((first + i, space, v) for i, v in enumerate(le) if v is not None)
                     if len(spaces) > 1:
                         vectors.sort(key=lambda v: v[0])

@@ -21,7 +21,8 @@ apply writer commits seqs in order, so every seq up to it is visible).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,11 +33,12 @@ from psycopg.pq import Format
 from slipstream.index.doc import DocKey, check_identifier
 from slipstream.index.errors import UnknownSpaceError, ValidationError
 
-from .changelog import ChangeLog, read_snapshot
+from .changelog import SNAPSHOT, ChangeLog, check_idle, read_snapshot
 from .entries import Entry, Page, ShardRow, Tombstone
 from .errors import ResyncRequired
 
-__all__ = ["Entry", "Page", "ShardRow", "Tombstone", "changes_since"]
+__all__ = ["Entry", "Page", "PageRead", "ShardRow", "Tombstone", "changes_since", "read_page",
+           "read_page_async"]
 
 MAX_LIMIT = 100_000
 
@@ -112,37 +114,91 @@ def shard_row(r: Sequence[Any], spaces: Sequence[str]) -> ShardRow:
         pending=tuple(s for s in r[14] if s in wanted))
 
 
-def changes_since(conn: psycopg.Connection, schema: str, partitions: Sequence[str] | str,
-                  cursor: int, limit: int = 1000, spaces: Sequence[str] | None = None) -> Page:
-    """The next page of `partitions`' changes after `cursor` (see the module docstring),
-    with the vectors of `spaces` (None: every space the server has; ``()``: none).
+@dataclass(frozen=True, slots=True)
+class PageRead:
+    """A page and the last seq visible in the snapshot it was read from (`end`)."""
 
-    Raises `ResyncRequired` when `cursor` is below the compaction horizon. `conn` must
-    have no open transaction; the page is read in one snapshot of its own.
-    """
+    page: Page
+    end: int
+
+
+Step = list[tuple[sql.Composable, Sequence[Any]]]
+
+
+def read_page_gen(schema: str, partitions: Sequence[str] | str, cursor: int, limit: int,
+                  spaces: Sequence[str] | None) -> Generator[Step, list[list[tuple]], PageRead]:
+    """The page read without I/O: yields the statements of each step (run together, in one
+    REPEATABLE READ snapshot, on a binary cursor each), receives their rows, returns the
+    `PageRead`. `read_page` and `read_page_async` drive it; one step when `spaces` is
+    given, two when the server's spaces must be read first."""
     log = ChangeLog(schema)
     parts = check_partitions(partitions)
     if isinstance(cursor, bool) or not isinstance(cursor, int) or cursor < 0:
         raise ValidationError(f"cursor must be an integer >= 0, got {cursor!r}")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
         raise ValidationError(f"limit must be an integer from 1 to {MAX_LIMIT}, got {limit!r}")
-    with read_snapshot(conn):
-        horizon = log.horizon(conn)
-        if cursor < horizon:
-            raise ResyncRequired(cursor, horizon)
-        dims = check_spaces(conn, log.schema, spaces)
-        rows = conn.execute(log.q(
-            "SELECT seq, partition, object_type, object_id, node_kind, op FROM {s}.changes "
-            "WHERE partition = ANY(%s) AND seq > %s ORDER BY seq LIMIT %s"),
-            (list(parts), cursor, limit + 1)).fetchall()
-        has_more = len(rows) > limit
-        rows = rows[:limit]
-        next_cursor = rows[-1][0] if has_more else max(cursor, log.max_seq(conn))
-        last: dict[tuple[DocKey, str], str] = {}
-        for _, partition, t, i, n, op in rows:
-            last.pop(((t, i, n), partition), None)  # re-insert: ordered by last seq
-            last[((t, i, n), partition)] = op
-        current = _current_rows(conn, log, list(dict.fromkeys(k for k, _ in last)), list(dims))
+    wanted = None if spaces is None else _space_names(spaces)
+    meta = (log.q(
+        "SELECT (SELECT coalesce(max(horizon), 0) FROM {s}.changelog_horizon), "
+        "greatest((SELECT coalesce(max(seq), 0) FROM {s}.changes), "
+        "(SELECT coalesce(max(horizon), 0) FROM {s}.changelog_horizon)), "
+        "(SELECT coalesce(jsonb_object_agg(name, dim), '{{}}') FROM {s}.spaces)"), ())
+    entries = (log.q(
+        "SELECT seq, partition, object_type, object_id, node_kind, op FROM {s}.changes "
+        "WHERE partition = ANY(%s) AND seq > %s ORDER BY seq LIMIT %s"),
+        (list(parts), cursor, limit + 1))
+    if wanted is None:
+        ((horizon, end, dims),) = (yield [meta])[0]
+        wanted = sorted(dims)
+        rows, current = yield [entries, _current_query(log, parts, cursor, limit, wanted)]
+    else:
+        (((horizon, end, dims),), rows, current) = yield [
+            meta, entries, _current_query(log, parts, cursor, limit, wanted)]
+    if cursor < horizon:
+        raise ResyncRequired(cursor, int(horizon))
+    _check_known(log.schema, wanted, dims)
+    return PageRead(_assemble(rows, current, cursor, limit, int(end), wanted,
+                              {s: int(dims[s]) for s in wanted}), int(end))
+
+
+def _check_known(schema: str, wanted: Sequence[str], dims: Sequence[str]) -> None:
+    unknown = [s for s in wanted if s not in dims]
+    if unknown:
+        raise UnknownSpaceError(
+            f"space(s) {unknown} are not in {schema}.docs; the server has {sorted(dims) or 'none'}")
+
+
+_SPACE_NAMES = "SELECT name FROM {s}.spaces"
+
+
+def _space_names(spaces: Sequence[str] | str) -> list[str]:
+    if isinstance(spaces, str):
+        spaces = (spaces,)
+    return [check_identifier(s, "embedding space") for s in dict.fromkeys(spaces)]
+
+
+def _current_query(log: ChangeLog, parts: tuple[str, ...], cursor: int, limit: int,
+                   spaces: Sequence[str]) -> tuple[sql.Composable, Sequence[Any]]:
+    """The docs rows of the keys of the page's entries (the same `limit` entries the
+    entries query reads, in the same snapshot). Vectors come as pgvector's binary form."""
+    return (sql.SQL(
+        "SELECT {cols} FROM {s}.docs WHERE (object_type, object_id, node_kind) IN "
+        "(SELECT object_type, object_id, node_kind FROM (SELECT object_type, object_id, "
+        "node_kind FROM {s}.changes WHERE partition = ANY(%s) AND seq > %s ORDER BY seq "
+        "LIMIT %s) e)").format(cols=row_columns(spaces), s=sql.Identifier(log.schema)),
+        (list(parts), cursor, limit))
+
+
+def _assemble(rows: list[tuple], current_rows: list[tuple], cursor: int, limit: int, end: int,
+              spaces: list[str], dims: dict[str, int]) -> Page:
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = rows[-1][0] if has_more else max(cursor, end)
+    last: dict[tuple[DocKey, str], str] = {}
+    for _, partition, t, i, n, op in rows:
+        last.pop(((t, i, n), partition), None)  # re-insert: ordered by last seq
+        last[((t, i, n), partition)] = op
+    current = {(r[0], r[1], r[2]): r for r in _with_le_vectors(current_rows, spaces, dims)}
     entries: list[Entry] = []
     sent: set[DocKey] = set()
     for (key, partition), op in last.items():
@@ -151,21 +207,93 @@ def changes_since(conn: psycopg.Connection, schema: str, partitions: Sequence[st
             entries.append(Tombstone(key, partition))
         elif key not in sent:
             sent.add(key)
-            entries.append(shard_row(row, list(dims)))
+            entries.append(shard_row(row, spaces))
     return Page(tuple(entries), next_cursor, has_more, cursor)
 
 
-def _current_rows(conn: psycopg.Connection, log: ChangeLog, keys: list[DocKey],
-                  spaces: list[str]) -> dict[DocKey, tuple]:
-    if not keys:
-        return {}
-    cols = list(zip(*keys))
-    with conn.cursor(binary=True) as cur:
-        if spaces:
-            register_vector_bytes(conn, cur)
-        cur.execute(sql.SQL(
-            "SELECT {cols} FROM {s}.docs WHERE (object_type, object_id, node_kind) IN "
-            "(SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]))").format(
-                cols=row_columns(spaces), s=sql.Identifier(log.schema)),
-            [list(cols[0]), list(cols[1]), list(cols[2])])
-        return {(r[0], r[1], r[2]): r for r in cur.fetchall()}
+def _with_le_vectors(rows: list[tuple], spaces: list[str],
+                     dims: dict[str, int]) -> list[tuple]:
+    """`rows` with each vector column turned from pgvector's binary form into
+    little-endian float32 bytes (one NumPy pass per space)."""
+    if not rows or not spaces:
+        return rows
+    columns = [vectors_le([r[15 + j] for r in rows], dims[s]) for j, s in enumerate(spaces)]
+    return [r[:15] + tuple(c[i] for c in columns) for i, r in enumerate(rows)]
+
+
+def vectors_le(raw: list[bytes | None], dim: int) -> list[bytes | None]:
+    """pgvector binary values (``>HH`` header, then big-endian float32s) as little-endian
+    float32 bytes, converted in one NumPy pass; None stays None."""
+    size = 4 + 4 * dim
+    present = [v for v in raw if v is not None]
+    if any(len(v) != size for v in present):
+        raise ValidationError(f"a stored vector is not {dim}-d; the search table's space "
+                              "column does not match its spaces row")
+    if not present:
+        return raw
+    block = np.frombuffer(b"".join(present), np.uint8).reshape(len(present), size)[:, 4:]
+    flat = block.view(">f4").astype("<f4").tobytes()
+    step = 4 * dim
+    offsets = iter(range(0, len(flat), step))
+    return [None if v is None else flat[(i := next(offsets)):i + step] for v in raw]
+
+
+def read_page(conn: psycopg.Connection, schema: str, partitions: Sequence[str] | str,
+              cursor: int, limit: int = 1000, spaces: Sequence[str] | None = None) -> PageRead:
+    """`read_page_gen` on a blocking connection: each step's statements go out together
+    (pipeline mode), so a page costs two round trips (three without `spaces`)."""
+    gen = read_page_gen(schema, partitions, cursor, limit, spaces)
+    step = next(gen)
+    try:
+        with conn.pipeline(), read_snapshot(conn):
+            while True:
+                cursors = []
+                for query, params in step:
+                    cur = conn.cursor(binary=True)
+                    cur.execute(query, params)
+                    cursors.append(cur)
+                try:
+                    step = gen.send([c.fetchall() for c in cursors])
+                except StopIteration as done:
+                    return done.value
+    except psycopg.errors.UndefinedColumn:  # a requested space has no column
+        names = [n for (n,) in conn.execute(ChangeLog(schema).q(_SPACE_NAMES))]
+        _check_known(schema, _space_names(spaces or ()), names)
+        raise
+
+
+async def read_page_async(conn: psycopg.AsyncConnection, schema: str,
+                          partitions: Sequence[str] | str, cursor: int, limit: int = 1000,
+                          spaces: Sequence[str] | None = None) -> PageRead:
+    """`read_page` on an async connection."""
+    gen = read_page_gen(schema, partitions, cursor, limit, spaces)
+    step = next(gen)
+    check_idle(conn)
+    try:
+        async with conn.pipeline(), conn.transaction():
+            await conn.execute(SNAPSHOT)
+            while True:
+                cursors = []
+                for query, params in step:
+                    cur = conn.cursor(binary=True)
+                    await cur.execute(query, params)
+                    cursors.append(cur)
+                try:
+                    step = gen.send([await c.fetchall() for c in cursors])
+                except StopIteration as done:
+                    return done.value
+    except psycopg.errors.UndefinedColumn:  # a requested space has no column
+        cur = await conn.execute(ChangeLog(schema).q(_SPACE_NAMES))
+        _check_known(schema, _space_names(spaces or ()), [n for (n,) in await cur.fetchall()])
+        raise
+
+
+def changes_since(conn: psycopg.Connection, schema: str, partitions: Sequence[str] | str,
+                  cursor: int, limit: int = 1000, spaces: Sequence[str] | None = None) -> Page:
+    """The next page of `partitions`' changes after `cursor` (see the module docstring),
+    with the vectors of `spaces` (None: every space the server has; ``()``: none).
+
+    Raises `ResyncRequired` when `cursor` is below the compaction horizon. `conn` must
+    have no open transaction; the page is read in one snapshot of its own.
+    """
+    return read_page(conn, schema, partitions, cursor, limit, spaces).page

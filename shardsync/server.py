@@ -19,9 +19,11 @@ compaction horizon and 409 ``resync_required`` for a cursor beyond the end of th
 (the server's log was reset): the device must take a new snapshot.
 
 The server keeps no state of its own, so several can run behind a load balancer.
-Queries run on a psycopg pool in worker threads; a waiting long-poll holds no
-database connection: one async LISTEN connection per process (`ChangeNotifier`)
-wakes every waiter when the worker commits.
+Requests query Postgres on psycopg's async connections (an `AsyncConnectionPool`); a
+page is read in one snapshot with its statements pipelined. A waiting long-poll holds
+no database connection: one async LISTEN connection per process (`ChangeNotifier`)
+wakes the waiters whose partitions changed. A snapshot is written by `export_shard`
+(blocking: SQLite) in a worker thread, on a connection of its own.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from slipstream.index.doc import IDENTIFIER
 from slipstream.index.errors import ValidationError
 from starlette.applications import Starlette
@@ -52,7 +54,7 @@ from starlette.routing import Route
 from .changelog import ChangeLog
 from .errors import ResyncRequired
 from .export import export_shard
-from .reader import MAX_LIMIT, Page, changes_since
+from .reader import MAX_LIMIT, Page, read_page_async
 from .tokens import Grant, TokenError, TokenVerifier, check_partitions
 from .wire import MEDIA_TYPE, accepts_gzip, encode_page, gzip_body
 
@@ -62,6 +64,7 @@ CURSOR_HEADER = "Slipstream-Cursor"
 SHARD_MEDIA_TYPE = "application/vnd.sqlite3"
 CHUNK = 256 * 1024
 SNAPSHOT_GZIP_LEVEL = 1  # fast: vectors barely compress, text does at any level
+ENCODE_INLINE_ENTRIES = 64  # larger pages are encoded in a thread, off the event loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +112,7 @@ class ChangeNotifier:
 
     HISTORY = 4096
 
-    def __init__(self, dsn: str, log_: ChangeLog, pool: ConnectionPool,
+    def __init__(self, dsn: str, log_: ChangeLog, pool: AsyncConnectionPool,
                  fallback_interval: float = 1.0) -> None:
         self.dsn, self.log, self.pool = dsn, log_, pool
         self.fallback_interval = fallback_interval
@@ -157,9 +160,9 @@ class ChangeNotifier:
                     return True
         return True
 
-    def _touched(self, after: int, upto: int) -> frozenset[str]:
-        with self.pool.connection() as conn:
-            return self.log.partitions_between(conn, after, upto)
+    async def _touched(self, after: int, upto: int) -> frozenset[str]:
+        async with self.pool.connection() as conn:
+            return await self.log.partitions_between_async(conn, after, upto)
 
     async def _on_notify(self, payload: str) -> None:
         try:
@@ -169,17 +172,16 @@ class ChangeNotifier:
         if upto <= self.latest:
             return
         try:
-            touched: frozenset[str] | None = await run_in_threadpool(
-                self._touched, self.latest, upto)
-        except Exception as exc:
+            touched: frozenset[str] | None = await self._touched(self.latest, upto)
+        except Exception as exc:  # noqa: BLE001 - waking everyone is always safe
             log.warning("sync: cannot read which partitions changed (%s); waking every device",
                         exc)
             touched = None
         self.announce(upto, touched)
 
-    def _max_seq(self) -> int:
-        with self.pool.connection() as conn:
-            return self.log.max_seq(conn)
+    async def max_seq(self) -> int:
+        async with self.pool.connection() as conn:
+            return await self.log.max_seq_async(conn)
 
     async def run(self) -> None:
         delay = 0.1
@@ -188,7 +190,7 @@ class ChangeNotifier:
                 async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
                     await conn.execute(f'LISTEN "{self.log.channel}"')
                     self.connected = True
-                    missed = await run_in_threadpool(self._max_seq)
+                    missed = await self.max_seq()
                     self.announce(missed, None)  # while down: maybe anything
                     self._ready.set()
                     delay = 0.1
@@ -196,7 +198,7 @@ class ChangeNotifier:
                         await self._on_notify(note.payload)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the connection dropped: poll, reconnect with backoff
+            except Exception as exc:  # noqa: BLE001 - the connection dropped: poll, reconnect
                 log.warning("sync LISTEN connection lost (%s); reconnecting in %.1fs", exc, delay)
             self.connected = False
             self._ready.set()
@@ -316,44 +318,45 @@ class SyncServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.log = ChangeLog(settings.schema)
-        self.pool: ConnectionPool | None = None
+        self.pool: AsyncConnectionPool | None = None
         self.notifier: ChangeNotifier | None = None
         self._inflight: dict[tuple, asyncio.Future] = {}
+        self._exports = asyncio.Semaphore(max(1, settings.pool_max // 2))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         s = self.settings
-        self.pool = ConnectionPool(s.dsn, min_size=s.pool_min, max_size=s.pool_max, open=False,
-                                   kwargs={"autocommit": True}, name="slipstream-sync")
-        await run_in_threadpool(self.pool.open, True, 30.0)
+        self.pool = AsyncConnectionPool(s.dsn, min_size=s.pool_min, max_size=s.pool_max,
+                                        open=False, kwargs={"autocommit": True},
+                                        name="slipstream-sync")
+        await self.pool.open(wait=True, timeout=30.0)
         self.notifier = ChangeNotifier(s.dsn, self.log, self.pool)
         await self.notifier.start()
         try:
             yield
         finally:
             await self.notifier.stop()
-            await run_in_threadpool(self.pool.close)
+            await self.pool.close()
 
-    # -- blocking work, run in threads --------------------------------------------------
+    # -- database work ------------------------------------------------------------------
 
-    def _page(self, partitions, cursor, limit, spaces):
+    async def _page(self, partitions, cursor, limit, spaces) -> Page:
         assert self.pool is not None
-        with self.pool.connection() as conn:
-            page = changes_since(conn, self.settings.schema, partitions, cursor, limit, spaces)
-            if not page.entries:
-                end = self.log.max_seq(conn)
-                if cursor > end:
-                    raise _Ahead(cursor, end)
-            return page
+        async with self.pool.connection() as conn:
+            read = await read_page_async(conn, self.settings.schema, partitions, cursor, limit,
+                                         spaces)
+        if not read.page.entries and cursor > read.end:
+            raise _Ahead(cursor, read.end)
+        return read.page
 
     def _export(self, partitions, spaces) -> tuple[str, int]:
-        assert self.pool is not None
+        """Blocking (run in a thread): export into a new temporary file; (path, cursor)."""
         fd, path = tempfile.mkstemp(prefix="slipstream-snapshot-", suffix=".db",
                                     dir=self.settings.tmp_dir)
         os.close(fd)
         os.unlink(path)  # export_shard writes a new file
         try:
-            with self.pool.connection() as conn:
+            with psycopg.connect(self.settings.dsn, autocommit=True) as conn:
                 cursor = export_shard(conn, self.settings.schema, partitions, path, spaces)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -366,8 +369,8 @@ class SyncServer:
     async def healthz(self, request: Request) -> Response:
         ok = self.notifier is not None and self.notifier.connected
         try:
-            await run_in_threadpool(self.notifier._max_seq)  # type: ignore[union-attr]
-        except Exception:
+            await self.notifier.max_seq()  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - any failure: not healthy
             ok = False
         return JSONResponse({"ok": ok, "listening": bool(self.notifier and self.notifier.connected)},
                             status_code=200 if ok else 503)
@@ -417,16 +420,17 @@ class SyncServer:
         (a thousand devices of one partition woken by one change cost one query)."""
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.ensure_future(run_in_threadpool(self._answer, *key))
+            task = asyncio.ensure_future(self._answer(*key))
             self._inflight[key] = task
             task.add_done_callback(lambda t: (self._inflight.pop(key, None),
                                               t.cancelled() or t.exception()))
         return await asyncio.shield(task)
 
-    def _answer(self, partitions, cursor, limit, spaces) -> _Answer:
-        page = self._page(partitions, cursor, limit, spaces)
-        body = encode_page(page)
-        return _Answer(page, body, gzip_body(body))
+    async def _answer(self, partitions, cursor, limit, spaces) -> _Answer:
+        page = await self._page(partitions, cursor, limit, spaces)
+        if len(page.entries) <= ENCODE_INLINE_ENTRIES:
+            return _encoded(page)
+        return await run_in_threadpool(_encoded, page)
 
     async def snapshot(self, request: Request) -> Response:
         s = self.settings
@@ -438,7 +442,8 @@ class SyncServer:
         except BadRequest as exc:
             return _error(400, "bad_request", str(exc))
         try:
-            path, cursor = await run_in_threadpool(self._export, partitions, spaces)
+            async with self._exports:
+                path, cursor = await run_in_threadpool(self._export, partitions, spaces)
         except ValidationError as exc:
             return _error(400, "bad_request", str(exc))
         except _UNAVAILABLE as exc:
@@ -469,6 +474,11 @@ class _Answer:
     page: Page
     body: bytes
     gzipped: bytes | None
+
+
+def _encoded(page: Page) -> _Answer:
+    body = encode_page(page)
+    return _Answer(page, body, gzip_body(body))
 
 
 class _Ahead(Exception):

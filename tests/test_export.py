@@ -193,7 +193,7 @@ def test_a_failure_while_writing_or_reading_leaves_the_old_shard(writer: LogWrit
     before = path.read_bytes()
     writer.apply([doc(str(i), "A", "banana") for i in range(30, 40)])
     monkeypatch.setattr(export, "BATCH_ROWS", 4)
-    real = export._vectors_le
+    real = export.vectors_le
 
     def fail_third(raw, dim, calls=[]):  # noqa: B006 - counts the calls
         calls.append(1)
@@ -201,12 +201,12 @@ def test_a_failure_while_writing_or_reading_leaves_the_old_shard(writer: LogWrit
             raise RuntimeError("reader failed")
         return real(raw, dim)
 
-    monkeypatch.setattr(export, "_vectors_le", fail_third)
+    monkeypatch.setattr(export, "vectors_le", fail_third)
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         with pytest.raises(RuntimeError, match="reader failed"):
             export_shard(conn, "slipstream", ["A"], path, ["local"])
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-    monkeypatch.setattr(export, "_vectors_le", real)
+    monkeypatch.setattr(export, "vectors_le", real)
     monkeypatch.setattr(export, "_INSERT_FTS", "INSERT INTO no_such_table (rowid, terms) VALUES (?, ?)")
     with (psycopg.connect(pg_dsn, autocommit=True) as conn,
           pytest.raises(sqlite3.OperationalError, match="no_such_table")):
