@@ -1,7 +1,8 @@
 """The change-log reader: a partition's changes since a cursor, as pages of current rows.
 
-`changes_since` reads, in one REPEATABLE READ snapshot, the log entries of the
-requested partitions after `cursor` (in seq order, at most `limit`), and turns each
+`changes_since` reads, in ONE statement (so one snapshot and one round trip), the log
+entries of the requested partitions after `cursor` (in seq order, at most `limit`), the
+docs rows of their keys, the compaction horizon and the log's end, and turns each
 (key, partition) the page touches into one entry, placed at its last seq in the page:
 
 * a `Tombstone(key, partition)` when the key's last entry in that partition (in the
@@ -21,6 +22,7 @@ apply writer commits seqs in order, so every seq up to it is visible).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +35,7 @@ from psycopg.pq import Format
 from slipstream.index.doc import DocKey, check_identifier
 from slipstream.index.errors import UnknownSpaceError, ValidationError
 
-from .changelog import SNAPSHOT, ChangeLog, check_idle, read_snapshot
+from .changelog import ChangeLog, check_idle
 from .entries import Entry, Page, ShardRow, Tombstone
 from .errors import ResyncRequired
 
@@ -122,71 +124,86 @@ class PageRead:
     end: int
 
 
-Step = list[tuple[sql.Composable, Sequence[Any]]]
+Statement = tuple[sql.Composable, Sequence[Any]]
+
+# One row of the page statement: a kind, then the fields of that kind (NULL elsewhere).
+_META, _ENTRY, _DOC = 0, 1, 2
 
 
 def read_page_gen(schema: str, partitions: Sequence[str] | str, cursor: int, limit: int,
-                  spaces: Sequence[str] | None) -> Generator[Step, list[list[tuple]], PageRead]:
-    """The page read without I/O: yields the statements of each step (run together, in one
-    REPEATABLE READ snapshot, on a binary cursor each), receives their rows, returns the
-    `PageRead`. `read_page` and `read_page_async` drive it; one step when `spaces` is
-    given, two when the server's spaces must be read first."""
+                  spaces: Sequence[str] | None) -> Generator[Statement, list[tuple], PageRead]:
+    """The page read without I/O: yields each statement to run (on a binary cursor),
+    receives its rows, returns the `PageRead`. `read_page` and `read_page_async` drive
+    it. The page is ONE statement, so one snapshot and one round trip: the horizon and
+    the log's end, the entries, and the docs rows of their keys, as rows of three kinds.
+    Without `spaces`, the server's space names are read first."""
     log = ChangeLog(schema)
     parts = check_partitions(partitions)
     if isinstance(cursor, bool) or not isinstance(cursor, int) or cursor < 0:
         raise ValidationError(f"cursor must be an integer >= 0, got {cursor!r}")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
         raise ValidationError(f"limit must be an integer from 1 to {MAX_LIMIT}, got {limit!r}")
-    wanted = None if spaces is None else _space_names(spaces)
-    meta = (log.q(
-        "SELECT (SELECT coalesce(max(horizon), 0) FROM {s}.changelog_horizon), "
-        "greatest((SELECT coalesce(max(seq), 0) FROM {s}.changes), "
-        "(SELECT coalesce(max(horizon), 0) FROM {s}.changelog_horizon)), "
-        "(SELECT coalesce(jsonb_object_agg(name, dim), '{{}}') FROM {s}.spaces)"), ())
-    entries = (log.q(
-        "SELECT seq, partition, object_type, object_id, node_kind, op FROM {s}.changes "
-        "WHERE partition = ANY(%s) AND seq > %s ORDER BY seq LIMIT %s"),
-        (list(parts), cursor, limit + 1))
-    if wanted is None:
-        ((horizon, end, dims),) = (yield [meta])[0]
-        wanted = sorted(dims)
-        rows, current = yield [entries, _current_query(log, parts, cursor, limit, wanted)]
+    if spaces is None:
+        wanted = sorted(n for (n,) in (yield (log.q(SPACE_NAMES), ())))
     else:
-        (((horizon, end, dims),), rows, current) = yield [
-            meta, entries, _current_query(log, parts, cursor, limit, wanted)]
+        wanted = _space_names(spaces)
+    rows = yield (_page_statement(log, wanted), {
+        "parts": list(parts), "cursor": cursor, "limit": limit, "limit1": limit + 1})
+    meta = [r for r in rows if r[0] == _META]
+    ((_, horizon, end, dims),) = [r[:4] for r in meta]
     if cursor < horizon:
         raise ResyncRequired(cursor, int(horizon))
-    _check_known(log.schema, wanted, dims)
-    return PageRead(_assemble(rows, current, cursor, limit, int(end), wanted,
+    check_known(log.schema, wanted, dims)
+    entries = sorted((r[1], r[8], r[5], r[6], r[7], r[4]) for r in rows if r[0] == _ENTRY)
+    current = [r[5:] for r in rows if r[0] == _DOC]
+    return PageRead(_assemble(entries, current, cursor, limit, int(end), wanted,
                               {s: int(dims[s]) for s in wanted}), int(end))
 
 
-def _check_known(schema: str, wanted: Sequence[str], dims: Sequence[str]) -> None:
+SPACE_NAMES = "SELECT name FROM {s}.spaces"
+
+
+_DOC_NULLS = ("NULL::text, NULL::text, NULL::text, NULL::text, NULL::boolean, NULL::text, "
+              "NULL::text, NULL::jsonb, NULL::jsonb, NULL::jsonb, NULL::timestamptz, NULL::jsonb, "
+              "NULL::integer, NULL::integer, NULL::text[]")
+
+
+def _page_statement(log: ChangeLog, spaces: Sequence[str]) -> sql.Composed:
+    """kind, horizon | seq, end, dims, op, then the docs columns (`row_columns`); an
+    entry row fills object_type, object_id, node_kind and partition of those. The NULLs
+    of the first branch carry the types the UNION resolves to."""
+    vectors = sql.SQL("").join(sql.SQL(", NULL::vector") for _ in spaces)
+    return sql.SQL("""WITH e AS (
+    SELECT seq, partition, object_type, object_id, node_kind, op FROM {s}.changes
+    WHERE partition = ANY(%(parts)s) AND seq > %(cursor)s ORDER BY seq LIMIT %(limit1)s)
+SELECT 0, (SELECT coalesce(max(horizon), 0) FROM {s}.changelog_horizon)::bigint,
+    greatest((SELECT coalesce(max(seq), 0) FROM {s}.changes),
+             (SELECT coalesce(max(horizon), 0) FROM {s}.changelog_horizon))::bigint,
+    (SELECT coalesce(jsonb_object_agg(name, dim), '{{}}') FROM {s}.spaces), NULL::text,
+    {doc_nulls}{vectors}
+UNION ALL
+SELECT 1, seq, NULL, NULL, op::text, object_type, object_id, node_kind, partition,
+    NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL{vectors} FROM e
+UNION ALL
+SELECT 2, NULL, NULL, NULL, NULL, {cols} FROM {s}.docs
+WHERE (object_type, object_id, node_kind) IN (
+    SELECT object_type, object_id, node_kind FROM (SELECT * FROM e ORDER BY seq LIMIT %(limit)s) p)
+""").format(s=sql.Identifier(log.schema), cols=row_columns(spaces), doc_nulls=sql.SQL(_DOC_NULLS),
+            vectors=vectors)
+
+
+def check_known(schema: str, wanted: Sequence[str], dims: Sequence[str]) -> None:
+    """`UnknownSpaceError` unless every space of `wanted` is one of the server's `dims`."""
     unknown = [s for s in wanted if s not in dims]
     if unknown:
         raise UnknownSpaceError(
             f"space(s) {unknown} are not in {schema}.docs; the server has {sorted(dims) or 'none'}")
 
 
-_SPACE_NAMES = "SELECT name FROM {s}.spaces"
-
-
 def _space_names(spaces: Sequence[str] | str) -> list[str]:
     if isinstance(spaces, str):
         spaces = (spaces,)
     return [check_identifier(s, "embedding space") for s in dict.fromkeys(spaces)]
-
-
-def _current_query(log: ChangeLog, parts: tuple[str, ...], cursor: int, limit: int,
-                   spaces: Sequence[str]) -> tuple[sql.Composable, Sequence[Any]]:
-    """The docs rows of the keys of the page's entries (the same `limit` entries the
-    entries query reads, in the same snapshot). Vectors come as pgvector's binary form."""
-    return (sql.SQL(
-        "SELECT {cols} FROM {s}.docs WHERE (object_type, object_id, node_kind) IN "
-        "(SELECT object_type, object_id, node_kind FROM (SELECT object_type, object_id, "
-        "node_kind FROM {s}.changes WHERE partition = ANY(%s) AND seq > %s ORDER BY seq "
-        "LIMIT %s) e)").format(cols=row_columns(spaces), s=sql.Identifier(log.schema)),
-        (list(parts), cursor, limit))
 
 
 def _assemble(rows: list[tuple], current_rows: list[tuple], cursor: int, limit: int, end: int,
@@ -240,25 +257,23 @@ def vectors_le(raw: list[bytes | None], dim: int) -> list[bytes | None]:
 
 def read_page(conn: psycopg.Connection, schema: str, partitions: Sequence[str] | str,
               cursor: int, limit: int = 1000, spaces: Sequence[str] | None = None) -> PageRead:
-    """`read_page_gen` on a blocking connection: each step's statements go out together
-    (pipeline mode), so a page costs two round trips (three without `spaces`)."""
+    """`read_page_gen` on a blocking connection (autocommit, or idle in no transaction)."""
     gen = read_page_gen(schema, partitions, cursor, limit, spaces)
-    step = next(gen)
+    statement = next(gen)
+    check_idle(conn)
     try:
-        with conn.pipeline(), read_snapshot(conn):
+        with contextlib.nullcontext() if conn.autocommit else conn.transaction():
             while True:
-                cursors = []
-                for query, params in step:
-                    cur = conn.cursor(binary=True)
-                    cur.execute(query, params)
-                    cursors.append(cur)
+                with conn.cursor(binary=True) as cur:
+                    rows = cur.execute(*statement).fetchall()
                 try:
-                    step = gen.send([c.fetchall() for c in cursors])
+                    statement = gen.send(rows)
                 except StopIteration as done:
                     return done.value
     except psycopg.errors.UndefinedColumn:  # a requested space has no column
-        names = [n for (n,) in conn.execute(ChangeLog(schema).q(_SPACE_NAMES))]
-        _check_known(schema, _space_names(spaces or ()), names)
+        conn.rollback()
+        names = [n for (n,) in conn.execute(ChangeLog(schema).q(SPACE_NAMES))]
+        check_known(schema, _space_names(spaces or ()), names)
         raise
 
 
@@ -267,24 +282,23 @@ async def read_page_async(conn: psycopg.AsyncConnection, schema: str,
                           spaces: Sequence[str] | None = None) -> PageRead:
     """`read_page` on an async connection."""
     gen = read_page_gen(schema, partitions, cursor, limit, spaces)
-    step = next(gen)
+    statement = next(gen)
     check_idle(conn)
+    if not conn.autocommit:
+        raise ValidationError("read_page_async needs an autocommit connection")
     try:
-        async with conn.pipeline(), conn.transaction():
-            await conn.execute(SNAPSHOT)
-            while True:
-                cursors = []
-                for query, params in step:
-                    cur = conn.cursor(binary=True)
-                    await cur.execute(query, params)
-                    cursors.append(cur)
-                try:
-                    step = gen.send([await c.fetchall() for c in cursors])
-                except StopIteration as done:
-                    return done.value
+        while True:
+            async with conn.cursor(binary=True) as cur:
+                await cur.execute(*statement)
+                rows = await cur.fetchall()
+            try:
+                statement = gen.send(rows)
+            except StopIteration as done:
+                return done.value
     except psycopg.errors.UndefinedColumn:  # a requested space has no column
-        cur = await conn.execute(ChangeLog(schema).q(_SPACE_NAMES))
-        _check_known(schema, _space_names(spaces or ()), [n for (n,) in await cur.fetchall()])
+        await conn.rollback()
+        cur = await conn.execute(ChangeLog(schema).q(SPACE_NAMES))
+        check_known(schema, _space_names(spaces or ()), [n for (n,) in await cur.fetchall()])
         raise
 
 
@@ -293,7 +307,7 @@ def changes_since(conn: psycopg.Connection, schema: str, partitions: Sequence[st
     """The next page of `partitions`' changes after `cursor` (see the module docstring),
     with the vectors of `spaces` (None: every space the server has; ``()``: none).
 
-    Raises `ResyncRequired` when `cursor` is below the compaction horizon. `conn` must
-    have no open transaction; the page is read in one snapshot of its own.
+    Raises `ResyncRequired` when `cursor` is below the compaction horizon. The page is
+    read in one snapshot of its own (one statement); `conn` is best in autocommit.
     """
     return read_page(conn, schema, partitions, cursor, limit, spaces).page
