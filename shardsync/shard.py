@@ -178,10 +178,15 @@ def _upsert(c: sqlite3.Connection, row: ShardRow, now: str) -> CachedRow:
          row.source_updated_at.isoformat() if row.source_updated_at else None,
          json.dumps(row.tf, separators=(",", ":")), row.len_title, row.len_body,
          json.dumps(list(row.pending)), now)).fetchone()
-    c.execute("DELETE FROM docs_fts WHERE rowid = ?", (doc_id,))
-    if row.tf:
-        c.execute("INSERT INTO docs_fts (rowid, terms) VALUES (?, ?)",
-                  (doc_id, " ".join(map(fts_token, row.tf))))
+    # FTS5 re-tokenises both the old and the new text to update its index: skip it when
+    # the terms did not change (an update of payload, attrs or vectors only).
+    terms = " ".join(map(fts_token, row.tf)) if row.tf else None
+    old = c.execute("SELECT terms FROM docs_fts WHERE rowid = ?", (doc_id,)).fetchone()
+    if old is None or old[0] != terms:
+        if old is not None:
+            c.execute("DELETE FROM docs_fts WHERE rowid = ?", (doc_id,))
+        if terms is not None:
+            c.execute("INSERT INTO docs_fts (rowid, terms) VALUES (?, ?)", (doc_id, terms))
     c.execute("DELETE FROM vectors WHERE doc_id = ?", (doc_id,))
     c.executemany("INSERT INTO vectors (doc_id, space, vec) VALUES (?, ?, ?)",
                   [(doc_id, s, bytes(v)) for s, v in row.vectors.items()])

@@ -126,9 +126,9 @@ def decode_entry(obj: Any, where: str = "entry") -> Entry:
             raise _fail(f"{where}.source_updated_at is not an ISO timestamp") from None
     tf_raw = _get(obj, "tf", dict, where)
     tf: dict[str, tuple[int, int]] = {}
-    for term, counts in tf_raw.items():
-        if (not isinstance(counts, list) or len(counts) != 2
-                or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts)):
+    for term, counts in tf_raw.items():  # json.loads gives exact types: bool is not int here
+        if type(counts) is not list or len(counts) != 2 or type(counts[0]) is not int \
+                or type(counts[1]) is not int:
             raise _fail(f"{where}.tf[{term!r}] is not [title_tf, body_tf]")
         tf[term] = (counts[0], counts[1])
     vectors: dict[str, bytes] = {}

@@ -11,7 +11,7 @@ import textwrap
 
 import psycopg
 import pytest
-from slipstream.index import HashingEmbedder, SearchIndex, SQLiteBackend
+from slipstream.index import HashingEmbedder, IndexDoc, SearchIndex, SQLiteBackend
 from slipstream.index.errors import DimensionMismatchError, ValidationError
 from slipstream.shardsync import shard as shard_module
 from slipstream.shardsync.errors import ShardFormatError
@@ -108,6 +108,25 @@ def test_applying_a_page_again_changes_nothing(writer: LogWriter, pg_dsn: str, t
         overlap = changes_since(conn, "slipstream", ["A"], start, 100, ["local"])
     apply_page(shard, overlap)
     assert shard_rows(shard) == server_rows(pg_dsn, ["A"], ["local"])
+
+
+def test_updates_keep_the_text_index_exact_whether_the_terms_changed_or_not(
+        writer: LogWriter, pg_dsn: str, tmp_path) -> None:
+    writer.apply([doc("1", "A", "apple"), doc("2", "A", "pear"), doc("3", "A", "plum")])
+    shard = exported(pg_dsn, ["A"], tmp_path / "a.db")
+    index = SearchIndex(shard, HashingEmbedder(DIM))
+    assert {r.key[1] for r in index.search("plum", partition="A", mode="precision")} == {"3"}
+    writer.apply([doc("1", "A", "apple", payload={"v": 2}),  # same terms, new payload
+                  doc("2", "A", "quince"),                   # new terms
+                  IndexDoc("note", "3", "leaf", title="", body="", partition="A")])  # no terms
+    sync(shard, pg_dsn, ["A"])
+    assert shard_rows(shard) == server_rows(pg_dsn, ["A"], ["local"])  # checks the FTS rows
+    shard.connection.execute("INSERT INTO docs_fts (docs_fts) VALUES ('integrity-check')")
+    assert shard.connection.execute("SELECT count(*) FROM docs_fts").fetchone() == (2,)
+    hits = lambda q: {r.key[1] for r in index.search(q, partition="A", mode="precision")}
+    assert hits("apple") == {"1"} and hits("quince") == {"2"}
+    assert hits("pear") == set() and hits("plum") == set()
+    shard.close()
 
 
 def test_bad_pages_are_refused_before_anything_is_written(writer: LogWriter, pg_dsn: str,

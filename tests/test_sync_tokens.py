@@ -116,6 +116,10 @@ def test_pages_round_trip_exactly_vectors_bit_for_bit():
     b'{"entries": [{"op": "x", "key": ["a","b","c"], "partition": "p"}], "next_cursor": 1, "has_more": false}',
     b'{"entries": [{"op": "d", "key": ["a","b"], "partition": "p"}], "next_cursor": 1, "has_more": false}',
     b'{"entries": [], "next_cursor": true, "has_more": false}',
+    *(b'{"entries": [{"op": "u", "key": ["a","b","c"], "partition": "p", "title": "", "body": "", '
+      b'"keywords": [], "payload": {}, "attrs": {}, "tf": {"t": ' + counts + b'}, "len_title": 1, '
+      b'"len_body": 0, "vectors": {}}], "next_cursor": 1, "has_more": false}'
+      for counts in (b"[true, 0]", b"[1, 0.5]", b"[1]", b"[1, 0, 2]", b'"1,0"', b"[1, null]")),
 ])
 def test_malformed_pages_raise_a_typed_error(bad):
     with pytest.raises(WireFormatError, match="malformed page"):
