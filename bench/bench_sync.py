@@ -4,7 +4,8 @@
     python bench/bench_sync.py --export-rows 10000 50000 --latency-seconds 10 --devices 1000
 
 * Export: `export_shard` of a 10k and a 50k-row partition (384-d vectors), rows/s and
-  file size; and the same shard downloaded over HTTP from `/v1/snapshot` (gzip).
+  file size; and the same shard downloaded over HTTP from `/v1/snapshot`, gzip and as is
+  (``Accept-Encoding: identity``).
 * Delta: 2,000 updates pulled as pages over HTTP: bytes on the wire per change (gzip
   JSON) against the raw row (title + body + keywords + payload + attrs + float32
   vector), and changes/s applied on the device (decode + `apply_page`).
@@ -167,21 +168,21 @@ def export_phase(dsn: str, sizes: list[int], serve: Serve, workdir: Path, table:
             t = time.perf_counter() - started
         size = path.stat().st_size
         table.append((f"Export {n:,} rows (384-d) with export_shard", f"{n / t:,.0f} rows/s",
-                      f"{t:.2f} s, {size / 1e6:.1f} MB", ""))
-        out = workdir / f"download-{n}.db"
-        wire = [0]
-        with httpx.Client(headers={"authorization": f"Bearer {issue_token(SECRET, [f'p{n}'])}"},
-                          timeout=300) as http:
-            started = time.perf_counter()
-            with http.stream("GET", f"{serve.url}/v1/snapshot", params={"spaces": "local"}) as r:
-                r.raise_for_status()
-                with open(out, "wb") as f:
-                    f.writelines(r.iter_bytes())
-                wire[0] = r.num_bytes_downloaded
-            t = time.perf_counter() - started
-        table.append((f"Snapshot of {n:,} rows over HTTP (export + gzip + download)",
-                      f"{n / t:,.0f} rows/s", f"{t:.2f} s, {wire[0] / 1e6:.1f} MB on the wire",
-                      ""))
+                      f"{t:.2f} s, {size / 1e6:.1f} MB", f"load {os.getloadavg()[0]:.1f}"))
+        for encoding in ("gzip", "identity"):
+            out = workdir / f"download-{n}.db"
+            with httpx.Client(headers={"authorization": f"Bearer {issue_token(SECRET, [f'p{n}'])}",
+                                       "accept-encoding": encoding}, timeout=300) as http:
+                started = time.perf_counter()
+                with http.stream("GET", f"{serve.url}/v1/snapshot", params={"spaces": "local"}) as r:
+                    r.raise_for_status()
+                    with open(out, "wb") as f:
+                        f.writelines(r.iter_bytes())
+                    wire = r.num_bytes_downloaded
+                t = time.perf_counter() - started
+            table.append((f"Snapshot of {n:,} rows over HTTP ({encoding}: export + send + write)",
+                          f"{n / t:,.0f} rows/s", f"{t:.2f} s, {wire / 1e6:.1f} MB on the wire",
+                          f"load {os.getloadavg()[0]:.1f}"))
 
 
 def delta_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve, workdir: Path,

@@ -133,7 +133,8 @@ class SyncClient:
     def __init__(self, url: str, token: str, path: str | os.PathLike[str], *,
                  partitions: Sequence[str] | None = None, spaces: Sequence[str] | None = None,
                  limit: int = 1000, retry: object | None = None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None,
+                 compress_snapshot: bool = True) -> None:
         self.url = url.rstrip("/")
         self.path = Path(path)
         self.partitions = tuple(partitions) if partitions else ()
@@ -141,6 +142,9 @@ class SyncClient:
         self.limit = limit
         self.retry = retry if retry is not None else SyncRetryPolicy()
         self.timeout = timeout
+        # gzip halves a snapshot on the wire but costs the server ~20 ns a byte; on a fast
+        # link (a LAN, the same host) the file arrives sooner uncompressed.
+        self.compress_snapshot = compress_snapshot
         self._http = httpx.Client(headers={"authorization": f"Bearer {token}"},
                                   timeout=httpx.Timeout(timeout, connect=10.0),
                                   transport=transport)
@@ -201,7 +205,9 @@ class SyncClient:
         """Fetch a snapshot into a new temporary file beside `path`; returns that file."""
         tmp = self.path.with_name(f"{self.path.name}{DOWNLOAD_SUFFIX}-{uuid.uuid4().hex[:8]}")
         try:
+            encoding = "gzip" if self.compress_snapshot else "identity"
             with self._http.stream("GET", f"{self.url}/v1/snapshot", params=self._params(),
+                                   headers={"accept-encoding": encoding},
                                    timeout=httpx.Timeout(self.timeout, connect=10.0,
                                                          read=max(self.timeout, 300.0))) as r:
                 _check(r)

@@ -449,7 +449,7 @@ class SyncServer:
         except _UNAVAILABLE as exc:
             return _unavailable(exc)
         size = os.path.getsize(path)
-        gzip_ok = "gzip" in request.headers.get("accept-encoding", "").lower()
+        gzip_ok = accepts_gzip(request.headers.get("accept-encoding"))
         headers = {CURSOR_HEADER: str(cursor), "cache-control": "no-store",
                    "slipstream-shard-bytes": str(size), "vary": "accept-encoding"}
         if gzip_ok:

@@ -395,6 +395,27 @@ class CutOnce(httpx.HTTPTransport):
                               request=request, extensions=response.extensions)
 
 
+def test_a_snapshot_travels_gzip_or_as_is_as_the_client_asks(server, writer, tmp_path):
+    writer.apply([doc(str(i), "A", text(i)) for i in range(40)])
+    auth = {"authorization": f"Bearer {token('A')}"}
+    with httpx.Client(headers=auth, timeout=30) as http:
+        plain = http.get(f"{server.url}/v1/snapshot", headers={"accept-encoding": "identity"})
+        packed = http.get(f"{server.url}/v1/snapshot", headers={"accept-encoding": "gzip"})
+    assert plain.status_code == packed.status_code == 200
+    assert "content-encoding" not in plain.headers
+    assert int(plain.headers["content-length"]) == int(plain.headers["slipstream-shard-bytes"])
+    assert len(plain.content) == int(plain.headers["slipstream-shard-bytes"])
+    assert packed.headers["content-encoding"] == "gzip" and packed.num_bytes_downloaded < len(
+        packed.content)
+    for name, response in (("plain.db", plain), ("packed.db", packed)):
+        (tmp_path / name).write_bytes(response.content)
+        assert_same_as_server(writer.dsn, tmp_path / name)
+    path = tmp_path / "a.db"
+    with client(server, token("A"), path, compress_snapshot=False) as c:
+        assert c.sync().snapshot
+    assert_same_as_server(writer.dsn, path)
+
+
 def test_a_snapshot_cut_mid_download_is_retried_and_leaves_no_partial_file(
         server, writer, tmp_path):
     writer.apply([doc(str(i), "A", text(i) * 20) for i in range(200)])
