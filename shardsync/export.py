@@ -1,14 +1,17 @@
 """Shard export: a partition's live rows, from one consistent snapshot, into a new shard file.
 
 `export_shard` reads ``docs`` inside one REPEATABLE READ transaction as one streamed
-``COPY ... TO STDOUT`` (consumed and written in batches of `BATCH_ROWS`, so memory
-stays bounded whatever the partition's size), writes the rows as stored — the server's analysed term counts, not
-a re-analysis; the vectors of the requested spaces only — and sets ``meta.cursor`` to
-the last change-log seq visible in that same snapshot. Pages read from that cursor
-therefore continue exactly where the shard ends.
+binary ``COPY ... TO STDOUT``, writes the rows as stored — the server's analysed term
+counts, not a re-analysis; the vectors of the requested spaces only, converted to
+little-endian a batch at a time — and sets ``meta.cursor`` to the last change-log seq
+visible in that same snapshot. Pages read from that cursor therefore continue exactly
+where the shard ends.
 
-The file is built beside `path` under a temporary name and renamed over `path` only
-when complete and synced, so `path` is never a half-written shard.
+The rows are parsed in batches of `BATCH_ROWS` on the caller's thread and written by a
+second thread (`_Writer`) while the next batch is read; at most `QUEUE_BATCHES` wait
+between them, so memory stays bounded whatever the partition's size. The file is built
+beside `path` under a temporary name (no journal: a failure throws it away) and renamed
+over `path` only when complete and synced, so `path` is never a half-written shard.
 """
 
 from __future__ import annotations
