@@ -65,6 +65,19 @@ def test_no_spaces_means_no_vectors_and_both_spaces_come_when_asked(writer: LogW
         changes_since(conn, "slipstream", "A", 0, spaces=["nope"])
 
 
+def test_only_spaces_the_server_lists_are_read_not_any_column(writer: LogWriter, conn) -> None:
+    """A space name is checked against the spaces table: a column of the same shape (a
+    re-embedding's shadow column, say) is not a space, and the page says so."""
+    writer.apply([doc("1", "A", "apple pie")])
+    conn.execute("ALTER TABLE slipstream.docs ADD COLUMN emb_ghost vector(4)")
+    for spaces in (["ghost"], ["local", "nope"]):
+        with pytest.raises(UnknownSpaceError, match="are not in slipstream.docs"):
+            changes_since(conn, "slipstream", "A", 0, spaces=spaces)
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    (row,) = changes_since(conn, "slipstream", "A", 0, spaces=["local"]).entries
+    assert set(row.vectors) == {"local"}
+
+
 def test_a_delete_is_a_tombstone(writer: LogWriter, conn) -> None:
     writer.apply([doc("1", "A", "apple"), doc("2", "A", "pear")])
     cursor = changes_since(conn, "slipstream", "A", 0).next_cursor
@@ -123,3 +136,8 @@ def test_a_connection_inside_a_transaction_is_refused(writer: LogWriter, pg_dsn:
         c.execute("SELECT 1")
         with pytest.raises(ValidationError, match="no open transaction"):
             changes_since(c, "slipstream", "A", 0)
+        c.rollback()  # idle, not autocommit: each page is read in a transaction of its own
+        writer.apply([doc("1", "A", "apple")])
+        for _ in range(2):
+            assert [e.key[1] for e in changes_since(c, "slipstream", "A", 0).entries] == ["1"]
+            assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
