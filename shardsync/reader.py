@@ -22,6 +22,7 @@ apply writer commits seqs in order, so every seq up to it is visible).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -277,6 +278,17 @@ def read_page(conn: psycopg.Connection, schema: str, partitions: Sequence[str] |
         raise
 
 
+INLINE_ROWS = 64
+
+
+def _advance(gen: Generator, rows: list[tuple]) -> tuple[bool, Any]:
+    """(False, next statement) or (True, the result): StopIteration cannot cross a thread."""
+    try:
+        return False, gen.send(rows)
+    except StopIteration as done:
+        return True, done.value
+
+
 async def read_page_async(conn: psycopg.AsyncConnection, schema: str,
                           partitions: Sequence[str] | str, cursor: int, limit: int = 1000,
                           spaces: Sequence[str] | None = None) -> PageRead:
@@ -291,10 +303,12 @@ async def read_page_async(conn: psycopg.AsyncConnection, schema: str,
             async with conn.cursor(binary=True) as cur:
                 await cur.execute(*statement)
                 rows = await cur.fetchall()
-            try:
-                statement = gen.send(rows)
-            except StopIteration as done:
-                return done.value
+            # Turning many rows into entries takes milliseconds: off the event loop.
+            done, value = (_advance(gen, rows) if len(rows) <= INLINE_ROWS
+                           else await asyncio.to_thread(_advance, gen, rows))
+            if done:
+                return value
+            statement = value
     except psycopg.errors.UndefinedColumn:  # a requested space has no column
         await conn.rollback()
         cur = await conn.execute(ChangeLog(schema).q(SPACE_NAMES))

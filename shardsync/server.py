@@ -20,7 +20,8 @@ compaction horizon and 409 ``resync_required`` for a cursor beyond the end of th
 
 The server keeps no state of its own, so several can run behind a load balancer.
 Requests query Postgres on psycopg's async connections (an `AsyncConnectionPool`); a
-page is read in one snapshot with its statements pipelined. A waiting long-poll holds
+page is one statement (one snapshot, one round trip), and a large one is turned into
+entries and encoded in a worker thread, off the event loop. A waiting long-poll holds
 no database connection: one async LISTEN connection per process (`ChangeNotifier`)
 wakes the waiters whose partitions changed. A snapshot is written by `export_shard`
 (blocking: SQLite) in a worker thread, on a connection of its own.

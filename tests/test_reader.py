@@ -141,3 +141,25 @@ def test_a_connection_inside_a_transaction_is_refused(writer: LogWriter, pg_dsn:
         for _ in range(2):
             assert [e.key[1] for e in changes_since(c, "slipstream", "A", 0).entries] == ["1"]
             assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+@pytest.mark.parametrize("n", [3, 80])
+def test_the_async_driver_reads_the_same_page_as_the_blocking_one(writer: LogWriter, conn,
+                                                                 pg_dsn: str, n: int) -> None:
+    """Small pages are assembled on the event loop, large ones in a thread: same page."""
+    import asyncio
+
+    from slipstream.shardsync import reader
+
+    writer.apply([doc(str(i), "AB"[i % 2], "apple pear") for i in range(n)])
+    writer.apply(deletes=[("note", "0", "leaf")])
+
+    async def read(spaces):
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as aconn:
+            return await reader.read_page_async(aconn, "slipstream", ["A"], 0, 1000, spaces)
+
+    for spaces in (["local"], None):
+        got = asyncio.run(read(spaces))
+        assert got == reader.read_page(conn, "slipstream", ["A"], 0, 1000, spaces)
+        assert len(got.page.entries) == (n + 1) // 2 and got.end == got.page.next_cursor
+    assert (n + 2 > reader.INLINE_ROWS) == (n == 80)  # ~n + 2 rows: both paths are taken
