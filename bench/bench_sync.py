@@ -27,6 +27,7 @@ import contextlib
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -507,6 +508,7 @@ def main() -> None:
             if serve is not None:
                 serve.stop()
             backend.close()
+            shutil.rmtree(workdir, ignore_errors=True)  # shards of up to hundreds of MB
     print_table(f"slipstream sync benchmark — {platform.machine()}, {os.cpu_count()} cores "
                 f"(shared), Python {platform.python_version()}, embedded PostgreSQL 18",
                 ("what", "result", "detail", ""), table)
