@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -135,6 +136,8 @@ class PostgresBackend(EmbeddingState):
         self._cache_rows: dict[str, int] = {}
         self._s = sql.Identifier(self.schema)
         self._staged_on: dict[int, psycopg.Connection] = {}  # connections with a staging table
+        self._write_sql_cache: dict[tuple[str, ...], _WriteSQL] = {}  # spaces -> statements
+        self._tombstone_sql: tuple[tuple[str, ...], bytes] | None = None
         if isinstance(conninfo, ConnectionPool):
             self._pool, self._owns_pool = conninfo, False
         else:
@@ -245,6 +248,32 @@ class PostgresBackend(EmbeddingState):
             ))
         if not rows:
             return
+        q = self._write_sql(tuple(spaces))
+        with self._writing(conn) as c:
+            if len(rows) < COPY_THRESHOLD:
+                with c.cursor() as cur:
+                    if len(rows) == 1:
+                        cur.execute(q.upsert, rows[0])
+                    else:
+                        cur.executemany(q.upsert, rows)
+                return
+            # Large batches: binary COPY into a session staging table, then one upsert.
+            if self._staged_on.get(id(c)) is not c:
+                c.execute(q.stage)
+                self._staged_on[id(c)] = c
+            with c.cursor().copy(q.copy) as copy:
+                copy.set_types(q.types)
+                for row in rows:
+                    copy.write_row(row)
+            c.execute(q.upsert_staged)
+            c.execute(q.truncate_stage)
+
+    def _write_sql(self, spaces: tuple[str, ...]) -> _WriteSQL:
+        """The statements `write` runs for these spaces, composed once (composing them is a
+        measurable share of a small batch's cost) and kept as bytes."""
+        cached = self._write_sql_cache.get(spaces)
+        if cached is not None:
+            return cached
         emb_cols = [sql.Identifier(f"emb_{s}") for s in spaces]
         columns = sql.SQL(", ").join([
             sql.Identifier(c) for c in (
@@ -267,38 +296,28 @@ class PostgresBackend(EmbeddingState):
                 "partition", "title", "body", "keywords", "payload", "attrs", "source_updated_at",
                 "tf", "tsv", "len_title", "len_body", "pending_spaces", "doc_hash", "embed_hashes",
                 "pending_error")] + [sql.SQL("pending_tried_at = NULL")] + keeps)
-        stmt = sql.SQL(
-            "INSERT INTO {s}.docs AS cur ({columns}) VALUES ({values}) "
-            "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
-            "deleted = false, updated_at = now()"
-        ).format(s=self._s, columns=columns, values=values, updates=updates)
-        with self._writing(conn) as c:
-            if len(rows) < COPY_THRESHOLD:
-                with c.cursor() as cur:
-                    cur.executemany(stmt, rows)
-                return
-            # Large batches: binary COPY into a session staging table, then one upsert.
-            stage = sql.Identifier(f"slipstream_stage2_{self.schema}")
-            if self._staged_on.get(id(c)) is not c:
-                c.execute(sql.SQL(
-                    "CREATE TEMP TABLE IF NOT EXISTS {t} (object_type text, object_id text, "
-                    "node_kind text, partition text, title text, body text, keywords jsonb, "
-                    "payload jsonb, attrs jsonb, source_updated_at timestamptz, tf jsonb, "
-                    "terms text[], len_title int, len_body int, pending_spaces text[], "
-                    "doc_hash text, embed_hashes jsonb, pending_error text{vecs}) "
-                    "ON COMMIT DELETE ROWS").format(t=stage, vecs=sql.SQL("").join(
-                        sql.SQL(", {c} vector({d})").format(c=sql.Identifier(f"emb_{sp}"),
-                                                            d=sql.Literal(self.spaces[sp]))
-                        for sp in spaces)))
-                self._staged_on[id(c)] = c
-            types = ["text"] * 6 + ["jsonb"] * 3 + ["timestamptz", "jsonb", "text[]", "int4", "int4",
-                                                      "text[]", "text", "jsonb", "text"
-                                                      ] + ["vector"] * len(spaces)
-            with c.cursor().copy(sql.SQL("COPY {t} FROM STDIN (FORMAT BINARY)").format(t=stage)) as copy:
-                copy.set_types(types)
-                for row in rows:
-                    copy.write_row(row)
-            c.execute(sql.SQL(
+        stage = sql.Identifier(f"slipstream_stage2_{self.schema}")
+        out = _WriteSQL(
+            upsert=sql.SQL(
+                "INSERT INTO {s}.docs AS cur ({columns}) VALUES ({values}) "
+                "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
+                "deleted = false, updated_at = now()"
+            ).format(s=self._s, columns=columns, values=values, updates=updates).as_bytes(None),
+            stage=sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {t} (object_type text, object_id text, "
+                "node_kind text, partition text, title text, body text, keywords jsonb, "
+                "payload jsonb, attrs jsonb, source_updated_at timestamptz, tf jsonb, "
+                "terms text[], len_title int, len_body int, pending_spaces text[], "
+                "doc_hash text, embed_hashes jsonb, pending_error text{vecs}) "
+                "ON COMMIT DELETE ROWS").format(t=stage, vecs=sql.SQL("").join(
+                    sql.SQL(", {c} vector({d})").format(c=sql.Identifier(f"emb_{sp}"),
+                                                        d=sql.Literal(self.spaces[sp]))
+                    for sp in spaces)).as_bytes(None),
+            copy=sql.SQL("COPY {t} FROM STDIN (FORMAT BINARY)").format(t=stage).as_bytes(None),
+            types=tuple(["text"] * 6 + ["jsonb"] * 3 + [
+                "timestamptz", "jsonb", "text[]", "int4", "int4", "text[]", "text", "jsonb", "text"
+            ] + ["vector"] * len(spaces)),
+            upsert_staged=sql.SQL(
                 "INSERT INTO {s}.docs AS cur ({columns}) SELECT object_type, object_id, node_kind, "
                 "partition, title, body, keywords, payload, attrs, source_updated_at, tf, "
                 "array_to_tsvector(terms), len_title, len_body, pending_spaces, doc_hash, "
@@ -306,8 +325,10 @@ class PostgresBackend(EmbeddingState):
                 "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
                 "deleted = false, updated_at = now()").format(
                     s=self._s, columns=columns, t=stage, updates=updates,
-                    vecs=sql.SQL("").join(sql.SQL(", ") + col for col in emb_cols)))
-            c.execute(sql.SQL("TRUNCATE {t}").format(t=stage))
+                    vecs=sql.SQL("").join(sql.SQL(", ") + col for col in emb_cols)).as_bytes(None),
+            truncate_stage=sql.SQL("TRUNCATE {t}").format(t=stage).as_bytes(None))
+        self._write_sql_cache[spaces] = out
+        return out
 
     def _tombstone_set(self) -> sql.Composed:
         """The SET list that strips a row to a tombstone: key and partition stay."""
@@ -334,14 +355,17 @@ class PostgresBackend(EmbeddingState):
         """Tombstone the given rows (exact keys) in one statement; returns how many changed."""
         if not keys:
             return 0
-        stmt = sql.SQL(
-            "UPDATE {s}.docs AS d SET {tomb} "
-            "FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
-            "WHERE d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n AND NOT d.deleted"
-        ).format(s=self._s, tomb=self._tombstone_set())
+        spaces = tuple(self.spaces)
+        if self._tombstone_sql is None or self._tombstone_sql[0] != spaces:
+            self._tombstone_sql = (spaces, sql.SQL(
+                "UPDATE {s}.docs AS d SET {tomb} "
+                "FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
+                "WHERE d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n "
+                "AND NOT d.deleted").format(s=self._s, tomb=self._tombstone_set()).as_bytes(None))
         cols = list(zip(*keys))
         with self._writing(conn) as c:
-            return c.execute(stmt, [list(cols[0]), list(cols[1]), list(cols[2])]).rowcount
+            return c.execute(self._tombstone_sql[1], [list(cols[0]), list(cols[1]),
+                                                      list(cols[2])]).rowcount
 
     def set_vectors(self, space: str, rows: Sequence[tuple[DocKey, Any]],
                     conn: psycopg.Connection | None = None,
@@ -533,6 +557,18 @@ class PostgresBackend(EmbeddingState):
         out["vectors"] = {s: _as_array(v) for s, v in out["vectors"].items()
                           if v is not None}
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class _WriteSQL:
+    """`PostgresBackend.write`'s statements for one set of spaces, as query bytes."""
+
+    upsert: bytes
+    stage: bytes
+    copy: bytes
+    types: tuple[str, ...]
+    upsert_staged: bytes
+    truncate_stage: bytes
 
 
 def _configure(conn: psycopg.Connection) -> None:

@@ -158,9 +158,15 @@ class WorkerState:
         self.schema = check_identifier(schema, "schema")
         self._s = sql.Identifier(self.schema)
         self.changelog = ChangeLog(self.schema)
+        self._queries: dict[str, bytes] = {}
 
-    def q(self, text: str) -> sql.Composed:
-        return sql.SQL(text).format(s=self._s)
+    def q(self, text: str) -> bytes:
+        """`text` with {s} as this schema, composed once per text and kept as query bytes
+        (the apply transaction runs the same few statements for every batch)."""
+        query = self._queries.get(text)
+        if query is None:
+            query = self._queries[text] = sql.SQL(text).format(s=self._s).as_bytes(None)
+        return query
 
     def migrate(self, conn: psycopg.Connection) -> None:
         """Create or upgrade the worker tables. Idempotent; serialised by an advisory lock."""
