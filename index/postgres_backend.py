@@ -232,23 +232,11 @@ class PostgresBackend(EmbeddingState):
         Rows marked `unchanged` are skipped. A space listed in a row's `keep` keeps the
         vector stored for the same text (decided against the stored text hash, in SQL).
         """
-        spaces = list(self.spaces)
-        rows = []
-        for p in docs:
-            if p.unchanged:
-                continue
-            d = p.doc
-            vectors = [check_vector(s, self.spaces, p.vectors[s]) if p.vectors.get(s) is not None
-                       else None for s in spaces]
-            rows.append((
-                d.object_type, d.object_id, d.node_kind, d.partition, d.title, d.body,
-                Jsonb(list(d.keywords)), Jsonb(d.payload), Jsonb(d.attrs), d.source_updated_at,
-                Jsonb(p.lexical.tf), p.lexical.terms, p.lexical.len_title, p.lexical.len_body,
-                list(p.pending), p.fingerprint, Jsonb(dict(p.hashes)), p.error, *vectors,
-            ))
+        spaces = tuple(self.spaces)
+        rows = [self._row(p, spaces, None) for p in docs if not p.unchanged]
         if not rows:
             return
-        q = self._write_sql(tuple(spaces))
+        q = self._write_sql(spaces)
         with self._writing(conn) as c:
             if len(rows) < COPY_THRESHOLD:
                 with c.cursor() as cur:
@@ -268,6 +256,38 @@ class PostgresBackend(EmbeddingState):
             c.execute(q.upsert_staged)
             c.execute(q.truncate_stage)
 
+    def write_statements(self, docs: Sequence[PreparedDoc]) -> list[tuple[bytes, list[Any]]]:
+        """`write`'s effect as (query, params) for a caller that sends a whole transaction
+        as one query with the parameters bound on the client: one multi-row upsert whose
+        vectors are text literals (exact: nine significant digits identify a float32).
+        Meant for a few rows; `write` is cheaper for many."""
+        spaces = tuple(self.spaces)
+        params: list[Any] = []
+        n = 0
+        for p in docs:
+            if not p.unchanged:
+                params += self._row(p, spaces, vector_text)
+                n += 1
+        if not n:
+            return []
+        q = self._write_sql(spaces)
+        return [(q.upsert_head + b", ".join([q.text_row] * n) + q.upsert_tail, params)]
+
+    def _row(self, p: PreparedDoc, spaces: tuple[str, ...], as_text) -> tuple:
+        d = p.doc
+        vectors = []
+        for sp in spaces:
+            v = p.vectors.get(sp)
+            if v is not None:
+                v = check_vector(sp, self.spaces, v)
+                if as_text is not None:
+                    v = as_text(v)
+            vectors.append(v)
+        return (d.object_type, d.object_id, d.node_kind, d.partition, d.title, d.body,
+                Jsonb(list(d.keywords)), Jsonb(d.payload), Jsonb(d.attrs), d.source_updated_at,
+                Jsonb(p.lexical.tf), p.lexical.terms, p.lexical.len_title, p.lexical.len_body,
+                list(p.pending), p.fingerprint, Jsonb(dict(p.hashes)), p.error, *vectors)
+
     def _write_sql(self, spaces: tuple[str, ...]) -> _WriteSQL:
         """The statements `write` runs for these spaces, composed once (composing them is a
         measurable share of a small batch's cost) and kept as bytes."""
@@ -284,6 +304,9 @@ class PostgresBackend(EmbeddingState):
         values = sql.SQL(", ").join(
             [sql.Placeholder()] * 11 + [sql.SQL("array_to_tsvector(%s::text[])")]
             + [sql.Placeholder()] * (6 + len(spaces)))
+        text_values = sql.SQL(", ").join(
+            [sql.Placeholder()] * 11 + [sql.SQL("array_to_tsvector(%s::text[])")]
+            + [sql.Placeholder()] * 6 + [sql.SQL("%s::vector")] * len(spaces))
         # Same text as stored (and not pending): keep the stored vector; nothing was sent.
         keeps = [sql.SQL(
             "{c} = CASE WHEN excluded.{c} IS NULL AND NOT cur.deleted "
@@ -297,12 +320,16 @@ class PostgresBackend(EmbeddingState):
                 "tf", "tsv", "len_title", "len_body", "pending_spaces", "doc_hash", "embed_hashes",
                 "pending_error")] + [sql.SQL("pending_tried_at = NULL")] + keeps)
         stage = sql.Identifier(f"slipstream_stage2_{self.schema}")
+        head = sql.SQL("INSERT INTO {s}.docs AS cur ({columns}) VALUES ").format(
+            s=self._s, columns=columns).as_bytes(None)
+        tail = sql.SQL(
+            " ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
+            "deleted = false, updated_at = now()").format(updates=updates).as_bytes(None)
         out = _WriteSQL(
-            upsert=sql.SQL(
-                "INSERT INTO {s}.docs AS cur ({columns}) VALUES ({values}) "
-                "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
-                "deleted = false, updated_at = now()"
-            ).format(s=self._s, columns=columns, values=values, updates=updates).as_bytes(None),
+            upsert=head + b"(" + values.as_bytes(None) + b")" + tail,
+            upsert_head=head,
+            text_row=b"(" + text_values.as_bytes(None) + b")",
+            upsert_tail=tail,
             stage=sql.SQL(
                 "CREATE TEMP TABLE IF NOT EXISTS {t} (object_type text, object_id text, "
                 "node_kind text, partition text, title text, body text, keywords jsonb, "
@@ -355,6 +382,14 @@ class PostgresBackend(EmbeddingState):
         """Tombstone the given rows (exact keys) in one statement; returns how many changed."""
         if not keys:
             return 0
+        ((query, params),) = self.tombstone_statements(keys)
+        with self._writing(conn) as c:
+            return c.execute(query, params).rowcount
+
+    def tombstone_statements(self, keys: Sequence[DocKey]) -> list[tuple[bytes, list[Any]]]:
+        """`tombstone_many`'s statement as (query, params); none for no keys."""
+        if not keys:
+            return []
         spaces = tuple(self.spaces)
         if self._tombstone_sql is None or self._tombstone_sql[0] != spaces:
             self._tombstone_sql = (spaces, sql.SQL(
@@ -363,9 +398,7 @@ class PostgresBackend(EmbeddingState):
                 "WHERE d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n "
                 "AND NOT d.deleted").format(s=self._s, tomb=self._tombstone_set()).as_bytes(None))
         cols = list(zip(*keys))
-        with self._writing(conn) as c:
-            return c.execute(self._tombstone_sql[1], [list(cols[0]), list(cols[1]),
-                                                      list(cols[2])]).rowcount
+        return [(self._tombstone_sql[1], [list(cols[0]), list(cols[1]), list(cols[2])])]
 
     def set_vectors(self, space: str, rows: Sequence[tuple[DocKey, Any]],
                     conn: psycopg.Connection | None = None,
@@ -564,11 +597,26 @@ class _WriteSQL:
     """`PostgresBackend.write`'s statements for one set of spaces, as query bytes."""
 
     upsert: bytes
+    upsert_head: bytes  # `upsert` in three parts, for a multi-row VALUES list
+    text_row: bytes  # one row of it, vectors given as text
+    upsert_tail: bytes
     stage: bytes
     copy: bytes
     types: tuple[str, ...]
     upsert_staged: bytes
     truncate_stage: bytes
+
+
+_VECTOR_FORMATS: dict[int, str] = {}
+
+
+def vector_text(vector: np.ndarray) -> str:
+    """A float32 vector as pgvector's text input, exactly: nine significant digits tell
+    every float32 apart, and pgvector reads them back with strtof."""
+    fmt = _VECTOR_FORMATS.get(len(vector))
+    if fmt is None:
+        fmt = _VECTOR_FORMATS[len(vector)] = "[" + ",".join(["%.9g"] * len(vector)) + "]"
+    return fmt % tuple(vector.tolist())
 
 
 def _configure(conn: psycopg.Connection) -> None:

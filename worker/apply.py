@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from slipstream.index import IndexDoc, SearchIndex
@@ -269,21 +270,32 @@ class Applier:
                 partial_offset=batch.partial[1] if batch.partial else 0,
                 last_seq=cp.last_seq + len(entries),
             )
-        small = len(planned.prepared) < COPY_THRESHOLD and len(entries) < COPY_MIN_ROWS
-        # A small batch goes out in one pipeline, BEGIN and COMMIT included: two round
-        # trips (statements, then COMMIT), not one per statement.
-        with (self.conn.pipeline() if small else nullcontext()), self.conn.transaction():
-            self.backend.write(planned.prepared, conn=self.conn)
-            self.backend.tombstone_many(tombstones, conn=self.conn)
-            self.state.changelog.append(self.conn, entries, first_seq=cp.last_seq + 1)
-            for relation, lsn in fx.truncated:
-                self.state.mark_relation_deleted(self.conn, relation, lsn)
-            self.state.save_source_rows(self.conn, [
-                (rel, key, st) for (rel, key), st in planned.states.items()])
-            self.state.add_dead_letters(self.conn, fx.dead)
-            self.state.save_checkpoint(self.conn, self.slot, new_cp)
-            if also is not None:
-                also(self.conn)
+        if (also is None and len(planned.prepared) <= ONE_QUERY_MAX_ROWS
+                and len(entries) <= ONE_QUERY_MAX_ROWS and len(planned.states) <= ONE_QUERY_MAX_ROWS):
+            # A small batch (the steady-stream case) goes out as one query: one round trip
+            # and one implicit transaction, parameters bound here.
+            run_as_one_query(self.conn, [
+                *self.backend.write_statements(planned.prepared),
+                *self.backend.tombstone_statements(tombstones),
+                *self.state.changelog.append_statements(entries, cp.last_seq + 1),
+                *self.state.write_statements(fx.truncated, [
+                    (rel, key, st) for (rel, key), st in planned.states.items()], fx.dead),
+                self.state.checkpoint_statement(self.slot, new_cp)])
+        else:
+            small = len(planned.prepared) < COPY_THRESHOLD and len(entries) < COPY_MIN_ROWS
+            # A smaller batch goes out in one pipeline, BEGIN and COMMIT included.
+            with (self.conn.pipeline() if small else nullcontext()), self.conn.transaction():
+                self.backend.write(planned.prepared, conn=self.conn)
+                self.backend.tombstone_many(tombstones, conn=self.conn)
+                self.state.changelog.append(self.conn, entries, first_seq=cp.last_seq + 1)
+                for relation, lsn in fx.truncated:
+                    self.state.mark_relation_deleted(self.conn, relation, lsn)
+                self.state.save_source_rows(self.conn, [
+                    (rel, key, st) for (rel, key), st in planned.states.items()])
+                self.state.add_dead_letters(self.conn, fx.dead)
+                self.state.save_checkpoint(self.conn, self.slot, new_cp)
+                if also is not None:
+                    also(self.conn)
         self.checkpoint = new_cp
         with self._pending_lock:
             for k in planned.states:
@@ -313,6 +325,29 @@ class Applier:
         and stay pending for the next pass.
         """
         return fill_pending(self, limit)
+
+
+ONE_QUERY_MAX_ROWS = 16  # rows per table up to which a batch is written as one query
+
+
+def run_as_one_query(conn: psycopg.Connection, statements: list[tuple[bytes, Sequence[Any]]]) -> None:
+    """Run `statements` as a single simple-protocol query: one round trip, and (the
+    connection in autocommit for it) one implicit transaction, all or nothing.
+
+    A pipeline sends the same in one round trip too, but costs far more CPU per
+    statement than the server spends on a small batch. Parameters are bound here, by
+    psycopg's client-side quoting (the connection's own escaping).
+    """
+    cur = psycopg.ClientCursor(conn)
+    text = ";\n".join(cur.mogrify(query, params) for query, params in statements)
+    conn.autocommit = True  # the connection is idle between batches
+    try:
+        conn.execute(text.encode())
+    finally:
+        try:
+            conn.autocommit = False
+        except psycopg.Error:
+            pass  # a broken connection: the error above is the one to report
 
 
 def _describe(exc: BaseException) -> str:
