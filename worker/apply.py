@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg.adapt import Transformer
 from slipstream.index import IndexDoc, SearchIndex
 from slipstream.index.backend import StoredRow
 from slipstream.index.doc import DocKey
@@ -335,19 +336,44 @@ def run_as_one_query(conn: psycopg.Connection, statements: list[tuple[bytes, Seq
     connection in autocommit for it) one implicit transaction, all or nothing.
 
     A pipeline sends the same in one round trip too, but costs far more CPU per
-    statement than the server spends on a small batch. Parameters are bound here, by
-    psycopg's client-side quoting (the connection's own escaping).
+    statement than the server spends on a small batch. Parameters are bound here as
+    literals by psycopg's own adapters (the connection's quoting and escaping).
     """
-    cur = psycopg.ClientCursor(conn)
-    text = ";\n".join(cur.mogrify(query, params) for query, params in statements)
+    literal = Transformer(conn).as_literal
+    out: list[bytes] = []
+    for query, params in statements:
+        parts = _placeholders(query)
+        if len(parts) != len(params) + 1:
+            raise ValueError(f"{len(params)} parameters for {len(parts) - 1} placeholders")
+        out.append(parts[0])
+        for value, part in zip(params, parts[1:]):
+            out.append(literal(value))
+            out.append(part)
+        out.append(b";\n")
     conn.autocommit = True  # the connection is idle between batches
     try:
-        conn.execute(text.encode())
+        conn.execute(b"".join(out))
     finally:
         try:
             conn.autocommit = False
         except psycopg.Error:
             pass  # a broken connection: the error above is the one to report
+
+
+_split_queries: dict[bytes, list[bytes]] = {}
+
+
+def _placeholders(query: bytes) -> list[bytes]:
+    """`query` split at its %s placeholders (it may hold no other %)."""
+    parts = _split_queries.get(query)
+    if parts is None:
+        parts = query.split(b"%s")
+        if any(b"%" in part for part in parts):
+            raise ValueError(f"only %s placeholders can be bound here: {query[:200]!r}")
+        if len(_split_queries) > 1000:
+            _split_queries.clear()
+        _split_queries[query] = parts
+    return parts
 
 
 def _describe(exc: BaseException) -> str:
