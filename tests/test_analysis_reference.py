@@ -59,10 +59,14 @@ def texts() -> list[str]:
              "relational", "caresses", "ponies", "in", "it", "such", "Ⅻ", "ｆｕｌｌｗｉｄｔｈ"]
     out = ["", "   ", "the and of to", "The", "one", "x" * 300, "a_b c_d__e", "tab\tsep\nlines\r\n",
            "🎉🎉 party 🎉", "Ünïcödé ÜNÏCÖDÉ ünïcödé", "\u212bngstr\u00f6m vs \u00c5ngstr\u00f6m",
-           "ﬁne ﬂow ﬃ", "repeated repeated repeated words words", "1,234.56 and 7-8-9"]
+           "ﬁne ﬂow ﬃ", "repeated repeated repeated words words", "1,234.56 and 7-8-9",
+           "line one\n\u0301combining at a line start\nﬁ\n\n\nend", "\n\nleading", "trailing\n",
+           "a\r\nb\rc", "e\n\u0301", "x\u0301\ny", "Å\n\u030a", "\n", "\n\n\n", "ǆ\nǅ\nǄ"]
     for n in (1, 2, 5, 50, 400, 3000):  # long text included
         for _ in range(3):
             out.append(" ".join(rng.choice(words, size=n)))
+            out.append("\n".join(rng.choice(words + ["\n", "", " "], size=n)))  # many lines
+    out += [f"{a}\n{b}" for a, b in zip(out, reversed(out))]  # the embedder's "title\nbody"
     return out
 
 
@@ -72,6 +76,13 @@ def test_analyze_gives_the_reference_terms_cold_and_warm() -> None:
     warm = [analyze(t) for t in texts()]  # warm: every token from the cache
     expected = [reference_analyze(t) for t in texts()]
     assert cold == expected and warm == expected
+
+
+def test_analyze_answers_a_fresh_list_each_time() -> None:
+    first = analyze("apples and pears")
+    first.append("mutated")
+    assert analyze("apples and pears") == ["appl", "pear"]
+    assert analyze("apples\npears") == ["appl", "pear"]
 
 
 def test_analyze_doc_counts_match_the_reference() -> None:
