@@ -233,12 +233,13 @@ class PostgresBackend(EmbeddingState):
         vector stored for the same text (decided against the stored text hash, in SQL).
         """
         spaces = tuple(self.spaces)
-        rows = [self._row(p, spaces, None) for p in docs if not p.unchanged]
-        if not rows:
+        todo = [p for p in docs if not p.unchanged]
+        if not todo:
             return
         q = self._write_sql(spaces)
         with self._writing(conn) as c:
-            if len(rows) < COPY_THRESHOLD:
+            if len(todo) < COPY_THRESHOLD:
+                rows = [self._row(p, spaces, None) for p in todo]
                 with c.cursor() as cur:
                     if len(rows) == 1:
                         cur.execute(q.upsert, rows[0])
@@ -251,8 +252,8 @@ class PostgresBackend(EmbeddingState):
                 self._staged_on[id(c)] = c
             with c.cursor().copy(q.copy) as copy:
                 copy.set_types(q.types)
-                for row in rows:
-                    copy.write_row(row)
+                for p in todo:  # no term list: the staged upsert takes the terms from tf's keys
+                    copy.write_row(self._row(p, spaces, None, terms=False))
             c.execute(q.upsert_staged)
             c.execute(q.truncate_stage)
 
@@ -273,7 +274,7 @@ class PostgresBackend(EmbeddingState):
         q = self._write_sql(spaces)
         return [(q.upsert_head + b", ".join([q.text_row] * n) + q.upsert_tail, params)]
 
-    def _row(self, p: PreparedDoc, spaces: tuple[str, ...], as_text) -> tuple:
+    def _row(self, p: PreparedDoc, spaces: tuple[str, ...], as_text, terms: bool = True) -> tuple:
         d = p.doc
         vectors = []
         for sp in spaces:
@@ -283,10 +284,12 @@ class PostgresBackend(EmbeddingState):
                 if as_text is not None:
                     v = as_text(v)
             vectors.append(v)
-        return (d.object_type, d.object_id, d.node_kind, d.partition, d.title, d.body,
+        head = (d.object_type, d.object_id, d.node_kind, d.partition, d.title, d.body,
                 Jsonb(list(d.keywords)), Jsonb(d.payload), Jsonb(d.attrs), d.source_updated_at,
-                Jsonb(p.lexical.tf), p.lexical.terms, p.lexical.len_title, p.lexical.len_body,
-                list(p.pending), p.fingerprint, Jsonb(dict(p.hashes)), p.error, *vectors)
+                Jsonb(p.lexical.tf))
+        tail = (p.lexical.len_title, p.lexical.len_body, list(p.pending), p.fingerprint,
+                Jsonb(dict(p.hashes)), p.error, *vectors)
+        return head + (p.lexical.terms,) + tail if terms else head + tail
 
     def _write_sql(self, spaces: tuple[str, ...]) -> _WriteSQL:
         """The statements `write` runs for these spaces, composed once (composing them is a
@@ -319,7 +322,7 @@ class PostgresBackend(EmbeddingState):
                 "partition", "title", "body", "keywords", "payload", "attrs", "source_updated_at",
                 "tf", "tsv", "len_title", "len_body", "pending_spaces", "doc_hash", "embed_hashes",
                 "pending_error")] + [sql.SQL("pending_tried_at = NULL")] + keeps)
-        stage = sql.Identifier(f"slipstream_stage2_{self.schema}")
+        stage = sql.Identifier(f"slipstream_stage3_{self.schema}")
         head = sql.SQL("INSERT INTO {s}.docs AS cur ({columns}) VALUES ").format(
             s=self._s, columns=columns).as_bytes(None)
         tail = sql.SQL(
@@ -334,7 +337,7 @@ class PostgresBackend(EmbeddingState):
                 "CREATE TEMP TABLE IF NOT EXISTS {t} (object_type text, object_id text, "
                 "node_kind text, partition text, title text, body text, keywords jsonb, "
                 "payload jsonb, attrs jsonb, source_updated_at timestamptz, tf jsonb, "
-                "terms text[], len_title int, len_body int, pending_spaces text[], "
+                "len_title int, len_body int, pending_spaces text[], "
                 "doc_hash text, embed_hashes jsonb, pending_error text{vecs}) "
                 "ON COMMIT DELETE ROWS").format(t=stage, vecs=sql.SQL("").join(
                     sql.SQL(", {c} vector({d})").format(c=sql.Identifier(f"emb_{sp}"),
@@ -342,12 +345,13 @@ class PostgresBackend(EmbeddingState):
                     for sp in spaces)).as_bytes(None),
             copy=sql.SQL("COPY {t} FROM STDIN (FORMAT BINARY)").format(t=stage).as_bytes(None),
             types=tuple(["text"] * 6 + ["jsonb"] * 3 + [
-                "timestamptz", "jsonb", "text[]", "int4", "int4", "text[]", "text", "jsonb", "text"
+                "timestamptz", "jsonb", "int4", "int4", "text[]", "text", "jsonb", "text"
             ] + ["vector"] * len(spaces)),
             upsert_staged=sql.SQL(
                 "INSERT INTO {s}.docs AS cur ({columns}) SELECT object_type, object_id, node_kind, "
                 "partition, title, body, keywords, payload, attrs, source_updated_at, tf, "
-                "array_to_tsvector(terms), len_title, len_body, pending_spaces, doc_hash, "
+                "array_to_tsvector(ARRAY(SELECT jsonb_object_keys(tf))), len_title, len_body, "
+                "pending_spaces, doc_hash, "
                 "embed_hashes, pending_error{vecs} FROM {t} "
                 "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
                 "deleted = false, updated_at = now()").format(

@@ -144,3 +144,40 @@ def test_vector_text_reads_back_bit_identical() -> None:
         v[0], v[1] = np.float32(-0.0), np.nextafter(np.float32(1), np.float32(2))
         back = np.array(vector_text(v).strip("[]").split(","), dtype=np.float32)
         assert back.tobytes() == v.tobytes()
+
+
+def test_every_write_path_indexes_exactly_the_analysed_terms(pg_dsn: str) -> None:
+    """The staged COPY takes a row's lexemes from its tf keys; the other paths send them."""
+    from slipstream.index.analysis import analyze_doc
+
+    backend = PostgresBackend(pg_dsn, schema="paths", spaces={"local": DIM}, hnsw=False)
+    index = SearchIndex(backend, {"local": HashingEmbedder(DIM)})
+    rng = np.random.default_rng(3)
+    words = [w for t in TRICKY for w in t.split()] + ["running", "ran", "the", "ﬁsh"]
+
+    def docs(prefix: str, n: int) -> list[IndexDoc]:
+        return [IndexDoc("t", f"{prefix}{i}", title=" ".join(rng.choice(words, 4)),
+                         body=" ".join(rng.choice(words, 30)), keywords=[str(rng.choice(words))],
+                         partition="p") for i in range(n)]
+
+    batches = {"copy": docs("c", 70), "statements": docs("s", 3)}
+    assert len(batches["copy"]) >= apply_mod.COPY_THRESHOLD > len(batches["statements"])
+    try:
+        for batch in batches.values():
+            index.upsert_many(batch)
+        conn = backend.connect()
+        for doc in batches["statements"]:  # and the one-query path
+            doc = IndexDoc("t", "q" + doc.object_id, title=doc.title, body=doc.body, partition="p")
+            batches.setdefault("one query", []).append(doc)
+            run_as = apply_mod.run_as_one_query
+            run_as(conn, backend.write_statements(index.prepare([doc])))
+        conn.close()
+        with psycopg.connect(pg_dsn) as c:
+            for path, batch in batches.items():
+                for doc in batch:
+                    stored, expected = c.execute(
+                        "SELECT d.tsv::text, array_to_tsvector(%s::text[])::text FROM paths.docs d "
+                        "WHERE object_id = %s", (analyze_doc(doc).terms, doc.object_id)).fetchone()
+                    assert stored == expected and expected, (path, doc.object_id)
+    finally:
+        backend.close()
