@@ -33,6 +33,7 @@ from .incoming import Batch, SourceChange, decode_row
 from .errors import on_search_database
 from .fill import fill_pending
 from .pgoutput import UNCHANGED
+from .state import COPY_MIN_ROWS as SOURCE_COPY_MIN_ROWS
 from .state import Checkpoint, DeadLetter, DocRef, SourceState, WorkerState
 
 MapperLookup = Callable[[str], Callable[[Mapping[str, object], str], list[IndexDoc]] | None]
@@ -283,7 +284,8 @@ class Applier:
                     (rel, key, st) for (rel, key), st in planned.states.items()], fx.dead),
                 self.state.checkpoint_statement(self.slot, new_cp)])
         else:
-            small = len(planned.prepared) < COPY_THRESHOLD and len(entries) < COPY_MIN_ROWS
+            small = (len(planned.prepared) < COPY_THRESHOLD and len(entries) < COPY_MIN_ROWS
+                     and len(planned.states) < SOURCE_COPY_MIN_ROWS)  # no COPY in a pipeline
             # A smaller batch goes out in one pipeline, BEGIN and COMMIT included.
             with (self.conn.pipeline() if small else nullcontext()), self.conn.transaction():
                 self.backend.write(planned.prepared, conn=self.conn)
