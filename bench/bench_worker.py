@@ -465,6 +465,7 @@ def main() -> None:
 
     configure_logging(json=True, level="error")
     signal.signal(signal.SIGTERM, _on_signal)
+
     signal.signal(signal.SIGINT, _on_signal)
     modes = {"both": (False, True), "exact": (False,), "hnsw": (True,)}[args.modes]
     table: list[tuple] = []
