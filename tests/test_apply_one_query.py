@@ -181,3 +181,17 @@ def test_every_write_path_indexes_exactly_the_analysed_terms(pg_dsn: str) -> Non
                     assert stored == expected and expected, (path, doc.object_id)
     finally:
         backend.close()
+
+
+def test_jsonb_parameters_mean_the_same_whichever_encoder_writes_them(pg_dsn: str) -> None:
+    import json
+
+    values = [{"tf": {"naïve": [1, 0], "日本": [0, 2], "it's": [3, 4]}}, ["a", "b\\c", "\"q\""],
+              {"big": 2**70, "neg": -2**65}, {1: "int key", 2.5: "float key", True: "bool"},
+              {"nested": {"deep": [None, True, 1.5e300, -0.0, "🎉"]}}, [], {}]
+    with psycopg.connect(pg_dsn) as conn:
+        for value in values:
+            fast = apply_mod.json_dumps(value)
+            fast = fast.decode() if isinstance(fast, bytes) else fast
+            same, = conn.execute("SELECT %s::jsonb = %s::jsonb", (fast, json.dumps(value))).fetchone()
+            assert same, value
