@@ -231,7 +231,7 @@ def throughput(server: EmbeddedPostgres, rows: int, hnsw: bool, table: list, lim
     for what, t, floor, cpu in (("inserts", t_ins, floor_ins, cpu_ins), ("updates", t_upd, floor_upd, cpu_upd)):
         table.append((f"Apply {rows:,} {what}, {mode}", f"{rows / t:,.0f} changes/s",
                       f"{rows / floor:,.0f} rows/s", f"{floor / t:.2f}",
-                      f"{cpu / t * 100:.0f}% of a core"))
+                      f"{cpu / t * 100:.0f}% of a core, {cpu / rows * 1000:.2f} ms CPU/change"))
 
 
 # -- latency ------------------------------------------------------------------------------
