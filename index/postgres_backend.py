@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from .pg_embedding import EmbeddingState
+from .pg_writes import WriteSQL, vector_text, write_sql
 
 DEFAULT_EXACT_LIMIT = 20_000
 COPY_THRESHOLD = 64  # batches at least this large are written through a binary COPY
@@ -136,7 +136,7 @@ class PostgresBackend(EmbeddingState):
         self._cache_rows: dict[str, int] = {}
         self._s = sql.Identifier(self.schema)
         self._staged_on: dict[int, psycopg.Connection] = {}  # connections with a staging table
-        self._write_sql_cache: dict[tuple[str, ...], _WriteSQL] = {}  # spaces -> statements
+        self._write_sql_cache: dict[tuple[str, ...], WriteSQL] = {}  # spaces -> statements
         self._tombstone_sql: tuple[tuple[str, ...], bytes] | None = None
         if isinstance(conninfo, ConnectionPool):
             self._pool, self._owns_pool = conninfo, False
@@ -291,75 +291,12 @@ class PostgresBackend(EmbeddingState):
                 Jsonb(dict(p.hashes)), p.error, *vectors)
         return head + (p.lexical.terms,) + tail if terms else head + tail
 
-    def _write_sql(self, spaces: tuple[str, ...]) -> _WriteSQL:
-        """The statements `write` runs for these spaces, composed once (composing them is a
-        measurable share of a small batch's cost) and kept as bytes."""
+    def _write_sql(self, spaces: tuple[str, ...]) -> WriteSQL:
+        """`write`'s statements for these spaces, composed once."""
         cached = self._write_sql_cache.get(spaces)
-        if cached is not None:
-            return cached
-        emb_cols = [sql.Identifier(f"emb_{s}") for s in spaces]
-        columns = sql.SQL(", ").join([
-            sql.Identifier(c) for c in (
-                "object_type", "object_id", "node_kind", "partition", "title", "body", "keywords",
-                "payload", "attrs", "source_updated_at", "tf", "tsv", "len_title", "len_body",
-                "pending_spaces", "doc_hash", "embed_hashes", "pending_error")
-        ] + emb_cols)
-        values = sql.SQL(", ").join(
-            [sql.Placeholder()] * 11 + [sql.SQL("array_to_tsvector(%s::text[])")]
-            + [sql.Placeholder()] * (6 + len(spaces)))
-        text_values = sql.SQL(", ").join(
-            [sql.Placeholder()] * 11 + [sql.SQL("array_to_tsvector(%s::text[])")]
-            + [sql.Placeholder()] * 6 + [sql.SQL("%s::vector")] * len(spaces))
-        # Same text as stored (and not pending): keep the stored vector; nothing was sent.
-        keeps = [sql.SQL(
-            "{c} = CASE WHEN excluded.{c} IS NULL AND NOT cur.deleted "
-            "AND NOT ({n} = ANY(excluded.pending_spaces)) "
-            "AND excluded.embed_hashes ->> {n} = cur.embed_hashes ->> {n} "
-            "THEN cur.{c} ELSE excluded.{c} END").format(
-                c=sql.Identifier(f"emb_{sp}"), n=sql.Literal(sp)) for sp in spaces]
-        updates = sql.SQL(", ").join([
-            sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c)) for c in (
-                "partition", "title", "body", "keywords", "payload", "attrs", "source_updated_at",
-                "tf", "tsv", "len_title", "len_body", "pending_spaces", "doc_hash", "embed_hashes",
-                "pending_error")] + [sql.SQL("pending_tried_at = NULL")] + keeps)
-        stage = sql.Identifier(f"slipstream_stage3_{self.schema}")
-        head = sql.SQL("INSERT INTO {s}.docs AS cur ({columns}) VALUES ").format(
-            s=self._s, columns=columns).as_bytes(None)
-        tail = sql.SQL(
-            " ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
-            "deleted = false, updated_at = now()").format(updates=updates).as_bytes(None)
-        out = _WriteSQL(
-            upsert=head + b"(" + values.as_bytes(None) + b")" + tail,
-            upsert_head=head,
-            text_row=b"(" + text_values.as_bytes(None) + b")",
-            upsert_tail=tail,
-            stage=sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {t} (object_type text, object_id text, "
-                "node_kind text, partition text, title text, body text, keywords jsonb, "
-                "payload jsonb, attrs jsonb, source_updated_at timestamptz, tf jsonb, "
-                "len_title int, len_body int, pending_spaces text[], "
-                "doc_hash text, embed_hashes jsonb, pending_error text{vecs}) "
-                "ON COMMIT DELETE ROWS").format(t=stage, vecs=sql.SQL("").join(
-                    sql.SQL(", {c} vector({d})").format(c=sql.Identifier(f"emb_{sp}"),
-                                                        d=sql.Literal(self.spaces[sp]))
-                    for sp in spaces)).as_bytes(None),
-            copy=sql.SQL("COPY {t} FROM STDIN (FORMAT BINARY)").format(t=stage).as_bytes(None),
-            types=tuple(["text"] * 6 + ["jsonb"] * 3 + [
-                "timestamptz", "jsonb", "int4", "int4", "text[]", "text", "jsonb", "text"
-            ] + ["vector"] * len(spaces)),
-            upsert_staged=sql.SQL(
-                "INSERT INTO {s}.docs AS cur ({columns}) SELECT object_type, object_id, node_kind, "
-                "partition, title, body, keywords, payload, attrs, source_updated_at, tf, "
-                "array_to_tsvector(ARRAY(SELECT jsonb_object_keys(tf))), len_title, len_body, "
-                "pending_spaces, doc_hash, "
-                "embed_hashes, pending_error{vecs} FROM {t} "
-                "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
-                "deleted = false, updated_at = now()").format(
-                    s=self._s, columns=columns, t=stage, updates=updates,
-                    vecs=sql.SQL("").join(sql.SQL(", ") + col for col in emb_cols)).as_bytes(None),
-            truncate_stage=sql.SQL("TRUNCATE {t}").format(t=stage).as_bytes(None))
-        self._write_sql_cache[spaces] = out
-        return out
+        if cached is None:
+            cached = self._write_sql_cache[spaces] = write_sql(self.schema, self.spaces, spaces)
+        return cached
 
     def _tombstone_set(self) -> sql.Composed:
         """The SET list that strips a row to a tombstone: key and partition stay."""
@@ -594,33 +531,6 @@ class PostgresBackend(EmbeddingState):
         out["vectors"] = {s: _as_array(v) for s, v in out["vectors"].items()
                           if v is not None}
         return out
-
-
-@dataclass(frozen=True, slots=True)
-class _WriteSQL:
-    """`PostgresBackend.write`'s statements for one set of spaces, as query bytes."""
-
-    upsert: bytes
-    upsert_head: bytes  # `upsert` in three parts, for a multi-row VALUES list
-    text_row: bytes  # one row of it, vectors given as text
-    upsert_tail: bytes
-    stage: bytes
-    copy: bytes
-    types: tuple[str, ...]
-    upsert_staged: bytes
-    truncate_stage: bytes
-
-
-_VECTOR_FORMATS: dict[int, str] = {}
-
-
-def vector_text(vector: np.ndarray) -> str:
-    """A float32 vector as pgvector's text input, exactly: nine significant digits tell
-    every float32 apart, and pgvector reads them back with strtof."""
-    fmt = _VECTOR_FORMATS.get(len(vector))
-    if fmt is None:
-        fmt = _VECTOR_FORMATS[len(vector)] = "[" + ",".join(["%.9g"] * len(vector)) + "]"
-    return fmt % tuple(vector.tolist())
 
 
 def _configure(conn: psycopg.Connection) -> None:

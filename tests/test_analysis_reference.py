@@ -11,13 +11,12 @@ from __future__ import annotations
 import unicodedata
 import zlib
 from collections import Counter
-from itertools import chain
+from itertools import chain, pairwise
 
 import numpy as np
 import pytest
 import snowballstemmer
-from slipstream.index import IndexDoc
-from slipstream.index import analysis
+from slipstream.index import IndexDoc, analysis
 from slipstream.index.analysis import MAX_TOKEN_LENGTH, STOP_WORDS, analyze, analyze_doc
 from slipstream.index.embedding import HashingEmbedder
 
@@ -38,7 +37,7 @@ def reference_embed(texts: list[str], dim: int) -> np.ndarray:
     for row, text in enumerate(texts):
         terms = reference_analyze(text)
         idx, sign = [], []
-        for feature in chain(terms, map(" ".join, zip(terms, terms[1:]))):
+        for feature in chain(terms, map(" ".join, pairwise(terms))):
             data = feature.encode("utf-8")
             idx.append(zlib.crc32(data) % dim)
             sign.append(1.0 if zlib.crc32(data, 0x5BD1E995) & 1 else -1.0)

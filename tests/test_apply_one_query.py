@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import slipstream.worker.apply as apply_mod
 from slipstream.index import HashingEmbedder, IndexDoc, PostgresBackend, SearchIndex
-from slipstream.index.postgres_backend import vector_text
+from slipstream.index.pg_writes import vector_text
 from slipstream.worker.apply import Applier
 from slipstream.worker.incoming import Batch, SourceChange, TxnEnd
 from slipstream.worker.state import WorkerState
@@ -187,7 +187,7 @@ def test_jsonb_parameters_mean_the_same_whichever_encoder_writes_them(pg_dsn: st
     import json
 
     values = [{"tf": {"naïve": [1, 0], "日本": [0, 2], "it's": [3, 4]}}, ["a", "b\\c", "\"q\""],
-              {"big": 2**70, "neg": -2**65}, {1: "int key", 2.5: "float key", True: "bool"},
+              {"big": 2**70, "neg": -2**65}, {1: "int key", 2.5: "float key", False: "bool key", None: "null key"},
               {"nested": {"deep": [None, True, 1.5e300, -0.0, "🎉"]}}, [], {}]
     with psycopg.connect(pg_dsn) as conn:
         for value in values:

@@ -98,16 +98,18 @@ def test_reader_sleeps_while_the_pipeline_is_busy(slow_harness: Harness) -> None
 
     def make_applier():  # called on the reader thread
         applier, reading_thread = harness.applier(), threading.current_thread()
-        for name in ("plan", "commit"):
-            def timed(*args, _fn=getattr(applier, name), **kw):
+        def timed(fn):
+            def wrapper(*args, **kw):
                 if threading.current_thread() is not reading_thread:
-                    return _fn(*args, **kw)
+                    return fn(*args, **kw)
                 started = time.thread_time()
                 try:
-                    return _fn(*args, **kw)
+                    return fn(*args, **kw)
                 finally:
                     applying[0] += time.thread_time() - started
-            setattr(applier, name, timed)
+            return wrapper
+
+        applier.plan, applier.commit = timed(applier.plan), timed(applier.commit)
         return applier
 
     runner = StreamRunner(harness.settings, make_applier, tables=set(harness.mappers))

@@ -32,9 +32,9 @@ from slipstream.index.postgres_backend import COPY_THRESHOLD
 from slipstream.shardsync.changelog import COPY_MIN_ROWS, ChangeEntry
 from slipstream.shardsync.compact import CompactionReport, compact
 
-from .incoming import Batch, SourceChange, decode_row
 from .errors import on_search_database
 from .fill import fill_pending
+from .incoming import Batch, SourceChange, decode_row
 from .pgoutput import UNCHANGED
 from .state import COPY_MIN_ROWS as SOURCE_COPY_MIN_ROWS
 from .state import Checkpoint, DeadLetter, DocRef, SourceState, WorkerState
