@@ -44,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from .pg_embedding import EmbeddingState
+from .pg_writes import WriteSQL, vector_text, write_sql
 
 DEFAULT_EXACT_LIMIT = 20_000
 COPY_THRESHOLD = 64  # batches at least this large are written through a binary COPY
@@ -135,6 +136,8 @@ class PostgresBackend(EmbeddingState):
         self._cache_rows: dict[str, int] = {}
         self._s = sql.Identifier(self.schema)
         self._staged_on: dict[int, psycopg.Connection] = {}  # connections with a staging table
+        self._write_sql_cache: dict[tuple[str, ...], WriteSQL] = {}  # spaces -> statements
+        self._tombstone_sql: tuple[tuple[str, ...], bytes] | None = None
         if isinstance(conninfo, ConnectionPool):
             self._pool, self._owns_pool = conninfo, False
         else:
@@ -229,85 +232,71 @@ class PostgresBackend(EmbeddingState):
         Rows marked `unchanged` are skipped. A space listed in a row's `keep` keeps the
         vector stored for the same text (decided against the stored text hash, in SQL).
         """
-        spaces = list(self.spaces)
-        rows = []
-        for p in docs:
-            if p.unchanged:
-                continue
-            d = p.doc
-            vectors = [check_vector(s, self.spaces, p.vectors[s]) if p.vectors.get(s) is not None
-                       else None for s in spaces]
-            rows.append((
-                d.object_type, d.object_id, d.node_kind, d.partition, d.title, d.body,
-                Jsonb(list(d.keywords)), Jsonb(d.payload), Jsonb(d.attrs), d.source_updated_at,
-                Jsonb(p.lexical.tf), p.lexical.terms, p.lexical.len_title, p.lexical.len_body,
-                list(p.pending), p.fingerprint, Jsonb(dict(p.hashes)), p.error, *vectors,
-            ))
-        if not rows:
+        spaces = tuple(self.spaces)
+        todo = [p for p in docs if not p.unchanged]
+        if not todo:
             return
-        emb_cols = [sql.Identifier(f"emb_{s}") for s in spaces]
-        columns = sql.SQL(", ").join([
-            sql.Identifier(c) for c in (
-                "object_type", "object_id", "node_kind", "partition", "title", "body", "keywords",
-                "payload", "attrs", "source_updated_at", "tf", "tsv", "len_title", "len_body",
-                "pending_spaces", "doc_hash", "embed_hashes", "pending_error")
-        ] + emb_cols)
-        values = sql.SQL(", ").join(
-            [sql.Placeholder()] * 11 + [sql.SQL("array_to_tsvector(%s::text[])")]
-            + [sql.Placeholder()] * (6 + len(spaces)))
-        # Same text as stored (and not pending): keep the stored vector; nothing was sent.
-        keeps = [sql.SQL(
-            "{c} = CASE WHEN excluded.{c} IS NULL AND NOT cur.deleted "
-            "AND NOT ({n} = ANY(excluded.pending_spaces)) "
-            "AND excluded.embed_hashes ->> {n} = cur.embed_hashes ->> {n} "
-            "THEN cur.{c} ELSE excluded.{c} END").format(
-                c=sql.Identifier(f"emb_{sp}"), n=sql.Literal(sp)) for sp in spaces]
-        updates = sql.SQL(", ").join([
-            sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c)) for c in (
-                "partition", "title", "body", "keywords", "payload", "attrs", "source_updated_at",
-                "tf", "tsv", "len_title", "len_body", "pending_spaces", "doc_hash", "embed_hashes",
-                "pending_error")] + [sql.SQL("pending_tried_at = NULL")] + keeps)
-        stmt = sql.SQL(
-            "INSERT INTO {s}.docs AS cur ({columns}) VALUES ({values}) "
-            "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
-            "deleted = false, updated_at = now()"
-        ).format(s=self._s, columns=columns, values=values, updates=updates)
+        q = self._write_sql(spaces)
         with self._writing(conn) as c:
-            if len(rows) < COPY_THRESHOLD:
+            if len(todo) < COPY_THRESHOLD:
+                rows = [self._row(p, spaces, None) for p in todo]
                 with c.cursor() as cur:
-                    cur.executemany(stmt, rows)
+                    if len(rows) == 1:
+                        cur.execute(q.upsert, rows[0])
+                    else:
+                        cur.executemany(q.upsert, rows)
                 return
             # Large batches: binary COPY into a session staging table, then one upsert.
-            stage = sql.Identifier(f"slipstream_stage2_{self.schema}")
             if self._staged_on.get(id(c)) is not c:
-                c.execute(sql.SQL(
-                    "CREATE TEMP TABLE IF NOT EXISTS {t} (object_type text, object_id text, "
-                    "node_kind text, partition text, title text, body text, keywords jsonb, "
-                    "payload jsonb, attrs jsonb, source_updated_at timestamptz, tf jsonb, "
-                    "terms text[], len_title int, len_body int, pending_spaces text[], "
-                    "doc_hash text, embed_hashes jsonb, pending_error text{vecs}) "
-                    "ON COMMIT DELETE ROWS").format(t=stage, vecs=sql.SQL("").join(
-                        sql.SQL(", {c} vector({d})").format(c=sql.Identifier(f"emb_{sp}"),
-                                                            d=sql.Literal(self.spaces[sp]))
-                        for sp in spaces)))
+                c.execute(q.stage)
                 self._staged_on[id(c)] = c
-            types = ["text"] * 6 + ["jsonb"] * 3 + ["timestamptz", "jsonb", "text[]", "int4", "int4",
-                                                      "text[]", "text", "jsonb", "text"
-                                                      ] + ["vector"] * len(spaces)
-            with c.cursor().copy(sql.SQL("COPY {t} FROM STDIN (FORMAT BINARY)").format(t=stage)) as copy:
-                copy.set_types(types)
-                for row in rows:
-                    copy.write_row(row)
-            c.execute(sql.SQL(
-                "INSERT INTO {s}.docs AS cur ({columns}) SELECT object_type, object_id, node_kind, "
-                "partition, title, body, keywords, payload, attrs, source_updated_at, tf, "
-                "array_to_tsvector(terms), len_title, len_body, pending_spaces, doc_hash, "
-                "embed_hashes, pending_error{vecs} FROM {t} "
-                "ON CONFLICT (object_type, object_id, node_kind) DO UPDATE SET {updates}, "
-                "deleted = false, updated_at = now()").format(
-                    s=self._s, columns=columns, t=stage, updates=updates,
-                    vecs=sql.SQL("").join(sql.SQL(", ") + col for col in emb_cols)))
-            c.execute(sql.SQL("TRUNCATE {t}").format(t=stage))
+            with c.cursor().copy(q.copy) as copy:
+                copy.set_types(q.types)
+                for p in todo:  # no term list: the staged upsert takes the terms from tf's keys
+                    copy.write_row(self._row(p, spaces, None, terms=False))
+            c.execute(q.upsert_staged)
+            c.execute(q.truncate_stage)
+
+    def write_statements(self, docs: Sequence[PreparedDoc]) -> list[tuple[bytes, list[Any]]]:
+        """`write`'s effect as (query, params) for a caller that sends a whole transaction
+        as one query with the parameters bound on the client: one multi-row upsert whose
+        vectors are text literals (exact: nine significant digits identify a float32).
+        Meant for a few rows; `write` is cheaper for many."""
+        spaces = tuple(self.spaces)
+        params: list[Any] = []
+        n = 0
+        for p in docs:
+            if not p.unchanged:
+                params += self._row(p, spaces, vector_text)
+                n += 1
+        if not n:
+            return []
+        q = self._write_sql(spaces)
+        return [(q.upsert_head + b", ".join([q.text_row] * n) + q.upsert_tail, params)]
+
+    def _row(self, p: PreparedDoc, spaces: tuple[str, ...], as_text, terms: bool = True) -> tuple:
+        d = p.doc
+        vectors = []
+        for sp in spaces:
+            v = p.vectors.get(sp)
+            if v is not None:
+                v = check_vector(sp, self.spaces, v)
+                if as_text is not None:
+                    v = as_text(v)
+            vectors.append(v)
+        head = (d.object_type, d.object_id, d.node_kind, d.partition, d.title, d.body,
+                Jsonb(list(d.keywords)), Jsonb(d.payload), Jsonb(d.attrs), d.source_updated_at,
+                Jsonb(p.lexical.tf))
+        tail = (p.lexical.len_title, p.lexical.len_body, list(p.pending), p.fingerprint,
+                Jsonb(dict(p.hashes)), p.error, *vectors)
+        return head + (p.lexical.terms,) + tail if terms else head + tail
+
+    def _write_sql(self, spaces: tuple[str, ...]) -> WriteSQL:
+        """`write`'s statements for these spaces, composed once."""
+        cached = self._write_sql_cache.get(spaces)
+        if cached is None:
+            cached = self._write_sql_cache[spaces] = write_sql(self.schema, self.spaces, spaces)
+        return cached
 
     def _tombstone_set(self) -> sql.Composed:
         """The SET list that strips a row to a tombstone: key and partition stay."""
@@ -334,14 +323,23 @@ class PostgresBackend(EmbeddingState):
         """Tombstone the given rows (exact keys) in one statement; returns how many changed."""
         if not keys:
             return 0
-        stmt = sql.SQL(
-            "UPDATE {s}.docs AS d SET {tomb} "
-            "FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
-            "WHERE d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n AND NOT d.deleted"
-        ).format(s=self._s, tomb=self._tombstone_set())
-        cols = list(zip(*keys))
+        ((query, params),) = self.tombstone_statements(keys)
         with self._writing(conn) as c:
-            return c.execute(stmt, [list(cols[0]), list(cols[1]), list(cols[2])]).rowcount
+            return c.execute(query, params).rowcount
+
+    def tombstone_statements(self, keys: Sequence[DocKey]) -> list[tuple[bytes, list[Any]]]:
+        """`tombstone_many`'s statement as (query, params); none for no keys."""
+        if not keys:
+            return []
+        spaces = tuple(self.spaces)
+        if self._tombstone_sql is None or self._tombstone_sql[0] != spaces:
+            self._tombstone_sql = (spaces, sql.SQL(
+                "UPDATE {s}.docs AS d SET {tomb} "
+                "FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
+                "WHERE d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n "
+                "AND NOT d.deleted").format(s=self._s, tomb=self._tombstone_set()).as_bytes(None))
+        cols = list(zip(*keys))
+        return [(self._tombstone_sql[1], [list(cols[0]), list(cols[1]), list(cols[2])])]
 
     def set_vectors(self, space: str, rows: Sequence[tuple[DocKey, Any]],
                     conn: psycopg.Connection | None = None,

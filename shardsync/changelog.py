@@ -115,6 +115,7 @@ class ChangeLog:
         self.schema = check_identifier(schema, "schema")
         self._s = sql.Identifier(self.schema)
         self.channel = channel_name(self.schema)
+        self._append_sql: bytes | None = None
 
     def q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(s=self._s)
@@ -174,6 +175,24 @@ class ChangeLog:
                     copy.write_row(row)
         conn.execute("SELECT pg_notify(%s, %s)", (self.channel, str(last)))
         return last
+
+    def append_statements(self, entries: Sequence[ChangeEntry], first_seq: int
+                          ) -> list[tuple[bytes, list[object]]]:
+        """What `append` runs for a few entries, as (query, params) for a caller that sends
+        its whole transaction as one query: one multi-row insert, then the notification."""
+        if not entries:
+            return []
+        if self._append_sql is None:
+            self._append_sql = self.q(
+                "INSERT INTO {s}.changes (seq, partition, object_type, object_id, node_kind, op, "
+                "source_lsn) VALUES ").as_bytes(None)
+        params: list[object] = []
+        for i, e in enumerate(entries):
+            params += (first_seq + i, e.partition, e.object_type, e.object_id, e.node_kind, e.op,
+                       _lsn_text(e.source_lsn))
+        last = first_seq + len(entries) - 1
+        return [(self._append_sql + b", ".join([b"(%s, %s, %s, %s, %s, %s, %s)"] * len(entries)),
+                 params), (b"SELECT pg_notify(%s, %s)", [self.channel, str(last)])]
 
     # -- positions ------------------------------------------------------------------------
 

@@ -238,3 +238,22 @@ def test_embedding_config_keys_reach_the_client(fake: FakeEmbeddings) -> None:
     base["embedders"]["server"]["dimensions"] = DIM + 1
     with pytest.raises(ConfigError, match="embedders.server.dimensions"):
         parse_config(base)
+
+
+def test_content_hash_cache_is_off_by_default_only_for_local_hashing_embedders() -> None:
+    """The cache saves a model call per repeated text; for a hashing embedder a lookup and a
+    write on the search database cost more than recomputing, so unset means off there."""
+    from slipstream.worker.config import DEFAULT_EMBED_CACHE_ROWS, parse_config
+
+    def cfg(kinds: dict[str, str], search: dict | None = None):
+        embedders = {space: ({"kind": "hashing"} if kind == "hashing" else
+                             {"kind": "http", "url": "http://127.0.0.1:9/v1", "model": "m"})
+                     for space, kind in kinds.items()}
+        return parse_config({"source": {"dsn": "postgresql://x/y"}, "search": search or {},
+                             "spaces": {s: DIM for s in kinds}, "embedders": embedders})
+
+    assert cfg({"local": "hashing"}).embed_cache_rows() == 0
+    assert cfg({"local": "hashing", "server": "http"}).embed_cache_rows() == DEFAULT_EMBED_CACHE_ROWS
+    assert cfg({"server": "http"}).embed_cache_rows() == DEFAULT_EMBED_CACHE_ROWS
+    assert cfg({"local": "hashing"}, {"embed_cache_rows": 50}).embed_cache_rows() == 50
+    assert cfg({"server": "http"}, {"embed_cache_rows": 0}).embed_cache_rows() == 0

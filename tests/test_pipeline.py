@@ -80,7 +80,41 @@ def test_a_small_batch_on_a_quiet_stream_commits_without_a_hand_off() -> None:
     finally:
         pipeline.close()
     assert done.result == 1
-    assert applier.threads["commit"] == applier.threads["plan"]
+    # nothing was outstanding: planned and committed on the submitting thread itself
+    assert applier.threads["commit"] == applier.threads["plan"] == {threading.current_thread().name}
+
+
+def test_a_small_batch_waits_for_outstanding_work_and_keeps_the_order() -> None:
+    applier = Recorder(commit_seconds=0.02)
+    pipeline = ApplyPipeline(applier)  # type: ignore[arg-type]
+    try:
+        pipeline.submit(batch(1, changes=100))  # large: the pipeline's threads
+        pipeline.submit(batch(2))  # small, but 1 is outstanding: after it, not here
+        pipeline.submit(batch(3))
+        done = collect_all(pipeline, 3)
+        pipeline.submit(batch(4))  # all collected: on this thread
+        done += collect_all(pipeline, 1)
+    finally:
+        pipeline.close()
+    assert [d.result for d in done] == [1, 2, 3, 4]
+    assert [lsn for kind, lsn in applier.log if kind == "commit"] == [1, 2, 3, 4]
+    assert threading.current_thread().name in applier.threads["commit"]
+    assert len(applier.threads["commit"]) >= 2
+
+
+def test_a_small_batch_failing_on_the_callers_thread_stops_everything_after_it() -> None:
+    applier = Recorder(fail_at=1)
+    pipeline = ApplyPipeline(applier)  # type: ignore[arg-type]
+    try:
+        pipeline.submit(batch(1))  # fails at once, on this thread
+        pipeline.submit(batch(2, changes=100))
+        pipeline.submit_chore("fill_pending", lambda: applier.log.append(("chore", 0)))
+        time.sleep(0.05)
+        with pytest.raises(RuntimeError, match="commit 1 failed"):
+            collect_all(pipeline, 1)
+    finally:
+        pipeline.close()
+    assert applier.log == [("plan", 1)]
 
 
 def test_a_chore_runs_after_earlier_commits_and_before_later_plans() -> None:

@@ -57,7 +57,7 @@ class Worker:
         self.backend = PostgresBackend(self.search_dsn, schema=config.search.schema,
                                        spaces=dict(config.spaces), exact_limit=config.search.exact_limit,
                                        hnsw=config.search.hnsw,
-                                       cache_max_rows=config.search.embed_cache_rows)
+                                       cache_max_rows=config.embed_cache_rows())
         self.metrics = Metrics()
         self.index = SearchIndex(self.backend, build_embedders(config.embedders, metrics=self.metrics),
                                  observer=self.metrics.index_event)

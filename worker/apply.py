@@ -13,13 +13,18 @@ after it commits may the caller report the new flush LSN (guarantee 1).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
 import psycopg
+from psycopg.adapt import Transformer
+from psycopg.types.json import set_json_dumps
 from slipstream.index import IndexDoc, SearchIndex
 from slipstream.index.backend import StoredRow
 from slipstream.index.doc import DocKey
@@ -27,10 +32,11 @@ from slipstream.index.postgres_backend import COPY_THRESHOLD
 from slipstream.shardsync.changelog import COPY_MIN_ROWS, ChangeEntry
 from slipstream.shardsync.compact import CompactionReport, compact
 
-from .incoming import Batch, SourceChange, decode_row
 from .errors import on_search_database
 from .fill import fill_pending
+from .incoming import Batch, SourceChange, decode_row
 from .pgoutput import UNCHANGED
+from .state import COPY_MIN_ROWS as SOURCE_COPY_MIN_ROWS
 from .state import Checkpoint, DeadLetter, DocRef, SourceState, WorkerState
 
 MapperLookup = Callable[[str], Callable[[Mapping[str, object], str], list[IndexDoc]] | None]
@@ -91,6 +97,7 @@ class Applier:
     def __init__(self, conn: psycopg.Connection, index: SearchIndex, state: WorkerState,
                  mappers: MapperLookup, slot: str, read_conn: psycopg.Connection | None = None) -> None:
         self.conn = conn
+        set_json_dumps(json_dumps, conn)  # JSONB parameters: several per row written
         self.read_conn = read_conn or conn  # planning reads; its own connection when pipelined
         self.index = index
         self.backend = index.backend
@@ -269,21 +276,33 @@ class Applier:
                 partial_offset=batch.partial[1] if batch.partial else 0,
                 last_seq=cp.last_seq + len(entries),
             )
-        small = len(planned.prepared) < COPY_THRESHOLD and len(entries) < COPY_MIN_ROWS
-        # A small batch goes out in one pipeline, BEGIN and COMMIT included: two round
-        # trips (statements, then COMMIT), not one per statement.
-        with (self.conn.pipeline() if small else nullcontext()), self.conn.transaction():
-            self.backend.write(planned.prepared, conn=self.conn)
-            self.backend.tombstone_many(tombstones, conn=self.conn)
-            self.state.changelog.append(self.conn, entries, first_seq=cp.last_seq + 1)
-            for relation, lsn in fx.truncated:
-                self.state.mark_relation_deleted(self.conn, relation, lsn)
-            self.state.save_source_rows(self.conn, [
-                (rel, key, st) for (rel, key), st in planned.states.items()])
-            self.state.add_dead_letters(self.conn, fx.dead)
-            self.state.save_checkpoint(self.conn, self.slot, new_cp)
-            if also is not None:
-                also(self.conn)
+        if (also is None and len(planned.prepared) <= ONE_QUERY_MAX_ROWS
+                and len(entries) <= ONE_QUERY_MAX_ROWS and len(planned.states) <= ONE_QUERY_MAX_ROWS):
+            # A small batch (the steady-stream case) goes out as one query: one round trip
+            # and one implicit transaction, parameters bound here.
+            run_as_one_query(self.conn, [
+                *self.backend.write_statements(planned.prepared),
+                *self.backend.tombstone_statements(tombstones),
+                *self.state.changelog.append_statements(entries, cp.last_seq + 1),
+                *self.state.write_statements(fx.truncated, [
+                    (rel, key, st) for (rel, key), st in planned.states.items()], fx.dead),
+                self.state.checkpoint_statement(self.slot, new_cp)])
+        else:
+            small = (len(planned.prepared) < COPY_THRESHOLD and len(entries) < COPY_MIN_ROWS
+                     and len(planned.states) < SOURCE_COPY_MIN_ROWS)  # no COPY in a pipeline
+            # A smaller batch goes out in one pipeline, BEGIN and COMMIT included.
+            with (self.conn.pipeline() if small else nullcontext()), self.conn.transaction():
+                self.backend.write(planned.prepared, conn=self.conn)
+                self.backend.tombstone_many(tombstones, conn=self.conn)
+                self.state.changelog.append(self.conn, entries, first_seq=cp.last_seq + 1)
+                for relation, lsn in fx.truncated:
+                    self.state.mark_relation_deleted(self.conn, relation, lsn)
+                self.state.save_source_rows(self.conn, [
+                    (rel, key, st) for (rel, key), st in planned.states.items()])
+                self.state.add_dead_letters(self.conn, fx.dead)
+                self.state.save_checkpoint(self.conn, self.slot, new_cp)
+                if also is not None:
+                    also(self.conn)
         self.checkpoint = new_cp
         with self._pending_lock:
             for k in planned.states:
@@ -313,6 +332,64 @@ class Applier:
         and stay pending for the next pass.
         """
         return fill_pending(self, limit)
+
+
+def json_dumps(value: Any) -> bytes | str:
+    """JSON for a JSONB parameter: orjson (several times faster than `json` on a row's
+    term counts), falling back to `json` for what orjson refuses (integers beyond 64
+    bits, keys it cannot turn into text). The server parses either into the same JSONB."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # orjson.JSONEncodeError included
+        return json.dumps(value)
+
+
+ONE_QUERY_MAX_ROWS = 16  # rows per table up to which a batch is written as one query
+
+
+def run_as_one_query(conn: psycopg.Connection, statements: list[tuple[bytes, Sequence[Any]]]) -> None:
+    """Run `statements` as a single simple-protocol query: one round trip, and (the
+    connection in autocommit for it) one implicit transaction, all or nothing.
+
+    A pipeline sends the same in one round trip too, but costs far more CPU per
+    statement than the server spends on a small batch. Parameters are bound here as
+    literals by psycopg's own adapters (the connection's quoting and escaping).
+    """
+    literal = Transformer(conn).as_literal
+    out: list[bytes] = []
+    for query, params in statements:
+        parts = _placeholders(query)
+        if len(parts) != len(params) + 1:
+            raise ValueError(f"{len(params)} parameters for {len(parts) - 1} placeholders")
+        out.append(parts[0])
+        for value, part in zip(params, parts[1:]):
+            out.append(literal(value))
+            out.append(part)
+        out.append(b";\n")
+    conn.autocommit = True  # the connection is idle between batches
+    try:
+        conn.execute(b"".join(out))
+    finally:
+        try:
+            conn.autocommit = False
+        except psycopg.Error:
+            pass  # a broken connection: the error above is the one to report
+
+
+_split_queries: dict[bytes, list[bytes]] = {}
+
+
+def _placeholders(query: bytes) -> list[bytes]:
+    """`query` split at its %s placeholders (it may hold no other %)."""
+    parts = _split_queries.get(query)
+    if parts is None:
+        parts = query.split(b"%s")
+        if any(b"%" in part for part in parts):
+            raise ValueError(f"only %s placeholders can be bound here: {query[:200]!r}")
+        if len(_split_queries) > 1000:
+            _split_queries.clear()
+        _split_queries[query] = parts
+    return parts
 
 
 def _describe(exc: BaseException) -> str:

@@ -118,6 +118,9 @@ class SourceConfig:
                 f"publication={r.publication!r})")
 
 
+DEFAULT_EMBED_CACHE_ROWS = 100_000
+
+
 @dataclass(frozen=True, slots=True)
 class SearchConfig:
     """[search]: where the search schema lives; with no DSN, in the source database."""
@@ -127,7 +130,8 @@ class SearchConfig:
     schema: str = "slipstream"
     exact_limit: int = 20000
     hnsw: bool = True
-    embed_cache_rows: int = 100_000  # content-hash cache entries per space; 0 = off
+    # Content-hash cache entries per space; 0 = off; None = by embedder (see `cache_rows`).
+    embed_cache_rows: int | None = None
     origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
 
     def resolve_dsn(self, source: SourceConfig, environ: Mapping[str, str] | None = None) -> str:
@@ -256,6 +260,17 @@ class WorkerConfig:
         default_factory=lambda: MappingProxyType({}))
     origin: str = "<string>"
 
+    def embed_cache_rows(self) -> int:
+        """The content-hash cache size per space: `[search] embed_cache_rows` when set; else
+        off when every space's embedder computes its vectors locally from the text (kind
+        `hashing`: recomputing costs less than a lookup and a write on the search
+        database), and `DEFAULT_EMBED_CACHE_ROWS` otherwise."""
+        if self.search.embed_cache_rows is not None:
+            return self.search.embed_cache_rows
+        if all(e.kind == "hashing" for e in self.embedders.values()):
+            return 0
+        return DEFAULT_EMBED_CACHE_ROWS
+
     def redacted(self) -> WorkerConfig:
         """A twin with DSN passwords and API keys replaced by ***, safe to log."""
         return dataclasses.replace(
@@ -323,7 +338,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<string>") -> Worker
         schema=r.identifier(sea, ("search", "schema"), "slipstream"),
         exact_limit=r.integer(sea, ("search", "exact_limit"), 20000, minimum=1),
         hnsw=r.get(sea, ("search", "hnsw"), True, (bool,), "true or false"),
-        embed_cache_rows=r.integer(sea, ("search", "embed_cache_rows"), 100_000, minimum=0))
+        embed_cache_rows=(r.integer(sea, ("search", "embed_cache_rows"), None, minimum=0)
+                          if "embed_cache_rows" in sea else None))
 
     raw_spaces = r.section(top.get("spaces", {}), ("spaces",), None)
     spaces: dict[str, int] = {}

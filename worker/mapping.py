@@ -175,10 +175,11 @@ class TomlMapper:
 
     def _render(self, row: Mapping[str, object], name: str) -> str:
         template: Template = getattr(self.config, name)
-        for column in template.columns:
-            self._value(row, column, name)
         try:
             return template.render(row)
+        except KeyError as exc:  # a column the row lacks: the same error `_value` gives
+            self._value(row, exc.args[0], name)
+            raise
         except TypeError as exc:
             raise MapperError(f"{key_path('tables', self.table, name)}: {exc}",
                               table=self.table) from exc

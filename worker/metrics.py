@@ -210,6 +210,7 @@ class BatchLog:
         self.metrics = metrics
         self._clock = clock
         self._recent: deque[tuple[float, int]] = deque()  # (when, changes) within the window
+        self._recent_sum = 0  # the changes in `_recent`, kept as it moves (no sum per batch)
 
     def log_batch(
         self,
@@ -257,10 +258,11 @@ class BatchLog:
         """Changes per second over the last `RATE_WINDOW_SECONDS`, this batch included."""
         now = self._clock()
         self._recent.append((now, changes))
+        self._recent_sum += changes
         while self._recent[0][0] < now - RATE_WINDOW_SECONDS:
-            self._recent.popleft()
+            self._recent_sum -= self._recent.popleft()[1]
         span = max(now - self._recent[0][0], 1.0)  # one batch alone: per its first second
-        return sum(n for _, n in self._recent) / span
+        return self._recent_sum / span
 
 
 # --- slot lag ------------------------------------------------------------------------

@@ -78,6 +78,7 @@ class ApplyPipeline:
         os.set_blocking(self._wake_w, False)
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slipstream-commit")
         self._outstanding = 0  # submitted and not yet collected
+        self._broken = False  # a batch failed on the caller's thread
         self._thread = threading.Thread(target=self._run, name="slipstream-plan", daemon=True)
         self._thread.start()
 
@@ -95,12 +96,31 @@ class ApplyPipeline:
         return self._wake_r
 
     def submit(self, batch: Batch) -> None:
-        """Plan and commit `batch` after everything submitted before it."""
-        self._inbox.put(batch)
+        """Plan and commit `batch` after everything submitted before it.
+
+        With nothing outstanding, a small batch is planned and committed at once on the
+        caller's thread: on a quiet stream that spares two thread wake-ups, which on a
+        busy machine cost more than the work. Its result is collected like any other.
+        """
+        if self._broken:
+            return  # a commit failed: nothing after it may commit (collect() raises it)
         self._outstanding += 1
+        if self._outstanding == 1 and len(batch.changes) <= INLINE_COMMIT_MAX:
+            done: Future[ApplyResult] = Future()
+            try:
+                done.set_result(self.applier.commit(self.applier.plan(batch)))
+            except Exception as exc:  # noqa: BLE001 - reported through collect()
+                self._broken = True
+                self._announce(_Failed(exc))
+                return
+            self._announce(_Committed(done, batch))
+            return
+        self._inbox.put(batch)
 
     def submit_chore(self, name: str, run: Callable[[], Any]) -> None:
         """Run `run()` alone on the writer, after every earlier commit."""
+        if self._broken:
+            return
         self._inbox.put(_Chore(name, run))
         self._outstanding += 1
 

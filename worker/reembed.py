@@ -174,7 +174,7 @@ def run_reembed(config: WorkerConfig, space: str, *, rate: float | None = None,
     search_dsn = config.search.resolve_dsn(config.source)
     backend = PostgresBackend(search_dsn, schema=config.search.schema, spaces=dict(config.spaces),
                               exact_limit=config.search.exact_limit, hnsw=config.search.hnsw,
-                              cache_max_rows=config.search.embed_cache_rows)
+                              cache_max_rows=config.embed_cache_rows())
     try:
         embedders = build_embedders({space: config.embedders[space]})
         index = SearchIndex(backend, embedders, check_embedders=False)

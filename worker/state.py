@@ -151,6 +151,27 @@ def lsn_int(text: str | None) -> int:
     return 0 if text is None else parse_lsn(str(text))
 
 
+COPY_MIN_ROWS = 64  # source rows saved through a staged COPY from this many on
+_SAVE_SOURCE_ROWS = ("INSERT INTO {s}.source_rows (relation, row_key, row_values, docs, lsn, deleted) "
+                     "VALUES ")
+_SOURCE_ROWS_UPSERT = (" ON CONFLICT (relation, row_key) DO UPDATE SET row_values = excluded.row_values, "
+                       "docs = excluded.docs, lsn = excluded.lsn, deleted = excluded.deleted")
+_ADD_DEAD_LETTERS = ("INSERT INTO {s}.dead_letters (source_lsn, relation, row_key, op, row_values, error) "
+                     "VALUES ")
+_MARK_RELATION_DELETED = ("UPDATE {s}.source_rows SET deleted = true, row_values = NULL, docs = '[]', "
+                          "lsn = %s WHERE relation = %s AND NOT deleted")
+
+
+def _source_row(relation: str, key: str, st: SourceState) -> tuple:
+    return (relation, key, Jsonb(st.values) if st.values is not None else None,
+            Jsonb([d.to_json() for d in st.docs]), lsn_text(st.lsn), st.deleted)
+
+
+def _dead_letter(d: DeadLetter) -> tuple:
+    return (lsn_text(d.source_lsn) if d.source_lsn else None, d.relation, d.row_key, d.op,
+            Jsonb(d.row_values) if d.row_values is not None else None, d.error)
+
+
 class WorkerState:
     """Reads and writes the worker's tables in `schema` (on the search database)."""
 
@@ -158,9 +179,15 @@ class WorkerState:
         self.schema = check_identifier(schema, "schema")
         self._s = sql.Identifier(self.schema)
         self.changelog = ChangeLog(self.schema)
+        self._queries: dict[str, bytes] = {}
 
-    def q(self, text: str) -> sql.Composed:
-        return sql.SQL(text).format(s=self._s)
+    def q(self, text: str) -> bytes:
+        """`text` with {s} as this schema, composed once per text and kept as query bytes
+        (the apply transaction runs the same few statements for every batch)."""
+        query = self._queries.get(text)
+        if query is None:
+            query = self._queries[text] = sql.SQL(text).format(s=self._s).as_bytes(None)
+        return query
 
     def migrate(self, conn: psycopg.Connection) -> None:
         """Create or upgrade the worker tables. Idempotent; serialised by an advisory lock."""
@@ -199,7 +226,11 @@ class WorkerState:
         return self.changelog.max_seq(conn)
 
     def save_checkpoint(self, conn: psycopg.Connection, slot: str, cp: Checkpoint) -> None:
-        conn.execute(self.q(
+        conn.execute(*self.checkpoint_statement(slot, cp))
+
+    def checkpoint_statement(self, slot: str, cp: Checkpoint) -> tuple[bytes, tuple]:
+        """`save_checkpoint` as (query, params)."""
+        return (self.q(
             "INSERT INTO {s}.checkpoints (slot, lsn, partial_lsn, partial_offset, last_seq) "
             "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, "
             "partial_lsn = excluded.partial_lsn, partial_offset = excluded.partial_offset, "
@@ -233,26 +264,50 @@ class WorkerState:
         """Upsert (relation, row_key, state) rows."""
         if not rows:
             return
-        with conn.cursor() as cur:
-            cur.executemany(self.q(
-                "INSERT INTO {s}.source_rows (relation, row_key, row_values, docs, lsn, deleted) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (relation, row_key) DO UPDATE SET "
-                "row_values = excluded.row_values, docs = excluded.docs, lsn = excluded.lsn, "
-                "deleted = excluded.deleted"),
-                [(rel, key, Jsonb(st.values) if st.values is not None else None,
-                  Jsonb([d.to_json() for d in st.docs]), lsn_text(st.lsn), st.deleted)
-                 for rel, key, st in rows])
+        if len(rows) < COPY_MIN_ROWS:
+            with conn.cursor() as cur:
+                cur.executemany(self.q(_SAVE_SOURCE_ROWS + "(%s, %s, %s, %s, %s, %s)" + _SOURCE_ROWS_UPSERT),
+                                [_source_row(rel, key, st) for rel, key, st in rows])
+            return
+        # Many rows: binary COPY into a session staging table, then one upsert (an insert per
+        # row costs several times more in the driver).
+        stage = sql.Identifier(f"slipstream_source_stage_{self.schema}").as_bytes(None)
+        conn.execute(b"CREATE TEMP TABLE IF NOT EXISTS " + stage + b" (relation text, row_key text, "
+                     b"row_values jsonb, docs jsonb, lsn text, deleted boolean) ON COMMIT DELETE ROWS")
+        with conn.cursor().copy(b"COPY " + stage + b" FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["text", "text", "jsonb", "jsonb", "text", "bool"])
+            for rel, key, st in rows:
+                copy.write_row(_source_row(rel, key, st))
+        conn.execute(self.q(
+            "INSERT INTO {s}.source_rows (relation, row_key, row_values, docs, lsn, deleted) "
+            "SELECT relation, row_key, row_values, docs, lsn::pg_lsn, deleted FROM ")
+            + stage + self.q(_SOURCE_ROWS_UPSERT))
+        conn.execute(b"TRUNCATE " + stage)
 
     def add_dead_letters(self, conn: psycopg.Connection, letters: Sequence[DeadLetter]) -> None:
         if not letters:
             return
         with conn.cursor() as cur:
-            cur.executemany(self.q(
-                "INSERT INTO {s}.dead_letters (source_lsn, relation, row_key, op, row_values, error) "
-                "VALUES (%s, %s, %s, %s, %s, %s)"),
-                [(lsn_text(d.source_lsn) if d.source_lsn else None, d.relation, d.row_key, d.op,
-                  Jsonb(d.row_values) if d.row_values is not None else None, d.error)
-                 for d in letters])
+            cur.executemany(self.q(_ADD_DEAD_LETTERS + "(%s, %s, %s, %s, %s, %s)"),
+                            [_dead_letter(d) for d in letters])
+
+    def write_statements(self, relations_truncated: Sequence[tuple[str, int]],
+                         rows: Sequence[tuple[str, str, SourceState]],
+                         letters: Sequence[DeadLetter]) -> list[tuple[bytes, list[Any]]]:
+        """`mark_relation_deleted` for each truncated relation, then `save_source_rows` and
+        `add_dead_letters`, as (query, params) for a caller that sends its whole
+        transaction as one query (multi-row inserts)."""
+        out: list[tuple[bytes, list[Any]]] = [
+            (self.q(_MARK_RELATION_DELETED), [lsn_text(lsn), relation])
+            for relation, lsn in relations_truncated]
+        if rows:
+            out.append((self.q(_SAVE_SOURCE_ROWS + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(rows))
+                               + _SOURCE_ROWS_UPSERT),
+                        [v for rel, key, st in rows for v in _source_row(rel, key, st)]))
+        if letters:
+            out.append((self.q(_ADD_DEAD_LETTERS + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(letters))),
+                        [v for d in letters for v in _dead_letter(d)]))
+        return out
 
     def last_dead_letter_id(self, conn: psycopg.Connection) -> int:
         (last,) = conn.execute(self.q("SELECT coalesce(max(id), 0) FROM {s}.dead_letters")).fetchone()
@@ -269,9 +324,7 @@ class WorkerState:
 
     def mark_relation_deleted(self, conn: psycopg.Connection, relation: str, lsn: int) -> None:
         """After a TRUNCATE: every source row of `relation` is gone as of `lsn`."""
-        conn.execute(self.q(
-            "UPDATE {s}.source_rows SET deleted = true, row_values = NULL, docs = '[]', lsn = %s "
-            "WHERE relation = %s AND NOT deleted"), (lsn_text(lsn), relation))
+        conn.execute(self.q(_MARK_RELATION_DELETED), (lsn_text(lsn), relation))
 
     # -- operator views and dead-letter retries -------------------------------------------
 
