@@ -125,13 +125,16 @@ def check_vector(space: str, dims: Mapping[str, int], vector: object) -> np.ndar
 class Retrieved:
     """What a backend finds for one query: the scope's statistics, the lexical top rows
     already scored (`ranking.bm25_rank`'s order and scores, exactly), and the semantic
-    candidates with their vectors, to be scored by `ranking.semantic_rank`."""
+    candidates with their vectors, to be scored by `ranking.semantic_rank`. A backend
+    that already computed the candidates' exact cosines (`ranking.exact_cosine`, row by
+    row) passes them as `semantic_scores`, so they are not computed twice."""
 
     stats: ScopeStats
     lexical: list[tuple[DocKey, float]]
     semantic_keys: list[DocKey]
     semantic_vectors: np.ndarray
     approximate: bool
+    semantic_scores: np.ndarray | None = None
 
 
 class Backend(Protocol):

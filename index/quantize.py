@@ -199,9 +199,50 @@ def survivors(bounds: np.ndarray, rows: np.ndarray, depth: int,
     bound reaches both the lowest exact cosine of the `depth` highest bounds and the
     score `floor` (rows need a positive cosine at least `floor` to match at all).
     """
+    return scored_survivors(bounds, rows, depth, exact, floor)[0]
+
+
+def top_by_bound(bounds: np.ndarray, depth: int) -> np.ndarray:
+    """Positions of the `depth` highest of `bounds` (ties broken arbitrarily).
+
+    A full selection over every row costs more than the rest of the first pass, so a
+    threshold is first read off a strided sample; the rows at or above it hold the
+    `depth` highest (when there are at least `depth` of them) and only they are selected
+    from. Any `depth` rows would give `survivors` a valid cut; these give the tightest.
+    """
+    n = bounds.size
+    if n > 64 * depth:
+        sample = bounds[:: n // (32 * depth)]
+        # Aim at about 3·depth rows above the threshold: enough to hold the top `depth`
+        # even when the sample is unlucky, few enough that the selection is cheap.
+        from_top = max(2, round(3 * depth * sample.size / n))
+        kth = sample.size - from_top
+        threshold = np.partition(sample, kth)[kth]
+        above = np.flatnonzero(bounds >= threshold)
+        if depth <= above.size <= 16 * depth:
+            part = np.argpartition(bounds[above], above.size - depth)[above.size - depth:]
+            return above[part]
+    return np.argpartition(bounds, n - depth)[n - depth:]
+
+
+def scored_survivors(bounds: np.ndarray, rows: np.ndarray, depth: int,
+                     exact: Callable[[np.ndarray], np.ndarray],
+                     floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """`survivors`, with the exact cosine of each row kept (in the order of the rows).
+
+    Each row's cosine is computed once: the rows of the cut, then the others.
+    """
     if rows.size <= depth:
-        return rows
-    top = np.argpartition(bounds, rows.size - depth)[rows.size - depth:]
-    cut = float(exact(rows[top]).min())
-    cut = max(cut, floor)
-    return rows[bounds >= cut]
+        return rows, exact(rows)
+    top = top_by_bound(bounds, depth)
+    top_scores = exact(rows[top])
+    cut = max(float(top_scores.min()), floor)
+    keep = bounds >= cut
+    in_top = np.zeros(rows.size, bool)
+    in_top[top] = True
+    scores = np.empty(rows.size, np.float64)
+    scores[top] = top_scores
+    rest = keep & ~in_top
+    if rest.any():
+        scores[rest] = exact(rows[rest])
+    return rows[keep], scores[keep]

@@ -37,7 +37,7 @@ from .analysis import ANALYZER
 from .backend import Filters, PreparedDoc, Retrieved, Scope, check_vector
 from .doc import DocKey, check_identifier
 from .errors import ConfigurationError
-from .quantize import survivors
+from .quantize import scored_survivors
 from .ranking import LexicalCandidate, ScopeStats, exact_cosine, parse_tf
 from .scope_view import ScopeView
 from .shard_cache import CachedRow, ShardCache
@@ -394,14 +394,14 @@ class SQLiteBackend:
         stats = cache.scope_view(scope.partitions).stats
         self._ranked_slots = []
         lexical = self._lexical(cache, terms, scope, filters, depth)
+        scores = None
         if query is None or space is None:
             keys, vectors = [], np.zeros((0, 0), np.float32)
         else:
-            keys, vectors = self._semantic(cache, space, query, scope, filters, depth)
-        ranked = [slot for part in self._ranked_slots for slot in part]
-        self._recent = dict(zip(map(cache.keys.__getitem__, ranked),
-                                cache.doc_ids.view[ranked].tolist()))
-        return Retrieved(stats, lexical, keys, vectors, False)
+            keys, vectors, scores = self._semantic(cache, space, query, scope, filters, depth)
+        self._recent_from = (cache, self._ranked_slots)  # for `fetch`, mapped only when asked
+        self._recent = None
+        return Retrieved(stats, lexical, keys, vectors, False, scores)
 
     def lexical_rank(self, terms: Sequence[str], scope: Scope, filters: Filters, stats: ScopeStats,
                      depth: int) -> list[tuple[DocKey, float]]:
@@ -421,10 +421,10 @@ class SQLiteBackend:
             keep = scores >= kth
             slots, scores = slots[keep], scores[keep]
         keys = cache.keys
-        ranked = sorted(zip(slots.tolist(), scores.tolist()),
-                        key=lambda sv: (-sv[1], keys[sv[0]]))[:depth]
-        self._ranked_slots.append([slot for slot, _ in ranked])
-        return [(keys[slot], score) for slot, score in ranked]
+        ranked = sorted(zip((-scores).tolist(), map(keys.__getitem__, slots.tolist()),
+                            slots.tolist()))[:depth]
+        self._ranked_slots.append([slot for _, _, slot in ranked])
+        return [(key, -neg) for neg, key, _ in ranked]
 
     def lexical_candidates(self, terms: Sequence[str], scope: Scope, filters: Filters) -> list[LexicalCandidate]:
         """Candidates straight from FTS5 and the stored term frequencies, for the reference scorer.
@@ -453,8 +453,8 @@ class SQLiteBackend:
         ]
 
     def _semantic(self, cache: ShardCache, space: str, query: np.ndarray, scope: Scope,
-                  filters: Filters, depth: int) -> tuple[list[DocKey], np.ndarray]:
-        """Every row that may rank in the exact top `depth`, with its vector.
+                  filters: Filters, depth: int) -> tuple[list[DocKey], np.ndarray, np.ndarray]:
+        """Every row that may rank in the exact top `depth`, with its vector and exact cosine.
 
         A first pass over int8 codes bounds each row's cosine from above (`quantize`);
         the rows whose bound cannot reach the exact top `depth` are dropped unread.
@@ -464,24 +464,30 @@ class SQLiteBackend:
             selected = view.mask
         matrix = cache.vectors[space].view
         idx = np.flatnonzero(selected & cache.has_vector[space].view)
-        if idx.size > depth:
-            q = np.asarray(query, dtype=np.float32)
-            codes = cache.codes[space]
-            if idx.size * 4 < codes.n:
-                bounds = codes.upper_bounds(q, idx)
-            else:
-                bounds = codes.upper_bounds(q)[idx]
-            idx = survivors(bounds, idx, depth, lambda rows: exact_cosine(matrix[rows], q))
+        q = np.asarray(query, dtype=np.float32)
         if idx.size == 0:
-            return [], np.zeros((0, self.spaces[space]), np.float32)
+            return [], np.zeros((0, self.spaces[space]), np.float32), np.zeros(0, np.float64)
+        codes = cache.codes[space]
+        if idx.size <= depth:
+            bounds = np.zeros(idx.size)
+        elif idx.size * 4 < codes.n:
+            bounds = codes.upper_bounds(q, idx)
+        else:
+            bounds = codes.upper_bounds(q)[idx]
+        idx, scores = scored_survivors(bounds, idx, depth, lambda rows: exact_cosine(matrix[rows], q))
         keys = cache.keys
         idx_list = idx.tolist()
         self._ranked_slots.append(idx_list)
-        return [keys[i] for i in idx_list], matrix[idx]
+        return [keys[i] for i in idx_list], matrix[idx], scores
 
     def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
         out: dict[DocKey, dict[str, Any]] = {}
         recent = self._recent
+        if recent is None:  # the rows the last query ranked, by key: their doc ids
+            cache, parts = self._recent_from
+            ranked = [slot for part in parts for slot in part]
+            recent = self._recent = dict(zip(map(cache.keys.__getitem__, ranked),
+                                             cache.doc_ids.view[ranked].tolist()))
         ids = [recent[key] for key in keys if key in recent]
         if ids:  # rows the last query ranked: one read by rowid, keys checked
             for r in self._conn.execute(
