@@ -31,7 +31,9 @@ from .doc import DocKey, check_identifier
 from .errors import ConfigurationError, MissingDependencyError
 from .pg_migrations import apply_migrations
 from .ranking import CANDIDATE_MARGIN, ScopeStats
+from .scope_cache import ScopeCache
 from .scope_view import rank_candidates
+from .shard_cache import ShardCache
 
 try:
     import psycopg
@@ -119,7 +121,7 @@ class PostgresBackend(EmbeddingState):
                  spaces: Mapping[str, int] | None = None, exact_limit: int = DEFAULT_EXACT_LIMIT,
                  ef_search: int = 100, iterative_scan: bool = True, hnsw: bool = True,
                  create_schema: bool = True, pool_size: int = 4,
-                 cache_max_rows: int = 100_000) -> None:
+                 cache_max_rows: int = 100_000, scope_cache: ScopeCache | None = None) -> None:
         self.schema = check_identifier(schema, "schema")
         self.spaces: dict[str, int] = {}
         for name, dim in (spaces or {}).items():
@@ -132,6 +134,8 @@ class PostgresBackend(EmbeddingState):
         self.iterative_scan = iterative_scan
         self.hnsw = hnsw
         self.cache_max_rows = cache_max_rows  # per space; 0 turns the content-hash cache off
+        # Partition scopes held in memory, checked against the change log per query (`scope_cache`).
+        self.scope_cache = scope_cache
         self._cache_rows: dict[str, int] = {}
         self._s = sql.Identifier(self.schema)
         self._staged_on: dict[int, psycopg.Connection] = {}  # connections with a staging table
@@ -172,11 +176,15 @@ class PostgresBackend(EmbeddingState):
     @contextmanager
     def _writing(self, conn: psycopg.Connection | None) -> Iterator[psycopg.Connection]:
         """Inside the caller's transaction when `conn` is given; else a pooled one, committed."""
-        if conn is not None:
-            yield conn
-            return
-        with self._pool.connection() as pooled, pooled.transaction():
-            yield pooled
+        try:
+            if conn is not None:
+                yield conn
+                return
+            with self._pool.connection() as pooled, pooled.transaction():
+                yield pooled
+        finally:
+            if self.scope_cache is not None:  # unlogged when not the worker's: void the entries
+                self.scope_cache.wrote()
 
     def connect(self, **kwargs: Any) -> psycopg.Connection:
         """A new dedicated connection (not from the pool), set up for vectors."""
@@ -396,12 +404,15 @@ class PostgresBackend(EmbeddingState):
                  scope: Scope, filters: Filters, depth: int) -> Retrieved:
         """Scope statistics, the lexical top `depth` and the semantic candidates, in one round
         trip (a pipeline); a scope above `exact_limit` takes a second one, through HNSW."""
+        q = check_vector(space, self.spaces, query) if query is not None and space else None
+        cached = self._retrieve_cached(terms, space, q, scope, filters, depth)
+        if cached is not None:
+            return cached
         where, sparams = self._scope(scope)
         fsql, fparams = self._filters(filters)
         stats_q = sql.SQL(
             "SELECT count(*), coalesce(sum(len_title), 0), coalesce(sum(len_body), 0) "
             "FROM {s}.docs WHERE {where} AND NOT deleted").format(s=self._s, where=where)
-        q = check_vector(space, self.spaces, query) if query is not None and space else None
         with self.connection() as c:
             # One snapshot for the statistics and both channels, in one round trip.
             with c.pipeline():
@@ -431,6 +442,55 @@ class PostgresBackend(EmbeddingState):
                             space, q, where, sparams, fsql, fparams, depth, guard=False)).fetchall(), False
                 keys, matrix, approximate = _unpack(rows, self.spaces[space], approximate=approximate)
         return Retrieved(stats, lexical, keys, matrix, approximate)
+
+    def _retrieve_cached(self, terms: Sequence[str], space: str | None, q: np.ndarray | None,
+                         scope: Scope, filters: Filters, depth: int) -> Retrieved | None:
+        """The scope ranked in memory (`scope_cache`), or None when it is not cacheable: no
+        cache, all partitions, an attrs filter, or a scope above `exact_limit` rows."""
+        cache, parts = self.scope_cache, scope.partitions
+        if cache is None or parts is None or filters.attrs or len(parts) > cache.max_partitions:
+            return None
+        with self.connection() as c:
+            try:
+                version = cache.versions.partition_versions(c, parts)  # the one check per query
+            except psycopg.errors.UndefinedTable as exc:
+                raise ConfigurationError(
+                    f"the scope cache checks the change log, which schema {self.schema!r} does not "
+                    "have: run `slipstream setup` (or ChangeLog.migrate), or leave scope_cache "
+                    f"off ({exc})") from None
+            entry = cache.get(parts, version)
+            if entry is None:
+                if cache.known_uncacheable(parts, version):
+                    return None
+                entry = self._build_scope(c, cache, parts)
+                if entry is None:
+                    return None
+        return entry.retrieve(parts, terms, space, q, filters, depth)
+
+    def _build_scope(self, c: psycopg.Connection, cache: ScopeCache, parts: tuple[str, ...]):
+        """Read the scope's live rows and their version in one snapshot; keep them if they fit."""
+        epoch = cache.epoch  # read before the snapshot: a write after it voids the entry
+        spaces = list(self.spaces)
+        emb = sql.SQL("").join(sql.SQL(", {c}").format(c=sql.Identifier(f"emb_{sp}")) for sp in spaces)
+        with c.transaction():
+            c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            version = cache.versions.partition_versions(c, parts)
+            (n,) = c.execute(self._q(
+                "SELECT count(*) FROM {s}.docs WHERE partition = ANY(%s) AND NOT deleted"),
+                (list(parts),)).fetchone()
+            # Above the exact limit the server answers through HNSW; rows with no change-log
+            # entry were written around the log, so its seq cannot tell when they change.
+            if n > self.exact_limit or (n and 0 in version[1]):
+                cache.mark_uncacheable(parts, version, epoch)
+                return None
+            rows = c.cursor(binary=True).execute(sql.SQL(
+                "SELECT id, object_type, object_id, node_kind, partition, len_title, len_body, tf{emb} "
+                "FROM {s}.docs WHERE partition = ANY(%s) AND NOT deleted ORDER BY id").format(
+                    s=self._s, emb=emb), (list(parts),)).fetchall()
+        sc = ShardCache.of_rows(self.spaces, (
+            (r[0], (r[1], r[2], r[3]), r[4], r[5], r[6], r[7],
+             {sp: _as_array(v) for sp, v in zip(spaces, r[8:]) if v is not None}) for r in rows))
+        return cache.put(parts, version, epoch, sc)
 
     def _lexical_query(self, terms, where, sparams, fsql, fparams) -> tuple[sql.Composed, list]:
         # Each term's (title, body) counts as two integers, so nothing is parsed as JSON here.

@@ -11,14 +11,15 @@ moved) makes the backend reload the whole cache.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .doc import DocKey
-from .quantize import CodeColumns
-from .ranking import ScopeStats
+from .quantize import CodeColumns, scored_survivors
+from .ranking import ScopeStats, exact_cosine
 from .scope_view import ScopeView
 
 
@@ -92,6 +93,20 @@ class ShardCache:
         self.delta: dict[int, tuple[list[int], list[int], list[int]]] = {}
         self.delta_size = 0
         self._views: dict[tuple[str, ...] | None, ScopeView] = {}  # dropped on every change
+
+    @classmethod
+    def of_rows(cls, dims: Mapping[str, int], rows: Iterable[tuple]) -> ShardCache:
+        """A cache of `rows`, each (doc_id, key, partition, len_title, len_body, tf, vectors):
+        labels share one string object per distinct value, postings are merged, spare
+        capacity released."""
+        labels: dict[str, str] = {}
+        intern = labels.setdefault
+        cache = cls(dims, 0)
+        cache.add(CachedRow(doc_id, (intern(t, t), i, intern(n, n)), intern(p, p), lt, lb, tf, vecs)
+                  for doc_id, (t, i, n), p, lt, lb, tf, vecs in rows)
+        cache.merge()
+        cache.trim()
+        return cache
 
     # -- maintenance ----------------------------------------------------------------------
 
@@ -215,6 +230,79 @@ class ShardCache:
                 self._views.pop(next(iter(self._views)))
             view = self._views[key] = ScopeView(self, partitions)
         return view
+
+    def filter_mask(self, view: ScopeView, object_types: Sequence[str] | None,
+                    node_kinds: Sequence[str] | None) -> np.ndarray | None:
+        """The scope's rows of the given object types and node kinds (None: no such filter)."""
+        if object_types is None and node_kinds is None:
+            return None
+        selected = view.mask.copy()
+        if object_types is not None:
+            selected &= self.label_mask("object_type", object_types)
+        if node_kinds is not None:
+            selected &= self.label_mask("node_kind", node_kinds)
+        return selected
+
+    def lexical_top(self, view: ScopeView, selected: np.ndarray | None, terms: Sequence[str],
+                    depth: int) -> tuple[list[tuple[DocKey, float]], list[int]]:
+        """The lexical top `depth` as `ranking.bm25_rank` ranks it, and the rows' slots.
+
+        `terms` are the query's sorted terms; `selected` the filter mask (None: the scope)."""
+        if not terms:
+            return [], []
+        slots, scores = view.top_rows(terms, selected, depth)
+        if slots.size > depth:
+            kth = np.partition(scores, slots.size - depth)[slots.size - depth]
+            keep = scores >= kth
+            slots, scores = slots[keep], scores[keep]
+        keys = self.keys
+        slot_list = slots.tolist()
+        ranked = sorted(zip((-scores).tolist(), map(keys.__getitem__, slot_list), slot_list))[:depth]
+        return [(key, -neg) for neg, key, _ in ranked], [slot for _, _, slot in ranked]
+
+    def semantic_top(self, view: ScopeView, selected: np.ndarray | None, space: str,
+                     query: np.ndarray, depth: int
+                     ) -> tuple[list[DocKey], np.ndarray, np.ndarray, list[int]]:
+        """Every row that may rank in the exact top `depth`: keys, vectors, exact cosines, slots.
+
+        A first pass over int8 codes bounds each row's cosine from above (`quantize`);
+        the rows whose bound cannot reach the exact top `depth` are dropped unread.
+        """
+        if selected is None:
+            selected = view.mask
+        matrix = self.vectors[space].view
+        idx = np.flatnonzero(selected & self.has_vector[space].view)
+        q = np.asarray(query, dtype=np.float32)
+        if idx.size == 0:
+            return [], np.zeros((0, self.dims[space]), np.float32), np.zeros(0, np.float64), []
+        codes = self.codes[space]
+        if idx.size <= depth:
+            bounds = np.zeros(idx.size)
+        elif idx.size * 4 < codes.n:
+            bounds = codes.upper_bounds(q, idx)
+        else:
+            bounds = codes.upper_bounds(q)[idx]
+        idx, scores = scored_survivors(bounds, idx, depth, lambda rows: exact_cosine(matrix[rows], q))
+        idx_list = idx.tolist()
+        return [self.keys[i] for i in idx_list], matrix[idx], scores, idx_list
+
+    def footprint(self) -> int:
+        """Bytes this cache holds or may come to hold: arrays (`nbytes`), the Python objects
+        of keys and lookups (measured), and room for the summands its scope views may keep
+        (32 bytes per posting)."""
+        total = self.nbytes + sys.getsizeof(self.keys) + sys.getsizeof(self.slot_of)
+        seen: set[int] = set()
+        for key in self.keys:
+            total += sys.getsizeof(key)
+            for part in key:
+                if id(part) not in seen:
+                    seen.add(id(part))
+                    total += sys.getsizeof(part)
+        total += 32 * len(self.slot_of)  # the ints the slot map holds
+        total += sys.getsizeof(self.term_ids) + sum(sys.getsizeof(t) for t in self.term_ids)
+        total += sys.getsizeof(self.base_range) + 64 * len(self.base_range)
+        total += 32 * (self.base_slots.size + self.delta_size)
+        return total
 
     @property
     def nbytes(self) -> int:

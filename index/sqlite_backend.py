@@ -37,8 +37,7 @@ from .analysis import ANALYZER
 from .backend import Filters, PreparedDoc, Retrieved, Scope, check_vector
 from .doc import DocKey, check_identifier
 from .errors import ConfigurationError
-from .quantize import scored_survivors
-from .ranking import LexicalCandidate, ScopeStats, exact_cosine, parse_tf
+from .ranking import LexicalCandidate, ScopeStats, parse_tf
 from .scope_view import ScopeView
 from .shard_cache import CachedRow, ShardCache
 
@@ -371,11 +370,9 @@ class SQLiteBackend:
         memo_key = (id(cache), cache.generation, len(cache.keys), scope, repr(filters))
         if self._selection_memo is not None and self._selection_memo[0] == memo_key:
             return view, self._selection_memo[1]
-        selected = view.mask.copy()
-        if filters.object_types is not None:
-            selected &= cache.label_mask("object_type", filters.object_types)
-        if filters.node_kinds is not None:
-            selected &= cache.label_mask("node_kind", filters.node_kinds)
+        selected = cache.filter_mask(view, filters.object_types, filters.node_kinds)
+        if selected is None:
+            selected = view.mask.copy()
         if filters.attrs:
             sql, params = attrs_sql(filters.attrs)
             allowed = np.fromiter(
@@ -415,16 +412,9 @@ class SQLiteBackend:
         if not terms:
             return []
         view, selected = self._selection(cache, scope, filters)
-        slots, scores = view.top_rows(terms, selected, depth)
-        if slots.size > depth:
-            kth = np.partition(scores, slots.size - depth)[slots.size - depth]
-            keep = scores >= kth
-            slots, scores = slots[keep], scores[keep]
-        keys = cache.keys
-        ranked = sorted(zip((-scores).tolist(), map(keys.__getitem__, slots.tolist()),
-                            slots.tolist()))[:depth]
-        self._ranked_slots.append([slot for _, _, slot in ranked])
-        return [(key, -neg) for neg, key, _ in ranked]
+        ranked, slots = cache.lexical_top(view, selected, terms, depth)
+        self._ranked_slots.append(slots)
+        return ranked
 
     def lexical_candidates(self, terms: Sequence[str], scope: Scope, filters: Filters) -> list[LexicalCandidate]:
         """Candidates straight from FTS5 and the stored term frequencies, for the reference scorer.
@@ -460,25 +450,9 @@ class SQLiteBackend:
         the rows whose bound cannot reach the exact top `depth` are dropped unread.
         """
         view, selected = self._selection(cache, scope, filters)
-        if selected is None:
-            selected = view.mask
-        matrix = cache.vectors[space].view
-        idx = np.flatnonzero(selected & cache.has_vector[space].view)
-        q = np.asarray(query, dtype=np.float32)
-        if idx.size == 0:
-            return [], np.zeros((0, self.spaces[space]), np.float32), np.zeros(0, np.float64)
-        codes = cache.codes[space]
-        if idx.size <= depth:
-            bounds = np.zeros(idx.size)
-        elif idx.size * 4 < codes.n:
-            bounds = codes.upper_bounds(q, idx)
-        else:
-            bounds = codes.upper_bounds(q)[idx]
-        idx, scores = scored_survivors(bounds, idx, depth, lambda rows: exact_cosine(matrix[rows], q))
-        keys = cache.keys
-        idx_list = idx.tolist()
-        self._ranked_slots.append(idx_list)
-        return [keys[i] for i in idx_list], matrix[idx], scores
+        keys, vectors, scores, slots = cache.semantic_top(view, selected, space, query, depth)
+        self._ranked_slots.append(slots)
+        return keys, vectors, scores
 
     def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
         out: dict[DocKey, dict[str, Any]] = {}
