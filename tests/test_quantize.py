@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from slipstream.index.quantize import CodeColumns, quantize, scored_survivors, survivors, top_by_bound
+from slipstream.index.quantize import (
+    CodeColumns,
+    quantize,
+    scored_survivors,
+    survivors,
+    top_by_bound,
+)
 from slipstream.index.ranking import exact_cosine, semantic_rank
 
 DIMS = st.sampled_from([1, 3, 8, 33, 64, 384])
