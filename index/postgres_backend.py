@@ -193,6 +193,8 @@ class PostgresBackend(EmbeddingState):
         return conn
 
     def close(self) -> None:
+        if self.scope_cache is not None:
+            self.scope_cache.wait_built(cancel=True)
         if self._owns_pool:
             self._pool.close()
 
@@ -462,34 +464,64 @@ class PostgresBackend(EmbeddingState):
             if entry is None:
                 if cache.known_uncacheable(parts, version):
                     return None
+                if cache.background:  # answered uncached now; the entry is built beside it
+                    cache.schedule(parts, lambda: self._build_pooled(cache, parts))
+                    return None
                 entry = self._build_scope(c, cache, parts)
                 if entry is None:
                     return None
         return entry.retrieve(parts, terms, space, q, filters, depth)
 
+    def _build_pooled(self, cache: ScopeCache, parts: tuple[str, ...]) -> None:
+        with self.connection() as c:
+            self._build_scope(c, cache, parts)
+
     def _build_scope(self, c: psycopg.Connection, cache: ScopeCache, parts: tuple[str, ...]):
-        """Read the scope's live rows and their version in one snapshot; keep them if they fit."""
+        """Read the scope's live rows and their version in one snapshot; keep them if they fit.
+
+        Columns come back as arrays (vectors as one bytea, term counts unnested), so the
+        structures are built with NumPy, not row by row."""
         epoch = cache.epoch  # read before the snapshot: a write after it voids the entry
-        spaces = list(self.spaces)
-        emb = sql.SQL("").join(sql.SQL(", {c}").format(c=sql.Identifier(f"emb_{sp}")) for sp in spaces)
+        where = sql.SQL("partition = ANY(%s) AND NOT deleted")
+        vecs = sql.SQL("").join(sql.SQL(
+            ", string_agg(coalesce(vector_send({c}), {zero}), ''::bytea ORDER BY id), "
+            "array_agg({c} IS NOT NULL ORDER BY id)").format(
+                c=sql.Identifier(f"emb_{sp}"),
+                zero=sql.Literal(bytes(4 + 4 * dim))) for sp, dim in self.spaces.items())
         with c.transaction():
             c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             version = cache.versions.partition_versions(c, parts)
-            (n,) = c.execute(self._q(
-                "SELECT count(*) FROM {s}.docs WHERE partition = ANY(%s) AND NOT deleted"),
-                (list(parts),)).fetchone()
+            (n,) = c.execute(sql.SQL("SELECT count(*) FROM {s}.docs WHERE {w}").format(
+                s=self._s, w=where), (list(parts),)).fetchone()
             # Above the exact limit the server answers through HNSW; rows with no change-log
             # entry were written around the log, so its seq cannot tell when they change.
-            if n > self.exact_limit or (n and 0 in version[1]):
+            if n == 0 or n > self.exact_limit or 0 in version[1]:
                 cache.mark_uncacheable(parts, version, epoch)
                 return None
             rows = c.cursor(binary=True).execute(sql.SQL(
-                "SELECT id, object_type, object_id, node_kind, partition, len_title, len_body, tf{emb} "
-                "FROM {s}.docs WHERE partition = ANY(%s) AND NOT deleted ORDER BY id").format(
-                    s=self._s, emb=emb), (list(parts),)).fetchall()
-        sc = ShardCache.of_rows(self.spaces, (
-            (r[0], (r[1], r[2], r[3]), r[4], r[5], r[6], r[7],
-             {sp: _as_array(v) for sp, v in zip(spaces, r[8:]) if v is not None}) for r in rows))
+                "SELECT array_agg(id ORDER BY id), array_agg(object_type ORDER BY id), "
+                "array_agg(object_id ORDER BY id), array_agg(node_kind ORDER BY id), "
+                "array_agg(partition ORDER BY id), array_agg(len_title ORDER BY id), "
+                "array_agg(len_body ORDER BY id){vecs} FROM {s}.docs WHERE {w}").format(
+                    s=self._s, w=where, vecs=vecs), (list(parts),)).fetchone()
+            # Term counts unnested, each term numbered here: (terms, doc ids, term numbers, tfs).
+            postings = c.cursor(binary=True).execute(sql.SQL(
+                "WITH p AS MATERIALIZED (SELECT d.id, k.key, k.value FROM {s}.docs d, "
+                "jsonb_each(d.tf) AS k WHERE d.{w}), "
+                "t AS (SELECT key, (row_number() OVER (ORDER BY key))::int4 - 1 AS n "
+                "FROM (SELECT DISTINCT key FROM p) x) "
+                "SELECT (SELECT array_agg(key ORDER BY n) FROM t), array_agg(p.id), array_agg(t.n), "
+                "array_agg((p.value ->> 0)::int4), array_agg((p.value ->> 1)::int4) "
+                "FROM p JOIN t USING (key)").format(s=self._s, w=where), (list(parts),)).fetchone()
+        ids, types, oids, kinds, partitions, lt, lb = rows[:7]
+        vectors = {}
+        for i, (sp, dim) in enumerate(self.spaces.items()):
+            block, has = rows[7 + 2 * i], rows[8 + 2 * i]
+            # vector_send: int16 dim, int16 unused, then dim big-endian float32 per row
+            matrix = np.frombuffer(block, ">f4").reshape(len(ids), dim + 1)[:, 1:].astype(np.float32)
+            vectors[sp] = (matrix, np.asarray(has, bool))
+        sc = ShardCache.of_arrays(self.spaces, ids, list(zip(types, oids, kinds)), partitions, lt, lb,
+                                  postings[0] or [], tuple(p or [] for p in postings[1:]), vectors)
         return cache.put(parts, version, epoch, sc)
 
     def _lexical_query(self, terms, where, sparams, fsql, fparams) -> tuple[sql.Composed, list]:

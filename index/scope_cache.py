@@ -37,9 +37,11 @@ exact-scan limit) or above the budget is never cached.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,6 +51,8 @@ from .backend import Filters, Retrieved
 from .doc import DocKey
 from .errors import ConfigurationError
 from .shard_cache import ShardCache
+
+log = logging.getLogger(__name__)
 
 Version = tuple[int, tuple[int, ...]]  # (horizon, highest seq per partition, in order)
 
@@ -97,7 +101,7 @@ class ScopeCache:
     """Entries by scope, at most `max_bytes` in all, LRU. Thread-safe."""
 
     def __init__(self, versions: PartitionVersions, max_bytes: int = 256 * 2**20,
-                 max_partitions: int = 64) -> None:
+                 max_partitions: int = 64, background: bool = True) -> None:
         if not isinstance(max_bytes, int) or max_bytes < 1:
             raise ConfigurationError(f"scope cache max_bytes must be a positive integer, got {max_bytes!r}")
         if not callable(getattr(versions, "partition_versions", None)):
@@ -113,6 +117,11 @@ class ScopeCache:
         self._epoch = 0
         self._lock = threading.Lock()
         self._uncacheable: dict[tuple[str, ...], tuple[Version, int]] = {}
+        # With `background`, a miss is answered uncached and the entry built by one worker
+        # thread, so a first query never costs more than an uncached one.
+        self.background = background
+        self._builder: ThreadPoolExecutor | None = None
+        self._building: set[tuple[str, ...]] = set()
 
     @property
     def nbytes(self) -> int:
@@ -176,3 +185,33 @@ class ScopeCache:
                 self._bytes -= gone.nbytes
                 self.stats.evictions += 1
         return entry
+
+    def schedule(self, scope: tuple[str, ...], build: Callable[[], object]) -> None:
+        """Run `build` for `scope` on the builder thread, unless it is queued already (at
+        most 16 scopes wait; more are dropped, and asked for again by their next miss)."""
+        with self._lock:
+            if scope in self._building or len(self._building) >= 16:
+                return
+            self._building.add(scope)
+            if self._builder is None:
+                self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scope-cache")
+            builder = self._builder
+
+        def run() -> None:
+            try:
+                build()
+            except Exception:
+                log.exception("building the scope cache entry for %s failed", scope)
+            finally:
+                with self._lock:
+                    self._building.discard(scope)
+
+        builder.submit(run)
+
+    def wait_built(self, *, cancel: bool = False) -> None:
+        """Wait until the scheduled builds have finished (with `cancel`, only the running one)."""
+        with self._lock:
+            builder = self._builder
+            self._builder = None
+        if builder is not None:
+            builder.shutdown(wait=True, cancel_futures=cancel)

@@ -108,6 +108,49 @@ class ShardCache:
         cache.trim()
         return cache
 
+    @classmethod
+    def of_arrays(cls, dims: Mapping[str, int], doc_ids: Sequence[int], keys: Sequence[DocKey],
+                  partitions: Sequence[str], len_title: Sequence[int], len_body: Sequence[int],
+                  terms: Sequence[str],
+                  postings: tuple[Sequence[int], Sequence[int], Sequence[int], Sequence[int]],
+                  vectors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> ShardCache:
+        """A cache built column by column, as `add` + `merge` would build it from the same rows.
+
+        Rows are given by position (`doc_ids` ascending); `postings` is (doc_id, term
+        number in `terms`, title tf, body tf) per (row, term); `vectors[space]` is
+        (float32 matrix, has-vector mask), zero rows where a row has none."""
+        cache = cls(dims, 0)
+        n = len(doc_ids)
+        ids = np.asarray(doc_ids, np.int64)
+        labels: dict[str, str] = {}
+        intern = labels.setdefault
+        cache.keys = [(intern(t, t), i, intern(k, k)) for t, i, k in keys]
+        cache.slot_of = dict(zip(ids.tolist(), range(n)))
+        for column, values, dtype in ((cache.doc_ids, ids, np.int64), (cache.alive, np.ones(n, bool), np.bool_),
+                                      (cache.len_title, len_title, np.int32),
+                                      (cache.len_body, len_body, np.int32)):
+            column.data, column.n = np.asarray(values, dtype).reshape(n), n
+        for name, values in (("partition", partitions), ("object_type", [k[0] for k in cache.keys]),
+                             ("node_kind", [k[2] for k in cache.keys])):
+            codes = cache._codes[name]
+            column = cache._labels[name]
+            column.data = np.fromiter((codes.setdefault(v, len(codes)) for v in values), np.int32, n)
+            column.n = n
+        for space in cache.dims:
+            matrix, has = vectors[space]
+            cache.vectors[space].data, cache.vectors[space].n = np.ascontiguousarray(matrix, np.float32), n
+            cache.has_vector[space].data, cache.has_vector[space].n = np.asarray(has, bool), n
+            cache.codes[space].extend(matrix)
+            cache.codes[space].trim()
+        post_ids, post_terms, post_t, post_b = postings
+        cache.term_ids = dict(zip(terms, range(len(terms))))
+        tids = np.asarray(post_terms, np.int32).reshape(-1)
+        slots = np.searchsorted(ids, np.asarray(post_ids, np.int64)).astype(np.int32)
+        tf = np.column_stack([np.asarray(post_t, np.int32), np.asarray(post_b, np.int32)]).reshape(-1, 2)
+        cache.base_terms, cache.base_slots, cache.base_tf = tids, slots, tf
+        cache.merge()  # sorts the postings by (term, slot) and indexes each term's range
+        return cache
+
     # -- maintenance ----------------------------------------------------------------------
 
     def add(self, rows: Iterable[CachedRow]) -> None:

@@ -35,8 +35,9 @@ QUERIES = ["apple report", "paris flight", "banana", "invoice refund quarterly"]
 class Searchers:
     """The same database searched with and without the cache."""
 
-    def __init__(self, dsn: str, dim: int = DIM, max_bytes: int = 64 * 2**20) -> None:
-        self.cache = ScopeCache(ChangeLog("slipstream"), max_bytes=max_bytes)
+    def __init__(self, dsn: str, dim: int = DIM, max_bytes: int = 64 * 2**20,
+                 background: bool = False) -> None:
+        self.cache = ScopeCache(ChangeLog("slipstream"), max_bytes=max_bytes, background=background)
         self.cached_backend = PostgresBackend(dsn, spaces={"local": dim}, hnsw=False,
                                               scope_cache=self.cache)
         self.plain_backend = PostgresBackend(dsn, spaces={"local": dim}, hnsw=False)
@@ -304,3 +305,66 @@ def test_answers_from_the_cache_rank_as_the_device_does(pg_dsn: str, tmp_path) -
     finally:
         shard.close()
         s.close()
+
+
+def test_a_miss_is_answered_uncached_and_built_beside_it(pg_dsn: str) -> None:
+    writer = LogWriter(pg_dsn, spaces={"local": DIM})
+    writer.apply([doc(str(i), "A", "apple banana report") for i in range(30)])
+    s = Searchers(pg_dsn, background=True)
+    try:
+        first = s.same("A", QUERIES[:1])  # a miss: read through the uncached path
+        assert s.cache.stats.hits == 0
+        s.cache.wait_built()
+        assert len(s.cache) == 1
+        assert s.same("A", QUERIES[:1]) == first and s.cache.stats.hits == 1
+        writer.apply([doc("new", "A", "apple banana report apple")])
+        changed = s.same("A", QUERIES[:1])  # stale now: uncached again, rebuilt beside
+        assert changed != first and s.cache.stats.hits == 1
+        s.cache.wait_built()
+        assert s.same("A", QUERIES[:1]) == changed and s.cache.stats.hits == 2
+    finally:
+        writer.close()
+        s.close()
+
+
+def test_building_from_columns_gives_the_structures_of_row_by_row() -> None:
+    """The server builds a scope with `of_arrays`; a device with `add`: same arrays."""
+    from slipstream.index.shard_cache import ShardCache
+
+    rng = np.random.default_rng(4)
+    words = ["apple", "banana", "cherry", "report", "paris"]
+    rows = []
+    for i in range(0, 400, 3):  # ascending ids with gaps
+        tf = {w: (int(rng.integers(0, 3)), int(rng.integers(0, 4))) for w in rng.choice(words, 3, replace=False)}
+        vec = rng.standard_normal(8).astype(np.float32) if i % 5 else None
+        rows.append((i, ("note" if i % 2 else "task", str(i), "leaf"), f"p{i % 3}",
+                     sum(t for t, _ in tf.values()), sum(b for _, b in tf.values()), tf,
+                     {} if vec is None else {"local": vec}))
+    by_rows = ShardCache.of_rows({"local": 8}, rows)
+    terms = sorted({t for r in rows for t in r[5]})
+    number = {t: n for n, t in enumerate(terms)}
+    post = [(r[0], number[t], a, b) for r in rows for t, (a, b) in r[5].items()]
+    matrix = np.stack([r[6].get("local", np.zeros(8, np.float32)) for r in rows])
+    by_cols = ShardCache.of_arrays({"local": 8}, [r[0] for r in rows], [r[1] for r in rows],
+                                   [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows],
+                                   terms, tuple(list(c) for c in zip(*post)),
+                                   {"local": (matrix, np.array(["local" in r[6] for r in rows]))})
+    assert by_cols.keys == by_rows.keys
+    for term in terms:
+        got, want = by_cols.postings(term), by_rows.postings(term)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), term
+    for name in ("partition", "object_type", "node_kind"):
+        for value in ("p1", "note", "leaf"):
+            if value in by_rows._codes[name]:
+                assert np.array_equal(by_cols.label_mask(name, [value]), by_rows.label_mask(name, [value]))
+    assert np.array_equal(by_cols.vectors["local"].view, by_rows.vectors["local"].view)
+    assert np.array_equal(by_cols.has_vector["local"].view, by_rows.has_vector["local"].view)
+    assert np.array_equal(by_cols.codes["local"].codes_t[:, :len(rows)], by_rows.codes["local"].codes_t[:, :len(rows)])
+    assert np.array_equal(by_cols.len_title.view, by_rows.len_title.view)
+    q = rng.standard_normal(8).astype(np.float32)
+    ranked = []
+    for cache in (by_cols, by_rows):
+        view = cache.scope_view(("p0", "p1"))
+        ranked.append((cache.lexical_top(view, None, ["apple", "paris"], 10)[0],
+                       cache.semantic_top(view, None, "local", q, 10)[2].tolist()))
+    assert ranked[0] == ranked[1] and ranked[0][0]
