@@ -8,7 +8,7 @@ them (the reference scorer over candidates, or its vectorised twin).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -127,7 +127,9 @@ class Retrieved:
     already scored (`ranking.bm25_rank`'s order and scores, exactly), and the semantic
     candidates with their vectors, to be scored by `ranking.semantic_rank`. A backend
     that already computed the candidates' exact cosines (`ranking.exact_cosine`, row by
-    row) passes them as `semantic_scores`, so they are not computed twice."""
+    row) passes them as `semantic_scores`, so they are not computed twice. A backend that
+    answered from a consistent copy of the scope gives `fetch`, which reads the result
+    rows from that same copy."""
 
     stats: ScopeStats
     lexical: list[tuple[DocKey, float]]
@@ -135,6 +137,7 @@ class Retrieved:
     semantic_vectors: np.ndarray
     approximate: bool
     semantic_scores: np.ndarray | None = None
+    fetch: Callable[[Sequence[DocKey]], dict[DocKey, dict[str, Any]]] | None = None
 
 
 class Backend(Protocol):

@@ -31,7 +31,7 @@ from .doc import DocKey, check_identifier
 from .errors import ConfigurationError, MissingDependencyError
 from .pg_migrations import apply_migrations
 from .ranking import CANDIDATE_MARGIN, ScopeStats
-from .scope_cache import ScopeCache
+from .scope_cache import ResultRows, ScopeCache
 from .scope_view import rank_candidates
 from .shard_cache import ShardCache
 
@@ -502,7 +502,9 @@ class PostgresBackend(EmbeddingState):
                 "SELECT array_agg(id ORDER BY id), array_agg(object_type ORDER BY id), "
                 "array_agg(object_id ORDER BY id), array_agg(node_kind ORDER BY id), "
                 "array_agg(partition ORDER BY id), array_agg(len_title ORDER BY id), "
-                "array_agg(len_body ORDER BY id){vecs} FROM {s}.docs WHERE {w}").format(
+                "array_agg(len_body ORDER BY id), array_agg(title ORDER BY id), "
+                "array_agg(payload::text ORDER BY id), array_agg(attrs::text ORDER BY id){vecs} "
+                "FROM {s}.docs WHERE {w}").format(
                     s=self._s, w=where, vecs=vecs), (list(parts),)).fetchone()
             # Term counts unnested, each term numbered here: (terms, doc ids, term numbers, tfs).
             postings = c.cursor(binary=True).execute(sql.SQL(
@@ -513,16 +515,18 @@ class PostgresBackend(EmbeddingState):
                 "SELECT (SELECT array_agg(key ORDER BY n) FROM t), array_agg(p.id), array_agg(t.n), "
                 "array_agg((p.value ->> 0)::int4), array_agg((p.value ->> 1)::int4) "
                 "FROM p JOIN t USING (key)").format(s=self._s, w=where), (list(parts),)).fetchone()
-        ids, types, oids, kinds, partitions, lt, lb = rows[:7]
+        ids, types, oids, kinds, partitions, lt, lb, titles, payloads, attrs = rows[:10]
         vectors = {}
         for i, (sp, dim) in enumerate(self.spaces.items()):
-            block, has = rows[7 + 2 * i], rows[8 + 2 * i]
+            block, has = rows[10 + 2 * i], rows[11 + 2 * i]
             # vector_send: int16 dim, int16 unused, then dim big-endian float32 per row
             matrix = np.frombuffer(block, ">f4").reshape(len(ids), dim + 1)[:, 1:].astype(np.float32)
             vectors[sp] = (matrix, np.asarray(has, bool))
         sc = ShardCache.of_arrays(self.spaces, ids, list(zip(types, oids, kinds)), partitions, lt, lb,
                                   postings[0] or [], tuple(p or [] for p in postings[1:]), vectors)
-        return cache.put(parts, version, epoch, sc)
+        labels = {p: p for p in set(partitions)}
+        return cache.put(parts, version, epoch, sc, ResultRows(
+            [labels[p] for p in partitions], titles, payloads, attrs))
 
     def _lexical_query(self, terms, where, sparams, fsql, fparams) -> tuple[sql.Composed, list]:
         # Each term's (title, body) counts as two integers, so nothing is parsed as JSON here.

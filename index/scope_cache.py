@@ -37,7 +37,9 @@ exact-scan limit) or above the budget is never cached.
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -63,6 +65,22 @@ class PartitionVersions(Protocol):
     def partition_versions(self, conn: Any, partitions: Sequence[str]) -> Version: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ResultRows:
+    """What a result shows of each row, by slot: partition, title, and payload and attrs as
+    the JSON text Postgres gives (parsed for the few rows a query returns)."""
+
+    partitions: list[str]
+    titles: list[str]
+    payloads: list[str]
+    attrs: list[str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(sys.getsizeof(c) + sum(map(sys.getsizeof, c)) for c in
+                   (self.titles, self.payloads, self.attrs)) + sys.getsizeof(self.partitions)
+
+
 @dataclass(slots=True)
 class Entry:
     """One scope's rows, valid while the scope's version is `version`."""
@@ -70,8 +88,25 @@ class Entry:
     version: Version
     epoch: int
     cache: ShardCache
+    rows: ResultRows
     nbytes: int
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _slot_of_key: dict[DocKey, int] | None = None
+
+    def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
+        """Result rows from this entry: the state its ranking was computed on."""
+        with self.lock:
+            if self._slot_of_key is None:
+                self._slot_of_key = {key: slot for slot, key in enumerate(self.cache.keys)}
+            slot_of = self._slot_of_key
+        rows, out = self.rows, {}
+        for key in keys:
+            slot = slot_of.get(key)
+            if slot is not None:
+                out[key] = {"partition": rows.partitions[slot], "title": rows.titles[slot],
+                            "payload": json.loads(rows.payloads[slot]),
+                            "attrs": json.loads(rows.attrs[slot])}
+        return out
 
     def retrieve(self, parts: tuple[str, ...], terms: Sequence[str], space: str | None,
                  query: np.ndarray | None, filters: Filters, depth: int) -> Retrieved:
@@ -86,7 +121,7 @@ class Entry:
             scores = None
             if query is not None and space is not None:
                 keys, matrix, scores, _ = sc.semantic_top(view, selected, space, query, depth)
-            return Retrieved(view.stats, lexical, keys, matrix, False, scores)
+            return Retrieved(view.stats, lexical, keys, matrix, False, scores, self.fetch)
 
 
 @dataclass(slots=True)
@@ -164,11 +199,12 @@ class ScopeCache:
                 self._uncacheable.pop(next(iter(self._uncacheable)))
             self._uncacheable[scope] = (version, epoch)
 
-    def put(self, scope: tuple[str, ...], version: Version, epoch: int, cache: ShardCache) -> Entry | None:
-        """Keep `cache` (built at `version`, `epoch`) unless it is too large or a write
-        came in since it was started; returns the entry to rank from (None: too large)."""
-        nbytes = cache.footprint()
-        entry = Entry(version, epoch, cache, nbytes)
+    def put(self, scope: tuple[str, ...], version: Version, epoch: int, cache: ShardCache,
+            rows: ResultRows) -> Entry | None:
+        """Keep `cache` and `rows` (built at `version`, `epoch`) unless too large or a write
+        came in since they were read; returns the entry to rank from (None: too large)."""
+        nbytes = cache.footprint() + rows.nbytes
+        entry = Entry(version, epoch, cache, rows, nbytes)
         if nbytes > self.max_bytes:
             self.mark_uncacheable(scope, version, epoch)
             return None

@@ -276,6 +276,7 @@ class SearchIndex:
                                              depth=depth, min_score=min_semantic_score,
                                              scores=found.semantic_scores)
 
+        fetch = found.fetch or self.backend.fetch
         group_of = None
         if diversity_key is not None:
             attrs_by_key = {}
@@ -283,12 +284,12 @@ class SearchIndex:
                 fused_keys = list(dict.fromkeys([key for key, _ in lexical[:depth]]
                                                 + [key for key, _ in semantic[:depth]]))
                 attrs_by_key = {key: row["attrs"] for key, row in
-                                self.backend.fetch(fused_keys).items()}
+                                fetch(fused_keys).items()}
             group_of = ranking.group_lookup(attrs_by_key, diversity_key)
         chosen = ranking.fuse_and_collapse(lexical, semantic, mode=mode, depth=depth,
                                            collapse=collapse, group_of=group_of,
                                            cap=diversity_cap, k=k)
-        rows = self.backend.fetch([f.key for f, _ in chosen])
+        rows = fetch([f.key for f, _ in chosen])
         results = []
         for f, kinds in chosen:
             row = rows.get(f.key)
