@@ -45,6 +45,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .ranking import row_sq_norms
+
 SLACK = 1e-9
 _U32 = 2.0 ** -24
 BLOCK = 512  # rows per block of the dense pass: a small product BLAS runs on one thread
@@ -101,6 +103,7 @@ class CodeColumns:
         self.g = np.zeros(16, np.float64)
         self.eps = np.zeros(16, np.float64)
         self.emax = np.zeros(16, np.float64)
+        self.sq = np.zeros(16, np.float64)  # each row's squared norm, as the exact cosine takes it
         self.n = 0
 
     def _reserve(self, extra: int) -> None:
@@ -113,7 +116,7 @@ class CodeColumns:
         codes_t = np.zeros((self.dim, cap), np.int8)
         codes_t[:, : self.n] = self.codes_t[:, : self.n]
         self.codes_t = codes_t
-        for name in ("a", "g", "eps", "emax"):
+        for name in ("a", "g", "eps", "emax", "sq"):
             grown = np.zeros(cap, np.float64)
             grown[: self.n] = getattr(self, name)[: self.n]
             setattr(self, name, grown)
@@ -122,7 +125,7 @@ class CodeColumns:
         """Drop the spare capacity (after a bulk load)."""
         keep = max(self.n, 1)
         self.codes_t = self.codes_t[:, :keep].copy()
-        for name in ("a", "g", "eps", "emax"):
+        for name in ("a", "g", "eps", "emax", "sq"):
             setattr(self, name, getattr(self, name)[:keep].copy())
 
     def extend(self, vectors: np.ndarray) -> None:
@@ -138,11 +141,12 @@ class CodeColumns:
             self.codes_t[:, at: at + codes.shape[0]] = codes.T
             for name, values in zip(("a", "g", "eps", "emax"), terms):
                 getattr(self, name)[at: at + codes.shape[0]] = values
+            self.sq[at: at + codes.shape[0]] = row_sq_norms(vectors[start:start + 4096])
         self.n += k
 
     @property
     def nbytes(self) -> int:
-        return self.codes_t.nbytes + 4 * self.a.nbytes
+        return self.codes_t.nbytes + 5 * self.a.nbytes
 
     def dots(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """float32 ``û·c`` for every slot (or for `rows`), reading only the columns `query` needs."""

@@ -143,17 +143,28 @@ def bm25_rank(
     return scored
 
 
-def exact_cosine(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Cosine of each row of `matrix` (float32) with `query` (float32), in float64."""
+def exact_cosine(matrix: np.ndarray, query: np.ndarray, sq_norms: np.ndarray | None = None) -> np.ndarray:
+    """Cosine of each row of `matrix` (float32) with `query` (float32), in float64.
+
+    `sq_norms`, when given, are the rows' ``(m·m).sum(axis=1)`` already computed (by
+    `row_sq_norms`, which is that expression): a row's value does not depend on the
+    other rows of the matrix, so a cache may keep it per row."""
     m = np.asarray(matrix, dtype=np.float32).astype(np.float64)
     q = np.asarray(query, dtype=np.float32).astype(np.float64)
     if m.ndim != 2 or m.shape[0] == 0:
         return np.zeros(0, dtype=np.float64)
     dots = (m * q).sum(axis=1)
-    norms = np.sqrt((m * m).sum(axis=1)) * math.sqrt(float((q * q).sum()))
+    sq = (m * m).sum(axis=1) if sq_norms is None else sq_norms
+    norms = np.sqrt(sq) * math.sqrt(float((q * q).sum()))
     with np.errstate(divide="ignore", invalid="ignore"):
         cos = np.where(norms > 0, dots / norms, 0.0)
     return cos
+
+
+def row_sq_norms(matrix: np.ndarray) -> np.ndarray:
+    """Each row's squared norm exactly as `exact_cosine` computes it."""
+    m = np.asarray(matrix, dtype=np.float32).astype(np.float64)
+    return (m * m).sum(axis=1)
 
 
 def semantic_rank(

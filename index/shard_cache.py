@@ -325,7 +325,9 @@ class ShardCache:
             bounds = codes.upper_bounds(q, idx)
         else:
             bounds = codes.upper_bounds(q)[idx]
-        idx, scores = scored_survivors(bounds, idx, depth, lambda rows: exact_cosine(matrix[rows], q))
+        sq = codes.sq
+        idx, scores = scored_survivors(bounds, idx, depth,
+                                       lambda rows: exact_cosine(matrix[rows], q, sq[rows]))
         idx_list = idx.tolist()
         return [self.keys[i] for i in idx_list], matrix[idx], scores, idx_list
 

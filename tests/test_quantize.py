@@ -19,7 +19,7 @@ from slipstream.index.quantize import (
     survivors,
     top_by_bound,
 )
-from slipstream.index.ranking import exact_cosine, semantic_rank
+from slipstream.index.ranking import exact_cosine, row_sq_norms, semantic_rank
 
 DIMS = st.sampled_from([1, 3, 8, 33, 64, 384])
 
@@ -175,3 +175,20 @@ def test_quantize_round_trip_error_is_within_the_stored_bound() -> None:
 def test_quantize_rejects_a_flat_array() -> None:
     with pytest.raises(ValueError):
         quantize(np.zeros(4, np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dim=st.sampled_from([1, 7, 8, 9, 33, 128, 384, 1536]),
+       n=st.integers(1, 9000), rows_kind=row_kinds)
+def test_cached_row_norms_give_the_cosine_bit_for_bit(seed, dim, n, rows_kind) -> None:
+    """A row's squared norm kept by the codes (computed in blocks) is the one the exact
+    cosine computes over any subset of rows; the cosine is the same either way."""
+    rng = np.random.default_rng(seed)
+    q = _query(rng, "dense", dim, None)
+    rows = _adversarial(rng, rows_kind, n, dim, q)
+    codes = CodeColumns(dim)
+    codes.extend(rows)
+    pick = np.sort(rng.choice(n, size=min(n, 60), replace=False))
+    assert np.array_equal(codes.sq[pick], row_sq_norms(rows[pick]))
+    assert np.array_equal(exact_cosine(rows[pick], q, codes.sq[pick]), exact_cosine(rows[pick], q))
+    assert np.array_equal(exact_cosine(rows, q)[pick], exact_cosine(rows[pick], q))
