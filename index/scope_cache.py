@@ -3,8 +3,10 @@
 A partition's rows are spread over as many heap pages as it has rows, so reading
 them for each query costs more than ranking them. `ScopeCache` keeps, per scope (a
 sorted tuple of partitions), a `ShardCache` of its live rows — the device's
-structures: postings, float32 vectors and int8 codes — and `PostgresBackend` ranks
-from it with the device's code, so the results are the exact path's, bit for bit.
+structures: postings, float32 vectors and int8 codes — plus what results show of
+each row (`ResultRows`), and `PostgresBackend` ranks from it with the device's code,
+so the results are the exact path's, bit for bit. Queries with an attrs filter, over
+all partitions, or over a scope above the backend's `exact_limit` are not cached.
 
 Validity
 --------
@@ -14,15 +16,19 @@ log's horizon and, per partition, the highest seq logged for it
 cached answer one indexed query reads the current version; any difference and the
 entry is rebuilt. This is exact because every writer of ``{schema}.docs`` that
 changes what a search reads logs the change in the same transaction, under the one
-apply writer, in seq order:
+apply writer, with seqs in commit order — the worker's apply (stream, initial copy,
+backfill and dead-letter retry all go through it; a move logs its old partition
+too), the fill pass, and re-embedding's switch (every row of the space). The other
+writes leave searched columns alone: the fill pass's error marks, the shadow column
+a re-embed fills, and compaction's purge of tombstoned rows. So:
 
 * a change to a partition's rows commits with a seq above every seq visible before
   it, so that partition's highest seq rises;
 * compaction drops superseded entries (the same key's later entry stays) and old
-  tombstones — which can lower a partition's highest seq to a value an entry was
-  built at — but it raises the horizon to the highest seq it removed, which is above
-  every seq visible when such an entry was built. The pair (horizon, highest seq)
-  therefore differs from the entry's whenever the partition changed.
+  tombstones — which can lower a partition's highest seq back to a value an entry
+  was built at — but it raises the horizon to the highest seq it removed, which is
+  above every seq visible when such an entry was built. The pair (horizon, highest
+  seq) therefore differs from the entry's whenever the partition changed.
 
 Writes through the backend's own methods outside the worker (``SearchIndex.upsert``
 without a change log) log nothing: in this process they bump a write epoch that
@@ -30,9 +36,10 @@ voids every entry built before them, and a partition whose rows have no change-l
 entry at all is never cached. A deployment that writes ``docs`` from elsewhere
 without the worker must leave the cache off.
 
-Memory is bounded in bytes (`ShardCache.footprint`, arrays plus Python objects);
-least recently used entries go first, and a scope above `max_rows` (the backend's
-exact-scan limit) or above the budget is never cached.
+A miss is answered uncached while one builder thread fills the entry (`background`),
+so a first query costs what it costs without the cache. Memory is bounded in bytes
+(`ShardCache.footprint` plus the result rows, Python objects included); least
+recently used entries go first, and an entry above the budget is not kept.
 """
 
 from __future__ import annotations
