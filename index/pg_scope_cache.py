@@ -78,7 +78,7 @@ class ScopeCacheReads:
                 s=self._s, w=where), (list(parts),)).fetchone()
             # Above the exact limit the server answers through HNSW; rows with no change-log
             # entry were written around the log, so its seq cannot tell when they change.
-            if n == 0 or n > self.exact_limit or 0 in version[1]:
+            if n == 0 or n > self.exact_limit or 0 in version[-1]:
                 cache.mark_uncacheable(parts, version, epoch)
                 return None
             rows = c.cursor(binary=True).execute(sql.SQL(

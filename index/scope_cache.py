@@ -11,7 +11,8 @@ all partitions, or over a scope above the backend's `exact_limit` are not cached
 Validity
 --------
 An entry is keyed by a *version* read in the same snapshot as its rows: the change
-log's horizon and, per partition, the highest seq logged for it
+log's horizon and, per partition, the highest seq logged for it (and the log table's
+identity, so a schema dropped and set up again never matches an old entry)
 (`PartitionVersions`, implemented by ``shardsync.changelog.ChangeLog``). Before every
 cached answer one indexed query reads the current version; any difference and the
 entry is rebuilt. This is exact because every writer of ``{schema}.docs`` that
@@ -63,7 +64,7 @@ from .shard_cache import ShardCache
 
 log = logging.getLogger(__name__)
 
-Version = tuple[int, tuple[int, ...]]  # (horizon, highest seq per partition, in order)
+Version = tuple[int, int, tuple[int, ...]]  # (log identity, horizon, highest seq per partition)
 
 
 class PartitionVersions(Protocol):

@@ -221,7 +221,7 @@ def test_compaction_lowering_a_partitions_last_seq_cannot_revive_an_entry(pg_dsn
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             report = compact(conn, retention=0)
             assert report.tombstones == 1 and report.docs_purged == 1
-            horizon, (last,) = log.partition_versions(conn, ["A"])
+            _, horizon, (last,) = log.partition_versions(conn, ["A"])
         assert last == built_at  # the seq alone would call the old entry current
         assert horizon > built_at
         assert "x" not in ids(s.served("A"))
@@ -368,3 +368,22 @@ def test_building_from_columns_gives_the_structures_of_row_by_row() -> None:
         ranked.append((cache.lexical_top(view, None, ["apple", "paris"], 10)[0],
                        cache.semantic_top(view, None, "local", q, 10)[2].tolist()))
     assert ranked[0] == ranked[1] and ranked[0][0]
+
+
+def test_a_schema_set_up_again_never_matches_an_old_entry(pg_dsn: str) -> None:
+    """After DROP SCHEMA and a new set-up, seqs start over: the same (horizon, seq) as an
+    old entry, other rows. The log table's identity in the version tells them apart."""
+    writer = LogWriter(pg_dsn, spaces={"local": DIM})
+    writer.apply([doc("old", "A", "banana")])
+    writer.close()
+    s = Searchers(pg_dsn)
+    try:
+        assert "old" in ids(s.served("A"))
+        source(pg_dsn, "DROP SCHEMA slipstream CASCADE")
+        writer = LogWriter(pg_dsn, spaces={"local": DIM})
+        writer.apply([doc("new", "A", "banana")])
+        writer.close()
+        got = ids(s.same("A"))
+        assert "new" in got and "old" not in got
+    finally:
+        s.close()
