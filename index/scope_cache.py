@@ -177,6 +177,11 @@ class ScopeCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def holds(self, scope: tuple[str, ...]) -> bool:
+        """Whether an entry for `scope` is kept (current or not)."""
+        with self._lock:
+            return scope in self._entries
+
     def wrote(self) -> None:
         """A write this process made without logging it: void every entry built so far."""
         with self._lock:
