@@ -321,6 +321,8 @@ class ShardCache:
         codes = self.codes[space]
         if idx.size <= depth:
             bounds = np.zeros(idx.size)
+        elif idx.size == codes.n:  # every slot (a one-partition shard, no dead rows)
+            bounds = codes.upper_bounds(q)
         elif idx.size * 4 < codes.n:
             bounds = codes.upper_bounds(q, idx)
         else:

@@ -462,15 +462,14 @@ class SQLiteBackend:
             ranked = [slot for part in parts for slot in part]
             recent = self._recent = dict(zip(map(cache.keys.__getitem__, ranked),
                                              cache.doc_ids.view[ranked].tolist()))
-        ids = [recent[key] for key in keys if key in recent]
-        if ids:  # rows the last query ranked: one read by rowid, keys checked
+        key_of = {recent[key]: key for key in keys if key in recent}
+        if key_of:  # rows the last query ranked: one read by rowid (ids never change keys)
             for r in self._conn.execute(
-                    "SELECT object_type, object_id, node_kind, partition, title, payload, attrs "
-                    f"FROM docs WHERE id IN ({_placeholders(len(ids))})", ids):
-                key = (r[0], r[1], r[2])
-                if recent.get(key) is not None:
-                    out[key] = {"partition": r[3], "title": r[4],
-                                "payload": json.loads(r[5]), "attrs": json.loads(r[6])}
+                    "SELECT id, partition, title, payload, attrs "
+                    f"FROM docs WHERE id IN ({_placeholders(len(key_of))})",
+                    list(key_of)):
+                out[key_of[r[0]]] = {"partition": r[1], "title": r[2],
+                                     "payload": json.loads(r[3]), "attrs": json.loads(r[4])}
         lookup = self._conn.cursor()
         for key in keys:  # any other: one unique-index probe each (k is small)
             if key in out:
