@@ -2,9 +2,16 @@
 
     python bench/bench_index.py                      # defaults below
     python bench/bench_index.py --device-rows 10000 --server-rows 200000 --milestones 100000
+    python bench/bench_index.py --skip-server --skip-growth          # the device only
 
-Prints one table. The server part starts an embedded Postgres unless --dsn is given.
-Embedding uses HashingEmbedder(384); vectors are computed once, outside the timings.
+Prints tables. Device: p50/p95 and CPU per shard size, memory per 10k rows. Server:
+a 1,000-row partition's scoped query at each total size (flat against total rows),
+uncached and through the scope cache (hits, misses, the validity check, identical
+results), then the alternatives at the largest size (a packed per-partition block,
+CLUSTER with --cluster), the cache's memory, the load rate; and p50/p95 against rows
+in scope (1k, 5k, 20k exact, 50k HNSW). The server parts start an embedded Postgres
+unless --dsn is given, and stop it. Each query phase stops after --phase-limit seconds.
+Embedding uses HashingEmbedder(384) on the device; vectors are computed outside the timings.
 """
 
 from __future__ import annotations
