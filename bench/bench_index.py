@@ -2,9 +2,16 @@
 
     python bench/bench_index.py                      # defaults below
     python bench/bench_index.py --device-rows 10000 --server-rows 200000 --milestones 100000
+    python bench/bench_index.py --skip-server --skip-growth          # the device only
 
-Prints one table. The server part starts an embedded Postgres unless --dsn is given.
-Embedding uses HashingEmbedder(384); vectors are computed once, outside the timings.
+Prints tables. Device: p50/p95 and CPU per shard size, memory per 10k rows. Server:
+a 1,000-row partition's scoped query at each total size (flat against total rows),
+uncached and through the scope cache (hits, misses, the validity check, identical
+results), then the alternatives at the largest size (a packed per-partition block,
+CLUSTER with --cluster), the cache's memory, the load rate; and p50/p95 against rows
+in scope (1k, 5k, 20k exact, 50k HNSW). The server parts start an embedded Postgres
+unless --dsn is given, and stop it. Each query phase stops after --phase-limit seconds.
+Embedding uses HashingEmbedder(384) on the device; vectors are computed outside the timings.
 """
 
 from __future__ import annotations
@@ -106,16 +113,119 @@ def scoped_samples(index: SearchIndex, queries: list[str], scopes: list, limit_s
     return samples
 
 
+def cached_phase(cached: SearchIndex, plain: SearchIndex, queries: list[str], targets: list[str],
+                 n_scopes: int, limit_s: float) -> dict:
+    """The scope cache on `n_scopes` partitions: the first query of each (a miss: answered
+    uncached while the entry is built beside it), then `queries` over the same partitions
+    (hits); then the same queries compared with the uncached answers; the time to build an
+    entry, on other partitions; and the validity check alone."""
+    from slipstream.shardsync.changelog import ChangeLog
+
+    backend = cached.backend
+    cache = backend.scope_cache
+    distinct = list(dict.fromkeys(targets))
+    scopes = distinct[:n_scopes]
+    cold, warm, build, same = [], [], [], 0
+    t_end = time.perf_counter() + limit_s
+    for scope in scopes:
+        t0 = time.perf_counter()
+        cached.search(queries[0], k=10, partition=scope)
+        cold.append((time.perf_counter() - t0) * 1000)
+    cache.wait_built()
+    for _ in range(4):  # at most 16 builds wait at a time: ask again for the ones dropped
+        missing = [scope for scope in scopes if not cache.holds((scope,))]
+        if not missing:
+            break
+        for scope in missing:
+            cached.search(queries[0], k=10, partition=scope)
+        cache.wait_built()
+    hits0 = cache.stats.hits
+    for i, q in enumerate(queries):
+        t0 = time.perf_counter()
+        cached.search(q, k=10, partition=scopes[i % len(scopes)])
+        warm.append((time.perf_counter() - t0) * 1000)
+        if time.perf_counter() > t_end:
+            break
+    hits = cache.stats.hits - hits0
+    for i, q in enumerate(queries[:len(warm)]):
+        scope = scopes[i % len(scopes)]
+        same += summary(cached.search(q, k=10, partition=scope)) == summary(
+            plain.search(q, k=10, partition=scope))
+    for scope in distinct[n_scopes:n_scopes + 10]:
+        t0 = time.perf_counter()
+        backend._build_pooled(cache, (scope,))
+        build.append((time.perf_counter() - t0) * 1000)
+    log = ChangeLog(backend.schema)
+    check = []
+    with backend.connection() as conn:
+        for i in range(200):
+            t0 = time.perf_counter()
+            log.partition_versions(conn, [scopes[i % len(scopes)]])
+            check.append((time.perf_counter() - t0) * 1000)
+    return {"cold": cold, "warm": warm, "same": same, "n": len(warm), "check": check, "build": build,
+            "hits": hits, "entries": len(cache), "bytes": cache.nbytes}
+
+
+def summary(results) -> list[tuple]:
+    return [(r.key, r.score, r.lexical_rank, r.semantic_rank, r.lexical_score, r.semantic_score,
+             r.matched_node_kinds, r.title, r.payload) for r in results]
+
+
+def packed_phase(backend, scopes: list[str], limit_s: float) -> dict:
+    """The packed per-partition block, measured from its read side: one row per partition
+    holding its keys, lengths, term counts and vectors (as a writer would keep it), read
+    and decoded per query; and, on top, building the in-memory structures to rank from."""
+    from psycopg import sql
+    from slipstream.index.shard_cache import ShardCache
+
+    s = sql.Identifier(backend.schema)
+    with backend.connection() as conn:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {s}.blocks").format(s=s))
+        conn.execute(sql.SQL(
+            "CREATE TABLE {s}.blocks (partition text PRIMARY KEY, ids bigint[], object_ids text[], "
+            "lt int4[], lb int4[], tfs jsonb, vecs bytea)").format(s=s))
+        conn.execute(sql.SQL("ALTER TABLE {s}.blocks ALTER COLUMN vecs SET STORAGE EXTERNAL").format(s=s))
+        conn.execute(sql.SQL(
+            "INSERT INTO {s}.blocks SELECT partition, array_agg(id ORDER BY id), "
+            "array_agg(object_id ORDER BY id), array_agg(len_title ORDER BY id), "
+            "array_agg(len_body ORDER BY id), jsonb_agg(tf ORDER BY id), "
+            "string_agg(vector_send(emb_local), ''::bytea ORDER BY id) FROM {s}.docs "
+            "WHERE partition = ANY(%s) AND NOT deleted GROUP BY partition").format(s=s), (scopes,))
+        conn.execute(sql.SQL("VACUUM ANALYZE {s}.blocks").format(s=s))
+    read, build = [], []
+    t_end = time.perf_counter() + limit_s
+    dim = backend.spaces["local"]
+    with backend.connection() as conn:
+        for i in range(200):
+            t0 = time.perf_counter()
+            ids, oids, lt, lb, tfs, vecs = conn.execute(sql.SQL(
+                "SELECT ids, object_ids, lt, lb, tfs, vecs FROM {s}.blocks WHERE partition = %s").format(s=s),
+                (scopes[i % len(scopes)],)).fetchone()
+            matrix = np.frombuffer(vecs, ">f4").reshape(len(ids), dim + 1)[:, 1:].astype(np.float32)
+            t1 = time.perf_counter()
+            ShardCache.of_rows({"local": dim}, ((d, ("note", o, "leaf"), "p", a, b, tf, {"local": v})
+                                                for d, o, a, b, tf, v in zip(ids, oids, lt, lb, tfs, matrix)))
+            t2 = time.perf_counter()
+            read.append((t1 - t0) * 1000)
+            build.append((t2 - t0) * 1000)
+            if t2 > t_end:
+                break
+    return {"read": read, "build": build}
+
+
 def bench_server(rows: int, partition_rows: int, n_queries: int, dsn: str | None, table: list[tuple],
-                 shared_buffers: str, milestones: list[int], cluster: bool, limit_s: float) -> None:
+                 shared_buffers: str, milestones: list[int], cluster: bool, limit_s: float,
+                 cache_mb: int, flat: list[tuple]) -> None:
     """Scoped queries on one partition of `partition_rows` rows as the table grows.
 
     Each block of BLOCK_ROWS loaded rows holds BLOCK_ROWS / partition_rows partitions,
     their rows interleaved (row i of a block goes to partition i mod count), so at each
     milestone every partition is full and a partition's rows lie on as many heap pages
     as it has rows, as rows arriving from many tenants do."""
-    from bulkload import BulkCorpus, UnigramEmbedder, bulk_load, rebuild_gin
+    from bulkload import BulkCorpus, UnigramEmbedder, bulk_load, log_loaded, rebuild_gin
     from slipstream.index import PostgresBackend
+    from slipstream.index.scope_cache import ScopeCache
+    from slipstream.shardsync.changelog import ChangeLog
     from slipstream.worker.localpg import EmbeddedPostgres
 
     server = None
@@ -133,6 +243,12 @@ def bench_server(rows: int, partition_rows: int, n_queries: int, dsn: str | None
         per_block = BLOCK_ROWS // partition_rows
         names = [f"tenant-{i}" for i in range(rows // partition_rows)]
         queries = Corpus(seed=7).queries(n_queries)
+        cached = None
+        if cache_mb:
+            cached = SearchIndex(PostgresBackend(
+                dsn, schema="bench", spaces={"local": DIM}, hnsw=False, create_schema=False,
+                scope_cache=ScopeCache(ChangeLog("bench"), max_bytes=cache_mb * 2**20)), UnigramEmbedder(DIM))
+        logged_id, log_s = 0, 0.0
         loaded, load_s, steps = 0, 0.0, sorted({m for m in milestones if m < rows} | {rows})
         for step in steps:
             n, secs = 0, 0.0
@@ -156,10 +272,44 @@ def bench_server(rows: int, partition_rows: int, n_queries: int, dsn: str | None
                           f"{loaded:,} rows / {full:,} partitions, rows interleaved; "
                           f"table + indexes {size / 2**30:.1f} GiB"),
                           f"p50 {pct(samples, 50):.2f} ms", f"p95 {pct(samples, 95):.2f} ms"))
+            flat.append(("uncached", loaded, full, pct(samples, 50), pct(samples, 95), ""))
+            if cached is not None:
+                t0 = time.perf_counter()
+                logged_id = log_loaded(backend, logged_id)
+                log_s += time.perf_counter() - t0
+                got = cached_phase(cached, index, queries, targets, 50, limit_s)
+                flat.append(("scope cache, hit", loaded, full, pct(got["warm"], 50), pct(got["warm"], 95),
+                             f"{got['same']}/{got['n']} identical to uncached; {got['hits']} hits"))
+                flat.append(("scope cache, miss (first query of a partition: uncached)", loaded, full,
+                             pct(got["cold"], 50), pct(got["cold"], 95), ""))
+                flat.append(("validity check alone (one indexed query)", loaded, full,
+                             pct(got["check"], 50), pct(got["check"], 95), ""))
+                last_cached = got
             if loaded < step:
                 break
         table.append((f"Server bulk load (binary COPY, vectors in bulk, GIN built after), {loaded:,} rows",
                       f"{loaded / load_s:,.0f} rows/s", f"{load_s:.0f} s"))
+        if cached is not None:
+            got = last_cached
+            table.append(((f"Server scoped query, scope cache hit ({got['same']}/{got['n']} results identical "
+                           f"to uncached), {loaded:,} rows"), f"p50 {pct(got['warm'], 50):.2f} ms",
+                          f"p95 {pct(got['warm'], 95):.2f} ms"))
+            table.append(("Server scoped query, scope cache miss (answered uncached, entry built beside it)",
+                          f"p50 {pct(got['cold'], 50):.2f} ms", f"p95 {pct(got['cold'], 95):.2f} ms"))
+            if got["build"]:
+                table.append(("Server scope cache: building one partition's entry (builder thread)",
+                              f"p50 {pct(got['build'], 50):.2f} ms", f"p95 {pct(got['build'], 95):.2f} ms"))
+            table.append(((f"Server scope cache memory: {got['entries']} partitions of {partition_rows:,} rows "
+                           f"held in {got['bytes'] / 2**20:.1f} MiB (budget {cache_mb} MiB)"),
+                          f"{got['bytes'] / max(1, got['entries']) / 2**20:.2f} MiB per partition", ""))
+            table.append((f"Change-log entries for the loaded rows (as the worker writes them), {loaded:,}",
+                          f"{log_s:.0f} s", ""))
+            packed = packed_phase(backend, list(dict.fromkeys(targets))[:50], limit_s)
+            table.append(("Packed per-partition block (one row per partition): read + decode only",
+                          f"p50 {pct(packed['read'], 50):.2f} ms", f"p95 {pct(packed['read'], 95):.2f} ms"))
+            table.append(("Packed per-partition block: read + decode + build the structures to rank",
+                          f"p50 {pct(packed['build'], 50):.2f} ms", f"p95 {pct(packed['build'], 95):.2f} ms"))
+            cached.backend.close()
         if cluster:
             t0 = time.perf_counter()
             with backend.connection() as conn:
@@ -179,11 +329,13 @@ def bench_server(rows: int, partition_rows: int, n_queries: int, dsn: str | None
 
 
 def bench_growth(n_queries: int, dsn: str | None, growth: list[tuple], shared_buffers: str,
-                 limit_s: float) -> None:
+                 limit_s: float, cache_mb: int) -> None:
     """Server p50/p95 against rows in scope: partitions of 1k, 5k and 20k rows (exact) and
     50k rows (above the exact-scan limit: HNSW), in one 76k-row table."""
-    from bulkload import BulkCorpus, UnigramEmbedder, bulk_load
+    from bulkload import BulkCorpus, UnigramEmbedder, bulk_load, log_loaded
     from slipstream.index import PostgresBackend
+    from slipstream.index.scope_cache import ScopeCache
+    from slipstream.shardsync.changelog import ChangeLog
     from slipstream.worker.localpg import EmbeddedPostgres
 
     sizes = {"g1k": 1, "g5k": 5, "g20k": 20, "g50k": 50}
@@ -206,12 +358,23 @@ def bench_growth(n_queries: int, dsn: str | None, growth: list[tuple], shared_bu
         hnsw_s = time.perf_counter() - t0
         index = SearchIndex(backend, UnigramEmbedder(DIM))
         queries = Corpus(seed=11).queries(n_queries)
+        log_loaded(backend)
+        cache = ScopeCache(ChangeLog("growth"), max_bytes=cache_mb * 2**20) if cache_mb else None
+        cached = SearchIndex(PostgresBackend(dsn, schema="growth", spaces={"local": DIM}, hnsw=False,
+                                             create_schema=False, scope_cache=cache), UnigramEmbedder(DIM))
         for name, share in sizes.items():
             samples = scoped_samples(index, queries, [name] * len(queries), limit_s)
             approx = index.search(queries[0], k=10, partition=name).approximate
             growth.append(("server", 1000 * share, pct(samples, 50), pct(samples, 95), None,
                            ("HNSW" if approx else "exact") + f"; {loaded:,} rows in the table"
                            + (f", HNSW built in {hnsw_s:.0f} s" if approx else "")))
+            if cache is not None:
+                before = cache.stats.hits
+                samples = scoped_samples(cached, queries, [name] * len(queries), limit_s)
+                hit = cache.stats.hits > before
+                growth.append(("server, scope cache", 1000 * share, pct(samples, 50), pct(samples, 95), None,
+                               "cache hits" if hit else "not cacheable (above exact_limit): as uncached"))
+        cached.backend.close()
         backend.close()
     finally:
         if server is not None:
@@ -222,7 +385,7 @@ def main() -> None:
     # A SIGTERM (a timeout, an impatient operator) still stops the embedded server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device-rows", default="10000,50000")
+    ap.add_argument("--device-rows", default="1000,5000,10000,20000,50000")
     ap.add_argument("--server-rows", type=int, default=1_000_000)
     ap.add_argument("--partition-rows", type=int, default=1000)
     ap.add_argument("--milestones", default="100000,300000",
@@ -234,18 +397,21 @@ def main() -> None:
     ap.add_argument("--skip-server", action="store_true")
     ap.add_argument("--skip-growth", action="store_true", help="skip the server rows-in-scope table")
     ap.add_argument("--shared-buffers", default="6GB", help="for the embedded server (default 6GB)")
+    ap.add_argument("--cache-mb", type=int, default=512,
+                    help="the server's scope cache budget in MiB (0: measure without it)")
     args = ap.parse_args()
     table: list[tuple] = []
     growth: list[tuple] = []
+    flat: list[tuple] = []
     for rows in (int(r) for r in args.device_rows.split(",") if r):
         bench_device(rows, args.queries, table, growth)
     if not args.skip_growth:
-        bench_growth(args.queries, args.dsn, growth, args.shared_buffers, args.phase_limit)
+        bench_growth(args.queries, args.dsn, growth, args.shared_buffers, args.phase_limit, args.cache_mb)
     if not args.skip_server:
         bench_server(args.server_rows, args.partition_rows, args.queries, args.dsn, table,
                      shared_buffers=args.shared_buffers,
                      milestones=[int(m) for m in args.milestones.split(",") if m],
-                     cluster=args.cluster, limit_s=args.phase_limit)
+                     cluster=args.cluster, limit_s=args.phase_limit, cache_mb=args.cache_mb, flat=flat)
     print(f"\nslipstream index benchmark — {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, {args.queries} queries, k=10\n")
     width = max((len(r[0]) for r in table), default=4)
@@ -253,6 +419,12 @@ def main() -> None:
     print(f"|{'-' * (width + 2)}|---|---|")
     for what, a, b in table:
         print(f"| {what.ljust(width)} | {a} | {b} |")
+    print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if flat:
+        print("\n| server scoped query, 1 partition | total rows | partitions | p50 ms | p95 ms | notes |"
+              "\n|---|---|---|---|---|---|")
+        for what, rows, parts, p50, p95, note in flat:
+            print(f"| {what} | {rows:,} | {parts:,} | {p50:.2f} | {p95:.2f} | {note} |")
     if growth:
         print("\n| side | rows in scope | p50 ms | p95 ms | CPU p50 ms | notes |\n|---|---|---|---|---|---|")
         for side, rows, p50, p95, cpu, note in growth:

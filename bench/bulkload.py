@@ -201,3 +201,27 @@ def bulk_load(backend, corpus: BulkCorpus, rows: int, partitions: Sequence[str],
     if gin:
         rebuild_gin(backend)
     return loaded, time.perf_counter() - t0
+
+
+def log_loaded(backend, after_id: int = 0) -> int:
+    """Append a change-log entry (``u``) for every loaded row with docs.id above `after_id`,
+    in id order, as the worker's apply step would have; returns the highest id logged.
+
+    The server's scope cache is keyed by the change log, so rows loaded around the
+    worker need their entries before it can hold them."""
+    from slipstream.shardsync.changelog import ChangeLog
+
+    log = ChangeLog(backend.schema)
+    s = sql.Identifier(backend.schema)
+    with backend.connect() as conn:
+        log.migrate(conn)
+        conn.execute(sql.SQL(
+            "INSERT INTO {s}.changes (seq, partition, object_type, object_id, node_kind, op) "
+            "SELECT m.last + row_number() OVER (ORDER BY d.id), d.partition, d.object_type, "
+            "d.object_id, d.node_kind, 'u' FROM {s}.docs d, "
+            "(SELECT coalesce(max(seq), 0) AS last FROM {s}.changes) m WHERE d.id > %s").format(s=s),
+            (after_id,))
+        (top,) = conn.execute(sql.SQL("SELECT coalesce(max(id), 0) FROM {s}.docs").format(s=s)).fetchone()
+        conn.execute(sql.SQL("ANALYZE {s}.changes").format(s=s))
+        conn.commit()
+    return int(top)

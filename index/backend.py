@@ -8,7 +8,7 @@ them (the reference scorer over candidates, or its vectorised twin).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -125,13 +125,19 @@ def check_vector(space: str, dims: Mapping[str, int], vector: object) -> np.ndar
 class Retrieved:
     """What a backend finds for one query: the scope's statistics, the lexical top rows
     already scored (`ranking.bm25_rank`'s order and scores, exactly), and the semantic
-    candidates with their vectors, to be scored by `ranking.semantic_rank`."""
+    candidates with their vectors, to be scored by `ranking.semantic_rank`. A backend
+    that already computed the candidates' exact cosines (`ranking.exact_cosine`, row by
+    row) passes them as `semantic_scores`, so they are not computed twice. A backend that
+    answered from a consistent copy of the scope gives `fetch`, which reads the result
+    rows from that same copy."""
 
     stats: ScopeStats
     lexical: list[tuple[DocKey, float]]
     semantic_keys: list[DocKey]
     semantic_vectors: np.ndarray
     approximate: bool
+    semantic_scores: np.ndarray | None = None
+    fetch: Callable[[Sequence[DocKey]], dict[DocKey, dict[str, Any]]] | None = None
 
 
 class Backend(Protocol):

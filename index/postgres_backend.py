@@ -31,6 +31,7 @@ from .doc import DocKey, check_identifier
 from .errors import ConfigurationError, MissingDependencyError
 from .pg_migrations import apply_migrations
 from .ranking import CANDIDATE_MARGIN, ScopeStats
+from .scope_cache import ScopeCache
 from .scope_view import rank_candidates
 
 try:
@@ -44,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from .pg_embedding import EmbeddingState
+from .pg_scope_cache import ScopeCacheReads
 from .pg_writes import WriteSQL, vector_text, write_sql
 
 DEFAULT_EXACT_LIMIT = 20_000
@@ -111,7 +113,7 @@ def tsquery_any(terms: Sequence[str]) -> str:
     return " | ".join("'" + t.replace("\\", "\\\\").replace("'", "''") + "'" for t in terms)
 
 
-class PostgresBackend(EmbeddingState):
+class PostgresBackend(EmbeddingState, ScopeCacheReads):
     """The search table in Postgres. `conninfo` is a DSN or an open `ConnectionPool`."""
 
     requires_scope = True
@@ -120,7 +122,7 @@ class PostgresBackend(EmbeddingState):
                  spaces: Mapping[str, int] | None = None, exact_limit: int = DEFAULT_EXACT_LIMIT,
                  ef_search: int = 100, iterative_scan: bool = True, hnsw: bool = True,
                  create_schema: bool = True, pool_size: int = 4,
-                 cache_max_rows: int = 100_000) -> None:
+                 cache_max_rows: int = 100_000, scope_cache: ScopeCache | None = None) -> None:
         self.schema = check_identifier(schema, "schema")
         self.spaces: dict[str, int] = {}
         for name, dim in (spaces or {}).items():
@@ -133,6 +135,8 @@ class PostgresBackend(EmbeddingState):
         self.iterative_scan = iterative_scan
         self.hnsw = hnsw
         self.cache_max_rows = cache_max_rows  # per space; 0 turns the content-hash cache off
+        # Partition scopes held in memory, checked against the change log per query (`scope_cache`).
+        self.scope_cache = scope_cache
         self._cache_rows: dict[str, int] = {}
         self._s = sql.Identifier(self.schema)
         self._staged_on: dict[int, psycopg.Connection] = {}  # connections with a staging table
@@ -175,11 +179,15 @@ class PostgresBackend(EmbeddingState):
     @contextmanager
     def _writing(self, conn: psycopg.Connection | None) -> Iterator[psycopg.Connection]:
         """Inside the caller's transaction when `conn` is given; else a pooled one, committed."""
-        if conn is not None:
-            yield conn
-            return
-        with self._pool.connection() as pooled, pooled.transaction():
-            yield pooled
+        try:
+            if conn is not None:
+                yield conn
+                return
+            with self._pool.connection() as pooled, pooled.transaction():
+                yield pooled
+        finally:
+            if self.scope_cache is not None:  # unlogged when not the worker's: void the entries
+                self.scope_cache.wrote()
 
     def connect(self, **kwargs: Any) -> psycopg.Connection:
         """A new dedicated connection (not from the pool), set up for vectors."""
@@ -188,6 +196,8 @@ class PostgresBackend(EmbeddingState):
         return conn
 
     def close(self) -> None:
+        if self.scope_cache is not None:
+            self.scope_cache.wait_built(cancel=True)
         if self._owns_pool:
             self._pool.close()
 
@@ -394,12 +404,15 @@ class PostgresBackend(EmbeddingState):
                  scope: Scope, filters: Filters, depth: int) -> Retrieved:
         """Scope statistics, the lexical top `depth` and the semantic candidates, in one round
         trip (a pipeline); a scope above `exact_limit` takes a second one, through HNSW."""
+        q = check_vector(space, self.spaces, query) if query is not None and space else None
+        cached = self._retrieve_cached(terms, space, q, scope, filters, depth)
+        if cached is not None:
+            return cached
         where, sparams = self._scope(scope)
         fsql, fparams = self._filters(filters)
         stats_q = sql.SQL(
             "SELECT count(*), coalesce(sum(len_title), 0), coalesce(sum(len_body), 0) "
             "FROM {s}.docs WHERE {where} AND NOT deleted").format(s=self._s, where=where)
-        q = check_vector(space, self.spaces, query) if query is not None and space else None
         with self.connection() as c:
             # One snapshot for the statistics and both channels, in one round trip.
             with c.pipeline():

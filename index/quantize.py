@@ -45,6 +45,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .ranking import row_sq_norms
+
 SLACK = 1e-9
 _U32 = 2.0 ** -24
 BLOCK = 512  # rows per block of the dense pass: a small product BLAS runs on one thread
@@ -101,6 +103,7 @@ class CodeColumns:
         self.g = np.zeros(16, np.float64)
         self.eps = np.zeros(16, np.float64)
         self.emax = np.zeros(16, np.float64)
+        self.sq = np.zeros(16, np.float64)  # each row's squared norm, as the exact cosine takes it
         self.n = 0
 
     def _reserve(self, extra: int) -> None:
@@ -113,7 +116,7 @@ class CodeColumns:
         codes_t = np.zeros((self.dim, cap), np.int8)
         codes_t[:, : self.n] = self.codes_t[:, : self.n]
         self.codes_t = codes_t
-        for name in ("a", "g", "eps", "emax"):
+        for name in ("a", "g", "eps", "emax", "sq"):
             grown = np.zeros(cap, np.float64)
             grown[: self.n] = getattr(self, name)[: self.n]
             setattr(self, name, grown)
@@ -122,7 +125,7 @@ class CodeColumns:
         """Drop the spare capacity (after a bulk load)."""
         keep = max(self.n, 1)
         self.codes_t = self.codes_t[:, :keep].copy()
-        for name in ("a", "g", "eps", "emax"):
+        for name in ("a", "g", "eps", "emax", "sq"):
             setattr(self, name, getattr(self, name)[:keep].copy())
 
     def extend(self, vectors: np.ndarray) -> None:
@@ -138,11 +141,12 @@ class CodeColumns:
             self.codes_t[:, at: at + codes.shape[0]] = codes.T
             for name, values in zip(("a", "g", "eps", "emax"), terms):
                 getattr(self, name)[at: at + codes.shape[0]] = values
+            self.sq[at: at + codes.shape[0]] = row_sq_norms(vectors[start:start + 4096])
         self.n += k
 
     @property
     def nbytes(self) -> int:
-        return self.codes_t.nbytes + 4 * self.a.nbytes
+        return self.codes_t.nbytes + 5 * self.a.nbytes
 
     def dots(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """float32 ``û·c`` for every slot (or for `rows`), reading only the columns `query` needs."""
@@ -199,9 +203,50 @@ def survivors(bounds: np.ndarray, rows: np.ndarray, depth: int,
     bound reaches both the lowest exact cosine of the `depth` highest bounds and the
     score `floor` (rows need a positive cosine at least `floor` to match at all).
     """
+    return scored_survivors(bounds, rows, depth, exact, floor)[0]
+
+
+def top_by_bound(bounds: np.ndarray, depth: int) -> np.ndarray:
+    """Positions of the `depth` highest of `bounds` (ties broken arbitrarily).
+
+    A full selection over every row costs more than the rest of the first pass, so a
+    threshold is first read off a strided sample; the rows at or above it hold the
+    `depth` highest (when there are at least `depth` of them) and only they are selected
+    from. Any `depth` rows would give `survivors` a valid cut; these give the tightest.
+    """
+    n = bounds.size
+    if n > 64 * depth:
+        sample = bounds[:: n // (32 * depth)]
+        # Aim at about 3·depth rows above the threshold: enough to hold the top `depth`
+        # even when the sample is unlucky, few enough that the selection is cheap.
+        from_top = max(2, round(3 * depth * sample.size / n))
+        kth = sample.size - from_top
+        threshold = np.partition(sample, kth)[kth]
+        above = np.flatnonzero(bounds >= threshold)
+        if depth <= above.size <= 16 * depth:
+            part = np.argpartition(bounds[above], above.size - depth)[above.size - depth:]
+            return above[part]
+    return np.argpartition(bounds, n - depth)[n - depth:]
+
+
+def scored_survivors(bounds: np.ndarray, rows: np.ndarray, depth: int,
+                     exact: Callable[[np.ndarray], np.ndarray],
+                     floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """`survivors`, with the exact cosine of each row kept (in the order of the rows).
+
+    Each row's cosine is computed once: the rows of the cut, then the others.
+    """
     if rows.size <= depth:
-        return rows
-    top = np.argpartition(bounds, rows.size - depth)[rows.size - depth:]
-    cut = float(exact(rows[top]).min())
-    cut = max(cut, floor)
-    return rows[bounds >= cut]
+        return rows, exact(rows)
+    top = top_by_bound(bounds, depth)
+    top_scores = exact(rows[top])
+    cut = max(float(top_scores.min()), floor)
+    keep = bounds >= cut
+    in_top = np.zeros(rows.size, bool)
+    in_top[top] = True
+    scores = np.empty(rows.size, np.float64)
+    scores[top] = top_scores
+    rest = keep & ~in_top
+    if rest.any():
+        scores[rest] = exact(rows[rest])
+    return rows[keep], scores[keep]

@@ -143,33 +143,45 @@ def bm25_rank(
     return scored
 
 
-def exact_cosine(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Cosine of each row of `matrix` (float32) with `query` (float32), in float64."""
+def exact_cosine(matrix: np.ndarray, query: np.ndarray, sq_norms: np.ndarray | None = None) -> np.ndarray:
+    """Cosine of each row of `matrix` (float32) with `query` (float32), in float64.
+
+    `sq_norms`, when given, are the rows' ``(m·m).sum(axis=1)`` already computed (by
+    `row_sq_norms`, which is that expression): a row's value does not depend on the
+    other rows of the matrix, so a cache may keep it per row."""
     m = np.asarray(matrix, dtype=np.float32).astype(np.float64)
     q = np.asarray(query, dtype=np.float32).astype(np.float64)
     if m.ndim != 2 or m.shape[0] == 0:
         return np.zeros(0, dtype=np.float64)
     dots = (m * q).sum(axis=1)
-    norms = np.sqrt((m * m).sum(axis=1)) * math.sqrt(float((q * q).sum()))
+    sq = (m * m).sum(axis=1) if sq_norms is None else sq_norms
+    norms = np.sqrt(sq) * math.sqrt(float((q * q).sum()))
     with np.errstate(divide="ignore", invalid="ignore"):
         cos = np.where(norms > 0, dots / norms, 0.0)
     return cos
 
 
+def row_sq_norms(matrix: np.ndarray) -> np.ndarray:
+    """Each row's squared norm exactly as `exact_cosine` computes it."""
+    m = np.asarray(matrix, dtype=np.float32).astype(np.float64)
+    return (m * m).sum(axis=1)
+
+
 def semantic_rank(
     keys: Sequence[DocKey], matrix: np.ndarray, query: np.ndarray, *, depth: int,
-    min_score: float | None,
+    min_score: float | None, scores: np.ndarray | None = None,
 ) -> list[tuple[DocKey, float]]:
-    """Exact-cosine ranking of candidate rows: (key, score), score desc then key asc."""
+    """Exact-cosine ranking of candidate rows: (key, score), score desc then key asc.
+
+    `scores`, when given, are the rows' `exact_cosine` already computed (it is row by
+    row: a row's cosine does not depend on the other rows of the matrix)."""
     if not keys:
         return []
-    cos = exact_cosine(matrix, query)
+    cos = exact_cosine(matrix, query) if scores is None else scores
     floor = 0.0 if min_score is None else min_score
-    ranked = sorted(
-        ((key, float(c)) for key, c in zip(keys, cos) if c > 0.0 and c >= floor),
-        key=lambda kv: (-kv[1], kv[0]),
-    )
-    return ranked[:depth]
+    hit = np.flatnonzero((cos > 0.0) & (cos >= floor))
+    ranked = sorted(zip((-cos[hit]).tolist(), [keys[i] for i in hit.tolist()]))
+    return [(key, -neg) for neg, key in ranked[:depth]]
 
 
 def margin_cut(approx_scores: np.ndarray, depth: int) -> float:
@@ -250,6 +262,50 @@ def collapse_and_cap(
             per_group[group] = per_group.get(group, 0) + 1
         matched = tuple(sorted(set(kinds[(f.key[0], f.key[1])]))) if collapse else (f.key[2],)
         out.append((f, matched))
+        if len(out) >= k:
+            break
+    return out
+
+
+def fuse_and_collapse(
+    lexical: Sequence[tuple[DocKey, float]], semantic: Sequence[tuple[DocKey, float]], *,
+    mode: str, depth: int, collapse: bool, group_of: Callable[[DocKey], object] | None,
+    cap: int | None, k: int,
+) -> list[tuple[Fused, tuple[str, ...]]]:
+    """``collapse_and_cap(fuse(...), ...)``, the same rows and floats, without building a
+    `Fused` for every fused row: scores are summed in the same order (lexical, then
+    semantic) and rows sorted by the same key; only the rows returned become `Fused`."""
+    w_lex, w_sem = check_mode(mode)
+    lex = {key: (rank, score) for rank, (key, score) in enumerate(lexical[:depth], start=1)}
+    sem = {key: (rank, score) for rank, (key, score) in enumerate(semantic[:depth], start=1)}
+    fused: dict[DocKey, float] = {key: 0.0 + w_lex / (RRF_K + rank) for key, (rank, _) in lex.items()}
+    for key, (rank, _) in sem.items():
+        fused[key] = fused.get(key, 0.0) + w_sem / (RRF_K + rank)
+    order = sorted([(-score, key) for key, score in fused.items()])
+    kinds: dict[tuple[str, str], list[str]] = {}
+    if collapse:
+        for key in fused:
+            kinds.setdefault((key[0], key[1]), []).append(key[2])
+    out: list[tuple[Fused, tuple[str, ...]]] = []
+    seen: set[tuple[str, str]] = set()
+    per_group: dict[object, int] = {}
+    for neg, key in order:
+        if collapse:
+            obj = (key[0], key[1])
+            if obj in seen:
+                continue
+            seen.add(obj)
+        if group_of is not None and cap is not None:
+            group = group_of(key)
+            if per_group.get(group, 0) >= cap:
+                continue
+            per_group[group] = per_group.get(group, 0) + 1
+        f = Fused(key, -neg)
+        if key in lex:
+            f.lexical_rank, f.lexical_score = lex[key]
+        if key in sem:
+            f.semantic_rank, f.semantic_score = sem[key]
+        out.append((f, tuple(sorted(set(kinds[(key[0], key[1])]))) if collapse else (key[2],)))
         if len(out) >= k:
             break
     return out

@@ -273,19 +273,23 @@ class SearchIndex:
         semantic: list[tuple[Any, float]] = []
         if qvec is not None:
             semantic = ranking.semantic_rank(found.semantic_keys, found.semantic_vectors, qvec,
-                                             depth=depth, min_score=min_semantic_score)
+                                             depth=depth, min_score=min_semantic_score,
+                                             scores=found.semantic_scores)
 
-        fused = ranking.fuse(lexical, semantic, mode=mode, depth=depth)
+        fetch = found.fetch or self.backend.fetch
         group_of = None
         if diversity_key is not None:
             attrs_by_key = {}
             if diversity_key not in ("object_type", "node_kind"):
+                fused_keys = list(dict.fromkeys([key for key, _ in lexical[:depth]]
+                                                + [key for key, _ in semantic[:depth]]))
                 attrs_by_key = {key: row["attrs"] for key, row in
-                                self.backend.fetch([f.key for f in fused]).items()}
+                                fetch(fused_keys).items()}
             group_of = ranking.group_lookup(attrs_by_key, diversity_key)
-        chosen = ranking.collapse_and_cap(fused, collapse=collapse, group_of=group_of,
-                                          cap=diversity_cap, k=k)
-        rows = self.backend.fetch([f.key for f, _ in chosen])
+        chosen = ranking.fuse_and_collapse(lexical, semantic, mode=mode, depth=depth,
+                                           collapse=collapse, group_of=group_of,
+                                           cap=diversity_cap, k=k)
+        rows = fetch([f.key for f, _ in chosen])
         results = []
         for f, kinds in chosen:
             row = rows.get(f.key)

@@ -11,14 +11,15 @@ moved) makes the backend reload the whole cache.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .doc import DocKey
-from .quantize import CodeColumns
-from .ranking import ScopeStats
+from .quantize import CodeColumns, scored_survivors
+from .ranking import ScopeStats, exact_cosine
 from .scope_view import ScopeView
 
 
@@ -92,6 +93,63 @@ class ShardCache:
         self.delta: dict[int, tuple[list[int], list[int], list[int]]] = {}
         self.delta_size = 0
         self._views: dict[tuple[str, ...] | None, ScopeView] = {}  # dropped on every change
+
+    @classmethod
+    def of_rows(cls, dims: Mapping[str, int], rows: Iterable[tuple]) -> ShardCache:
+        """A cache of `rows`, each (doc_id, key, partition, len_title, len_body, tf, vectors):
+        labels share one string object per distinct value, postings are merged, spare
+        capacity released."""
+        labels: dict[str, str] = {}
+        intern = labels.setdefault
+        cache = cls(dims, 0)
+        cache.add(CachedRow(doc_id, (intern(t, t), i, intern(n, n)), intern(p, p), lt, lb, tf, vecs)
+                  for doc_id, (t, i, n), p, lt, lb, tf, vecs in rows)
+        cache.merge()
+        cache.trim()
+        return cache
+
+    @classmethod
+    def of_arrays(cls, dims: Mapping[str, int], doc_ids: Sequence[int], keys: Sequence[DocKey],
+                  partitions: Sequence[str], len_title: Sequence[int], len_body: Sequence[int],
+                  terms: Sequence[str],
+                  postings: tuple[Sequence[int], Sequence[int], Sequence[int], Sequence[int]],
+                  vectors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> ShardCache:
+        """A cache built column by column, as `add` + `merge` would build it from the same rows.
+
+        Rows are given by position (`doc_ids` ascending); `postings` is (doc_id, term
+        number in `terms`, title tf, body tf) per (row, term); `vectors[space]` is
+        (float32 matrix, has-vector mask), zero rows where a row has none."""
+        cache = cls(dims, 0)
+        n = len(doc_ids)
+        ids = np.asarray(doc_ids, np.int64)
+        labels: dict[str, str] = {}
+        intern = labels.setdefault
+        cache.keys = [(intern(t, t), i, intern(k, k)) for t, i, k in keys]
+        cache.slot_of = dict(zip(ids.tolist(), range(n)))
+        for column, values, dtype in ((cache.doc_ids, ids, np.int64), (cache.alive, np.ones(n, bool), np.bool_),
+                                      (cache.len_title, len_title, np.int32),
+                                      (cache.len_body, len_body, np.int32)):
+            column.data, column.n = np.asarray(values, dtype).reshape(n), n
+        for name, values in (("partition", partitions), ("object_type", [k[0] for k in cache.keys]),
+                             ("node_kind", [k[2] for k in cache.keys])):
+            codes = cache._codes[name]
+            column = cache._labels[name]
+            column.data = np.fromiter((codes.setdefault(v, len(codes)) for v in values), np.int32, n)
+            column.n = n
+        for space in cache.dims:
+            matrix, has = vectors[space]
+            cache.vectors[space].data, cache.vectors[space].n = np.ascontiguousarray(matrix, np.float32), n
+            cache.has_vector[space].data, cache.has_vector[space].n = np.asarray(has, bool), n
+            cache.codes[space].extend(matrix)
+            cache.codes[space].trim()
+        post_ids, post_terms, post_t, post_b = postings
+        cache.term_ids = dict(zip(terms, range(len(terms))))
+        tids = np.asarray(post_terms, np.int32).reshape(-1)
+        slots = np.searchsorted(ids, np.asarray(post_ids, np.int64)).astype(np.int32)
+        tf = np.column_stack([np.asarray(post_t, np.int32), np.asarray(post_b, np.int32)]).reshape(-1, 2)
+        cache.base_terms, cache.base_slots, cache.base_tf = tids, slots, tf
+        cache.merge()  # sorts the postings by (term, slot) and indexes each term's range
+        return cache
 
     # -- maintenance ----------------------------------------------------------------------
 
@@ -215,6 +273,83 @@ class ShardCache:
                 self._views.pop(next(iter(self._views)))
             view = self._views[key] = ScopeView(self, partitions)
         return view
+
+    def filter_mask(self, view: ScopeView, object_types: Sequence[str] | None,
+                    node_kinds: Sequence[str] | None) -> np.ndarray | None:
+        """The scope's rows of the given object types and node kinds (None: no such filter)."""
+        if object_types is None and node_kinds is None:
+            return None
+        selected = view.mask.copy()
+        if object_types is not None:
+            selected &= self.label_mask("object_type", object_types)
+        if node_kinds is not None:
+            selected &= self.label_mask("node_kind", node_kinds)
+        return selected
+
+    def lexical_top(self, view: ScopeView, selected: np.ndarray | None, terms: Sequence[str],
+                    depth: int) -> tuple[list[tuple[DocKey, float]], list[int]]:
+        """The lexical top `depth` as `ranking.bm25_rank` ranks it, and the rows' slots.
+
+        `terms` are the query's sorted terms; `selected` the filter mask (None: the scope)."""
+        if not terms:
+            return [], []
+        slots, scores = view.top_rows(terms, selected, depth)
+        if slots.size > depth:
+            kth = np.partition(scores, slots.size - depth)[slots.size - depth]
+            keep = scores >= kth
+            slots, scores = slots[keep], scores[keep]
+        keys = self.keys
+        slot_list = slots.tolist()
+        ranked = sorted(zip((-scores).tolist(), map(keys.__getitem__, slot_list), slot_list))[:depth]
+        return [(key, -neg) for neg, key, _ in ranked], [slot for _, _, slot in ranked]
+
+    def semantic_top(self, view: ScopeView, selected: np.ndarray | None, space: str,
+                     query: np.ndarray, depth: int
+                     ) -> tuple[list[DocKey], np.ndarray, np.ndarray, list[int]]:
+        """Every row that may rank in the exact top `depth`: keys, vectors, exact cosines, slots.
+
+        A first pass over int8 codes bounds each row's cosine from above (`quantize`);
+        the rows whose bound cannot reach the exact top `depth` are dropped unread.
+        """
+        if selected is None:
+            selected = view.mask
+        matrix = self.vectors[space].view
+        idx = np.flatnonzero(selected & self.has_vector[space].view)
+        q = np.asarray(query, dtype=np.float32)
+        if idx.size == 0:
+            return [], np.zeros((0, self.dims[space]), np.float32), np.zeros(0, np.float64), []
+        codes = self.codes[space]
+        if idx.size <= depth:
+            bounds = np.zeros(idx.size)
+        elif idx.size == codes.n:  # every slot (a one-partition shard, no dead rows)
+            bounds = codes.upper_bounds(q)
+        elif idx.size * 4 < codes.n:
+            bounds = codes.upper_bounds(q, idx)
+        else:
+            bounds = codes.upper_bounds(q)[idx]
+        sq = codes.sq
+        idx, scores = scored_survivors(bounds, idx, depth,
+                                       lambda rows: exact_cosine(matrix[rows], q, sq[rows]))
+        idx_list = idx.tolist()
+        return [self.keys[i] for i in idx_list], matrix[idx], scores, idx_list
+
+    def footprint(self) -> int:
+        """Bytes this cache holds or may come to hold: arrays (`nbytes`), the Python objects
+        of keys and lookups (measured), and room for the summands its scope views may keep
+        (32 bytes per posting)."""
+        total = self.nbytes + sys.getsizeof(self.keys) + sys.getsizeof(self.slot_of)
+        seen: set[int] = set()
+        for key in self.keys:
+            total += sys.getsizeof(key)
+            for part in key:
+                if id(part) not in seen:
+                    seen.add(id(part))
+                    total += sys.getsizeof(part)
+        total += 32 * len(self.slot_of)  # the ints the slot map holds
+        total += sys.getsizeof(self.term_ids) + sum(sys.getsizeof(t) for t in self.term_ids)
+        total += sys.getsizeof(self.base_range) + 64 * len(self.base_range)
+        total += 32 * (self.base_slots.size + self.delta_size)
+        return total
 
     @property
     def nbytes(self) -> int:

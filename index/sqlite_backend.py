@@ -37,8 +37,7 @@ from .analysis import ANALYZER
 from .backend import Filters, PreparedDoc, Retrieved, Scope, check_vector
 from .doc import DocKey, check_identifier
 from .errors import ConfigurationError
-from .quantize import survivors
-from .ranking import LexicalCandidate, ScopeStats, exact_cosine, parse_tf
+from .ranking import LexicalCandidate, ScopeStats, parse_tf
 from .scope_view import ScopeView
 from .shard_cache import CachedRow, ShardCache
 
@@ -371,11 +370,9 @@ class SQLiteBackend:
         memo_key = (id(cache), cache.generation, len(cache.keys), scope, repr(filters))
         if self._selection_memo is not None and self._selection_memo[0] == memo_key:
             return view, self._selection_memo[1]
-        selected = view.mask.copy()
-        if filters.object_types is not None:
-            selected &= cache.label_mask("object_type", filters.object_types)
-        if filters.node_kinds is not None:
-            selected &= cache.label_mask("node_kind", filters.node_kinds)
+        selected = cache.filter_mask(view, filters.object_types, filters.node_kinds)
+        if selected is None:
+            selected = view.mask.copy()
         if filters.attrs:
             sql, params = attrs_sql(filters.attrs)
             allowed = np.fromiter(
@@ -394,14 +391,14 @@ class SQLiteBackend:
         stats = cache.scope_view(scope.partitions).stats
         self._ranked_slots = []
         lexical = self._lexical(cache, terms, scope, filters, depth)
+        scores = None
         if query is None or space is None:
             keys, vectors = [], np.zeros((0, 0), np.float32)
         else:
-            keys, vectors = self._semantic(cache, space, query, scope, filters, depth)
-        ranked = [slot for part in self._ranked_slots for slot in part]
-        self._recent = dict(zip(map(cache.keys.__getitem__, ranked),
-                                cache.doc_ids.view[ranked].tolist()))
-        return Retrieved(stats, lexical, keys, vectors, False)
+            keys, vectors, scores = self._semantic(cache, space, query, scope, filters, depth)
+        self._recent_from = (cache, self._ranked_slots)  # for `fetch`, mapped only when asked
+        self._recent = None
+        return Retrieved(stats, lexical, keys, vectors, False, scores)
 
     def lexical_rank(self, terms: Sequence[str], scope: Scope, filters: Filters, stats: ScopeStats,
                      depth: int) -> list[tuple[DocKey, float]]:
@@ -415,16 +412,9 @@ class SQLiteBackend:
         if not terms:
             return []
         view, selected = self._selection(cache, scope, filters)
-        slots, scores = view.top_rows(terms, selected, depth)
-        if slots.size > depth:
-            kth = np.partition(scores, slots.size - depth)[slots.size - depth]
-            keep = scores >= kth
-            slots, scores = slots[keep], scores[keep]
-        keys = cache.keys
-        ranked = sorted(zip(slots.tolist(), scores.tolist()),
-                        key=lambda sv: (-sv[1], keys[sv[0]]))[:depth]
-        self._ranked_slots.append([slot for slot, _ in ranked])
-        return [(keys[slot], score) for slot, score in ranked]
+        ranked, slots = cache.lexical_top(view, selected, terms, depth)
+        self._ranked_slots.append(slots)
+        return ranked
 
     def lexical_candidates(self, terms: Sequence[str], scope: Scope, filters: Filters) -> list[LexicalCandidate]:
         """Candidates straight from FTS5 and the stored term frequencies, for the reference scorer.
@@ -453,44 +443,33 @@ class SQLiteBackend:
         ]
 
     def _semantic(self, cache: ShardCache, space: str, query: np.ndarray, scope: Scope,
-                  filters: Filters, depth: int) -> tuple[list[DocKey], np.ndarray]:
-        """Every row that may rank in the exact top `depth`, with its vector.
+                  filters: Filters, depth: int) -> tuple[list[DocKey], np.ndarray, np.ndarray]:
+        """Every row that may rank in the exact top `depth`, with its vector and exact cosine.
 
         A first pass over int8 codes bounds each row's cosine from above (`quantize`);
         the rows whose bound cannot reach the exact top `depth` are dropped unread.
         """
         view, selected = self._selection(cache, scope, filters)
-        if selected is None:
-            selected = view.mask
-        matrix = cache.vectors[space].view
-        idx = np.flatnonzero(selected & cache.has_vector[space].view)
-        if idx.size > depth:
-            q = np.asarray(query, dtype=np.float32)
-            codes = cache.codes[space]
-            if idx.size * 4 < codes.n:
-                bounds = codes.upper_bounds(q, idx)
-            else:
-                bounds = codes.upper_bounds(q)[idx]
-            idx = survivors(bounds, idx, depth, lambda rows: exact_cosine(matrix[rows], q))
-        if idx.size == 0:
-            return [], np.zeros((0, self.spaces[space]), np.float32)
-        keys = cache.keys
-        idx_list = idx.tolist()
-        self._ranked_slots.append(idx_list)
-        return [keys[i] for i in idx_list], matrix[idx]
+        keys, vectors, scores, slots = cache.semantic_top(view, selected, space, query, depth)
+        self._ranked_slots.append(slots)
+        return keys, vectors, scores
 
     def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
         out: dict[DocKey, dict[str, Any]] = {}
         recent = self._recent
-        ids = [recent[key] for key in keys if key in recent]
-        if ids:  # rows the last query ranked: one read by rowid, keys checked
+        if recent is None:  # the rows the last query ranked, by key: their doc ids
+            cache, parts = self._recent_from
+            ranked = [slot for part in parts for slot in part]
+            recent = self._recent = dict(zip(map(cache.keys.__getitem__, ranked),
+                                             cache.doc_ids.view[ranked].tolist()))
+        key_of = {recent[key]: key for key in keys if key in recent}
+        if key_of:  # rows the last query ranked: one read by rowid (ids never change keys)
             for r in self._conn.execute(
-                    "SELECT object_type, object_id, node_kind, partition, title, payload, attrs "
-                    f"FROM docs WHERE id IN ({_placeholders(len(ids))})", ids):
-                key = (r[0], r[1], r[2])
-                if recent.get(key) is not None:
-                    out[key] = {"partition": r[3], "title": r[4],
-                                "payload": json.loads(r[5]), "attrs": json.loads(r[6])}
+                    "SELECT id, partition, title, payload, attrs "
+                    f"FROM docs WHERE id IN ({_placeholders(len(key_of))})",
+                    list(key_of)):
+                out[key_of[r[0]]] = {"partition": r[1], "title": r[2],
+                                     "payload": json.loads(r[3]), "attrs": json.loads(r[4])}
         lookup = self._conn.cursor()
         for key in keys:  # any other: one unique-index probe each (k is small)
             if key in out:

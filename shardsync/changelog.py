@@ -222,6 +222,20 @@ class ChangeLog:
         rows = await (await conn.execute(self.q(self._BETWEEN), (after, upto))).fetchall()
         return frozenset(r[0] for r in rows)
 
+    def partition_versions(self, conn: psycopg.Connection,
+                           partitions: Sequence[str]) -> tuple[int, int, tuple[int, ...]]:
+        """(the log table's identity, horizon, highest seq logged per partition in the given
+        order, 0 for none) in one query: an index-only lookup per partition. A partition's
+        rows are as they were while this is unchanged (see ``slipstream.index.scope_cache``);
+        the identity tells a log recreated after a reset from the one it replaced."""
+        ident, horizon, seqs = conn.execute(self.q(
+            "SELECT to_regclass('{s}.changes')::oid::bigint, "
+            "(SELECT coalesce(max(horizon), 0) FROM {s}.changelog_horizon), "
+            "array(SELECT coalesce((SELECT max(c.seq) FROM {s}.changes c WHERE c.partition = p.name), 0) "
+            "FROM unnest(%s::text[]) WITH ORDINALITY AS p(name, i) ORDER BY p.i)"),
+            (list(partitions),)).fetchone()
+        return int(ident), int(horizon), tuple(int(x) for x in seqs)
+
     def horizon(self, conn: psycopg.Connection) -> int:
         """Entries at or below this seq may have been compacted away; a cursor below it
         must resync."""

@@ -109,10 +109,10 @@ def _corpus(rng: np.random.Generator, n: int, start: int, partition: str) -> lis
 
 @pytest.mark.slow
 def test_a_large_shard_ranks_exactly_as_the_server(pg_dsn: str, monkeypatch) -> None:
-    from slipstream.index import scope_view, sqlite_backend
+    from slipstream.index import scope_view, shard_cache
 
     pruned, kept = [], []
-    real_pruned, real_survivors = scope_view._pruned, sqlite_backend.survivors
+    real_pruned, real_survivors = scope_view._pruned, shard_cache.scored_survivors
 
     def spy_pruned(*args):
         found = real_pruned(*args)
@@ -121,11 +121,11 @@ def test_a_large_shard_ranks_exactly_as_the_server(pg_dsn: str, monkeypatch) -> 
 
     def spy_survivors(bounds, rows, depth, exact, floor=0.0):
         out = real_survivors(bounds, rows, depth, exact, floor)
-        kept.append((out.size, rows.size))
+        kept.append((out[0].size, rows.size))
         return out
 
     monkeypatch.setattr(scope_view, "_pruned", spy_pruned)
-    monkeypatch.setattr(sqlite_backend, "survivors", spy_survivors)
+    monkeypatch.setattr(shard_cache, "scored_survivors", spy_survivors)
     rng = np.random.default_rng(11)
     embedder = HashingEmbedder(DIM)
     docs = _corpus(rng, SHARD_ROWS, 0, "p1")

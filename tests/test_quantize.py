@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from slipstream.index.quantize import CodeColumns, quantize, survivors
-from slipstream.index.ranking import exact_cosine, semantic_rank
+from slipstream.index.quantize import (
+    CodeColumns,
+    quantize,
+    scored_survivors,
+    survivors,
+    top_by_bound,
+)
+from slipstream.index.ranking import exact_cosine, row_sq_norms, semantic_rank
 
 DIMS = st.sampled_from([1, 3, 8, 33, 64, 384])
 
@@ -98,6 +104,48 @@ def test_first_pass_keeps_the_exact_top_depth(seed, dim, n, rows_kind, q_kind, d
         assert got == want
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(50, 20_000), depth=st.sampled_from([1, 5, 50]),
+       shape=st.sampled_from(["spread", "flat", "few_high", "ties"]))
+def test_top_by_bound_selects_the_highest_bounds(seed, n, depth, shape) -> None:
+    """The sampled threshold never changes which values are selected, whatever the spread."""
+    rng = np.random.default_rng(seed)
+    bounds = rng.random(n) ** 8
+    if shape == "flat":
+        bounds[:] = 0.25
+    elif shape == "few_high":
+        bounds[rng.integers(0, n, 3)] = 2.0
+    elif shape == "ties":
+        bounds = np.round(bounds * 4) / 4
+    depth = min(depth, n)
+    got = np.sort(bounds[top_by_bound(bounds, depth)])
+    assert got.size == depth
+    assert np.array_equal(got, np.sort(bounds)[n - depth:])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 6000), rows_kind=row_kinds,
+       q_kind=queries_kinds, depth=st.sampled_from([1, 5, 50]))
+def test_scored_survivors_give_each_rows_exact_cosine(seed, n, rows_kind, q_kind, depth) -> None:
+    """The cosines handed to the ranking are exactly what it would compute, and ranking
+    the survivors with them gives the ranking of every row."""
+    rng = np.random.default_rng(seed)
+    q = _query(rng, q_kind if q_kind != "row" else "dense", 64, None)
+    rows = _adversarial(rng, rows_kind, n, 64, q)
+    if q_kind == "row":
+        q = _query(rng, "row", 64, rows)
+    codes = CodeColumns(64)
+    codes.extend(rows)
+    kept, scores = scored_survivors(codes.upper_bounds(q), np.arange(n), depth,
+                                    lambda r: exact_cosine(rows[r], q))
+    assert np.array_equal(scores, exact_cosine(rows[kept], q))
+    keys = [("t", f"{i:05d}", "leaf") for i in range(n)]
+    want = semantic_rank(keys, rows, q, depth=depth, min_score=None)
+    got = semantic_rank([keys[i] for i in kept], rows[kept], q, depth=depth, min_score=None,
+                        scores=scores)
+    assert got == want
+
+
 def test_bounds_are_tight_enough_to_prune() -> None:
     """Not a safety property: the first pass must actually drop rows, or it is no faster."""
     rng = np.random.default_rng(7)
@@ -127,3 +175,20 @@ def test_quantize_round_trip_error_is_within_the_stored_bound() -> None:
 def test_quantize_rejects_a_flat_array() -> None:
     with pytest.raises(ValueError):
         quantize(np.zeros(4, np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dim=st.sampled_from([1, 7, 8, 9, 33, 128, 384, 1536]),
+       n=st.integers(1, 9000), rows_kind=row_kinds)
+def test_cached_row_norms_give_the_cosine_bit_for_bit(seed, dim, n, rows_kind) -> None:
+    """A row's squared norm kept by the codes (computed in blocks) is the one the exact
+    cosine computes over any subset of rows; the cosine is the same either way."""
+    rng = np.random.default_rng(seed)
+    q = _query(rng, "dense", dim, None)
+    rows = _adversarial(rng, rows_kind, n, dim, q)
+    codes = CodeColumns(dim)
+    codes.extend(rows)
+    pick = np.sort(rng.choice(n, size=min(n, 60), replace=False))
+    assert np.array_equal(codes.sq[pick], row_sq_norms(rows[pick]))
+    assert np.array_equal(exact_cosine(rows[pick], q, codes.sq[pick]), exact_cosine(rows[pick], q))
+    assert np.array_equal(exact_cosine(rows, q)[pick], exact_cosine(rows[pick], q))
