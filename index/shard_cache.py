@@ -34,6 +34,9 @@ class CachedRow:
     len_body: int
     tf: Mapping[str, tuple[int, int]]
     vectors: Mapping[str, np.ndarray]
+    # What a result shows of the row: partition, title, and payload and attrs as the JSON
+    # text the shard stores (parsed only for the rows a query returns).
+    shown: tuple[str, str, str, str] | None = None
 
 
 class _Column:
@@ -73,6 +76,7 @@ class ShardCache:
         self.dims = dict(dims)
         self.keys: list[DocKey] = []
         self.slot_of: dict[int, int] = {}  # doc_id -> live slot
+        self.shown: dict[int, tuple[str, str, str, str]] = {}  # doc_id -> CachedRow.shown, if given
         self.doc_ids = _Column(np.int64)
         self.alive = _Column(np.bool_)
         self.len_title = _Column(np.int32)
@@ -161,6 +165,8 @@ class ShardCache:
             slot = len(self.keys)
             self.keys.append(row.key)
             self.slot_of[row.doc_id] = slot
+            if row.shown is not None:
+                self.shown[row.doc_id] = row.shown
             self.doc_ids.append(row.doc_id)
             self.alive.append(True)
             self.len_title.append(row.len_title)
@@ -190,6 +196,7 @@ class ShardCache:
         self._views.clear()
         for doc_id in doc_ids:
             slot = self.slot_of.pop(doc_id, None)
+            self.shown.pop(doc_id, None)
             if slot is not None:
                 self.alive.data[slot] = False
 
@@ -346,6 +353,9 @@ class ShardCache:
                     seen.add(id(part))
                     total += sys.getsizeof(part)
         total += 32 * len(self.slot_of)  # the ints the slot map holds
+        if self.shown:
+            total += sys.getsizeof(self.shown) + sum(
+                sum(map(sys.getsizeof, shown)) for shown in self.shown.values())
         total += sys.getsizeof(self.term_ids) + sum(sys.getsizeof(t) for t in self.term_ids)
         total += sys.getsizeof(self.base_range) + 64 * len(self.base_range)
         total += 32 * (self.base_slots.size + self.delta_size)

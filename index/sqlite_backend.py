@@ -257,6 +257,7 @@ class SQLiteBackend:
         with self._tx() as generation:
             for p, vectors in rows:
                 d = p.doc
+                shown = (d.partition, d.title, json.dumps(d.payload), json.dumps(d.attrs))
                 (doc_id,) = c.execute(
                     """INSERT INTO docs (object_type, object_id, node_kind, partition, title, body,
                            keywords, payload, attrs, source_updated_at, tf, len_title, len_body,
@@ -272,7 +273,7 @@ class SQLiteBackend:
                        RETURNING id""",
                     (
                         d.object_type, d.object_id, d.node_kind, d.partition, d.title, d.body,
-                        json.dumps(list(d.keywords)), json.dumps(d.payload), json.dumps(d.attrs),
+                        json.dumps(list(d.keywords)), shown[2], shown[3],
                         d.source_updated_at.isoformat() if d.source_updated_at else None,
                         json.dumps(p.lexical.tf, separators=(",", ":")),
                         p.lexical.len_title, p.lexical.len_body, json.dumps(list(p.pending)), now,
@@ -288,7 +289,7 @@ class SQLiteBackend:
                     [(doc_id, s, v.astype("<f4").tobytes()) for s, v in vectors.items()],
                 )
                 cached.append(CachedRow(doc_id, d.key, d.partition, p.lexical.len_title,
-                                        p.lexical.len_body, p.lexical.tf, vectors))
+                                        p.lexical.len_body, p.lexical.tf, vectors, shown))
             self._after_write(generation, lambda cache: cache.add(cached))
 
     def delete(self, object_type: str, object_id: str, node_kind: str | None = None) -> int:
@@ -351,11 +352,11 @@ class SQLiteBackend:
             if space in self.spaces:
                 vectors.setdefault(doc_id, {})[space] = np.frombuffer(blob, dtype="<f4")
         rows = self._conn.execute(
-            "SELECT id, object_type, object_id, node_kind, partition, len_title, len_body, tf "
-            "FROM docs WHERE deleted = 0 ORDER BY id")
+            "SELECT id, object_type, object_id, node_kind, partition, len_title, len_body, tf, "
+            "title, payload, attrs FROM docs WHERE deleted = 0 ORDER BY id")
         cache.add(CachedRow(r[0], (r[1], r[2], r[3]), r[4], r[5], r[6],
                             {t: (v[0], v[1]) for t, v in json.loads(r[7]).items()},
-                            vectors.get(r[0], {})) for r in rows)
+                            vectors.get(r[0], {}), (r[4], r[8], r[9], r[10])) for r in rows)
         cache.merge()
         cache.trim()
         return cache
@@ -463,7 +464,12 @@ class SQLiteBackend:
             recent = self._recent = dict(zip(map(cache.keys.__getitem__, ranked),
                                              cache.doc_ids.view[ranked].tolist()))
         key_of = {recent[key]: key for key in keys if key in recent}
-        if key_of:  # rows the last query ranked: one read by rowid (ids never change keys)
+        shown_by_id = self._recent_from[0].shown if key_of else {}  # as the last query ranked them
+        for doc_id in [i for i in key_of if i in shown_by_id]:
+            partition, title, payload, attrs = shown_by_id[doc_id]
+            out[key_of.pop(doc_id)] = {"partition": partition, "title": title,
+                                       "payload": json.loads(payload), "attrs": json.loads(attrs)}
+        if key_of:  # other rows the last query ranked: one read by rowid (ids never change keys)
             for r in self._conn.execute(
                     "SELECT id, partition, title, payload, attrs "
                     f"FROM docs WHERE id IN ({_placeholders(len(key_of))})",

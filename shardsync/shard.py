@@ -161,6 +161,7 @@ def _tombstone(c: sqlite3.Connection, doc_id: int, now: str) -> None:
 
 
 def _upsert(c: sqlite3.Connection, row: ShardRow, now: str) -> CachedRow:
+    shown = (row.partition, row.title, json.dumps(row.payload), json.dumps(row.attrs))
     (doc_id,) = c.execute(
         """INSERT INTO docs (object_type, object_id, node_kind, partition, title, body, keywords,
                payload, attrs, source_updated_at, tf, len_title, len_body, deleted,
@@ -174,7 +175,7 @@ def _upsert(c: sqlite3.Connection, row: ShardRow, now: str) -> CachedRow:
                pending_spaces = excluded.pending_spaces, updated_at = excluded.updated_at
            RETURNING id""",
         (*row.key, row.partition, row.title, row.body, json.dumps(list(row.keywords)),
-         json.dumps(row.payload), json.dumps(row.attrs),
+         shown[2], shown[3],
          row.source_updated_at.isoformat() if row.source_updated_at else None,
          json.dumps(row.tf, separators=(",", ":")), row.len_title, row.len_body,
          json.dumps(list(row.pending)), now)).fetchone()
@@ -192,7 +193,7 @@ def _upsert(c: sqlite3.Connection, row: ShardRow, now: str) -> CachedRow:
                   [(doc_id, s, bytes(v)) for s, v in row.vectors.items()])
     return CachedRow(doc_id, row.key, row.partition, row.len_title, row.len_body,
                      {t: (int(v[0]), int(v[1])) for t, v in row.tf.items()},
-                     {s: np.frombuffer(v, "<f4") for s, v in row.vectors.items()})
+                     {s: np.frombuffer(v, "<f4") for s, v in row.vectors.items()}, shown)
 
 
 def set_sync_meta(backend: SQLiteBackend, cursor: int, partitions: Sequence[str]) -> None:

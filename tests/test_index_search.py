@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -188,3 +189,41 @@ def test_sqlite_matrix_sees_writes_from_another_connection(tmp_path) -> None:
     assert [r.object_id for r in reader.search("x", query_vector=q)] == []
     writer.upsert(IndexDoc("n", "2", title="second", partition="p"))
     assert [r.object_id for r in reader.search("x", query_vector=q)] == ["2"]
+
+
+def test_device_results_show_each_row_as_last_written(tmp_path) -> None:
+    """A device result's partition, title, payload and attrs come from the shard's
+    in-memory copy: it must follow this connection's writes, another connection's writes
+    and deletes, exactly as the stored row reads."""
+    path = tmp_path / "shard.db"
+    device = SearchIndex(SQLiteBackend(path, spaces={"local": DIM}), HashingEmbedder(DIM))
+    other = SearchIndex(SQLiteBackend(path, spaces={"local": DIM}), HashingEmbedder(DIM))
+    device.upsert_many([IndexDoc("n", str(i), title=f"plum {i}", body="orchard", partition="p",
+                                 payload={"v": i}, attrs={"c": "red"}) for i in range(5)])
+
+    def shown() -> dict[str, tuple]:
+        hits = device.search("plum orchard", k=10)
+        return {r.object_id: (r.partition, r.title, r.payload, r.attrs) for r in hits}
+
+    assert shown()["3"] == ("p", "plum 3", {"v": 3}, {"c": "red"})
+    # Same terms, new payload and attrs (this connection), then a new partition.
+    device.upsert(IndexDoc("n", "3", title="plum 3", body="orchard", partition="p",
+                           payload={"v": "three"}, attrs={"c": "blue"}))
+    assert shown()["3"] == ("p", "plum 3", {"v": "three"}, {"c": "blue"})
+    device.upsert(IndexDoc("n", "3", title="plum 3", body="orchard", partition="q",
+                           payload={"v": "three"}, attrs={"c": "blue"}))
+    assert shown()["3"][0] == "q"
+    # Another connection's update and delete.
+    other.upsert(IndexDoc("n", "1", title="plum one", body="orchard", partition="p",
+                          payload={"v": [1]}, attrs={}))
+    other.backend.delete("n", "2")
+    now = shown()
+    assert now["1"] == ("p", "plum one", {"v": [1]}, {}) and "2" not in now
+    backend = device.backend
+    for object_id, (partition, title, payload, attrs) in now.items():
+        row = backend.get("n", object_id)
+        assert (row["partition"], row["title"], json.loads(row["payload"]),
+                json.loads(row["attrs"])) == (partition, title, payload, attrs)
+    # Parsed afresh for every result: a caller changing one cannot change the next.
+    device.search("plum orchard", k=10)[0].payload["v"] = "changed"
+    assert "changed" not in [p[2]["v"] for p in shown().values()]

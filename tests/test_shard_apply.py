@@ -126,6 +126,7 @@ def test_updates_keep_the_text_index_exact_whether_the_terms_changed_or_not(
     hits = lambda q: {r.key[1] for r in index.search(q, partition="A", mode="precision")}
     assert hits("apple") == {"1"} and hits("quince") == {"2"}
     assert hits("pear") == set() and hits("plum") == set()
+    assert [r.payload for r in index.search("apple", partition="A", mode="precision")] == [{"v": 2}]
     shard.close()
 
 
