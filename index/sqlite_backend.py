@@ -463,19 +463,14 @@ class SQLiteBackend:
             ranked = [slot for part in parts for slot in part]
             recent = self._recent = dict(zip(map(cache.keys.__getitem__, ranked),
                                              cache.doc_ids.view[ranked].tolist()))
-        key_of = {recent[key]: key for key in keys if key in recent}
-        shown_by_id = self._recent_from[0].shown if key_of else {}  # as the last query ranked them
-        for doc_id in [i for i in key_of if i in shown_by_id]:
-            partition, title, payload, attrs = shown_by_id[doc_id]
-            out[key_of.pop(doc_id)] = {"partition": partition, "title": title,
-                                       "payload": json.loads(payload), "attrs": json.loads(attrs)}
-        if key_of:  # other rows the last query ranked: one read by rowid (ids never change keys)
-            for r in self._conn.execute(
-                    "SELECT id, partition, title, payload, attrs "
-                    f"FROM docs WHERE id IN ({_placeholders(len(key_of))})",
-                    list(key_of)):
-                out[key_of[r[0]]] = {"partition": r[1], "title": r[2],
-                                     "payload": json.loads(r[3]), "attrs": json.loads(r[4])}
+        if recent:  # rows the last query ranked: as the in-memory copy held them then
+            shown_by_id = self._recent_from[0].shown
+            for key in keys:
+                shown = shown_by_id.get(recent.get(key))
+                if shown is not None:
+                    partition, title, payload, attrs = shown
+                    out[key] = {"partition": partition, "title": title,
+                                "payload": json.loads(payload), "attrs": json.loads(attrs)}
         lookup = self._conn.cursor()
         for key in keys:  # any other: one unique-index probe each (k is small)
             if key in out:
