@@ -38,6 +38,7 @@ class EmbeddingState:
     hnsw: bool
     cache_max_rows: int
     _cache_rows: dict[str, int]
+    _stored_query: bytes | None = None  # `stored_state_query`'s text, composed once
 
     def pending_rows(self, limit: int, conn: psycopg.Connection | None = None) -> list[tuple]:
         """Live rows waiting for a vector, least recently tried first (so rows that keep
@@ -68,14 +69,27 @@ class EmbeddingState:
         """Fingerprint, text hashes, pending spaces and tombstone flag of the rows that exist."""
         if not keys:
             return {}
-        cols = list(zip(*keys))
+        query, params = self.stored_state_query(keys)
         with self.connection() as c:
-            rows = c.execute(sql.SQL(
+            return self.stored_state_rows(c.execute(query, params).fetchall())
+
+    def stored_state_query(self, keys: Sequence[DocKey]) -> tuple[bytes, list[list[str]]]:
+        """`stored_state`'s statement and parameters, for a caller that sends it along with
+        other reads in one round trip (the worker's planning)."""
+        query = self._stored_query
+        if query is None:
+            query = self._stored_query = sql.SQL(
                 "SELECT d.object_type, d.object_id, d.node_kind, d.doc_hash, d.embed_hashes, "
                 "d.pending_spaces, d.deleted FROM {s}.docs d "
                 "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
                 "ON d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n"
-            ).format(s=self._s), [list(cols[0]), list(cols[1]), list(cols[2])]).fetchall()
+            ).format(s=self._s).as_bytes(None)
+        cols = list(zip(*keys)) if keys else [(), (), ()]
+        return query, [list(cols[0]), list(cols[1]), list(cols[2])]
+
+    @staticmethod
+    def stored_state_rows(rows: Sequence[tuple]) -> dict[DocKey, StoredRow]:
+        """The rows of `stored_state_query`, by key."""
         return {(r[0], r[1], r[2]): StoredRow(r[3], r[4] or {}, tuple(r[5] or ()), bool(r[6]))
                 for r in rows}
 

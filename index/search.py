@@ -76,7 +76,8 @@ class SearchIndex:
 
     def prepare(self, docs: Sequence[IndexDoc],
                 vectors: Mapping[int, Mapping[str, Any]] | None = None, *,
-                known: Mapping[DocKey, StoredRow | None] | None = None) -> list[PreparedDoc]:
+                known: Mapping[DocKey, StoredRow | None] | None = None,
+                stored: Mapping[DocKey, StoredRow | None] | None = None) -> list[PreparedDoc]:
         """Analyse and embed `docs` (batched per space). Never writes the search table.
 
         `vectors` may give precomputed vectors by position in `docs`; those are checked
@@ -84,7 +85,9 @@ class SearchIndex:
         row whose text in a space hashes as stored keeps its vector and sends nothing,
         a text already embedded elsewhere comes from the content-hash cache, and a row
         identical to its stored version is marked `unchanged` (not to be written).
-        `known` overrides the stored state for rows written but not yet committed.
+        `known` overrides the stored state for rows written but not yet committed;
+        `stored` is the stored state already read by the caller (None: no such row), so
+        only the keys it lacks are read.
         An embedder that raises or answers the wrong shape leaves those rows pending.
         """
         for doc in docs:
@@ -97,10 +100,12 @@ class SearchIndex:
                         f"{sorted(self.backend.spaces)}"
                     )
         given = vectors or {}
-        stored: dict[DocKey, StoredRow | None] = {}
+        read = stored or {}
+        stored = dict(read)
         stored_state = getattr(self.backend, "stored_state", None)
-        if stored_state is not None and docs:
-            stored.update(stored_state([d.key for d in docs]))
+        unread = [d.key for d in docs if d.key not in read]
+        if stored_state is not None and unread:
+            stored.update(stored_state(unread))
         stored.update(known or {})
         wanted_spaces = [[s for s in self.backend.spaces if d.embed_spaces is None or s in d.embed_spaces]
                          for d in docs]

@@ -135,25 +135,29 @@ class Applier:
                 wanted.append((c.relation, c.old_key))
         with self._pending_lock:
             pending = {k: v[0] for k, v in self._pending.items()}
-        overlay: dict[tuple[str, str], SourceState] = self.state.load_source_rows(
-            self.read_conn, [k for k in wanted if k not in pending])
+        # Rows whose values are complete are mapped first, so the stored state of the
+        # search rows they make is read in the same round trip as the source states.
+        mapped = self._premap(batch.changes)
+        doc_keys = list(dict.fromkeys(d.key for docs in mapped.values() if isinstance(docs, list)
+                                      for d in docs))
+        overlay, stored = self._read_states([k for k in wanted if k not in pending], doc_keys)
         overlay.update({k: pending[k] for k in wanted if k in pending})
         touched: set[tuple[str, str]] = set()
         fx = _Effects()
-        for change in batch.changes:
+        for i, change in enumerate(batch.changes):
             if change.kind == "truncate":
                 self._truncate(change, overlay, pending, touched, fx)
             elif change.kind == "delete":
                 self._delete(change, overlay, touched, fx)
             else:
-                self._upsert(change, overlay, touched, fx)
+                self._upsert(change, overlay, touched, fx, mapped.get(i))
         self.read_conn.commit()  # end the read snapshot before embedding
         states = {k: overlay[k] for k in touched}
         upserts = [d for d in fx.final.values() if d is not None]
         with self._pending_lock:
             known = {k: v[0] for k, v in self._inflight.items() if k in fx.final}
         # Embeddings before the transaction opens; unchanged text and no-op rows send nothing.
-        prepared = self.index.prepare(upserts, known=known)
+        prepared = self.index.prepare(upserts, known=known, stored=stored)
         with self._pending_lock:
             self._batch_no += 1
             number = self._batch_no
@@ -162,6 +166,37 @@ class Applier:
             self._inflight.update({k: (StoredRow.tombstone(), number)
                                    for k, d in fx.final.items() if d is None})
         return Planned(batch, fx, states, prepared, number, time.perf_counter() - started)
+
+    def _premap(self, changes: Sequence[SourceChange]) -> dict[int, list[IndexDoc] | Exception]:
+        """The docs (or the mapper's error) of each insert or update that carries every
+        column, by position in `changes`. A mapper is a function of the row alone, so
+        calling it before the source states are read gives what `_upsert` would get."""
+        out: dict[int, list[IndexDoc] | Exception] = {}
+        for i, change in enumerate(changes):
+            if change.kind in ("truncate", "delete") or change.values is None:
+                continue
+            if any(v is UNCHANGED for v in change.values.values()):
+                continue  # completed from the stored state first
+            mapper = self.mappers(change.relation)
+            if mapper is not None:
+                out[i] = _map(mapper, change.values, change)
+        return out
+
+    def _read_states(self, source_keys: list[tuple[str, str]], doc_keys: list[DocKey]
+                     ) -> tuple[dict[tuple[str, str], SourceState], dict[DocKey, StoredRow | None]]:
+        """The stored source states of `source_keys` and the stored search-row state of
+        `doc_keys` (None: no row), in one round trip."""
+        source_keys = list(dict.fromkeys(source_keys))
+        state_of = getattr(self.backend, "stored_state_query", None)
+        if state_of is None or not doc_keys:
+            return self.state.load_source_rows(self.read_conn, source_keys), {}
+        statements = [state_of(doc_keys)]
+        if source_keys:
+            statements.append(self.state.source_rows_query(source_keys))
+        results = read_as_one_query(self.read_conn, statements)
+        found = self.backend.stored_state_rows(results[0])
+        overlay = self.state.source_rows_parse(results[1]) if source_keys else {}
+        return overlay, {k: found.get(k) for k in doc_keys}
 
     def _drop_docs(self, docs: tuple[DocRef, ...], keep: set[DocKey], lsn: int, fx: _Effects) -> None:
         for ref in docs:
@@ -193,7 +228,8 @@ class Applier:
                     touched.add(k)
             fx.truncated.append((relation, change.commit_lsn))
 
-    def _upsert(self, change: SourceChange, overlay, touched, fx: _Effects) -> None:
+    def _upsert(self, change: SourceChange, overlay, touched, fx: _Effects,
+                mapped: list[IndexDoc] | Exception | None = None) -> None:
         k = (change.relation, change.key)
         prev = overlay.get(k)
         lsn = change.commit_lsn
@@ -227,16 +263,10 @@ class Applier:
         if mapper is None:
             overlay[k] = SourceState(values, old_docs, lsn, False)
             return
-        try:
-            row = decode_row(values, change.columns)
-            docs = mapper(row, change.kind)
-            if not isinstance(docs, list) or not all(isinstance(d, IndexDoc) for d in docs):
-                raise TypeError(f"mapper returned {type(docs).__name__}, not a list of IndexDoc")
-            if len({d.key for d in docs}) != len(docs):
-                raise ValueError("mapper returned two docs with the same key")
-        except Exception as exc:  # noqa: BLE001 - a bad row must not stop the stream
+        docs = mapped if mapped is not None else _map(mapper, values, change)
+        if isinstance(docs, Exception):  # a bad row must not stop the stream
             fx.dead.append(DeadLetter(lsn, change.relation, change.key, change.kind, values,
-                                      _describe(exc)))
+                                      _describe(docs)))
             overlay[k] = SourceState(values, old_docs, lsn, False)
             return
         self._drop_docs(old_docs, {d.key for d in docs}, lsn, fx)
@@ -355,20 +385,10 @@ def run_as_one_query(conn: psycopg.Connection, statements: list[tuple[bytes, Seq
     statement than the server spends on a small batch. Parameters are bound here as
     literals by psycopg's own adapters (the connection's quoting and escaping).
     """
-    literal = Transformer(conn).as_literal
-    out: list[bytes] = []
-    for query, params in statements:
-        parts = _placeholders(query)
-        if len(parts) != len(params) + 1:
-            raise ValueError(f"{len(params)} parameters for {len(parts) - 1} placeholders")
-        out.append(parts[0])
-        for value, part in zip(params, parts[1:]):
-            out.append(literal(value))
-            out.append(part)
-        out.append(b";\n")
+    query = _bind(conn, statements)
     conn.autocommit = True  # the connection is idle between batches
     try:
-        conn.execute(b"".join(out))
+        conn.execute(query)
     finally:
         try:
             conn.autocommit = False
@@ -390,6 +410,49 @@ def _placeholders(query: bytes) -> list[bytes]:
             _split_queries.clear()
         _split_queries[query] = parts
     return parts
+
+
+def _map(mapper: Callable[[Mapping[str, object], str], list[IndexDoc]],
+         values: Mapping[str, Any], change: SourceChange) -> list[IndexDoc] | Exception:
+    """A change's docs as its mapper makes them, or the error that makes it a dead letter."""
+    try:
+        docs = mapper(decode_row(values, change.columns), change.kind)
+        if not isinstance(docs, list) or not all(isinstance(d, IndexDoc) for d in docs):
+            raise TypeError(f"mapper returned {type(docs).__name__}, not a list of IndexDoc")
+        if len({d.key for d in docs}) != len(docs):
+            raise ValueError("mapper returned two docs with the same key")
+    except Exception as exc:  # noqa: BLE001 - the caller dead-letters the row
+        return exc
+    return docs
+
+
+def read_as_one_query(conn: psycopg.Connection, statements: list[tuple[bytes, Sequence[Any]]]
+                      ) -> list[list[tuple]]:
+    """The rows of each of `statements` (reads), sent as one simple-protocol query: one
+    round trip. Parameters are bound as in `run_as_one_query`."""
+    cur = conn.execute(_bind(conn, statements))
+    out = [cur.fetchall()]
+    while cur.nextset():
+        out.append(cur.fetchall())
+    if len(out) != len(statements):
+        raise RuntimeError(f"{len(statements)} statements answered {len(out)} results")
+    return out
+
+
+def _bind(conn: psycopg.Connection, statements: list[tuple[bytes, Sequence[Any]]]) -> bytes:
+    """`statements` as one query text, parameters bound by psycopg's own adapters."""
+    literal = Transformer(conn).as_literal
+    out: list[bytes] = []
+    for query, params in statements:
+        parts = _placeholders(query)
+        if len(parts) != len(params) + 1:
+            raise ValueError(f"{len(params)} parameters for {len(parts) - 1} placeholders")
+        out.append(parts[0])
+        for value, part in zip(params, parts[1:]):
+            out.append(literal(value))
+            out.append(part)
+        out.append(b";\n")
+    return b"".join(out)
 
 
 def _describe(exc: BaseException) -> str:

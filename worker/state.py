@@ -244,11 +244,19 @@ class WorkerState:
         keys = list(dict.fromkeys(relation_keys))
         if not keys:
             return {}
-        rels, rks = [k[0] for k in keys], [k[1] for k in keys]
-        rows = conn.execute(self.q(
+        return self.source_rows_parse(conn.execute(*self.source_rows_query(keys)).fetchall())
+
+    def source_rows_query(self, keys: Sequence[tuple[str, str]]) -> tuple[bytes, list[list[str]]]:
+        """`load_source_rows`'s statement and parameters, for a caller that sends it along
+        with other reads in one round trip."""
+        return self.q(
             "SELECT relation, row_key, row_values, docs, lsn::text, deleted FROM {s}.source_rows "
-            "WHERE (relation, row_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"),
-            (rels, rks)).fetchall()
+            "WHERE (relation, row_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"), [
+            [k[0] for k in keys], [k[1] for k in keys]]
+
+    @staticmethod
+    def source_rows_parse(rows: Sequence[tuple]) -> dict[tuple[str, str], SourceState]:
+        """The rows of `source_rows_query`, by (relation, row_key)."""
         return {(r[0], r[1]): SourceState(r[2], tuple(map(DocRef.from_json, r[3])), lsn_int(r[4]), r[5])
                 for r in rows}
 

@@ -1,0 +1,133 @@
+"""Planning reads a batch's source states and the stored state of the search rows it makes
+in one round trip, mapping each row once.
+
+The rows of a batch that carry every column are mapped before the states are read, so
+both reads go out together. These tests pin that: the reads per planned batch, the
+mapper calls per change, and that the tables end exactly as when every row is mapped
+after the read (the order the apply transaction used to take).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import psycopg
+import pytest
+from slipstream.index import HashingEmbedder, IndexDoc, PostgresBackend, SearchIndex
+from slipstream.worker.apply import Applier, read_as_one_query
+from slipstream.worker.incoming import Batch, SourceChange, TxnEnd
+from slipstream.worker.pgoutput import UNCHANGED
+from slipstream.worker.state import WorkerState
+
+from .test_apply_one_query import TRICKY, snapshot
+
+DIM = 32
+COLUMNS = (("id", 23), ("title", 25), ("body", 25))
+calls: list[str] = []
+
+
+def mapper(row: Mapping[str, object], op: str) -> list[IndexDoc]:
+    calls.append(str(row["id"]))
+    if row["title"] == "boom":
+        raise RuntimeError("mapper exploded on purpose")
+    # Keys and partitions from free text: the one-query read binds them as literals.
+    n = int(str(row["id"]))
+    return [IndexDoc("item", f"{TRICKY[n % len(TRICKY)]}#{n}", title=str(row["title"]),
+                     body=str(row["body"]), partition=TRICKY[(n + 1) % len(TRICKY)] or "-")]
+
+
+def change(kind: str, lsn: int, i: int, title: str, body: object) -> SourceChange:
+    return SourceChange(kind, "public.items", lsn, 0, f"[{i}]",
+                        {"id": str(i), "title": title, "body": body}, COLUMNS)
+
+
+def script() -> list[list[SourceChange]]:
+    lsn = 0x2000000
+    out = [[change("insert", lsn + 10 * i, i, f"title {i}", f"body {TRICKY[i]}") for i in range(len(TRICKY))]]
+    lsn += 1000
+    out.append([change("update", lsn, 1, "title 1", "new body"),  # text changed
+                change("update", lsn, 2, "title 2", UNCHANGED),  # body from the stored state
+                change("update", lsn, 3, "title 3", f"body {TRICKY[3]}"),  # identical: no write
+                change("insert", lsn, 50, "boom", "a dead letter"),
+                SourceChange("delete", "public.items", lsn, 0, "[4]")])
+    lsn += 1000
+    out.append([change("insert", lsn, 4, "back", "again"), change("update", lsn, 4, "back", "twice")])
+    return out
+
+
+def run(dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch, premap: bool
+        ) -> tuple[list[int], list[int]]:
+    """Apply the script; (reads on the planning connection, pooled stored-state reads) per batch."""
+    if not premap:
+        monkeypatch.setattr(Applier, "_premap", lambda self, changes: {})
+    backend = PostgresBackend(dsn, schema=schema, spaces={"local": DIM}, hnsw=False, cache_max_rows=0)
+    state = WorkerState(schema)
+    with psycopg.connect(dsn) as conn:
+        state.migrate(conn)
+    conn = backend.connect()
+    state.claim_writer(conn, "slot")
+    conn.commit()
+    read_conn = backend.connect(autocommit=True)
+    applier = Applier(conn, SearchIndex(backend, {"local": HashingEmbedder(DIM)}), state,
+                      {"public.items": mapper}.get, "slot", read_conn=read_conn)
+    reads, pooled = [], []
+    counted = {"reads": 0, "pooled": 0}
+    execute, stored_state = read_conn.execute, backend.stored_state
+
+    def counting_execute(*args, **kw):
+        counted["reads"] += 1
+        return execute(*args, **kw)
+
+    def counting_stored_state(keys):
+        counted["pooled"] += 1
+        return stored_state(keys)
+
+    monkeypatch.setattr(read_conn, "execute", counting_execute)
+    monkeypatch.setattr(backend, "stored_state", counting_stored_state)
+    try:
+        for changes in script():
+            b = Batch(changes=changes)
+            b.completed.append(TxnEnd(changes[0].commit_lsn, changes[-1].commit_lsn + 5, 0.0))
+            counted.update(reads=0, pooled=0)
+            applier.apply(b)
+            reads.append(counted["reads"])
+            pooled.append(counted["pooled"])
+    finally:
+        applier.close()
+        backend.close()
+    return reads, pooled
+
+
+def test_planning_reads_states_once_and_maps_each_row_once(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls.clear()
+    reads, pooled = run(pg_dsn, "premapped", monkeypatch, premap=True)
+    # One round trip per batch for every state planning needs. The second batch has a row
+    # whose body is completed from its stored state, so its search row is read after.
+    assert reads == [1, 1, 1]
+    assert pooled == [0, 1, 0]
+    upserts = [c for changes in script() for c in changes if c.kind != "delete"]
+    assert sorted(calls) == sorted(c.values["id"] for c in upserts)  # once per change, no more
+    monkeypatch.undo()
+    calls.clear()
+    reads_after, pooled_after = run(pg_dsn, "mapped_after", monkeypatch, premap=False)
+    assert pooled_after == [1, 1, 1]  # the other order reads the search rows separately
+    ours, theirs = snapshot(pg_dsn, "premapped"), snapshot(pg_dsn, "mapped_after")
+    for table in ours:
+        assert ours[table] == theirs[table], table
+    dead = {r[2]: r[5] for r in ours["dead_letters"]}
+    assert "on purpose" in dead.pop("[50]")
+    assert not dead
+    live = {r[1] for r in ours["docs"] if not r[14]}
+    assert f"{TRICKY[2]}#2" in live and f"{TRICKY[4]}#4" in live and f"{TRICKY[50 % len(TRICKY)]}#50" not in live
+
+
+def test_read_as_one_query_answers_each_statement_in_order(pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        got = read_as_one_query(conn, [
+            (b"SELECT x FROM unnest(%s::text[]) AS x ORDER BY x COLLATE \"C\"", [TRICKY]),
+            (b"SELECT %s::int + 1 WHERE false", [1]),
+            (b"SELECT %s::text, %s::int", ["it's", 7])])
+    assert got == [[(t,) for t in sorted(TRICKY)], [], [("it's", 7)]]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn, pytest.raises(ValueError, match="placeholders"):
+        read_as_one_query(conn, [(b"SELECT %s, %s", [1])])
