@@ -18,7 +18,6 @@ import hashlib
 import json
 import zlib
 from collections.abc import Iterable, Sequence
-from itertools import chain
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -36,10 +35,11 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-def _bucket(feature: str, dim: int) -> tuple[int, float]:
+def _code(feature: str, dim: int) -> int:
+    """The feature's bucket times two, plus one when its sign is positive."""
     data = feature.encode("utf-8")
-    sign = 1.0 if zlib.crc32(data, 0x5BD1E995) & 1 else -1.0  # a second, independent hash
-    return zlib.crc32(data) % dim, sign
+    positive = zlib.crc32(data, 0x5BD1E995) & 1  # a second, independent hash
+    return (zlib.crc32(data) % dim) * 2 + positive
 
 
 def text_hash(text: str) -> str:
@@ -82,27 +82,27 @@ class HashingEmbedder:
             raise ValidationError(f"dim must be a positive integer, got {dim!r}")
         self.dim = dim
         self.embedder_id = f"hashing:crc32-v1:{dim}"
-        self._buckets: dict[str, tuple[int, float]] = {}  # feature -> (index, sign), bounded
+        self._codes: dict[str, int] = {}  # feature -> `_code`, bounded
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         dim = self.dim
+        cache = self._codes
         for row, text in enumerate(texts):
             terms = analyze(text)
             if not terms:
                 continue
-            if len(self._buckets) > 1_000_000:
-                self._buckets.clear()
-            cache = self._buckets
-            idx: list[int] = []
-            sign: list[float] = []
-            for feature in chain(terms, map(" ".join, zip(terms, terms[1:]))):
-                b = cache.get(feature)
-                if b is None:
-                    b = cache[feature] = _bucket(feature, dim)
-                idx.append(b[0])
-                sign.append(b[1])
-            vec = np.bincount(idx, weights=sign, minlength=dim)
+            if len(cache) > 1_000_000:
+                cache.clear()
+            features = terms + list(map(" ".join, zip(terms, terms[1:])))  # words, then pairs
+            codes = list(map(cache.get, features))
+            if None in codes:
+                for j, code in enumerate(codes):
+                    if code is None:
+                        codes[j] = cache[features[j]] = _code(features[j], dim)
+            # Each bucket: its positive features less its negative ones, counted exactly.
+            counts = np.bincount(codes, minlength=2 * dim)
+            vec = (counts[1::2] - counts[0::2]).astype(np.float64)
             norm = float(np.sqrt(vec @ vec))
             if norm > 0:
                 out[row] = vec / norm
