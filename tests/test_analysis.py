@@ -1,6 +1,7 @@
 """Lexical analysis and the hashing embedder: the terms and vectors both backends share."""
 
 import numpy as np
+import pytest
 from slipstream.index import HashingEmbedder, IndexDoc
 from slipstream.index.analysis import analyze, analyze_doc, query_terms
 from slipstream.index.sqlite_backend import fts_token
@@ -38,3 +39,25 @@ def test_hashing_embedder_is_deterministic_and_normalised() -> None:
     assert not empty.any()
     near, far = e.embed(["quantum entanglement", "grocery shopping list"])
     assert float(a @ near) > float(a @ far)
+
+
+def test_c_and_pure_python_snowball_stem_alike() -> None:
+    """The worker stems with PyStemmer (Snowball's C code) and a device may stem with the
+    pure-Python `snowballstemmer`: a word they stem apart would match on one side only."""
+    import glob
+    import re
+    import sysconfig
+
+    stemmer_c = pytest.importorskip("Stemmer")
+    from snowballstemmer.english_stemmer import EnglishStemmer
+
+    words: set[str] = set()
+    for path in sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/*.py"))[:150]:
+        with open(path, encoding="utf-8", errors="ignore") as f:
+            words.update(w.casefold() for w in re.findall(r"[^\W_]+", f.read()) if not w.isdigit())
+    suffixes = ["", "s", "es", "ed", "ing", "ly", "ness", "ational", "ization", "fulness", "ible", "ement"]
+    words |= {w + s for w in list(words)[:3000] for s in suffixes}
+    assert len(words) > 20_000
+    c, pure = stemmer_c.Stemmer("english"), EnglishStemmer()
+    differ = [(w, c.stemWord(w), pure.stemWord(w)) for w in sorted(words) if c.stemWord(w) != pure.stemWord(w)]
+    assert differ == []
