@@ -89,17 +89,23 @@ def snapshot(dsn: str, schema: str) -> dict[str, list[tuple]]:
         return {name: conn.execute(q.replace("{s}", schema)).fetchall() for name, q in queries.items()}
 
 
-def run(dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch, one_query: bool) -> list[str]:
-    monkeypatch.setattr(apply_mod, "ONE_QUERY_MAX_ROWS", 16 if one_query else -1)
-    backend = PostgresBackend(dsn, schema=schema, spaces={"local": DIM}, hnsw=False, cache_max_rows=0)
+def make_applier(dsn: str, schema: str, map_items, dim: int = DIM) -> tuple[Applier, PostgresBackend]:
+    """An applier for slot "slot" on a fresh `schema`, mapping public.items with `map_items`."""
+    backend = PostgresBackend(dsn, schema=schema, spaces={"local": dim}, hnsw=False, cache_max_rows=0)
     state = WorkerState(schema)
     with psycopg.connect(dsn) as conn:
         state.migrate(conn)
     conn = backend.connect()
     state.claim_writer(conn, "slot")
     conn.commit()
-    applier = Applier(conn, SearchIndex(backend, {"local": HashingEmbedder(DIM)}), state,
-                      {"public.items": mapper}.get, "slot", read_conn=backend.connect(autocommit=True))
+    return Applier(conn, SearchIndex(backend, {"local": HashingEmbedder(dim)}), state,
+                   {"public.items": map_items}.get, "slot",
+                   read_conn=backend.connect(autocommit=True)), backend
+
+
+def run(dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch, one_query: bool) -> list[str]:
+    monkeypatch.setattr(apply_mod, "ONE_QUERY_MAX_ROWS", 16 if one_query else -1)
+    applier, backend = make_applier(dsn, schema, mapper)
     sent: list[str] = []
     original = apply_mod.run_as_one_query
 

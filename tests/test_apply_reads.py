@@ -13,13 +13,12 @@ from collections.abc import Mapping
 
 import psycopg
 import pytest
-from slipstream.index import HashingEmbedder, IndexDoc, PostgresBackend, SearchIndex
+from slipstream.index import IndexDoc
 from slipstream.worker.apply import Applier, read_as_one_query
 from slipstream.worker.incoming import Batch, SourceChange, TxnEnd
 from slipstream.worker.pgoutput import UNCHANGED
-from slipstream.worker.state import WorkerState
 
-from .test_apply_one_query import TRICKY, snapshot
+from .test_apply_one_query import TRICKY, make_applier, snapshot
 
 DIM = 32
 COLUMNS = (("id", 23), ("title", 25), ("body", 25))
@@ -60,16 +59,8 @@ def run(dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch, premap: bool
     """Apply the script; (reads on the planning connection, pooled stored-state reads) per batch."""
     if not premap:
         monkeypatch.setattr(Applier, "_premap", lambda self, changes: {})
-    backend = PostgresBackend(dsn, schema=schema, spaces={"local": DIM}, hnsw=False, cache_max_rows=0)
-    state = WorkerState(schema)
-    with psycopg.connect(dsn) as conn:
-        state.migrate(conn)
-    conn = backend.connect()
-    state.claim_writer(conn, "slot")
-    conn.commit()
-    read_conn = backend.connect(autocommit=True)
-    applier = Applier(conn, SearchIndex(backend, {"local": HashingEmbedder(DIM)}), state,
-                      {"public.items": mapper}.get, "slot", read_conn=read_conn)
+    applier, backend = make_applier(dsn, schema, mapper, DIM)
+    read_conn = applier.read_conn
     reads, pooled = [], []
     counted = {"reads": 0, "pooled": 0}
     execute, stored_state = read_conn.execute, backend.stored_state
@@ -111,7 +102,7 @@ def test_planning_reads_states_once_and_maps_each_row_once(
     monkeypatch.undo()
     calls.clear()
     reads_after, pooled_after = run(pg_dsn, "mapped_after", monkeypatch, premap=False)
-    assert pooled_after == [1, 1, 1]  # the other order reads the search rows separately
+    assert reads_after == [1, 1, 1] and pooled_after == [1, 1, 1]  # the search rows apart
     ours, theirs = snapshot(pg_dsn, "premapped"), snapshot(pg_dsn, "mapped_after")
     for table in ours:
         assert ours[table] == theirs[table], table
