@@ -18,6 +18,7 @@ import hashlib
 import json
 import zlib
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -94,7 +95,7 @@ class HashingEmbedder:
                 continue
             if len(cache) > 1_000_000:
                 cache.clear()
-            features = terms + list(map(" ".join, zip(terms, terms[1:])))  # words, then pairs
+            features = terms + list(map(" ".join, pairwise(terms)))  # words, then pairs
             codes = list(map(cache.get, features))
             if None in codes:
                 for j, code in enumerate(codes):
