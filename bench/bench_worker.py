@@ -13,7 +13,10 @@ measured with the HNSW index and in exact-scan mode (no HNSW index).
 Latency: a writer process commits single-row transactions at a fixed rate; for each
 one the time from its source commit to the commit of the apply transaction that made
 it searchable is recorded, with a breakdown by stage (taken by wrapping the worker's
-functions in this process, not by changing them). CPU: the bench process runs only
+functions in this process, not by changing them). Beside it, the replication floor: the
+same writer against a bare replication client that only reads the stream, so the part of
+the latency that is Postgres's own (commit, WAL flush, the walsender's decoding and
+wake-up) shows apart from the worker's. CPU: the bench process runs only
 the worker (the writer is a child process), so its CPU time while idle and while the
 writer runs is the worker's.
 
@@ -48,6 +51,8 @@ from slipstream.worker.app import Worker
 from slipstream.worker.config import load_config
 from slipstream.worker.localpg import EmbeddedPostgres
 from slipstream.worker.lsn import parse_lsn
+from slipstream.worker.pgoutput import Commit, decode
+from slipstream.worker.replication import ReplicationConnection, XLogData
 
 CONFIG = """
 [source]
@@ -386,6 +391,43 @@ def durable_commit_ms(dsn: str, n: int = 200) -> float:
     return float(np.percentile(np.asarray(out) * 1000, 50))
 
 
+def replication_floor(server: EmbeddedPostgres, rate: int, seconds: float, limit: float) -> tuple[float, float]:
+    """p50/p99 ms from a source commit to a bare replication client holding its Commit
+    message, at `rate` single-row transactions a second, with no worker: what Postgres
+    and the walsender take on these cores before any of the worker's own work."""
+    dsn = make_db(server, "bench_floor")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE PUBLICATION bench_floor FOR TABLE items")
+        conn.execute("SELECT pg_create_logical_replication_slot('bench_floor', 'pgoutput')")
+    lags: list[float] = []
+    with phase("replication floor", limit):
+        conn = ReplicationConnection.connect(dsn)
+        try:
+            conn.start_replication("bench_floor", publication_names=["bench_floor"])
+            proc = multiprocessing.get_context("spawn").Process(
+                target=writer, args=(dsn, rate, seconds, 0), daemon=True)
+            proc.start()
+            try:
+                while len(lags) < int(rate * seconds):
+                    message = conn.read_message(timeout=10)
+                    if message is None:
+                        raise Stalled("the replication floor's stream went quiet")
+                    if isinstance(message, XLogData):
+                        event = decode(message.payload)
+                        if isinstance(event, Commit):
+                            lags.append(time.time() - event.commit_ts.timestamp())
+            finally:
+                proc.join(timeout=30)
+                if proc.is_alive():
+                    proc.terminate()
+        finally:
+            conn.close()
+    with psycopg.connect(server.dsn(), autocommit=True) as admin:
+        admin.execute("DROP DATABASE bench_floor WITH (FORCE)")
+    ms = np.asarray(lags) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
 def latency(server: EmbeddedPostgres, rate: int, seconds: float, hnsw: bool, table: list,
             stages_table: list, limit: float, idle_seconds: float) -> None:
     mode = "HNSW" if hnsw else "exact-scan"
@@ -454,6 +496,8 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=200)
     ap.add_argument("--latency-seconds", type=float, default=30)
     ap.add_argument("--idle-seconds", type=float, default=5)
+    ap.add_argument("--floor-seconds", type=float, default=10,
+                    help="seconds of the replication floor (a bare client, no worker); 0 skips it")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--modes", choices=["both", "exact", "hnsw"], default="both")
@@ -478,6 +522,11 @@ def main() -> None:
                     throughput(server, args.rows, hnsw, table, args.phase_limit,
                                None if hnsw else args.profile)
             if not args.skip_latency:
+                if args.floor_seconds > 0:
+                    floor = replication_floor(server, args.rate, args.floor_seconds, args.phase_limit)
+                    table.append((f"Source commit -> a bare replication client, {args.rate} txn/s "
+                                  f"for {args.floor_seconds:.0f} s (no worker)",
+                                  f"p50 {floor[0]:.2f} ms", f"p99 {floor[1]:.2f} ms", "", ""))
                 for hnsw in modes:
                     latency(server, args.rate, args.latency_seconds, hnsw, table, stages_table,
                             args.phase_limit, args.idle_seconds)
