@@ -122,3 +122,43 @@ def test_read_as_one_query_answers_each_statement_in_order(pg_dsn: str) -> None:
     assert got == [[(t,) for t in sorted(TRICKY)], [], [("it's", 7)]]
     with psycopg.connect(pg_dsn, autocommit=True) as conn, pytest.raises(ValueError, match="placeholders"):
         read_as_one_query(conn, [(b"SELECT %s, %s", [1])])
+
+
+def test_a_batch_committing_while_the_next_is_planned_is_seen_by_it(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins a race: batch B (the row filtered out: a tombstone) commits after C, which
+    brings the row back exactly as it was first written, has read the tables but before
+    it compares its rows with the batches still in flight. C must still see B, or it
+    takes its row for unchanged, writes nothing, and the row stays deleted."""
+
+    def open_only(row: Mapping[str, object], op: str) -> list[IndexDoc]:
+        if row["body"] == "closed":
+            return []
+        return [IndexDoc("item", str(row["id"]), title=str(row["title"]), body=str(row["body"]),
+                         partition="p")]
+
+    applier, backend = make_applier(pg_dsn, "race", open_only, DIM)
+
+    def batch(lsn: int, body: str) -> Batch:
+        b = Batch(changes=[change("update" if lsn > 1 else "insert", lsn, 7, "title", body)])
+        b.completed.append(TxnEnd(lsn, lsn + 1, 0.0))
+        return b
+
+    try:
+        applier.apply(batch(1, "open"))
+        planned_b = applier.plan(batch(2, "closed"))
+        read_states = applier._read_states
+
+        def read_then_commit_b(*args):
+            out = read_states(*args)
+            applier.commit(planned_b)  # B lands between C's read and its comparison
+            return out
+
+        monkeypatch.setattr(applier, "_read_states", read_then_commit_b)
+        applier.commit(applier.plan(batch(3, "open")))
+        with psycopg.connect(pg_dsn) as conn:
+            row = conn.execute("SELECT deleted, body FROM race.docs WHERE object_id = '7'").fetchone()
+        assert row == (False, "open")
+    finally:
+        applier.close()
+        backend.close()

@@ -133,8 +133,11 @@ class Applier:
                 wanted.append((c.relation, c.key))
             if c.old_key is not None:
                 wanted.append((c.relation, c.old_key))
+        # The overlays of batches planned but not committed are taken before the tables
+        # are read: a batch that commits in between is then seen in one or the other.
         with self._pending_lock:
             pending = {k: v[0] for k, v in self._pending.items()}
+            inflight = {k: v[0] for k, v in self._inflight.items()}
         # Rows whose values are complete are mapped first, so the stored state of the
         # search rows they make is read in the same round trip as the source states.
         mapped = self._premap(batch.changes)
@@ -154,8 +157,7 @@ class Applier:
         self.read_conn.commit()  # end the read snapshot before embedding
         states = {k: overlay[k] for k in touched}
         upserts = [d for d in fx.final.values() if d is not None]
-        with self._pending_lock:
-            known = {k: v[0] for k, v in self._inflight.items() if k in fx.final}
+        known = {k: inflight[k] for k in fx.final if k in inflight}
         # Embeddings before the transaction opens; unchanged text and no-op rows send nothing.
         prepared = self.index.prepare(upserts, known=known, stored=stored)
         with self._pending_lock:
