@@ -30,13 +30,11 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
-from psycopg.adapt import Loader
-from psycopg.pq import Format
 from slipstream.index import SQLiteBackend
 from slipstream.index.sqlite_backend import fts_token
 
 from .changelog import ChangeLog, read_snapshot
-from .reader import check_partitions, check_spaces, vector_oid, vectors_le
+from .reader import check_partitions, check_spaces, vectors_le
 from .shard import set_sync_meta
 
 BATCH_ROWS = 2000
@@ -46,6 +44,7 @@ CACHE_KIB = 65536  # the writer's page cache (bounded; the OS caches the rest of
 # bytes; a 384-d vector (1,536 bytes) spills to an overflow page of its own at the
 # default 4 KiB, tripling the file. 16 KiB pages hold vectors up to ~1,000-d inline.
 PAGE_SIZE = 16384
+FTS_HASH_BYTES = 32 << 20  # FTS5's pending-terms buffer while exporting (default 1 MiB)
 
 
 def export_shard(conn: psycopg.Connection, schema: str, partitions: Sequence[str] | str,
@@ -95,13 +94,14 @@ def fts_terms(terms: str) -> str:
     return " ".join(map(fts_token, terms.split(" ")))
 
 
-class _Raw(Loader):
-    """A column's binary value as bytes, converted later for a whole batch at once."""
-
-    format = Format.BINARY
-
-    def load(self, data) -> bytes:
-        return bytes(data)
+def tsv_terms(raw: bytes) -> str:
+    """``docs_fts.terms`` from a stripped tsvector in binary form (a big-endian int32 count,
+    then each lexeme followed by a NUL and a zero int16 position count): the lexemes in
+    the tsvector's order, as `fts_terms` writes them."""
+    terms = raw[4:-3].replace(b"\0\0\0", b" ")
+    if terms.replace(b" ", b"").isalnum():  # bytes: ASCII letters and digits only
+        return terms.decode("ascii")
+    return " ".join(map(fts_token, terms.decode("utf-8").split(" ")))
 
 
 class _Writer(threading.Thread):
@@ -141,6 +141,17 @@ class _Writer(threading.Thread):
             out.execute("PRAGMA locking_mode=EXCLUSIVE")
             out.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             out.execute("BEGIN")
+            # Secondary indexes are built once at the end (a sort, not a b-tree insert per
+            # row), from their own CREATE statements, so the schema stays the format's.
+            indexes = out.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' "
+                                  "AND tbl_name = 'docs' AND sql IS NOT NULL").fetchall()
+            for name, _ in indexes:
+                out.execute(f'DROP INDEX "{name}"')
+            # FTS5 buffers terms up to 'hashsize' bytes before writing a segment: a larger
+            # buffer writes fewer, larger segments and merges far less. Bounded, and
+            # removed before commit so the shard carries the default.
+            out.execute("INSERT INTO docs_fts (docs_fts, rank) VALUES ('hashsize', ?)",
+                        (FTS_HASH_BYTES,))
             while (batch := self.batches.get()) is not None:
                 if batch is _ABORT:
                     out.execute("ROLLBACK")
@@ -149,6 +160,9 @@ class _Writer(threading.Thread):
                 out.executemany(_INSERT_DOCS, docs)
                 out.executemany(_INSERT_FTS, fts)
                 out.executemany(_INSERT_VECTORS, vectors)
+            for _, create in indexes:
+                out.execute(create)
+            out.execute("DELETE FROM docs_fts_config WHERE k = 'hashsize'")
             out.execute("COMMIT")
         finally:
             out.close()
@@ -175,19 +189,19 @@ def _copy_rows(conn: psycopg.Connection, log: ChangeLog, parts: tuple[str, ...],
         wanted = set(spaces)
         doc_id = 0
         with conn.cursor(binary=True) as cur:
-            oid = vector_oid(conn)
-            if oid is not None:
-                cur.adapters.register_loader(oid, _Raw)
             query = sql.SQL(
                 "COPY (SELECT object_type, object_id, node_kind, partition, title, body, "
                 "keywords::text, payload::text, attrs::text, source_updated_at, tf::text, len_title, "
-                "len_body, pending_spaces, array_to_string(tsvector_to_array(tsv), ' '){vecs} "
+                "len_body, pending_spaces, strip(tsv){vecs} "
                 "FROM {s}.docs WHERE partition = ANY({parts}) AND NOT deleted) TO STDOUT (FORMAT BINARY)"
             ).format(s=sql.Identifier(log.schema), parts=sql.Literal(list(parts)),
                      vecs=sql.SQL("").join(sql.SQL(", ") + sql.Identifier(f"emb_{s}") for s in spaces))
             with cur.copy(query) as copy:
-                copy.set_types(["text"] * 9 + ["timestamptz", "text", "int4", "int4", "text[]", "text"]
-                               + [oid] * len(spaces))
+                # tsvector and vector values arrive as their raw binary forms (bytes, no
+                # per-value Python loader); a batch at a time turns them into terms and
+                # little-endian float32.
+                copy.set_types(["text"] * 9 + ["timestamptz", "text", "int4", "int4", "text[]", "bytea"]
+                               + ["bytea"] * len(spaces))
                 rows = copy.rows()
                 while batch := list(islice(rows, BATCH_ROWS)):
                     first = doc_id + 1
@@ -199,8 +213,8 @@ def _copy_rows(conn: psycopg.Connection, log: ChangeLog, parts: tuple[str, ...],
                                      None if ts is None else ts.isoformat(), r[10], r[11], r[12],
                                      json.dumps([s for s in r[13] if s in wanted]) if r[13] else "[]",
                                      now))
-                        if r[14]:
-                            fts.append((doc_id, fts_terms(r[14])))
+                        if len(r[14]) > 4:
+                            fts.append((doc_id, tsv_terms(r[14])))
                     vectors = []
                     for j, space in enumerate(spaces):
                         le = vectors_le([r[15 + j] for r in batch], dims[space])
