@@ -7,11 +7,19 @@ little-endian a batch at a time — and sets ``meta.cursor`` to the last change-
 visible in that same snapshot. Pages read from that cursor therefore continue exactly
 where the shard ends.
 
+Postgres sends the tsvector (stripped) and the vectors in their binary forms, read as
+plain bytes: the doc's terms are cut out of the tsvector with two byte-string
+operations (`tsv_terms`), and each space's vectors are byte-swapped for a whole batch
+in one NumPy pass. Neither needs a Python call per value.
+
 The rows are parsed in batches of `BATCH_ROWS` on the caller's thread and written by a
 second thread (`_Writer`) while the next batch is read; at most `QUEUE_BATCHES` wait
-between them, so memory stays bounded whatever the partition's size. The file is built
-beside `path` under a temporary name (no journal: a failure throws it away) and renamed
-over `path` only when complete and synced, so `path` is never a half-written shard.
+between them, so memory stays bounded whatever the partition's size. The writer
+(`_Sink`) builds ``docs``' secondary index once at the end and lets FTS5 buffer more
+terms per segment while loading; the finished file has the format's schema and
+settings. The file is built beside `path` under a temporary name (no journal: a
+failure throws it away) and renamed over `path` only when complete and synced, so
+`path` is never a half-written shard.
 """
 
 from __future__ import annotations
@@ -85,23 +93,56 @@ def export_shard(conn: psycopg.Connection, schema: str, partitions: Sequence[str
     return cursor
 
 
-def fts_terms(terms: str) -> str:
-    """``docs_fts.terms`` from space-separated terms: the terms themselves when all are
-    plain ASCII letters and digits (the common case, checked in one pass), else each
-    written by `fts_token`."""
-    if terms.isascii() and terms.replace(" ", "").isalnum():
-        return terms
-    return " ".join(map(fts_token, terms.split(" ")))
-
-
 def tsv_terms(raw: bytes) -> str:
     """``docs_fts.terms`` from a stripped tsvector in binary form (a big-endian int32 count,
     then each lexeme followed by a NUL and a zero int16 position count): the lexemes in
-    the tsvector's order, as `fts_terms` writes them."""
+    the tsvector's order, space-separated, each as itself when all are plain ASCII letters
+    and digits (the common case, checked in one pass), else each written by `fts_token`.
+    Lexemes never contain NUL, so the three NUL bytes after each are exactly the
+    separators."""
     terms = raw[4:-3].replace(b"\0\0\0", b" ")
     if terms.replace(b" ", b"").isalnum():  # bytes: ASCII letters and digits only
         return terms.decode("ascii")
     return " ".join(map(fts_token, terms.decode("utf-8").split(" ")))
+
+
+class _Sink:
+    """The new file's one writing connection: indexes dropped and FTS5 tuned on open,
+    restored on `finish`."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.out = out = sqlite3.connect(tmp, isolation_level=None)
+        out.execute("PRAGMA journal_mode=OFF")  # a new file: on failure it is thrown away
+        out.execute("PRAGMA synchronous=OFF")
+        out.execute("PRAGMA locking_mode=EXCLUSIVE")
+        out.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        out.execute("BEGIN")
+        # Secondary indexes are built once at the end (a sort, not a b-tree insert per
+        # row), from their own CREATE statements, so the schema stays the format's.
+        self.indexes = out.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' "
+                                   "AND tbl_name = 'docs' AND sql IS NOT NULL").fetchall()
+        for name, _ in self.indexes:
+            out.execute(f'DROP INDEX "{name}"')
+        # FTS5 buffers terms up to 'hashsize' bytes before writing a segment: a larger
+        # buffer writes fewer, larger segments and merges far less. Bounded, and removed
+        # before commit so the shard carries the default.
+        out.execute("INSERT INTO docs_fts (docs_fts, rank) VALUES ('hashsize', ?)",
+                    (FTS_HASH_BYTES,))
+
+    def write(self, batch) -> None:
+        docs, fts, vectors = batch
+        self.out.executemany(_INSERT_DOCS, docs)
+        self.out.executemany(_INSERT_FTS, fts)
+        self.out.executemany(_INSERT_VECTORS, vectors)
+
+    def finish(self) -> None:
+        for _, create in self.indexes:
+            self.out.execute(create)
+        self.out.execute("DELETE FROM docs_fts_config WHERE k = 'hashsize'")
+        self.out.execute("COMMIT")
+
+    def close(self) -> None:
+        self.out.close()
 
 
 class _Writer(threading.Thread):
@@ -134,38 +175,15 @@ class _Writer(threading.Thread):
                     self.batches.get_nowait()
 
     def _write(self) -> None:
-        out = sqlite3.connect(self.tmp, isolation_level=None)
+        sink = _Sink(self.tmp)
         try:
-            out.execute("PRAGMA journal_mode=OFF")  # a new file: on failure it is thrown away
-            out.execute("PRAGMA synchronous=OFF")
-            out.execute("PRAGMA locking_mode=EXCLUSIVE")
-            out.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-            out.execute("BEGIN")
-            # Secondary indexes are built once at the end (a sort, not a b-tree insert per
-            # row), from their own CREATE statements, so the schema stays the format's.
-            indexes = out.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' "
-                                  "AND tbl_name = 'docs' AND sql IS NOT NULL").fetchall()
-            for name, _ in indexes:
-                out.execute(f'DROP INDEX "{name}"')
-            # FTS5 buffers terms up to 'hashsize' bytes before writing a segment: a larger
-            # buffer writes fewer, larger segments and merges far less. Bounded, and
-            # removed before commit so the shard carries the default.
-            out.execute("INSERT INTO docs_fts (docs_fts, rank) VALUES ('hashsize', ?)",
-                        (FTS_HASH_BYTES,))
             while (batch := self.batches.get()) is not None:
                 if batch is _ABORT:
-                    out.execute("ROLLBACK")
                     return
-                docs, fts, vectors = batch
-                out.executemany(_INSERT_DOCS, docs)
-                out.executemany(_INSERT_FTS, fts)
-                out.executemany(_INSERT_VECTORS, vectors)
-            for _, create in indexes:
-                out.execute(create)
-            out.execute("DELETE FROM docs_fts_config WHERE k = 'hashsize'")
-            out.execute("COMMIT")
+                sink.write(batch)
+            sink.finish()
         finally:
-            out.close()
+            sink.close()
 
 
 _ABORT = object()
