@@ -52,7 +52,9 @@ CACHE_KIB = 65536  # the writer's page cache (bounded; the OS caches the rest of
 # bytes; a 384-d vector (1,536 bytes) spills to an overflow page of its own at the
 # default 4 KiB, tripling the file. 16 KiB pages hold vectors up to ~1,000-d inline.
 PAGE_SIZE = 16384
-FTS_HASH_BYTES = 32 << 20  # FTS5's pending-terms buffer while exporting (default 1 MiB)
+# FTS5's pending-terms buffer while exporting: 4 MiB measured ~30% less FTS5 CPU than the
+# default 1 MiB (fewer segments to merge); 32 MiB was no better.
+FTS_HASH_BYTES = 4 << 20
 
 
 def export_shard(conn: psycopg.Connection, schema: str, partitions: Sequence[str] | str,
