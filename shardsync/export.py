@@ -126,8 +126,10 @@ class _Sink:
         for name, _ in self.indexes:
             out.execute(f'DROP INDEX "{name}"')
         # FTS5 buffers terms up to 'hashsize' bytes before writing a segment: a larger
-        # buffer writes fewer, larger segments and merges far less. Bounded, and removed
-        # before commit so the shard carries the default.
+        # buffer writes fewer, larger segments and merges far less. Bounded, and put back
+        # as it was before commit, so the shard carries the format's settings.
+        self.hashsize = out.execute(
+            "SELECT v FROM docs_fts_config WHERE k = 'hashsize'").fetchone()
         out.execute("INSERT INTO docs_fts (docs_fts, rank) VALUES ('hashsize', ?)",
                     (FTS_HASH_BYTES,))
 
@@ -140,7 +142,10 @@ class _Sink:
     def finish(self) -> None:
         for _, create in self.indexes:
             self.out.execute(create)
-        self.out.execute("DELETE FROM docs_fts_config WHERE k = 'hashsize'")
+        if self.hashsize is None:
+            self.out.execute("DELETE FROM docs_fts_config WHERE k = 'hashsize'")
+        else:
+            self.out.execute("UPDATE docs_fts_config SET v = ? WHERE k = 'hashsize'", self.hashsize)
         self.out.execute("COMMIT")
 
     def close(self) -> None:

@@ -279,10 +279,11 @@ def test_each_stored_value_is_what_postgres_renders_for_the_row(writer: LogWrite
     # The file is the format's: same schema as a new shard, FTS5 settings back at their
     # defaults, the full-text index consistent with its rows.
     SQLiteBackend(tmp_path / "fresh.db", spaces={"local": DIM}).close()
-    schema = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
-    assert shard.execute(schema).fetchall() == sqlite3.connect(tmp_path / "fresh.db").execute(
-        schema).fetchall()
-    assert shard.execute("SELECT k FROM docs_fts_config").fetchall() == [("version",)]
+    fresh = sqlite3.connect(tmp_path / "fresh.db")
+    for same in ("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name",
+                 "SELECT k, v FROM docs_fts_config ORDER BY k"):
+        assert shard.execute(same).fetchall() == fresh.execute(same).fetchall()
+    fresh.close()
     shard.execute("INSERT INTO docs_fts (docs_fts) VALUES ('integrity-check')")
     assert shard.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     shard.rollback()
