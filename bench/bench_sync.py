@@ -4,8 +4,11 @@
     python bench/bench_sync.py --export-rows 10000 50000 --latency-seconds 10 --devices 1000
 
 * Export: `export_shard` of a 10k and a 50k-row partition (384-d vectors), rows/s and
-  file size; and the same shard downloaded over HTTP from `/v1/snapshot`, gzip and as is
-  (``Accept-Encoding: identity``).
+  file size (the median of ``--export-rounds`` runs); and the same shard downloaded over
+  HTTP from `/v1/snapshot`, gzip and as is (``Accept-Encoding: identity``). With
+  ``--export-baseline REF`` the export of git revision REF runs in the same rounds,
+  alternating with this one, so the ratio between them holds however loaded the machine
+  is.
 * Delta: 2,000 updates pulled as pages over HTTP: bytes on the wire per change (gzip
   JSON) against the raw row (title + body + keywords + payload + attrs + float32
   vector), and changes/s applied on the device (decode + `apply_page`).
@@ -160,16 +163,61 @@ class Serve:
         self.log.close()
 
 
-def export_phase(dsn: str, sizes: list[int], serve: Serve, workdir: Path, table: list) -> None:
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def baseline_export(ref: str):
+    """`export_shard` as it was at git revision `ref`, imported beside the current one."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "-C", str(root), "show", f"{ref}:shardsync/export.py"],
+                            check=True, capture_output=True, text=True).stdout
+    name = "slipstream.shardsync._export_baseline"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "slipstream.shardsync"  # its relative imports resolve as in the tree
+    exec(compile(source, f"{ref}:shardsync/export.py", "exec"), module.__dict__)  # noqa: S102
+    return module.export_shard
+
+
+def export_phase(dsn: str, sizes: list[int], serve: Serve, workdir: Path, table: list,
+                 rounds: int = 1, baseline: str | None = None) -> None:
+    runs = [("export_shard", export_shard)]
+    if baseline:
+        runs.append((f"export_shard at {baseline}", baseline_export(baseline)))
     for n in sizes:
         path = workdir / f"export-{n}.db"
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            started = time.perf_counter()
-            export_shard(conn, "slipstream", [f"p{n}"], path, ["local"])
-            t = time.perf_counter() - started
+        times: dict[str, list[float]] = {name: [] for name, _ in runs}
+        cpu: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in runs}
+        loads = []
+        for r in range(rounds):
+            for name, run in runs if r % 2 == 0 else runs[::-1]:
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    backend = conn.info.backend_pid  # the embedded server runs on this machine
+                    pg0, py0 = process_cpu(backend), time.process_time()
+                    started = time.perf_counter()
+                    run(conn, "slipstream", [f"p{n}"], path, ["local"])
+                    times[name].append(time.perf_counter() - started)
+                    cpu[name].append((time.process_time() - py0, process_cpu(backend) - pg0))
+                loads.append(os.getloadavg()[0])
         size = path.stat().st_size
-        table.append((f"Export {n:,} rows (384-d) with export_shard", f"{n / t:,.0f} rows/s",
-                      f"{t:.2f} s, {size / 1e6:.1f} MB", f"load {os.getloadavg()[0]:.1f}"))
+        load = f"load {min(loads):.1f}-{max(loads):.1f}"
+        median = {name: float(np.median(ts)) for name, ts in times.items()}
+        for name, _ in runs:
+            t = median[name]
+            py, pg = (float(np.median(c)) for c in zip(*cpu[name]))
+            table.append((f"Export {n:,} rows (384-d) with {name}", f"{n / t:,.0f} rows/s",
+                          (f"median {t:.2f} s of {rounds} (best {min(times[name]):.2f} s), "
+                           f"{size / 1e6:.1f} MB; CPU {py:.2f} s Python + {pg:.2f} s Postgres"),
+                          load))
+        if baseline:
+            table.append((f"Export {n:,} rows: current / {baseline}",
+                          f"{median[runs[1][0]] / median['export_shard']:.2f}x rows/s",
+                          "medians of rounds run alternately", load))
         for encoding in ("gzip", "identity"):
             out = workdir / f"download-{n}.db"
             with httpx.Client(headers={"authorization": f"Bearer {issue_token(SECRET, [f'p{n}'])}",
@@ -452,6 +500,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--export-rows", type=int, nargs="+", default=[10_000, 50_000])
+    ap.add_argument("--export-rounds", type=int, default=1,
+                    help="exports of each size (the median is reported)")
+    ap.add_argument("--export-baseline", metavar="REF",
+                    help="also run export_shard as of git revision REF, alternating with the current")
     ap.add_argument("--rate", type=int, default=200)
     ap.add_argument("--latency-seconds", type=float, default=20)
     ap.add_argument("--devices", type=int, default=1000)
@@ -486,7 +538,8 @@ def main() -> None:
                       flush=True)
             serve = Serve(dsn, workdir)
             phases = [
-                ("export", lambda: export_phase(dsn, args.export_rows, serve, workdir, table)),
+                ("export", lambda: export_phase(dsn, args.export_rows, serve, workdir, table,
+                                              args.export_rounds, args.export_baseline)),
                 ("delta", lambda: delta_phase(dsn, index, log, serve, workdir, corpus, table,
                                                   args.export_rows[0])),
                 ("devices", lambda: devices_phase(dsn, index, log, serve, corpus, args.devices,

@@ -214,3 +214,78 @@ def test_a_failure_while_writing_or_reading_leaves_the_old_shard(writer: LogWrit
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.db"]  # no temporary file left
     assert not [t for t in threading.enumerate() if t.name == "slipstream-export-writer"]
+
+
+def test_each_stored_value_is_what_postgres_renders_for_the_row(writer: LogWriter, pg_dsn: str,
+                                                                 tmp_path, monkeypatch) -> None:
+    """The export reads terms and vectors in binary; every value it stores must still be
+    byte for byte what Postgres's own text rendering of the row gives (the JSON columns,
+    the tsvector's lexemes in order, the timestamp), for ASCII and non-ASCII terms, rows
+    without terms, without a vector, and across batches."""
+    import json
+
+    from slipstream.index import IndexDoc, SQLiteBackend
+    from slipstream.index.sqlite_backend import fts_token
+    from slipstream.shardsync import export
+    from slipstream.shardsync.reader import register_vector_bytes
+
+    rng = random.Random(5)
+    docs = [random_doc(rng, str(i), ["A"]) for i in range(40)]
+    docs += [doc_("u1", "A", "Café naïve STRASSE straße Ελληνικά 東京タワー ①② x9"),
+             doc_("u2", "A", "plain words only", keywords=["Zoë", "ﬁne"]),
+             IndexDoc("note", "e1", "leaf", title="", body="", partition="A")]  # no terms, no FTS row
+    writer.apply(docs)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE slipstream.docs SET emb_local = NULL, pending_spaces = '{local,gone}' "
+                     "WHERE object_id IN ('3', 'u1')")
+        conn.execute("UPDATE slipstream.docs SET source_updated_at = "
+                     "'2025-03-04 05:06:07.089+02' WHERE object_id IN ('2', 'u2')")
+        conn.execute("UPDATE slipstream.docs SET source_updated_at = NULL WHERE object_id = '4'")
+    monkeypatch.setattr(export, "BATCH_ROWS", 6)
+    path = tmp_path / "a.db"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        export_shard(conn, "slipstream", ["A"], path, ["server", "local"])
+
+    spaces = ["server", "local"]
+    expected_docs, expected_fts, expected_vecs = {}, {}, {}
+    with psycopg.connect(pg_dsn, autocommit=True) as conn, conn.cursor(binary=True) as cur:
+        register_vector_bytes(conn, cur)
+        cur.execute("SELECT object_type, object_id, node_kind, partition, title, body, keywords::text, "
+                    "payload::text, attrs::text, source_updated_at, tf::text, len_title, len_body, "
+                    "pending_spaces, array_to_string(tsvector_to_array(tsv), ' '), emb_server, emb_local "
+                    "FROM slipstream.docs WHERE partition = 'A' AND NOT deleted")
+        for r in cur.fetchall():
+            key = tuple(r[:3])
+            ts = None if r[9] is None else r[9].isoformat()
+            expected_docs[key] = (*r[3:9], ts, r[10], r[11], r[12], 0,
+                                  json.dumps([s for s in r[13] if s in spaces]))
+            if r[14]:
+                expected_fts[key] = " ".join(fts_token(t) for t in r[14].split(" "))
+            expected_vecs.update({(key, s): v for s, v in zip(spaces, r[15:]) if v is not None})
+    assert any(t.startswith("x") for t in expected_fts[("note", "u1", "leaf")].split())
+    assert ("note", "e1", "leaf") not in expected_fts and len(expected_fts) > 40
+
+    shard = sqlite3.connect(path)
+    ids = {i: tuple(k) for i, *k in shard.execute(
+        "SELECT id, object_type, object_id, node_kind FROM docs")}
+    assert sorted(ids) == list(range(1, len(ids) + 1))
+    got_docs = {tuple(r[:3]): tuple(r[3:]) for r in shard.execute(
+        "SELECT object_type, object_id, node_kind, partition, title, body, keywords, payload, attrs, "
+        "source_updated_at, tf, len_title, len_body, deleted, pending_spaces FROM docs")}
+    assert got_docs == expected_docs
+    assert {ids[i]: t for i, t in shard.execute("SELECT rowid, terms FROM docs_fts")} == expected_fts
+    assert {(ids[i], s): v for i, s, v in shard.execute(
+        "SELECT doc_id, space, vec FROM vectors")} == expected_vecs
+    # The file is the format's: same schema as a new shard, FTS5 settings back at their
+    # defaults, the full-text index consistent with its rows.
+    SQLiteBackend(tmp_path / "fresh.db", spaces={"local": DIM}).close()
+    fresh = sqlite3.connect(tmp_path / "fresh.db")
+    for same in ("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name",
+                 "SELECT k, v FROM docs_fts_config ORDER BY k"):
+        assert shard.execute(same).fetchall() == fresh.execute(same).fetchall()
+    fresh.close()
+    shard.execute("INSERT INTO docs_fts (docs_fts) VALUES ('integrity-check')")
+    assert shard.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    shard.rollback()
+    shard.close()
+    open_shard(path).close()  # and it opens as a shard of this format
