@@ -28,10 +28,19 @@ and ``SLACK`` covering the float64 rounding of this sum and of the exact cosine 
 (both below 1e-13 for values of magnitude ≤ 1). ``ub`` is therefore at least the cosine
 the exact path computes.
 
-The first pass (`survivors`) takes the `depth` rows with the highest bound, computes
-their exact cosine, and keeps every row whose bound reaches the lowest of those (and
-the score floor). Any row of the exact top `depth` has a cosine at least that high,
-hence a bound at least that high: it survives.
+The plain first pass (`survivors`) takes the `depth` rows with the highest bound,
+computes their exact cosine, and keeps every row whose bound reaches the lowest of
+those (and the score floor). Any row of the exact top `depth` has a cosine at least
+that high, hence a bound at least that high: it survives. Any `depth` rows give a
+valid cut this way; the highest bounds give the tightest.
+
+`first_pass` does the same work without a float64 bound for every row. Its rows of
+the cut are the `depth` highest float32 products ``s = fl(fl(a)·D)``, and its cut is
+turned into a threshold on ``s`` that the bound of every row left out stays below:
+``ub ≤ s + M + ‖û‖·max g + min(‖û‖·max eps, ‖û‖₁·max emax) + ‖δ‖ + SLACK``, with the
+maxima taken over the shard's rows and ``M`` the float32 rounding of ``s`` (at most
+``3·2⁻²⁴·|a·D| + 2⁻¹⁴⁹``, and ``|a·D| ≤ (1+γ)·‖û‖·a·‖c‖ ≤ (1+γ)·‖û‖·max g/γ``). Only
+the few rows above that threshold get their full bound, which then decides as above.
 
 Codes are stored column-major (a row of the array per dimension), so a query with
 few non-zero components (hashed features, for instance) reads only those columns;
@@ -94,12 +103,18 @@ def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 
 
 class CodeColumns:
-    """Growable column-major int8 codes plus per-row ``a`` and ``h``, one slot per row."""
+    """Growable column-major int8 codes plus the per-row terms of the bound, one slot per row.
+
+    Besides the float64 terms it keeps ``a`` rounded to float32 (for `first_pass`) and
+    the largest ``g``, ``eps`` and ``emax`` of any row it ever held: rows removed from
+    the shard only make these maxima looser, never wrong."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.codes_t = np.zeros((dim, 16), np.int8)
         self.a = np.zeros(16, np.float64)
+        self.a32 = np.zeros(16, np.float32)
+        self.g_max = self.eps_max = self.emax_max = 0.0
         self.g = np.zeros(16, np.float64)
         self.eps = np.zeros(16, np.float64)
         self.emax = np.zeros(16, np.float64)
@@ -116,16 +131,17 @@ class CodeColumns:
         codes_t = np.zeros((self.dim, cap), np.int8)
         codes_t[:, : self.n] = self.codes_t[:, : self.n]
         self.codes_t = codes_t
-        for name in ("a", "g", "eps", "emax", "sq"):
-            grown = np.zeros(cap, np.float64)
-            grown[: self.n] = getattr(self, name)[: self.n]
+        for name in ("a", "g", "eps", "emax", "sq", "a32"):
+            old = getattr(self, name)
+            grown = np.zeros(cap, old.dtype)
+            grown[: self.n] = old[: self.n]
             setattr(self, name, grown)
 
     def trim(self) -> None:
         """Drop the spare capacity (after a bulk load)."""
         keep = max(self.n, 1)
         self.codes_t = self.codes_t[:, :keep].copy()
-        for name in ("a", "g", "eps", "emax", "sq"):
+        for name in ("a", "g", "eps", "emax", "sq", "a32"):
             setattr(self, name, getattr(self, name)[:keep].copy())
 
     def extend(self, vectors: np.ndarray) -> None:
@@ -141,12 +157,16 @@ class CodeColumns:
             self.codes_t[:, at: at + codes.shape[0]] = codes.T
             for name, values in zip(("a", "g", "eps", "emax"), terms):
                 getattr(self, name)[at: at + codes.shape[0]] = values
+            self.a32[at: at + codes.shape[0]] = terms[0]
+            self.g_max = max(self.g_max, float(terms[1].max()))
+            self.eps_max = max(self.eps_max, float(terms[2].max()))
+            self.emax_max = max(self.emax_max, float(terms[3].max()))
             self.sq[at: at + codes.shape[0]] = row_sq_norms(vectors[start:start + 4096])
         self.n += k
 
     @property
     def nbytes(self) -> int:
-        return self.codes_t.nbytes + 5 * self.a.nbytes
+        return self.codes_t.nbytes + 5 * self.a.nbytes + self.a32.nbytes
 
     def dots(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """float32 ``û·c`` for every slot (or for `rows`), reading only the columns `query` needs."""
@@ -176,23 +196,50 @@ class CodeColumns:
         With `rows` (slot numbers), bounds for those slots only; worth it when they are
         a small part of the shard, since the codes are then gathered rather than streamed.
         """
+        count = self.n if rows is None else rows.size
+        unit = QueryUnit.of(query)
+        if unit is None:
+            return np.full(count, SLACK)
+        dots = self.dots(unit.u32, rows)
+        return self.bounds_of(unit, dots, slice(0, self.n) if rows is None else rows)
+
+    def bounds_of(self, unit: QueryUnit, dots: np.ndarray, pick: slice | np.ndarray) -> np.ndarray:
+        """The bounds of the slots `pick`, whose float32 dot products with ``û`` are `dots`."""
+        a, g, eps, emax = self.a[pick], self.g[pick], self.eps[pick], self.emax[pick]
+        residual = np.minimum(unit.norm * eps, unit.l1 * emax)
+        return a * dots.astype(np.float64) + unit.norm * g + residual + (unit.delta + SLACK)
+
+    def spread(self, unit: QueryUnit) -> float:
+        """How far any row's bound may lie above ``s = fl(fl(a)·D)`` (see the module text)."""
+        if self.n == 0:
+            return SLACK
+        gam = gamma(self.dim)
+        rounding = 4.0 * _U32 * (1.0 + gam) * unit.norm * self.g_max / gam + 1e-30
+        residual = min(unit.norm * self.eps_max, unit.l1 * self.emax_max)
+        return (rounding + unit.norm * self.g_max + residual + unit.delta + SLACK) * (1.0 + 1e-9) + 1e-12
+
+
+class QueryUnit:
+    """The query's terms of the bound: ``û`` (float32), ``‖û‖``, ``‖û‖₁`` and ``‖δ‖``."""
+
+    __slots__ = ("delta", "l1", "norm", "u32")
+
+    def __init__(self, u32: np.ndarray, norm: float, l1: float, delta: float) -> None:
+        self.u32, self.norm, self.l1, self.delta = u32, norm, l1, delta
+
+    @classmethod
+    def of(cls, query: np.ndarray) -> QueryUnit | None:
+        """None for a zero query (every bound is then SLACK)."""
         q64 = np.asarray(query, np.float64)
         norm = math.sqrt(float(q64 @ q64))
-        count = self.n if rows is None else rows.size
         if norm == 0.0:
-            return np.full(count, SLACK)
+            return None
         u = q64 / norm
         u32 = u.astype(np.float32)
         d = u - u32.astype(np.float64)
-        delta = math.sqrt(float(d @ d))
         u32_64 = u32.astype(np.float64)
-        norm_u32 = math.sqrt(float(u32_64 @ u32_64))
-        l1_u32 = float(np.abs(u32_64).sum()) * (1.0 + 1e-12)
-        dots = self.dots(u32, rows).astype(np.float64)
-        pick = slice(0, self.n) if rows is None else rows
-        a, g, eps, emax = self.a[pick], self.g[pick], self.eps[pick], self.emax[pick]
-        residual = np.minimum(norm_u32 * eps, l1_u32 * emax)
-        return a * dots + norm_u32 * g + residual + (delta + SLACK)
+        return cls(u32, math.sqrt(float(u32_64 @ u32_64)), float(np.abs(u32_64).sum()) * (1.0 + 1e-12),
+                   math.sqrt(float(d @ d)))
 
 
 def survivors(bounds: np.ndarray, rows: np.ndarray, depth: int,
@@ -250,3 +297,80 @@ def scored_survivors(bounds: np.ndarray, rows: np.ndarray, depth: int,
     if rest.any():
         scores[rest] = exact(rows[rest])
     return rows[keep], scores[keep]
+
+
+def bounded_top(values: np.ndarray, depth: int) -> tuple[np.ndarray, float]:
+    """Positions of at least `depth` of the highest `values` (every value at or above the
+    threshold returned), and that threshold; few more than `depth` as a rule.
+
+    As in `top_by_bound`, the threshold is first read off a strided sample; an unlucky
+    sample is read again further down (or up), and a full selection is made only when
+    that fails too."""
+    n = values.size
+    if n > 64 * depth:
+        sample = values[:: n // (32 * depth)]
+        from_top = max(2, round(3 * depth * sample.size / n))
+        for _ in range(3):
+            kth = sample.size - from_top
+            threshold = np.partition(sample, kth)[kth]
+            above = np.flatnonzero(values >= threshold)
+            if above.size < depth and from_top < sample.size:
+                from_top = min(sample.size, 4 * from_top)
+            elif above.size > 16 * depth and from_top > 1:
+                from_top = max(1, from_top // 4)
+            elif depth <= above.size <= 16 * depth:
+                return above, float(threshold)
+            else:
+                break
+    threshold = np.partition(values, n - depth)[n - depth]
+    return np.flatnonzero(values >= threshold), float(threshold)
+
+
+def _float32_at_most(value: float) -> np.float32:
+    """The largest float32 not above `value`."""
+    down = np.float32(value)
+    if float(down) > value:
+        down = np.nextafter(down, np.float32(-np.inf))
+    return down
+
+
+def first_pass(codes: CodeColumns, query: np.ndarray, rows: np.ndarray | None, depth: int,
+               exact: Callable[[np.ndarray], np.ndarray],
+               floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Slots that may rank in the exact top `depth`, each with its exact cosine.
+
+    `rows` are the slots to rank (ascending; None: every slot); `exact(slots)` gives
+    the exact cosines of a subset. The same guarantee as `scored_survivors`: every row
+    whose exact cosine reaches the exact top `depth` (and `floor`) is returned. A row is
+    left out only when its full bound lies below the cut, and that full bound is
+    computed only for rows whose ``s`` lies within `CodeColumns.spread` of the cut.
+    """
+    count = codes.n if rows is None else rows.size
+    unit = QueryUnit.of(query)
+    if count <= depth or unit is None:
+        every = np.arange(count) if rows is None else rows
+        return every, exact(every)
+    if rows is not None and rows.size * 4 >= codes.n:  # most slots: stream the codes, then pick
+        dots = codes.dots(unit.u32)[rows]
+    else:
+        dots = codes.dots(unit.u32, rows)
+    s = (codes.a32[:count] if rows is None else codes.a32[rows]) * dots
+    above, threshold = bounded_top(s, depth)
+    top = above
+    if above.size > depth:
+        top = above[np.argpartition(s[above], above.size - depth)[above.size - depth:]]
+    top_slots = top if rows is None else rows[top]
+    top_scores = exact(top_slots)
+    cut = max(float(top_scores.min()), floor)
+    reach = _float32_at_most(cut - codes.spread(unit))
+    near = above[s[above] >= reach] if float(reach) >= threshold else np.flatnonzero(s >= reach)
+    in_top = np.zeros(count, bool)
+    in_top[top] = True
+    near = near[~in_top[near]]
+    if near.size:
+        near_slots = near if rows is None else rows[near]
+        near_slots = near_slots[codes.bounds_of(unit, dots[near], near_slots) >= cut]
+        if near_slots.size:
+            return (np.concatenate([top_slots, near_slots]),
+                    np.concatenate([top_scores, exact(near_slots)]))
+    return top_slots, top_scores

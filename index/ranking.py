@@ -161,6 +161,23 @@ def exact_cosine(matrix: np.ndarray, query: np.ndarray, sq_norms: np.ndarray | N
     return cos
 
 
+def cosine_of_rows(matrix: np.ndarray, query: np.ndarray,
+                   sq_norms: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``rows -> exact_cosine(matrix[rows], query, sq_norms[rows])``, bit for bit: the same
+    float64 products summed by the same reduction, the query's terms computed once."""
+    q = np.asarray(query, dtype=np.float32).astype(np.float64)
+    q_norm = math.sqrt(float((q * q).sum()))
+
+    def exact(rows: np.ndarray) -> np.ndarray:
+        m = matrix[rows].astype(np.float64)
+        np.multiply(m, q, out=m)
+        dots = m.sum(axis=1)
+        norms = np.sqrt(sq_norms[rows]) * q_norm
+        return np.divide(dots, norms, out=np.zeros(dots.size), where=norms > 0)
+
+    return exact
+
+
 def row_sq_norms(matrix: np.ndarray) -> np.ndarray:
     """Each row's squared norm exactly as `exact_cosine` computes it."""
     m = np.asarray(matrix, dtype=np.float32).astype(np.float64)

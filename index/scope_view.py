@@ -10,6 +10,8 @@ which gives the same float64 sums as the reference scorer.
 `top_rows` returns a superset of the rows that rank in the top `depth` without
 touching every row of a common term (see `_pruned`): a floor from a few rows scored
 exactly, then only the rows of common terms whose summands can still reach it.
+
+A view also keeps, per embedding space, which of its rows hold a vector.
 """
 
 from __future__ import annotations
@@ -105,6 +107,15 @@ class ScopeView:
         self.stats: ScopeStats = cache.stats(self.mask)
         self._terms: OrderedDict[str, TermScores] = OrderedDict()
         self._held = 0
+        self._vector_rows: dict[str, np.ndarray | None] = {}
+
+    def vector_rows(self, space: str) -> np.ndarray | None:
+        """The scope's slots holding a vector in `space` (ascending), or None when that is
+        every slot of the cache."""
+        if space not in self._vector_rows:
+            rows = np.flatnonzero(self.mask & self.cache.has_vector[space].view)
+            self._vector_rows[space] = None if rows.size == len(self.cache.keys) else rows.astype(np.int32)
+        return self._vector_rows[space]
 
     def term(self, term: str) -> TermScores:
         found = self._terms.get(term)

@@ -4,7 +4,8 @@ A device answers a query with NumPy, not with a row-at-a-time scan: rows live in
 *slots* (growable column arrays), term frequencies in an inverted index (a sorted
 base plus a small delta that is merged when it grows), and each embedding space in
 one float32 matrix with a row per slot plus its int8 codes (`quantize`). Per-scope
-BM25 summands live in `ScopeView`s, dropped on any change. Writes made through the owning backend are
+BM25 summands, and each space's rows with a vector, live in `ScopeView`s, dropped on
+any change. Writes made through the owning backend are
 applied incrementally; a change made by another connection (the shard's generation
 moved) makes the backend reload the whole cache.
 """
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .doc import DocKey
-from .quantize import CodeColumns, scored_survivors
-from .ranking import ScopeStats, exact_cosine
+from .quantize import CodeColumns, first_pass
+from .ranking import ScopeStats, cosine_of_rows
 from .scope_view import ScopeView
 
 
@@ -318,27 +319,24 @@ class ShardCache:
         A first pass over int8 codes bounds each row's cosine from above (`quantize`);
         the rows whose bound cannot reach the exact top `depth` are dropped unread.
         """
-        if selected is None:
-            selected = view.mask
-        matrix = self.vectors[space].view
-        idx = np.flatnonzero(selected & self.has_vector[space].view)
-        q = np.asarray(query, dtype=np.float32)
-        if idx.size == 0:
-            return [], np.zeros((0, self.dims[space]), np.float32), np.zeros(0, np.float64), []
-        codes = self.codes[space]
-        if idx.size <= depth:
-            bounds = np.zeros(idx.size)
-        elif idx.size == codes.n:  # every slot (a one-partition shard, no dead rows)
-            bounds = codes.upper_bounds(q)
-        elif idx.size * 4 < codes.n:
-            bounds = codes.upper_bounds(q, idx)
-        else:
-            bounds = codes.upper_bounds(q)[idx]
-        sq = codes.sq
-        idx, scores = scored_survivors(bounds, idx, depth,
-                                       lambda rows: exact_cosine(matrix[rows], q, sq[rows]))
+        idx, scores = self.semantic_ids(view, selected, space, query, depth)
         idx_list = idx.tolist()
-        return [self.keys[i] for i in idx_list], matrix[idx], scores, idx_list
+        return [self.keys[i] for i in idx_list], self.vectors[space].view[idx], scores, idx_list
+
+    def semantic_ids(self, view: ScopeView, selected: np.ndarray | None, space: str,
+                     query: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """`semantic_top`'s slots and exact cosines, without keys or vectors."""
+        codes = self.codes[space]
+        if selected is None:
+            rows = view.vector_rows(space)
+        else:
+            rows = np.flatnonzero(selected & self.has_vector[space].view)
+            if rows.size == codes.n:
+                rows = None
+        if rows is not None and rows.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float64)
+        q = np.asarray(query, dtype=np.float32)
+        return first_pass(codes, q, rows, depth, cosine_of_rows(self.vectors[space].view, q, codes.sq))
 
     def footprint(self) -> int:
         """Bytes this cache holds or may come to hold: arrays (`nbytes`), the Python objects
@@ -359,6 +357,7 @@ class ShardCache:
         total += sys.getsizeof(self.term_ids) + sum(sys.getsizeof(t) for t in self.term_ids)
         total += sys.getsizeof(self.base_range) + 64 * len(self.base_range)
         total += 32 * (self.base_slots.size + self.delta_size)
+        total += 4 * len(self.keys) * len(self.dims)  # a scope view's rows with a vector, per space
         return total
 
     @property

@@ -112,20 +112,20 @@ def test_a_large_shard_ranks_exactly_as_the_server(pg_dsn: str, monkeypatch) -> 
     from slipstream.index import scope_view, shard_cache
 
     pruned, kept = [], []
-    real_pruned, real_survivors = scope_view._pruned, shard_cache.scored_survivors
+    real_pruned, real_first_pass = scope_view._pruned, shard_cache.first_pass
 
     def spy_pruned(*args):
         found = real_pruned(*args)
         pruned.append(found is not None)
         return found
 
-    def spy_survivors(bounds, rows, depth, exact, floor=0.0):
-        out = real_survivors(bounds, rows, depth, exact, floor)
-        kept.append((out[0].size, rows.size))
+    def spy_first_pass(codes, query, rows, depth, exact, floor=0.0):
+        out = real_first_pass(codes, query, rows, depth, exact, floor)
+        kept.append((out[0].size, codes.n if rows is None else rows.size))
         return out
 
     monkeypatch.setattr(scope_view, "_pruned", spy_pruned)
-    monkeypatch.setattr(shard_cache, "scored_survivors", spy_survivors)
+    monkeypatch.setattr(shard_cache, "first_pass", spy_first_pass)
     rng = np.random.default_rng(11)
     embedder = HashingEmbedder(DIM)
     docs = _corpus(rng, SHARD_ROWS, 0, "p1")

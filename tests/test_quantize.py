@@ -3,7 +3,9 @@
 Random and adversarial vectors (near-ties, exact duplicates, components half-way
 between two codes, huge and subnormal magnitudes, zero rows, sparse queries): every
 row's bound is at least the cosine the exact path computes, and ranking only the
-survivors gives the exact ranking of all rows, bit for bit.
+survivors gives the exact ranking of all rows, bit for bit. The same for
+`first_pass`, whose threshold on ``fl(fl(a)·D)`` must stay below every bound it
+leaves uncomputed (`CodeColumns.spread`), over every slot and over subsets.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from slipstream.index.quantize import (
     CodeColumns,
+    QueryUnit,
+    bounded_top,
+    first_pass,
     quantize,
     scored_survivors,
     survivors,
     top_by_bound,
 )
-from slipstream.index.ranking import exact_cosine, row_sq_norms, semantic_rank
+from slipstream.index.ranking import cosine_of_rows, exact_cosine, row_sq_norms, semantic_rank
 
 DIMS = st.sampled_from([1, 3, 8, 33, 64, 384])
 
@@ -192,3 +197,96 @@ def test_cached_row_norms_give_the_cosine_bit_for_bit(seed, dim, n, rows_kind) -
     assert np.array_equal(codes.sq[pick], row_sq_norms(rows[pick]))
     assert np.array_equal(exact_cosine(rows[pick], q, codes.sq[pick]), exact_cosine(rows[pick], q))
     assert np.array_equal(exact_cosine(rows, q)[pick], exact_cosine(rows[pick], q))
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dim=DIMS, n=st.integers(1, 4000), rows_kind=row_kinds,
+       q_kind=queries_kinds, depth=st.sampled_from([1, 2, 5, 50]), chunks=st.integers(1, 3),
+       subset=st.sampled_from([None, 0.9, 0.3, 0.02]), floor=st.sampled_from([None, 0.3]))
+def test_first_pass_on_float32_products_keeps_the_exact_top_depth(seed, dim, n, rows_kind, q_kind, depth, chunks, subset,
+                                              floor) -> None:
+    """Ranking the rows `first_pass` returns, with the cosines it returns, gives the ranking
+    of every row (of the subset), bit for bit; each returned cosine is the exact one."""
+    rng = np.random.default_rng(seed)
+    q = _query(rng, q_kind if q_kind != "row" else "dense", dim, None)
+    rows = _adversarial(rng, rows_kind, n, dim, q)
+    if q_kind == "row":
+        q = _query(rng, "row", dim, rows)
+    codes = CodeColumns(dim)
+    for part in np.array_split(rows, chunks):
+        codes.extend(part)
+    picked = None if subset is None else np.flatnonzero(rng.random(n) < subset)
+    ranked = np.arange(n) if picked is None else picked
+    exact = cosine_of_rows(rows, q, codes.sq)
+    got, scores = first_pass(codes, q, picked, depth, exact, 0.0 if floor is None else floor)
+    assert np.unique(got).size == got.size and np.all(np.isin(got, ranked))
+    assert np.array_equal(scores, exact_cosine(rows[got], q))
+    keys = [("t", f"{i:05d}", "leaf") for i in range(n)]
+    want = semantic_rank([keys[i] for i in ranked], rows[ranked], q, depth=depth, min_score=floor)
+    assert semantic_rank([keys[i] for i in got], rows[got], q, depth=depth, min_score=floor,
+                         scores=scores) == want
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dim=DIMS, n=st.integers(1, 2000), rows_kind=row_kinds,
+       q_kind=queries_kinds)
+def test_every_bound_lies_within_the_spread_of_its_float32_product(seed, dim, n, rows_kind, q_kind) -> None:
+    """What `first_pass` leaves out unbounded: ``ub ≤ fl(fl(a)·D) + spread`` for every row."""
+    rng = np.random.default_rng(seed)
+    q = _query(rng, q_kind if q_kind != "row" else "dense", dim, None)
+    rows = _adversarial(rng, rows_kind, n, dim, q)
+    if q_kind == "row":
+        q = _query(rng, "row", dim, rows)
+    codes = CodeColumns(dim)
+    codes.extend(rows)
+    unit = QueryUnit.of(q)
+    dots = codes.dots(unit.u32)
+    s = codes.a32[:n] * dots
+    bounds = codes.bounds_of(unit, dots, slice(0, n))
+    assert np.array_equal(bounds, codes.upper_bounds(q))
+    assert np.all(bounds <= s.astype(np.float64) + codes.spread(unit))
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 30_000), depth=st.sampled_from([1, 5, 50]),
+       shape=st.sampled_from(["spread", "flat", "few_high", "ties", "zeros"]))
+def test_bounded_top_holds_every_value_at_its_threshold(seed, n, depth, shape) -> None:
+    rng = np.random.default_rng(seed)
+    values = (rng.random(n) ** 8).astype(np.float32)
+    if shape == "flat":
+        values[:] = 0.25
+    elif shape == "few_high":
+        values[rng.integers(0, n, 3)] = 2.0
+    elif shape == "ties":
+        values = np.round(values * 4) / np.float32(4)
+    elif shape == "zeros":
+        values[rng.random(n) < 0.995] = 0.0
+    depth = min(depth, n)
+    above, threshold = bounded_top(values, depth)
+    assert above.size >= depth
+    assert np.array_equal(above, np.flatnonzero(values >= threshold))
+    assert threshold <= np.sort(values)[n - depth]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dim=DIMS, n=st.integers(1, 500), rows_kind=row_kinds)
+def test_cosine_of_rows_is_exact_cosine_bit_for_bit(seed, dim, n, rows_kind) -> None:
+    rng = np.random.default_rng(seed)
+    q = _query(rng, "dense", dim, None)
+    rows = _adversarial(rng, rows_kind, n, dim, q)
+    sq = row_sq_norms(rows)
+    pick = rng.permutation(n)[: int(rng.integers(0, n + 1))]
+    assert np.array_equal(cosine_of_rows(rows, q, sq)(pick), exact_cosine(rows[pick], q, sq[pick]))
+
+
+def test_first_pass_reads_the_float32_rows_of_few_candidates() -> None:
+    """Not a safety property: the first pass must compute few exact cosines, or it is no faster."""
+    rng = np.random.default_rng(7)
+    rows = rng.standard_normal((20_000, 384)).astype(np.float32)
+    q = rng.standard_normal(384).astype(np.float32)
+    codes = CodeColumns(384)
+    codes.extend(rows)
+    read: list[int] = []
+    exact = cosine_of_rows(rows, q, codes.sq)
+    got, _ = first_pass(codes, q, None, 50, lambda r: (read.append(r.size), exact(r))[1])
+    assert 50 <= got.size == sum(read) < 1000
