@@ -54,8 +54,9 @@ past the cap of their group.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 
@@ -323,6 +324,123 @@ def fuse_and_collapse(
         if key in sem:
             f.semantic_rank, f.semantic_score = sem[key]
         out.append((f, tuple(sorted(set(kinds[(key[0], key[1])]))) if collapse else (key[2],)))
+        if len(out) >= k:
+            break
+    return out
+
+
+# -- the same ranking and fusion over integer row ids ----------------------------------------
+#
+# A device holds its rows in numbered slots. Ranking and fusing slot numbers, with a
+# row's key looked up only to break a tie, gives the rows, order and floats that the
+# functions above give for the rows' keys; only the rows returned become objects.
+
+
+def rank_ids(ids: np.ndarray, scores: np.ndarray, depth: int,
+             key_of: Callable[[int], DocKey]) -> tuple[list[int], list[float]]:
+    """The first `depth` of `ids` by (score descending, key ascending), and their scores.
+
+    As ``sorted(zip(keys, scores), key=lambda kv: (-kv[1], kv[0]))[:depth]`` ranks the
+    ids' keys; the ids must name distinct keys. Keys are read only within runs of
+    equal scores."""
+    n = ids.size
+    if n > depth:
+        kth = np.partition(scores, n - depth)[n - depth]
+        keep = np.flatnonzero(scores >= kth)
+        ids, scores = ids[keep], scores[keep]
+    order = np.argsort(-scores, kind="stable")
+    ranked, values = scores[order], ids[order].tolist()
+    tied = np.flatnonzero(ranked[1:] == ranked[:-1]).tolist()
+    ranked_list = ranked.tolist()
+    i = 0
+    while i < len(tied) and tied[i] < depth:
+        start = end = tied[i]
+        while i < len(tied) and tied[i] == end:  # tied[i] == p: positions p and p + 1 tie
+            end += 1
+            i += 1
+        values[start:end + 1] = sorted(values[start:end + 1], key=key_of)
+    return values[:depth], ranked_list[:depth]
+
+
+_RRF_TERMS: dict[tuple[float, int], list[float]] = {}
+
+
+def _rrf_terms(weight: float, n: int) -> list[float]:
+    """``weight / (RRF_K + rank)`` for ranks 1..n, as `fuse` computes each."""
+    found = _RRF_TERMS.get((weight, n))
+    if found is None:
+        found = _RRF_TERMS[(weight, n)] = [weight / (RRF_K + rank) for rank in range(1, n + 1)]
+    return found
+
+
+def fuse_ids(lexical: Sequence[int], semantic: Sequence[int], *, mode: str) -> dict[int, float]:
+    """Weighted RRF over two channels given as ranked ids: id -> fused score, summed as
+    `fuse` sums it (from 0.0, the lexical term, then the semantic one)."""
+    w_lex, w_sem = check_mode(mode)
+    fused = dict(zip(lexical, _rrf_terms(w_lex, len(lexical))))
+    for row, term in zip(semantic, _rrf_terms(w_sem, len(semantic))):
+        fused[row] = fused[row] + term if row in fused else term
+    return fused
+
+
+def order_ids(fused: Mapping[int, float], key_of: Callable[[int], DocKey]) -> Iterator[int]:
+    """The ids by (fused score descending, key ascending); a run of equal scores is sorted
+    by key only when the walk reaches it."""
+    ranked = sorted(fused.items(), key=itemgetter(1), reverse=True)  # stable: ties keep order
+    n, i = len(ranked), 0
+    while i < n:
+        score, j = ranked[i][1], i + 1
+        while j < n and ranked[j][1] == score:
+            j += 1
+        if j == i + 1:
+            yield ranked[i][0]
+        else:
+            yield from sorted((row for row, _ in ranked[i:j]), key=key_of)
+        i = j
+
+
+def fuse_ids_and_collapse(
+    lexical: tuple[Sequence[int], Sequence[float]], semantic: tuple[Sequence[int], Sequence[float]], *,
+    mode: str, key_of: Callable[[int], DocKey], collapse: bool,
+    group_of: Callable[[DocKey], object] | None, cap: int | None, k: int, one_kind: bool = False,
+) -> list[tuple[int, Fused, tuple[str, ...]]]:
+    """`fuse_and_collapse` over ranked ids (each channel: ids, scores; at most `depth`):
+    (id, row, matched_node_kinds) for the rows returned, the same rows, floats and kinds.
+
+    `one_kind` tells that every row has the same node kind, so an object has one row and
+    collapse leaves every row, with its own kind."""
+    fused = fuse_ids(lexical[0], semantic[0], mode=mode)
+    kinds: dict[tuple[str, str], list[str]] = {}
+    if collapse and not one_kind:
+        for row in fused:
+            key = key_of(row)
+            kinds.setdefault((key[0], key[1]), []).append(key[2])
+    lex_rank = {row: rank for rank, row in enumerate(lexical[0], start=1)}
+    sem_rank = {row: rank for rank, row in enumerate(semantic[0], start=1)}
+    out: list[tuple[int, Fused, tuple[str, ...]]] = []
+    seen: set[tuple[str, str]] = set()
+    per_group: dict[object, int] = {}
+    for row in order_ids(fused, key_of):
+        key = key_of(row)
+        if collapse and not one_kind:
+            obj = (key[0], key[1])
+            if obj in seen:
+                continue
+            seen.add(obj)
+        if group_of is not None and cap is not None:
+            group = group_of(key)
+            if per_group.get(group, 0) >= cap:
+                continue
+            per_group[group] = per_group.get(group, 0) + 1
+        f = Fused(key, fused[row])
+        rank = lex_rank.get(row)
+        if rank is not None:
+            f.lexical_rank, f.lexical_score = rank, lexical[1][rank - 1]
+        rank = sem_rank.get(row)
+        if rank is not None:
+            f.semantic_rank, f.semantic_score = rank, semantic[1][rank - 1]
+        matched = tuple(sorted(set(kinds[(key[0], key[1])]))) if collapse and not one_kind else (key[2],)
+        out.append((row, f, matched))
         if len(out) >= k:
             break
     return out

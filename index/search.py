@@ -5,7 +5,9 @@ in one batch per space, sending only what is new: text whose hash the row alread
 stores keeps its vector, text the content-hash cache knows comes from there, and a
 row identical to its stored version is not written at all. A failed or wrong-shaped
 embedding leaves the row lexical-only and marks the space pending, with the error. Searching asks the backend for candidates and ranks them with
-`ranking`, so every backend returns the same ordered results for the same rows.
+`ranking`, so every backend returns the same ordered results for the same rows; a
+backend with `search_fused` (a device shard) does all of a query in one call, with
+the same ranking written over row numbers.
 """
 
 from __future__ import annotations
@@ -273,6 +275,11 @@ class SearchIndex:
         depth = channel_depth(k)
         terms = query_terms(query)
         qvec = self._query_vector(space, query, query_vector)
+        fused = getattr(self.backend, "search_fused", None)
+        if fused is not None and diversity_key in (None, "object_type", "node_kind"):
+            group_of = None if diversity_key is None else ranking.group_lookup({}, diversity_key)
+            return fused(terms, space, qvec, scope, filters, depth, mode=mode, min_score=min_semantic_score,
+                         collapse=collapse, group_of=group_of, cap=diversity_cap, k=k)
         found = self.backend.retrieve(terms, space, qvec, scope, filters, depth)
         stats, lexical, approximate = found.stats, found.lexical, found.approximate
         semantic: list[tuple[Any, float]] = []

@@ -225,6 +225,10 @@ class ShardCache:
 
     # -- queries --------------------------------------------------------------------------
 
+    def one_node_kind(self) -> bool:
+        """Whether every row the cache ever held has the same node kind."""
+        return len(self._codes["node_kind"]) <= 1
+
     def label_mask(self, name: str, values: Sequence[str]) -> np.ndarray:
         """Slots whose `name` (partition, object_type or node_kind) is one of `values`."""
         codes = [self._codes[name][v] for v in values if v in self._codes[name]]

@@ -16,8 +16,10 @@ The file is the shard interchange format, version 1 (documented in docs/shard-fo
 
 Queries run on `ShardCache`: postings and one float32 matrix per space in memory,
 kept in step with this backend's own writes and reloaded when another connection
-changed the shard. BM25 is vectorised over the postings; a semantic query is one
-matrix-vector product.
+changed the shard. BM25 is vectorised over the postings; the semantic channel reads
+int8 codes first and the float32 rows of the few candidates (`quantize`).
+`search_fused` answers a whole query over slot numbers, building objects only for
+the rows it returns.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,9 +37,9 @@ import numpy as np
 
 from .analysis import ANALYZER
 from .backend import Filters, PreparedDoc, Retrieved, Scope, check_vector
-from .doc import DocKey, check_identifier
+from .doc import DocKey, SearchResult, SearchResults, check_identifier
 from .errors import ConfigurationError
-from .ranking import LexicalCandidate, ScopeStats, parse_tf
+from .ranking import LexicalCandidate, ScopeStats, fuse_ids_and_collapse, parse_tf, rank_ids
 from .scope_view import ScopeView
 from .shard_cache import CachedRow, ShardCache
 
@@ -454,6 +456,47 @@ class SQLiteBackend:
         keys, vectors, scores, slots = cache.semantic_top(view, selected, space, query, depth)
         self._ranked_slots.append(slots)
         return keys, vectors, scores
+
+    def search_fused(self, terms: Sequence[str], space: str | None, query: np.ndarray | None,
+                     scope: Scope, filters: Filters, depth: int, *, mode: str, min_score: float | None,
+                     collapse: bool, group_of: Callable[[DocKey], object] | None, cap: int | None,
+                     k: int) -> SearchResults:
+        """`retrieve`, the channels' ranking, fusion, collapse and the result rows in one pass
+        over slot numbers: the same results as `SearchIndex.search` assembles from
+        `retrieve` and `fetch`, and only the rows returned become objects."""
+        cache = self.cache()
+        view, selected = self._selection(cache, scope, filters)
+        key_of = cache.keys.__getitem__
+        lexical: tuple[list[int], list[float]] = ([], [])
+        semantic: tuple[list[int], list[float]] = ([], [])
+        if terms:
+            slots, scores = view.top_rows(terms, selected, depth)
+            lexical = rank_ids(slots, scores, depth, key_of)
+        if query is not None and space is not None:
+            slots, cosines = cache.semantic_ids(view, selected, space, query, depth)
+            hit = (cosines > 0.0) & (cosines >= (0.0 if min_score is None else min_score))
+            semantic = rank_ids(slots[hit], cosines[hit], depth, key_of)
+        self._ranked_slots = [lexical[0], semantic[0]]
+        self._recent_from, self._recent = (cache, self._ranked_slots), None
+        chosen = fuse_ids_and_collapse(lexical, semantic, mode=mode, key_of=key_of, collapse=collapse,
+                                       group_of=group_of, cap=cap, k=k, one_kind=cache.one_node_kind())
+        doc_ids, shown_by_id = cache.doc_ids.data, cache.shown
+        results = []
+        for slot, f, kinds in chosen:
+            shown = shown_by_id.get(int(doc_ids[slot]))
+            if shown is None:  # a row the cache was given without what it shows: read it
+                row = self.fetch([f.key]).get(f.key)
+                if row is None:
+                    continue
+                partition, title, payload, attrs = row["partition"], row["title"], row["payload"], row["attrs"]
+            else:
+                partition, title = shown[0], shown[1]
+                payload, attrs = json.loads(shown[2]), json.loads(shown[3])
+            key = f.key
+            results.append(SearchResult(key[0], key[1], key[2], partition, title, payload, attrs, f.score,
+                                        f.match_type, f.lexical_rank, f.semantic_rank, f.lexical_score,
+                                        f.semantic_score, kinds))
+        return SearchResults(results, approximate=False, scope_size=view.stats.n_docs)
 
     def fetch(self, keys: Sequence[DocKey]) -> dict[DocKey, dict[str, Any]]:
         out: dict[DocKey, dict[str, Any]] = {}
