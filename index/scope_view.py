@@ -8,8 +8,8 @@ the shard changes; a query then only adds them up, term by term in sorted order,
 which gives the same float64 sums as the reference scorer.
 
 `top_rows` returns a superset of the rows that rank in the top `depth` without
-touching every row of a common term (see `_pruned`): a floor from a few rows scored
-exactly, then only the rows of common terms whose summands can still reach it.
+touching every row of a term (see `_pruned`): a floor from each term's best rows
+scored exactly, then only the rows whose summands can still reach it.
 
 A view also keeps, per embedding space, which of its rows hold a vector.
 """
@@ -76,18 +76,38 @@ def rank_candidates(stats: ScopeStats, keys: Sequence, len_title: np.ndarray, le
 
 @dataclass(slots=True)
 class TermScores:
-    """One term's rows in a scope (ascending slots) and their BM25 summands."""
+    """One term's rows in a scope (ascending slots) and their BM25 summands.
+
+    Its highest summands are kept in order once asked for (a prefix of the rows by
+    summand, grown when a query needs more); a question that reaches past that prefix
+    is answered by one pass over the summands instead of sorting them all."""
 
     slots: np.ndarray
     contrib: np.ndarray
-    _desc: tuple[np.ndarray, np.ndarray] | None = None
+    _head: tuple[np.ndarray, np.ndarray] | None = None
 
-    def descending(self) -> tuple[np.ndarray, np.ndarray]:
-        """(positions by summand descending, the negated summands in that order)."""
-        if self._desc is None:
-            order = np.argsort(-self.contrib, kind="stable")
-            self._desc = (order, -self.contrib[order])
-        return self._desc
+    def head(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, negated summands) of the highest summands by summand descending: at
+        least `count` of them, or every one when the term has fewer."""
+        have = self._head
+        size = self.contrib.size
+        if have is None or (have[0].size < count and have[0].size < size):
+            want = max(count, 256 if have is None else 4 * have[0].size)
+            if want * 4 >= size:
+                order = np.argsort(-self.contrib, kind="stable")
+            else:
+                part = np.argpartition(-self.contrib, want - 1)[:want]
+                order = part[np.argsort(-self.contrib[part], kind="stable")]
+            have = self._head = (order, -self.contrib[order])
+        return have
+
+    def at_least(self, value: float) -> np.ndarray:
+        """Positions of the summands that are >= value (in no promised order)."""
+        order, neg = self.head(1)
+        count = int(np.searchsorted(neg, -value, side="right"))
+        if count < order.size or order.size == self.contrib.size:
+            return order[:count]
+        return np.flatnonzero(self.contrib >= value)
 
     def lookup(self, slots: np.ndarray) -> np.ndarray:
         """The summand of each of `slots` (ascending), 0.0 where the row lacks the term."""
@@ -105,6 +125,8 @@ class ScopeView:
         self.cache = cache
         self.mask = cache.scope_mask(partitions)
         self.stats: ScopeStats = cache.stats(self.mask)
+        self._every_slot = self.stats.n_docs == len(cache.keys)  # the mask is all True
+        self._norm: np.ndarray | None = None  # each slot's `length_norm`, once a term asks
         self._terms: OrderedDict[str, TermScores] = OrderedDict()
         self._held = 0
         self._vector_rows: dict[str, np.ndarray | None] = {}
@@ -124,13 +146,14 @@ class ScopeView:
             return found
         cache, stats = self.cache, self.stats
         slots, tf = cache.postings(term)
-        keep = self.mask[slots]
-        slots, tf = slots[keep], tf[keep]
+        if not self._every_slot:
+            keep = self.mask[slots]
+            slots, tf = slots[keep], tf[keep]
         df = slots.size
         if df:
-            lt, lb = cache.len_title.view, cache.len_body.view
-            contrib = summands(idf_of(stats.n_docs, df), tf[:, 0], tf[:, 1],
-                               length_norm(lt[slots], lb[slots], stats.avgdl))
+            if self._norm is None:  # elementwise: a row's value is the same computed alone
+                self._norm = length_norm(cache.len_title.view, cache.len_body.view, stats.avgdl)
+            contrib = summands(idf_of(stats.n_docs, df), tf[:, 0], tf[:, 1], self._norm[slots])
         else:
             contrib = np.zeros(0, np.float64)
         found = TermScores(slots, contrib)
@@ -156,11 +179,12 @@ class ScopeView:
             return np.zeros(0, np.int64), np.zeros(0, np.float64)
         if len(present) == 1 and selected is None:
             return _head(present[0], depth)
-        if selected is None:
-            found = _pruned(entries, present, depth, len(self.cache.keys))
+        n_slots = len(self.cache.keys)
+        if selected is None and sum(e.slots.size for e in present) * 8 > n_slots:
+            found = _pruned(entries, present, depth, n_slots)
             if found is not None:
                 return found
-        return _dense(entries, len(self.cache.keys))
+        return _dense(entries, n_slots)  # few postings: adding them all up is cheapest
 
 
 def _union(parts: list[np.ndarray], n_slots: int) -> np.ndarray:
@@ -181,6 +205,15 @@ def _union(parts: list[np.ndarray], n_slots: int) -> np.ndarray:
     return np.flatnonzero(mark)
 
 
+def _without(rows: np.ndarray, taken: np.ndarray) -> np.ndarray:
+    """`rows` not in `taken` (both ascending, unique)."""
+    if taken.size == 0 or rows.size == 0:
+        return rows
+    pos = np.searchsorted(taken, rows)
+    np.minimum(pos, taken.size - 1, out=pos)
+    return rows[taken[pos] != rows]
+
+
 def _subset(e: TermScores, selected: np.ndarray) -> TermScores:
     keep = selected[e.slots]
     return TermScores(e.slots[keep], e.contrib[keep])
@@ -191,9 +224,8 @@ def _head(e: TermScores, depth: int) -> tuple[np.ndarray, np.ndarray]:
     if e.slots.size <= depth:
         keep = e.contrib > 0.0
         return e.slots[keep], e.contrib[keep]
-    order, neg = e.descending()
-    count = int(np.searchsorted(neg, neg[depth - 1], side="right"))
-    pos = order[:count]
+    _, neg = e.head(depth)
+    pos = e.at_least(-float(neg[depth - 1]))
     pos = pos[e.contrib[pos] > 0.0]
     return e.slots[pos], e.contrib[pos]
 
@@ -210,53 +242,57 @@ def _pruned(entries: list[TermScores], present: list[TermScores], depth: int,
             n_slots: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Score only the rows that can reach the top `depth`; None when that would not pay.
 
-    Seeds: every row of the small terms, and the `depth` best rows of each large term.
+    Seeds: the `depth` best rows of every term (every row of a term with no more).
     Their `depth`-th best score is a floor for the final top `depth`. A row outside the
-    seeds holds large terms only; to score at least the floor, one of its (at most
-    ``m``) summands must reach ``floor / m``, so each large term adds its rows above
-    that, read off its rows sorted by summand.
+    seeds has, in each term, a summand no higher than that term's `depth`-th best
+    (``v``; 0 for a term whose rows are all seeds). So when the ``v`` sum below the
+    floor, the seeds hold the top `depth`. Otherwise such a row must reach, in some
+    term, the floor minus the other terms' ``v`` (when that is positive), or
+    ``floor / m`` in one of its (at most ``m``) terms; the smaller of the sets these
+    rules name, read off the terms' rows by summand, is scored with the seeds.
     """
     largest = max(e.slots.size for e in present)
-    small_limit = max(4 * depth, largest // 16)
-    large = [e for e in present if e.slots.size > small_limit]
-    parts = [e.slots for e in present if e.slots.size <= small_limit]
-    for e in large:
-        order, _ = e.descending()
-        parts.append(e.slots[order[:depth]])
+    parts, caps = [], []
+    for e in present:
+        if e.slots.size <= depth:
+            parts.append(e.slots)
+            caps.append(0.0)
+        else:
+            order, neg = e.head(depth)
+            parts.append(e.slots[order[:depth]])
+            caps.append(-float(neg[depth - 1]))
     seeds = _union(parts, n_slots)
     scores = _sum(entries, seeds)
-    if not large:  # the seeds are every row holding a term
+    total = sum(caps)
+    if total == 0.0:  # the seeds are every row holding a term
         keep = scores > 0.0
         return seeds[keep], scores[keep]
     positive = scores[scores > 0.0]
     if positive.size < depth:
         return None
     floor = float(np.partition(positive, positive.size - depth)[positive.size - depth])
-    # Either bound leaves out only rows scoring below the floor; take the one that reads less.
-    # A row must reach floor/m in one of its m large terms; and in every large term t,
-    # floor minus the other terms' best summands (when that is positive).
-    reach = floor / len(large) * (1.0 - 1e-12)  # the margins cover rounding in the sums
-    extra = [e.slots[e.descending()[0][:_count_at_least(e, reach)]] for e in large]
-    best_max = [float(e.contrib.max()) for e in large]
-    for e, m in zip(large, best_max):
-        others = sum(best_max) - m
+    if total * (1.0 + 1e-9) < floor:  # the margins cover rounding in the sums
+        keep = scores > 0.0
+        return seeds[keep], scores[keep]
+    open_terms = [(e, cap) for e, cap in zip(present, caps) if cap > 0.0]
+    reach = floor / len(open_terms) * (1.0 - 1e-12)
+    extra = [e.slots[e.at_least(reach)] for e, _ in open_terms]
+    for e, cap in open_terms:
+        others = total - cap
         need = floor - others - 1e-9 * (floor + others)
         if need > 0:
-            count = _count_at_least(e, need)
-            if count < sum(x.size for x in extra):
-                extra = [e.slots[e.descending()[0][:count]]]
-    slots = _union([seeds, *extra], n_slots)
-    if slots.size * 4 > largest:
+            rows = e.at_least(need)
+            if rows.size < sum(x.size for x in extra):
+                extra = [e.slots[rows]]
+    if (seeds.size + sum(x.size for x in extra)) * 4 > largest * len(extra):
+        return None  # rows the sets share count once per set here: bail out before the union
+    added = _without(_union(extra, n_slots), seeds)
+    if (seeds.size + added.size) * 4 > largest:
         return None
-    scores = _sum(entries, slots)
+    if added.size:
+        seeds, scores = np.concatenate([seeds, added]), np.concatenate([scores, _sum(entries, added)])
     keep = scores > 0.0
-    return slots[keep], scores[keep]
-
-
-def _count_at_least(e: TermScores, value: float) -> int:
-    """How many of the term's summands are >= value (a prefix of its descending order)."""
-    _, neg = e.descending()
-    return int(np.searchsorted(neg, -value, side="right"))
+    return seeds[keep], scores[keep]
 
 
 def _dense(entries: list[TermScores], n_slots: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -361,7 +361,8 @@ class ShardCache:
         total += sys.getsizeof(self.term_ids) + sum(sys.getsizeof(t) for t in self.term_ids)
         total += sys.getsizeof(self.base_range) + 64 * len(self.base_range)
         total += 32 * (self.base_slots.size + self.delta_size)
-        total += 4 * len(self.keys) * len(self.dims)  # a scope view's rows with a vector, per space
+        # A scope view's per-row length norms, and its rows with a vector per space.
+        total += 8 * len(self.keys) + 4 * len(self.keys) * len(self.dims)
         return total
 
     @property
