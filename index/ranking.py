@@ -375,11 +375,14 @@ def _rrf_terms(weight: float, n: int) -> list[float]:
 
 def fuse_ids(lexical: Sequence[int], semantic: Sequence[int], *, mode: str) -> dict[int, float]:
     """Weighted RRF over two channels given as ranked ids: id -> fused score, summed as
-    `fuse` sums it (from 0.0, the lexical term, then the semantic one)."""
+    `fuse` sums it (from 0.0, the lexical term, then the semantic one; 0.0 + x is x).
+    The order of the ids is not the ranking: see `order_ids`."""
     w_lex, w_sem = check_mode(mode)
-    fused = dict(zip(lexical, _rrf_terms(w_lex, len(lexical))))
-    for row, term in zip(semantic, _rrf_terms(w_sem, len(semantic))):
-        fused[row] = fused[row] + term if row in fused else term
+    at_lex = dict(zip(lexical, _rrf_terms(w_lex, len(lexical))))
+    at_sem = dict(zip(semantic, _rrf_terms(w_sem, len(semantic))))
+    fused = {**at_sem, **at_lex}
+    for row in at_lex.keys() & at_sem.keys():
+        fused[row] = at_lex[row] + at_sem[row]
     return fused
 
 
@@ -415,8 +418,8 @@ def fuse_ids_and_collapse(
         for row in fused:
             key = key_of(row)
             kinds.setdefault((key[0], key[1]), []).append(key[2])
-    lex_rank = {row: rank for rank, row in enumerate(lexical[0], start=1)}
-    sem_rank = {row: rank for rank, row in enumerate(semantic[0], start=1)}
+    lex_rank = dict(zip(lexical[0], range(1, len(lexical[0]) + 1)))
+    sem_rank = dict(zip(semantic[0], range(1, len(semantic[0]) + 1)))
     out: list[tuple[int, Fused, tuple[str, ...]]] = []
     seen: set[tuple[str, str]] = set()
     per_group: dict[object, int] = {}

@@ -491,7 +491,7 @@ class SQLiteBackend:
                 partition, title, payload, attrs = row["partition"], row["title"], row["payload"], row["attrs"]
             else:
                 partition, title = shown[0], shown[1]
-                payload, attrs = json.loads(shown[2]), json.loads(shown[3])
+                payload, attrs = json.loads(f"[{shown[2]},{shown[3]}]")  # two JSON texts, one parse
             key = f.key
             results.append(SearchResult(key[0], key[1], key[2], partition, title, payload, attrs, f.score,
                                         f.match_type, f.lexical_rank, f.semantic_rank, f.lexical_score,
