@@ -3,6 +3,8 @@
     python bench/bench_index.py                      # defaults below
     python bench/bench_index.py --device-rows 10000 --server-rows 200000 --milestones 100000
     python bench/bench_index.py --skip-server --skip-growth          # the device only
+    python bench/bench_index.py --skip-server --skip-growth --device-rows 10000,50000 \
+        --device-baseline ../main --device-rounds 5      # the device against another checkout
 
 Prints tables. Device: p50/p95 and CPU per shard size, memory per 10k rows. Server:
 a 1,000-row partition's scoped query at each total size (flat against total rows),
@@ -12,11 +14,19 @@ CLUSTER with --cluster), the cache's memory, the load rate; and p50/p95 against 
 in scope (1k, 5k, 20k exact, 50k HNSW). The server parts start an embedded Postgres
 unless --dsn is given, and stop it. Each query phase stops after --phase-limit seconds.
 Embedding uses HashingEmbedder(384) on the device; vectors are computed outside the timings.
+
+With --device-baseline DIR, each device shard is also searched by the `index` package of
+the checkout DIR, imported beside this one: --device-rounds rounds, the two sides in
+alternating order on the same shard file, each side opened afresh every round and run as
+above (load, 20 queries to warm, the timed queries); every result of the two sides is
+compared (keys, ranks, scores, what the rows show), and the table gives each side's p50
+and p95 (median over rounds) and their ratio, with the load average at both ends.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import signal
@@ -54,15 +64,21 @@ def write_batches(index: SearchIndex, docs, vectors, batch: int) -> float:
     return len(docs) / (time.perf_counter() - t0)
 
 
-def time_queries(index: SearchIndex, queries: list[str], **kw) -> tuple[list[float], list[float]]:
+def time_queries(index: SearchIndex, queries: list[str], *, deadline: float | None = None,
+                 results: list | None = None, **kw) -> tuple[list[float], list[float]]:
     """(wall ms, CPU ms of this thread) per query: on a shared machine the gap is time
-    spent waiting for a core."""
+    spent waiting for a core. Stops after `deadline` (a perf_counter time), if given;
+    appends each query's results to `results`, if given."""
     wall, cpu = [], []
     for q in queries:
         t0, c0 = time.perf_counter(), time.thread_time()
-        index.search(q, k=10, **kw)
+        found = index.search(q, k=10, **kw)
         cpu.append((time.thread_time() - c0) * 1000)
         wall.append((time.perf_counter() - t0) * 1000)
+        if results is not None:
+            results.append(found)
+        if deadline is not None and t0 > deadline:
+            break
     return wall, cpu
 
 
@@ -71,7 +87,56 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def bench_device(rows: int, n_queries: int, table: list[tuple], growth: list[tuple]) -> None:
+def load_index_package(checkout: str, name: str = "baseline_index"):
+    """The `index` package (`slipstream.index`) of another checkout, imported as `name`
+    beside this one (its imports are relative, so it runs on its own modules)."""
+    root = os.path.join(os.path.abspath(checkout), "index")
+    if not os.path.isfile(os.path.join(root, "__init__.py")):
+        raise SystemExit(f"--device-baseline: no index package at {root}")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def shown(results) -> list[tuple]:
+    """Everything a result shows, as plain values (the two sides' classes differ)."""
+    return [(r.key, r.partition, r.title, r.payload, r.attrs, r.score, r.match_type, r.lexical_rank,
+             r.semantic_rank, r.lexical_score, r.semantic_score, r.matched_node_kinds) for r in results]
+
+
+def device_ab(path: str, queries: list[str], baseline, rounds: int, limit_s: float) -> dict:
+    """This code and `baseline` (an index package) on the shard at `path`, alternately."""
+    import slipstream.index as this
+
+    sides = {"baseline": baseline, "this": this}
+    wall: dict[str, list[list[float]]] = {"baseline": [], "this": []}
+    same = compared = 0
+    load_start = os.getloadavg()
+    t_end = time.perf_counter() + limit_s
+    for r in range(rounds):
+        found: dict[str, list] = {}
+        for side in (("baseline", "this") if r % 2 == 0 else ("this", "baseline")):
+            pkg = sides[side]
+            index = pkg.SearchIndex(pkg.SQLiteBackend(path, spaces={"local": DIM}), pkg.HashingEmbedder(DIM))
+            index.search("warm up", k=10)
+            time_queries(index, queries[:20])
+            found[side] = []
+            samples, _ = time_queries(index, queries, deadline=t_end, results=found[side])
+            wall[side].append(samples)
+            index.backend.close()
+        for a, b in zip(found["baseline"], found["this"]):
+            compared += 1
+            same += shown(a) == shown(b)
+        if time.perf_counter() > t_end:
+            break
+    return {"wall": wall, "same": same, "compared": compared, "load": (load_start, os.getloadavg())}
+
+
+def bench_device(rows: int, n_queries: int, table: list[tuple], growth: list[tuple],
+                 baseline=None, rounds: int = 5, limit_s: float = 120.0, ab: list | None = None) -> None:
     corpus = Corpus(seed=rows)
     embedder = HashingEmbedder(DIM)
     docs = corpus.docs(rows, ["user-1"])
@@ -91,8 +156,10 @@ def bench_device(rows: int, n_queries: int, table: list[tuple], growth: list[tup
         arrays = index.backend.cache().nbytes
         queries = corpus.queries(n_queries)
         time_queries(index, queries[:20])
-        wall, cpu = time_queries(index, queries)
+        wall, cpu = time_queries(index, queries, deadline=time.perf_counter() + limit_s)
         index.backend.close()
+        if baseline is not None and ab is not None:
+            ab.append((rows, device_ab(path, queries, baseline, rounds, limit_s)))
     table.append((f"Device query, SQLite shard {rows:,} rows, {DIM}-d (CPU p50 {pct(cpu, 50):.2f} ms)",
                   f"p50 {pct(wall, 50):.2f} ms", f"p95 {pct(wall, 95):.2f} ms"))
     growth.append(("device", rows, pct(wall, 50), pct(wall, 95), pct(cpu, 50),
@@ -399,12 +466,19 @@ def main() -> None:
     ap.add_argument("--shared-buffers", default="6GB", help="for the embedded server (default 6GB)")
     ap.add_argument("--cache-mb", type=int, default=512,
                     help="the server's scope cache budget in MiB (0: measure without it)")
+    ap.add_argument("--device-baseline", metavar="DIR", default=None,
+                    help="also run the device queries with the index package of the checkout DIR")
+    ap.add_argument("--device-rounds", type=int, default=5,
+                    help="rounds of the device comparison, sides alternating (default 5)")
     args = ap.parse_args()
     table: list[tuple] = []
     growth: list[tuple] = []
     flat: list[tuple] = []
+    ab: list[tuple] = []
+    baseline = load_index_package(args.device_baseline) if args.device_baseline else None
     for rows in (int(r) for r in args.device_rows.split(",") if r):
-        bench_device(rows, args.queries, table, growth)
+        bench_device(rows, args.queries, table, growth, baseline, max(1, args.device_rounds),
+                     args.phase_limit, ab)
     if not args.skip_growth:
         bench_growth(args.queries, args.dsn, growth, args.shared_buffers, args.phase_limit, args.cache_mb)
     if not args.skip_server:
@@ -425,6 +499,20 @@ def main() -> None:
               "\n|---|---|---|---|---|---|")
         for what, rows, parts, p50, p95, note in flat:
             print(f"| {what} | {rows:,} | {parts:,} | {p50:.2f} | {p95:.2f} | {note} |")
+    if ab:
+        print(f"\n| device, this code against {args.device_baseline} | rounds | baseline p50 / p95 ms "
+              "| this p50 / p95 ms | p50 ratio (median of rounds) | identical results | load average |"
+              "\n|---|---|---|---|---|---|---|")
+        for rows, got in ab:
+            w = got["wall"]
+            p50 = {side: [pct(x, 50) for x in w[side]] for side in w}
+            p95 = {side: float(np.median([pct(x, 95) for x in w[side]])) for side in w}
+            ratio = float(np.median([t / b for t, b in zip(p50["this"], p50["baseline"])]))
+            start, end = got["load"]
+            print(f"| {rows:,} rows | {len(w['this'])} | {np.median(p50['baseline']):.2f} / "
+                  f"{p95['baseline']:.2f} | {np.median(p50['this']):.2f} / {p95['this']:.2f} | x{ratio:.2f} "
+                  f"(rounds: {' '.join(f'{t / b:.2f}' for t, b in zip(p50['this'], p50['baseline']))}) | "
+                  f"{got['same']}/{got['compared']} | {start[0]:.1f} -> {end[0]:.1f} |")
     if growth:
         print("\n| side | rows in scope | p50 ms | p95 ms | CPU p50 ms | notes |\n|---|---|---|---|---|---|")
         for side, rows, p50, p95, cpu, note in growth:
