@@ -171,7 +171,7 @@ class CodeColumns:
     def dots(self, query: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """float32 ``û·c`` for every slot (or for `rows`), reading only the columns `query` needs."""
         n = self.n
-        nz = np.flatnonzero(query)
+        nz = query.nonzero()[0]
         if nz.size == 0:
             return np.zeros(n if rows is None else rows.size, np.float32)
         sparse = nz.size * SPARSE_FRACTION <= self.dim
@@ -314,7 +314,7 @@ def bounded_top(values: np.ndarray, depth: int) -> tuple[np.ndarray, float]:
         for _ in range(3):
             kth = sample.size - from_top
             threshold = np.partition(sample, kth)[kth]
-            above = np.flatnonzero(values >= threshold)
+            above = (values >= threshold).nonzero()[0]
             if above.size < depth and from_top < sample.size:
                 from_top = min(sample.size, 4 * from_top)
             elif above.size > 16 * depth and from_top > 1:
@@ -324,7 +324,7 @@ def bounded_top(values: np.ndarray, depth: int) -> tuple[np.ndarray, float]:
             else:
                 break
     threshold = np.partition(values, n - depth)[n - depth]
-    return np.flatnonzero(values >= threshold), float(threshold)
+    return (values >= threshold).nonzero()[0], float(threshold)
 
 
 def _float32_at_most(value: float) -> np.float32:
@@ -357,17 +357,16 @@ def first_pass(codes: CodeColumns, query: np.ndarray, rows: np.ndarray | None, d
         dots = codes.dots(unit.u32, rows)
     s = (codes.a32[:count] if rows is None else codes.a32[rows]) * dots
     above, threshold = bounded_top(s, depth)
-    top = above
-    if above.size > depth:
-        top = above[np.argpartition(s[above], above.size - depth)[above.size - depth:]]
+    s_above = s[above]
+    split = s_above.argpartition(above.size - depth)  # the last `depth`: the rows of the cut
+    top, rest = above[split[above.size - depth:]], split[: above.size - depth]
     top_slots = top if rows is None else rows[top]
     top_scores = exact(top_slots)
     cut = max(float(top_scores.min()), floor)
     reach = _float32_at_most(cut - codes.spread(unit))
-    near = above[s[above] >= reach] if float(reach) >= threshold else np.flatnonzero(s >= reach)
-    in_top = np.zeros(count, bool)
-    in_top[top] = True
-    near = near[~in_top[near]]
+    near = above[rest[s_above[rest] >= reach]]
+    if float(reach) < threshold:  # rows below the threshold reach the cut too
+        near = np.concatenate([near, ((s >= reach) & (s < threshold)).nonzero()[0]])
     if near.size:
         near_slots = near if rows is None else rows[near]
         near_slots = near_slots[codes.bounds_of(unit, dots[near], near_slots) >= cut]

@@ -346,11 +346,11 @@ def rank_ids(ids: np.ndarray, scores: np.ndarray, depth: int,
     n = ids.size
     if n > depth:
         kth = np.partition(scores, n - depth)[n - depth]
-        keep = np.flatnonzero(scores >= kth)
+        keep = (scores >= kth).nonzero()[0]
         ids, scores = ids[keep], scores[keep]
-    order = np.argsort(-scores, kind="stable")
+    order = (-scores).argsort(kind="stable")
     ranked, values = scores[order], ids[order].tolist()
-    tied = np.flatnonzero(ranked[1:] == ranked[:-1]).tolist()
+    tied = (ranked[1:] == ranked[:-1]).nonzero()[0].tolist()
     ranked_list = ranked.tolist()
     i = 0
     while i < len(tied) and tied[i] < depth:

@@ -104,16 +104,16 @@ class TermScores:
     def at_least(self, value: float) -> np.ndarray:
         """Positions of the summands that are >= value (in no promised order)."""
         order, neg = self.head(1)
-        count = int(np.searchsorted(neg, -value, side="right"))
+        count = int(neg.searchsorted(-value, side="right"))
         if count < order.size or order.size == self.contrib.size:
             return order[:count]
-        return np.flatnonzero(self.contrib >= value)
+        return (self.contrib >= value).nonzero()[0]
 
     def lookup(self, slots: np.ndarray) -> np.ndarray:
         """The summand of each of `slots` (ascending), 0.0 where the row lacks the term."""
         if self.slots.size == 0:
             return np.zeros(slots.size, np.float64)
-        pos = np.searchsorted(self.slots, slots)
+        pos = self.slots.searchsorted(slots)
         pos[pos == self.slots.size] = 0
         return np.where(self.slots[pos] == slots, self.contrib[pos], 0.0)
 
@@ -202,14 +202,14 @@ def _union(parts: list[np.ndarray], n_slots: int) -> np.ndarray:
     mark = np.zeros(n_slots, bool)
     for p in parts:
         mark[p] = True
-    return np.flatnonzero(mark)
+    return mark.nonzero()[0]
 
 
 def _without(rows: np.ndarray, taken: np.ndarray) -> np.ndarray:
     """`rows` not in `taken` (both ascending, unique)."""
     if taken.size == 0 or rows.size == 0:
         return rows
-    pos = np.searchsorted(taken, rows)
+    pos = taken.searchsorted(rows)
     np.minimum(pos, taken.size - 1, out=pos)
     return rows[taken[pos] != rows]
 
@@ -232,8 +232,8 @@ def _head(e: TermScores, depth: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _sum(entries: list[TermScores], slots: np.ndarray) -> np.ndarray:
     """The BM25 score of `slots` (ascending): summands added in term order, as the reference does."""
-    scores = np.zeros(slots.size, np.float64)
-    for e in entries:
+    scores = entries[0].lookup(slots)  # 0.0 + x is x: the reference's sum from 0.0
+    for e in entries[1:]:
         scores += e.lookup(slots)
     return scores
 
