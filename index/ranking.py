@@ -308,16 +308,8 @@ def fuse_and_collapse(
     seen: set[tuple[str, str]] = set()
     per_group: dict[object, int] = {}
     for neg, key in order:
-        if collapse:
-            obj = (key[0], key[1])
-            if obj in seen:
-                continue
-            seen.add(obj)
-        if group_of is not None and cap is not None:
-            group = group_of(key)
-            if per_group.get(group, 0) >= cap:
-                continue
-            per_group[group] = per_group.get(group, 0) + 1
+        if not _admit(key, collapse, seen, group_of, cap, per_group):
+            continue
         f = Fused(key, -neg)
         if key in lex:
             f.lexical_rank, f.lexical_score = lex[key]
@@ -327,6 +319,23 @@ def fuse_and_collapse(
         if len(out) >= k:
             break
     return out
+
+
+def _admit(key: DocKey, collapse: bool, seen: set[tuple[str, str]], group_of, cap: int | None,
+           per_group: dict[object, int]) -> bool:
+    """Whether the next row in fused order is returned: the first of its object when
+    collapsing (its object is then taken), and within its diversity group's cap."""
+    if collapse:
+        obj = (key[0], key[1])
+        if obj in seen:
+            return False
+        seen.add(obj)
+    if group_of is not None and cap is not None:
+        group = group_of(key)
+        if per_group.get(group, 0) >= cap:
+            return False
+        per_group[group] = per_group.get(group, 0) + 1
+    return True
 
 
 # -- the same ranking and fusion over integer row ids ----------------------------------------
@@ -425,16 +434,8 @@ def fuse_ids_and_collapse(
     per_group: dict[object, int] = {}
     for row in order_ids(fused, key_of):
         key = key_of(row)
-        if collapse and not one_kind:
-            obj = (key[0], key[1])
-            if obj in seen:
-                continue
-            seen.add(obj)
-        if group_of is not None and cap is not None:
-            group = group_of(key)
-            if per_group.get(group, 0) >= cap:
-                continue
-            per_group[group] = per_group.get(group, 0) + 1
+        if not _admit(key, collapse and not one_kind, seen, group_of, cap, per_group):
+            continue
         f = Fused(key, fused[row])
         rank = lex_rank.get(row)
         if rank is not None:

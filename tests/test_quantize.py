@@ -85,10 +85,7 @@ def _query(rng: np.random.Generator, kind: str, dim: int, rows: np.ndarray | Non
        q_kind=queries_kinds, depth=st.sampled_from([1, 2, 5, 50]), chunks=st.integers(1, 4))
 def test_first_pass_keeps_the_exact_top_depth(seed, dim, n, rows_kind, q_kind, depth, chunks) -> None:
     rng = np.random.default_rng(seed)
-    q = _query(rng, q_kind if q_kind != "row" else "dense", dim, None)
-    rows = _adversarial(rng, rows_kind, n, dim, q)
-    if q_kind == "row":
-        q = _query(rng, "row", dim, rows)
+    rows, q = _rows_and_query(rng, rows_kind, q_kind, n, dim)
     assert np.all(np.isfinite(rows))
     codes = CodeColumns(dim)
     for part in np.array_split(rows, chunks):  # grown in pieces, as a cache is
@@ -151,13 +148,28 @@ def test_scored_survivors_give_each_rows_exact_cosine(seed, n, rows_kind, q_kind
     assert got == want
 
 
+def _rows_and_query(rng, rows_kind: str, q_kind: str, n: int, dim: int):
+    """Rows of `rows_kind` made against a query of `q_kind` ("row": one of the rows)."""
+    q = _query(rng, q_kind if q_kind != "row" else "dense", dim, None)
+    rows = _adversarial(rng, rows_kind, n, dim, q)
+    if q_kind == "row":
+        q = _query(rng, "row", dim, rows)
+    return rows, q
+
+
+def _gaussian(n: int, dim: int = 384):
+    """`n` Gaussian rows, a Gaussian query and the rows' codes (seeded)."""
+    rng = np.random.default_rng(7)
+    rows = rng.standard_normal((n, dim)).astype(np.float32)
+    q = rng.standard_normal(dim).astype(np.float32)
+    codes = CodeColumns(dim)
+    codes.extend(rows)
+    return rows, q, codes
+
+
 def test_bounds_are_tight_enough_to_prune() -> None:
     """Not a safety property: the first pass must actually drop rows, or it is no faster."""
-    rng = np.random.default_rng(7)
-    rows = rng.standard_normal((5000, 384)).astype(np.float32)
-    q = rng.standard_normal(384).astype(np.float32)
-    codes = CodeColumns(384)
-    codes.extend(rows)
+    rows, q, codes = _gaussian(5000)
     kept = survivors(codes.upper_bounds(q), np.arange(5000), 50,
                      lambda r: exact_cosine(rows[r], q))
     assert 50 <= kept.size < 1000
@@ -208,10 +220,7 @@ def test_first_pass_on_float32_products_keeps_the_exact_top_depth(seed, dim, n, 
     """Ranking the rows `first_pass` returns, with the cosines it returns, gives the ranking
     of every row (of the subset), bit for bit; each returned cosine is the exact one."""
     rng = np.random.default_rng(seed)
-    q = _query(rng, q_kind if q_kind != "row" else "dense", dim, None)
-    rows = _adversarial(rng, rows_kind, n, dim, q)
-    if q_kind == "row":
-        q = _query(rng, "row", dim, rows)
+    rows, q = _rows_and_query(rng, rows_kind, q_kind, n, dim)
     codes = CodeColumns(dim)
     for part in np.array_split(rows, chunks):
         codes.extend(part)
@@ -233,10 +242,7 @@ def test_first_pass_on_float32_products_keeps_the_exact_top_depth(seed, dim, n, 
 def test_every_bound_lies_within_the_spread_of_its_float32_product(seed, dim, n, rows_kind, q_kind) -> None:
     """What `first_pass` leaves out unbounded: ``ub ≤ fl(fl(a)·D) + spread`` for every row."""
     rng = np.random.default_rng(seed)
-    q = _query(rng, q_kind if q_kind != "row" else "dense", dim, None)
-    rows = _adversarial(rng, rows_kind, n, dim, q)
-    if q_kind == "row":
-        q = _query(rng, "row", dim, rows)
+    rows, q = _rows_and_query(rng, rows_kind, q_kind, n, dim)
     codes = CodeColumns(dim)
     codes.extend(rows)
     unit = QueryUnit.of(q)
@@ -281,11 +287,7 @@ def test_cosine_of_rows_is_exact_cosine_bit_for_bit(seed, dim, n, rows_kind) -> 
 
 def test_first_pass_reads_the_float32_rows_of_few_candidates() -> None:
     """Not a safety property: the first pass must compute few exact cosines, or it is no faster."""
-    rng = np.random.default_rng(7)
-    rows = rng.standard_normal((20_000, 384)).astype(np.float32)
-    q = rng.standard_normal(384).astype(np.float32)
-    codes = CodeColumns(384)
-    codes.extend(rows)
+    rows, q, codes = _gaussian(20_000)
     read: list[int] = []
     exact = cosine_of_rows(rows, q, codes.sq)
     got, _ = first_pass(codes, q, None, 50, lambda r: (read.append(r.size), exact(r))[1])
