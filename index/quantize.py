@@ -28,13 +28,13 @@ and ``SLACK`` covering the float64 rounding of this sum and of the exact cosine 
 (both below 1e-13 for values of magnitude ≤ 1). ``ub`` is therefore at least the cosine
 the exact path computes.
 
-The plain first pass (`survivors`) takes the `depth` rows with the highest bound,
-computes their exact cosine, and keeps every row whose bound reaches the lowest of
-those (and the score floor). Any row of the exact top `depth` has a cosine at least
-that high, hence a bound at least that high: it survives. Any `depth` rows give a
-valid cut this way; the highest bounds give the tightest.
+A first pass takes `depth` rows, computes their exact cosine, and keeps every row
+whose bound reaches the lowest of those (and the score floor). Any row of the exact
+top `depth` has a cosine at least that high, hence a bound at least that high: it
+survives. Any `depth` rows give a valid cut this way; rows with high bounds give a
+tight one.
 
-`first_pass` does the same work without a float64 bound for every row. Its rows of
+`first_pass` does this without a float64 bound for every row. Its rows of
 the cut are the `depth` highest float32 products ``s = fl(fl(a)·D)``, and its cut is
 turned into a threshold on ``s`` that the bound of every row left out stays below:
 ``ub ≤ s + M + ‖û‖·max g + min(‖û‖·max eps, ‖û‖₁·max emax) + ‖δ‖ + SLACK``, with the
@@ -242,63 +242,6 @@ class QueryUnit:
                    math.sqrt(float(d @ d)))
 
 
-def survivors(bounds: np.ndarray, rows: np.ndarray, depth: int,
-              exact: Callable[[np.ndarray], np.ndarray], floor: float = 0.0) -> np.ndarray:
-    """The rows (of `rows`, with upper bounds `bounds`) that may rank in the exact top `depth`.
-
-    `exact(rows_subset)` gives the exact cosines of a subset. Keeps every row whose
-    bound reaches both the lowest exact cosine of the `depth` highest bounds and the
-    score `floor` (rows need a positive cosine at least `floor` to match at all).
-    """
-    return scored_survivors(bounds, rows, depth, exact, floor)[0]
-
-
-def top_by_bound(bounds: np.ndarray, depth: int) -> np.ndarray:
-    """Positions of the `depth` highest of `bounds` (ties broken arbitrarily).
-
-    A full selection over every row costs more than the rest of the first pass, so a
-    threshold is first read off a strided sample; the rows at or above it hold the
-    `depth` highest (when there are at least `depth` of them) and only they are selected
-    from. Any `depth` rows would give `survivors` a valid cut; these give the tightest.
-    """
-    n = bounds.size
-    if n > 64 * depth:
-        sample = bounds[:: n // (32 * depth)]
-        # Aim at about 3·depth rows above the threshold: enough to hold the top `depth`
-        # even when the sample is unlucky, few enough that the selection is cheap.
-        from_top = max(2, round(3 * depth * sample.size / n))
-        kth = sample.size - from_top
-        threshold = np.partition(sample, kth)[kth]
-        above = np.flatnonzero(bounds >= threshold)
-        if depth <= above.size <= 16 * depth:
-            part = np.argpartition(bounds[above], above.size - depth)[above.size - depth:]
-            return above[part]
-    return np.argpartition(bounds, n - depth)[n - depth:]
-
-
-def scored_survivors(bounds: np.ndarray, rows: np.ndarray, depth: int,
-                     exact: Callable[[np.ndarray], np.ndarray],
-                     floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """`survivors`, with the exact cosine of each row kept (in the order of the rows).
-
-    Each row's cosine is computed once: the rows of the cut, then the others.
-    """
-    if rows.size <= depth:
-        return rows, exact(rows)
-    top = top_by_bound(bounds, depth)
-    top_scores = exact(rows[top])
-    cut = max(float(top_scores.min()), floor)
-    keep = bounds >= cut
-    in_top = np.zeros(rows.size, bool)
-    in_top[top] = True
-    scores = np.empty(rows.size, np.float64)
-    scores[top] = top_scores
-    rest = keep & ~in_top
-    if rest.any():
-        scores[rest] = exact(rows[rest])
-    return rows[keep], scores[keep]
-
-
 def bounded_top(values: np.ndarray, depth: int) -> tuple[np.ndarray, float]:
     """Positions of at least `depth` of the highest `values` (every value at or above the
     threshold returned), and that threshold; few more than `depth` as a rule.
@@ -341,8 +284,8 @@ def first_pass(codes: CodeColumns, query: np.ndarray, rows: np.ndarray | None, d
     """Slots that may rank in the exact top `depth`, each with its exact cosine.
 
     `rows` are the slots to rank (ascending; None: every slot); `exact(slots)` gives
-    the exact cosines of a subset. The same guarantee as `scored_survivors`: every row
-    whose exact cosine reaches the exact top `depth` (and `floor`) is returned. A row is
+    the exact cosines of a subset. Every row whose exact cosine reaches the exact top
+    `depth` (and `floor`) is returned, with its exact cosine. A row is
     left out only when its full bound lies below the cut, and that full bound is
     computed only for rows whose ``s`` lies within `CodeColumns.spread` of the cut.
     """
