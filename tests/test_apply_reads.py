@@ -13,7 +13,9 @@ from collections.abc import Mapping
 
 import psycopg
 import pytest
-from slipstream.index import IndexDoc
+from slipstream.index import IndexDoc, pg_embedding
+from slipstream.index.pg_embedding import FEW_KEYS
+from slipstream.worker import state as state_mod
 from slipstream.worker.apply import Applier, read_as_one_query
 from slipstream.worker.incoming import Batch, SourceChange, TxnEnd
 from slipstream.worker.pgoutput import UNCHANGED
@@ -159,6 +161,46 @@ def test_a_batch_committing_while_the_next_is_planned_is_seen_by_it(
         with psycopg.connect(pg_dsn) as conn:
             row = conn.execute("SELECT deleted, body FROM race.docs WHERE object_id = '7'").fetchone()
         assert row == (False, "open")
+    finally:
+        applier.close()
+        backend.close()
+
+
+@pytest.mark.parametrize("count", [1, 2, FEW_KEYS, FEW_KEYS + 1, 40])
+def test_a_few_keys_as_rows_read_what_arrays_read(pg_dsn: str, monkeypatch: pytest.MonkeyPatch,
+                                                  count: int) -> None:
+    """Up to FEW_KEYS keys, the state reads send a list of rows instead of arrays: the same
+    rows come back, for keys present and absent, with quotes, backslashes and non-ASCII
+    text in them, through the one-query read and the parameterised one."""
+    schema = f"few_keys_{count}"
+    applier, backend = make_applier(pg_dsn, schema, mapper, DIM)
+    try:
+        for changes in script():
+            b = Batch(changes=changes)
+            b.completed.append(TxnEnd(changes[0].commit_lsn, changes[-1].commit_lsn + 5, 0.0))
+            applier.apply(b)
+        present = [("item", f"{TRICKY[n % len(TRICKY)]}#{n}", "leaf") for n in range(len(TRICKY))]
+        absent = [("item", f"{t} (absent {i})", "leaf") for i, t in enumerate(TRICKY * 4)]
+        doc_keys = (present + absent)[:count][::-1]
+        source_keys = ([("public.items", f"[{i}]") for i in range(len(TRICKY))]
+                       + [("public.items", f"[{t}]") for t in TRICKY * 4])[:count]
+        state, conn = applier.state, applier.read_conn
+
+        def read() -> tuple[dict, dict]:
+            stored_q, source_q = backend.stored_state_query(doc_keys), state.source_rows_query(source_keys)
+            one = read_as_one_query(conn, [stored_q, source_q])
+            assert conn.execute(*stored_q).fetchall() == one[0]  # server-side parameters alike
+            return backend.stored_state_rows(one[0]), state.source_rows_parse(one[1])
+
+        few = read()
+        shapes = {b"unnest" in backend.stored_state_query(doc_keys)[0],
+                  b"unnest" in state.source_rows_query(source_keys)[0]}
+        assert shapes == {count > FEW_KEYS}
+        monkeypatch.setattr(pg_embedding, "FEW_KEYS", 0)
+        monkeypatch.setattr(state_mod, "FEW_KEYS", 0)
+        assert read() == few
+        assert len(few[0]) == sum(k in present for k in doc_keys) > 0
+        assert len(few[1]) == min(count, len(TRICKY))
     finally:
         applier.close()
         backend.close()
