@@ -150,22 +150,19 @@ def exact_cosine(matrix: np.ndarray, query: np.ndarray, sq_norms: np.ndarray | N
     `sq_norms`, when given, are the rows' ``(m·m).sum(axis=1)`` already computed (by
     `row_sq_norms`, which is that expression): a row's value does not depend on the
     other rows of the matrix, so a cache may keep it per row."""
-    m = np.asarray(matrix, dtype=np.float32).astype(np.float64)
-    q = np.asarray(query, dtype=np.float32).astype(np.float64)
+    m = np.asarray(matrix, dtype=np.float32)
     if m.ndim != 2 or m.shape[0] == 0:
         return np.zeros(0, dtype=np.float64)
-    dots = (m * q).sum(axis=1)
-    sq = (m * m).sum(axis=1) if sq_norms is None else sq_norms
-    norms = np.sqrt(sq) * math.sqrt(float((q * q).sum()))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos = np.where(norms > 0, dots / norms, 0.0)
-    return cos
+    sq = row_sq_norms(m) if sq_norms is None else np.asarray(sq_norms, dtype=np.float64)
+    return cosine_of_rows(m, query, sq)(slice(None))
 
 
 def cosine_of_rows(matrix: np.ndarray, query: np.ndarray,
-                   sq_norms: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """``rows -> exact_cosine(matrix[rows], query, sq_norms[rows])``, bit for bit: the same
-    float64 products summed by the same reduction, the query's terms computed once."""
+                   sq_norms: np.ndarray) -> Callable[[np.ndarray | slice], np.ndarray]:
+    """``rows -> exact_cosine(matrix[rows], query, sq_norms[rows])``: the query's terms
+    computed once, then for the rows asked, their float64 products with it summed along
+    the row, over the product of the norms (0.0 where either norm is 0).
+    `exact_cosine` is this over every row."""
     q = np.asarray(query, dtype=np.float32).astype(np.float64)
     q_norm = math.sqrt(float((q * q).sum()))
 
