@@ -78,6 +78,8 @@ def time_queries(index: SearchIndex, queries: list[str], *, deadline: float | No
         if results is not None:
             results.append(found)
         if deadline is not None and t0 > deadline:
+            print(f"phase limit reached: stopped after {len(wall)} of {len(queries)} queries",
+                  file=sys.stderr)
             break
     return wall, cpu
 
