@@ -40,8 +40,7 @@ class EmbeddingState:
     hnsw: bool
     cache_max_rows: int
     _cache_rows: dict[str, int]
-    _stored_query: bytes | None = None  # `stored_state_query`'s text for many keys, composed once
-    _stored_few: dict[int, bytes] | None = None  # ... and for a few, by count
+    _stored_queries: dict[int, bytes] | None = None  # `stored_state_query`'s texts, composed once
 
     def pending_rows(self, limit: int, conn: psycopg.Connection | None = None) -> list[tuple]:
         """Live rows waiting for a vector, least recently tried first (so rows that keep
@@ -81,24 +80,21 @@ class EmbeddingState:
         other reads in one round trip (the worker's planning). Up to `FEW_KEYS` keys go
         as a list of rows (a third of the server's planning of a join on arrays, and no
         array dumpers on the client); more go as three arrays."""
-        head = ("SELECT d.object_type, d.object_id, d.node_kind, d.doc_hash, d.embed_hashes, "
-                "d.pending_spaces, d.deleted FROM {s}.docs d ")
-        if 0 < len(keys) <= FEW_KEYS:
-            few = self._stored_few
-            if few is None:
-                few = self._stored_few = {}
-            query = few.get(len(keys))
-            if query is None:
-                query = few[len(keys)] = sql.SQL(
-                    head + "WHERE (d.object_type, d.object_id, d.node_kind) IN ("
-                    + ", ".join(["(%s, %s, %s)"] * len(keys)) + ")").format(s=self._s).as_bytes(None)
-            return query, [v for k in keys for v in k]
-        query = self._stored_query
+        shape = len(keys) if 0 < len(keys) <= FEW_KEYS else 0  # 0: as arrays
+        queries = self._stored_queries
+        if queries is None:
+            queries = self._stored_queries = {}
+        query = queries.get(shape)
         if query is None:
-            query = self._stored_query = sql.SQL(
-                head + "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
-                "ON d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n"
-            ).format(s=self._s).as_bytes(None)
+            where = ("WHERE (d.object_type, d.object_id, d.node_kind) IN ("
+                     + ", ".join(["(%s, %s, %s)"] * shape) + ")" if shape else
+                     "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(t, i, n) "
+                     "ON d.object_type = k.t AND d.object_id = k.i AND d.node_kind = k.n")
+            query = queries[shape] = sql.SQL(
+                "SELECT d.object_type, d.object_id, d.node_kind, d.doc_hash, d.embed_hashes, "
+                "d.pending_spaces, d.deleted FROM {s}.docs d " + where).format(s=self._s).as_bytes(None)
+        if shape:
+            return query, [v for k in keys for v in k]
         cols = list(zip(*keys)) if keys else [(), (), ()]
         return query, [list(cols[0]), list(cols[1]), list(cols[2])]
 
