@@ -38,6 +38,7 @@ class EmbeddingState:
     schema: str
     spaces: dict[str, int]
     hnsw: bool
+    ann_spaces: frozenset[str]
     cache_max_rows: int
     _cache_rows: dict[str, int]
     _stored_queries: dict[int, bytes] | None = None  # `stored_state_query`'s texts, composed once
@@ -265,6 +266,9 @@ class EmbeddingState:
         interrupted build is dropped and built again."""
         if not self.hnsw:
             return
+        if space in self.ann_spaces:
+            self.index_shadow_ann(space)
+            return
         _, nxt, _ = self._shadow(space)
         name = f"docs_emb_{space}__next_hnsw"
         with self.connection() as c:  # pooled connections are in autocommit, as CONCURRENTLY needs
@@ -314,7 +318,9 @@ class EmbeddingState:
             conn.execute(sql.SQL(stmt).format(s=self._s, col=col, nxt=nxt, old=old, nxt_hash=nxt_hash))
         conn.execute(sql.SQL("ALTER TABLE {s}.docs ALTER COLUMN {col} SET STORAGE MAIN").format(
             s=self._s, col=col))
-        if self.hnsw:
+        if space in self.ann_spaces:
+            self.switch_ann(conn, space)
+        elif self.hnsw:
             conn.execute(sql.SQL("ALTER INDEX IF EXISTS {s}.{i} RENAME TO {j}").format(
                 s=self._s, i=sql.Identifier(f"docs_emb_{space}__next_hnsw"),
                 j=sql.Identifier(f"docs_emb_{space}_hnsw")))

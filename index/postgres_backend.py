@@ -7,8 +7,9 @@ Layout (schema ``slipstream`` by default, created and migrated by `create_schema
   ``payload``/``attrs``, analysed term frequencies ``tf`` (JSONB ``{"term": [title, body]}``),
   ``tsv`` (the same terms as a ``tsvector``, built with ``array_to_tsvector`` — the
   ``simple`` treatment: no re-parsing, no re-stemming) with a GIN index, field lengths,
-  a ``deleted`` flag for tombstones, and one ``vector(d)`` column per space with an
-  HNSW cosine index.
+  a ``deleted`` flag for tombstones, and one ``vector(d)`` column per space;
+* with HNSW, per space a side table ``ann_<space>`` carrying the HNSW cosine index, kept
+  up to date from ``ann_queue`` off the write path (`pg_ann`).
 
 With ``hnsw=False`` (exact-scan mode) no HNSW index is built: writes are cheaper and
 every semantic query is exact. Searches within a scope of at most `exact_limit` rows
@@ -44,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "PostgresBackend requires the 'server' extra: pip install 'slipstream[server]'"
     ) from exc
 
+from .pg_ann import ANN_QUEUE_DDL, AnnIndex
 from .pg_embedding import EmbeddingState
 from .pg_scope_cache import ScopeCacheReads
 from .pg_writes import WriteSQL, vector_text, write_sql
@@ -105,6 +107,9 @@ CREATE INDEX embed_cache_lru ON {s}.embed_cache (space, used_at);
 CREATE INDEX docs_pending ON {s}.docs (pending_tried_at NULLS FIRST, id)
     WHERE pending_spaces <> '{{}}' AND NOT deleted;
 """),
+    # HNSW indexes move to side tables kept up to date from a queue (`pg_ann`): an HNSW
+    # insert costs milliseconds of the server's time, too much for the write path.
+    (4, "approximate index off the write path", ANN_QUEUE_DDL),
 ]
 
 
@@ -113,7 +118,7 @@ def tsquery_any(terms: Sequence[str]) -> str:
     return " | ".join("'" + t.replace("\\", "\\\\").replace("'", "''") + "'" for t in terms)
 
 
-class PostgresBackend(EmbeddingState, ScopeCacheReads):
+class PostgresBackend(EmbeddingState, ScopeCacheReads, AnnIndex):
     """The search table in Postgres. `conninfo` is a DSN or an open `ConnectionPool`."""
 
     requires_scope = True
@@ -122,7 +127,8 @@ class PostgresBackend(EmbeddingState, ScopeCacheReads):
                  spaces: Mapping[str, int] | None = None, exact_limit: int = DEFAULT_EXACT_LIMIT,
                  ef_search: int = 100, iterative_scan: bool = True, hnsw: bool = True,
                  create_schema: bool = True, pool_size: int = 4,
-                 cache_max_rows: int = 100_000, scope_cache: ScopeCache | None = None) -> None:
+                 cache_max_rows: int = 100_000, scope_cache: ScopeCache | None = None,
+                 defer_ann: bool = False) -> None:
         self.schema = check_identifier(schema, "schema")
         self.spaces: dict[str, int] = {}
         for name, dim in (spaces or {}).items():
@@ -134,6 +140,9 @@ class PostgresBackend(EmbeddingState, ScopeCacheReads):
         self.ef_search = ef_search
         self.iterative_scan = iterative_scan
         self.hnsw = hnsw
+        # False: each write this backend commits drains the HNSW queue before returning.
+        # True: the caller drains it (the worker's `AnnIndexer`).
+        self.defer_ann = defer_ann
         self.cache_max_rows = cache_max_rows  # per space; 0 turns the content-hash cache off
         # Partition scopes held in memory, checked against the change log per query (`scope_cache`).
         self.scope_cache = scope_cache
@@ -185,6 +194,8 @@ class PostgresBackend(EmbeddingState, ScopeCacheReads):
                 return
             with self._pool.connection() as pooled, pooled.transaction():
                 yield pooled
+            if not self.defer_ann and self.ann_spaces:
+                self.drain_ann()
         finally:
             if self.scope_cache is not None:  # unlogged when not the worker's: void the entries
                 self.scope_cache.wrote()
@@ -219,20 +230,20 @@ class PostgresBackend(EmbeddingState, ScopeCacheReads):
                             "use the existing dimension or a new schema"
                         )
                     continue
-                column, index = f"emb_{name}", f"docs_emb_{name}_hnsw"
+                column = f"emb_{name}"
                 conn.execute(sql.SQL("ALTER TABLE {s}.docs ADD COLUMN {c} vector({d})").format(
                     s=self._s, c=sql.Identifier(column), d=sql.Literal(dim)))
                 # Inline when it fits: an exact scan reads every vector of the scope, and a
                 # TOASTed vector costs an index lookup per row (about 4x the pages).
                 conn.execute(sql.SQL("ALTER TABLE {s}.docs ALTER COLUMN {c} SET STORAGE MAIN").format(
                     s=self._s, c=sql.Identifier(column)))
-                if self.hnsw:
-                    conn.execute(self._q(
-                        "CREATE INDEX {i} ON {s}.docs USING hnsw ({c} vector_cosine_ops)",
-                        i=index, c=column))
                 conn.execute(self._q("INSERT INTO {s}.spaces VALUES (%s, %s)"), (name, dim))
             for name, dim in existing.items():
                 self.spaces.setdefault(name, dim)
+            if self.hnsw:
+                for name, dim in self.spaces.items():
+                    self._ensure_ann(conn, name, dim)
+            self._read_ann_spaces(conn)
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -494,6 +505,8 @@ class PostgresBackend(EmbeddingState, ScopeCacheReads):
                 sql.Literal(int(min(1000, max(self.ef_search, depth))))))
             c.execute("SET LOCAL hnsw.iterative_scan = "
                       + ("relaxed_order" if self.iterative_scan else "off"))
+            if space in self.ann_spaces:
+                return self._ann_candidates(c, space, q, sparams, fsql, fparams, depth)
             return c.execute(sql.SQL(
                 "SELECT object_type, object_id, node_kind, {col} FROM {s}.docs "
                 "WHERE {where} AND NOT deleted AND {f} AND {col} IS NOT NULL "

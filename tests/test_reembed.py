@@ -19,6 +19,7 @@ from slipstream.worker.reembed import Progress, reembed_space
 from slipstream.worker.state import WorkerState
 
 from .fake_openai import FakeEmbeddings, model_vectors
+from .test_ann import ann_differences
 
 DIM = 32
 
@@ -102,11 +103,15 @@ def test_reembed_fills_a_shadow_and_switches_atomically(pg_dsn: str, fake: FakeE
         (max_seq,) = conn.execute("SELECT max(seq) FROM slipstream.changes").fetchone()
         cols = {r[0] for r in conn.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'docs'")}
-        hnsw = conn.execute("SELECT indexname, indexdef FROM pg_indexes "
-                            "WHERE tablename = 'docs' AND indexdef LIKE '%hnsw%'").fetchall()
+        hnsw = conn.execute("SELECT tablename, indexname, indexdef FROM pg_indexes "
+                            "WHERE indexdef LIKE '%hnsw%'").fetchall()
     assert logged == 42 and cp_seq == max_seq  # devices refetch every row of the space
     assert not any(c.startswith("emb_local__") for c in cols)
-    assert [(n, "emb_local vector_cosine_ops" in d) for n, d in hnsw] == [("docs_emb_local_hnsw", True)]
+    # The HNSW side table was built from the shadow column and swapped in with it.
+    assert [(t, n, "(v vector_cosine_ops)" in d) for t, n, d in hnsw] == [
+        ("ann_local", "ann_local_hnsw", True)]
+    backend.drain_ann()
+    assert ann_differences(pg_dsn, "local") == []
     SearchIndex(backend, http(fake, "emb-b")).upsert_many(docs(1, start=200))  # accepted now
     with pytest.raises(EmbedderChangedError):
         SearchIndex(backend, http(fake, "emb-a"))
