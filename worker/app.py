@@ -43,6 +43,7 @@ class Status:
     dead_letters: int
     dead_letters_by_table: dict[str, int]
     pending_embeddings: int
+    ann_queue: int  # rows not yet in the HNSW side tables
     snapshot: list[tuple[str, int, bool]]
 
 
@@ -56,7 +57,7 @@ class Worker:
         self.registry = Registry.from_config(config)
         self.backend = PostgresBackend(self.search_dsn, schema=config.search.schema,
                                        spaces=dict(config.spaces), exact_limit=config.search.exact_limit,
-                                       hnsw=config.search.hnsw,
+                                       hnsw=config.search.hnsw, defer_ann=True,
                                        cache_max_rows=config.embed_cache_rows())
         self.metrics = Metrics()
         self.index = SearchIndex(self.backend, build_embedders(config.embedders, metrics=self.metrics),
@@ -199,6 +200,10 @@ class Worker:
         with psycopg.connect(self.search_dsn, autocommit=True, connect_timeout=10) as conn:
             return self.backend.pending_counts(conn)
 
+    def _read_ann(self) -> int:
+        with psycopg.connect(self.search_dsn, autocommit=True, connect_timeout=10) as conn:
+            return self.backend.ann_queue_rows(conn)
+
     def run(self, *, http: bool = True) -> None:
         """Set up what is missing, then follow the slot until SIGTERM/SIGINT.
 
@@ -218,7 +223,8 @@ class Worker:
             runner.stop()
 
         self.lag_poller = MetricsPoller(
-            self.metrics, self._read_lag, read_pending=self._read_pending, on_lost=on_lost,
+            self.metrics, self._read_lag, read_pending=self._read_pending, read_ann=self._read_ann,
+            on_lost=on_lost,
             spaces=self.config.spaces, interval=self.config.worker.metrics_interval_seconds,
             log=self.log).start()
         server = None
@@ -250,6 +256,7 @@ class Worker:
             own = self.state.status(conn, self.slot)
             counts = self.backend.counts_by_type(conn)
             pending = sum(self.backend.pending_counts(conn).values())
+            ann_queue = self.backend.ann_queue_rows(conn)
         return Status(
             slot=None if lag is None else {
                 "name": self.slot, "active": lag.active, "lag_bytes": lag.lag_bytes,
@@ -257,7 +264,7 @@ class Worker:
                 "wal_status": lag.wal_status},
             checkpoint=own["checkpoint"], counts=counts,
             dead_letters=sum(own["dead_letters"].values()), dead_letters_by_table=own["dead_letters"],
-            pending_embeddings=pending, snapshot=own["snapshot"])
+            pending_embeddings=pending, ann_queue=ann_queue, snapshot=own["snapshot"])
 
     # -- dead letters ---------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ socket, the pipeline's completion pipe and a stop pipe together, so it wakes the
 moment any of them has something, and never polls in a loop. The flush LSN sent to
 the server is only ever the checkpoint of a committed apply transaction, or — when
 nothing is pending — the server's own keepalive position, so idle tables do not pin
-WAL. Failures go to the one retry policy (`errors.RetryPolicy`): retried with
+WAL. While streaming, an `AnnIndexer` thread keeps the HNSW side tables current,
+woken after each commit. Failures go to the one retry policy (`errors.RetryPolicy`): retried with
 backoff, which starts over once a connection has held; anything else stops the loop.
 """
 
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psycopg
+from slipstream.index.pg_ann import AnnIndexer
 
 from .apply import Applier, ApplyResult
 from .assemble import TxnAssembler
@@ -92,6 +94,7 @@ class StreamRunner:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._streaming_since: float | None = None
+        self.ann: AnnIndexer | None = None  # drains the HNSW queue while streaming
 
     # -- control --------------------------------------------------------------------------
 
@@ -139,6 +142,10 @@ class StreamRunner:
         applier = self.make_applier()
         pipeline = ApplyPipeline(applier)
         heartbeat = _Heartbeat(s.source_dsn, s.heartbeat_seconds) if s.heartbeat_seconds > 0 else None
+        # HNSW side tables are brought up to date off the apply path, woken by each commit.
+        backend = applier.backend
+        self.ann = AnnIndexer(backend.index_queued, log=self.log).start() \
+            if getattr(backend, "ann_spaces", None) else None
         try:
             with ReplicationConnection.connect(s.source_dsn, status_interval=s.status_interval) as conn:
                 cp = applier.checkpoint
@@ -153,6 +160,8 @@ class StreamRunner:
                 self._loop(conn, applier, pipeline)
         finally:
             pipeline.close()
+            if self.ann is not None:
+                self.ann.close()
             if heartbeat is not None:
                 heartbeat.close()
             applier.close()
@@ -208,6 +217,8 @@ class StreamRunner:
                     wait = act(batcher.send(ChoreFinished(now, done.name, done.value is _DONE)))
                     continue
                 wait = act(batcher.send(Applied(now, done.result.checkpoint.lsn)))
+                if self.ann is not None:
+                    self.ann.poke()
                 if self.on_batch is not None:
                     self.on_batch(done.result, done.batch)
             return wait
