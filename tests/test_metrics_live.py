@@ -115,6 +115,8 @@ def test_every_readme_metric_is_fed_by_the_running_worker(pg_dsn: str, worker) -
         pg_dsn, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'slipstream'")[0][0]
         not in (None, pid), timeout=60)
     proc.wait_caught_up(pg_dsn, timeout=60)
+    proc.wait_for("the HNSW queue drained", lambda: query(
+        pg_dsn, "SELECT count(*) FROM slipstream.ann_queue")[0][0] == 0, timeout=60)
     time.sleep(1.0)  # two lag-poller ticks after the last batch
 
     transactions = WRITTEN + 2  # the inserts, the delete, the insert after the reconnect
@@ -148,6 +150,7 @@ def test_every_readme_metric_is_fed_by_the_running_worker(pg_dsn: str, worker) -
             lambda: one(s, "slipstream_pending_embeddings", 'space="remote"')
             == COPIED + WRITTEN - 1 - DELETED + 1
             and one(s, "slipstream_pending_embeddings", 'space="local"') == 0,
+        "slipstream_ann_queue_rows": lambda: one(s, "slipstream_ann_queue_rows") == 0,
         "slipstream_reconnects_total":
             lambda: sum(s.get("slipstream_reconnects_total", {}).values()) >= 1,
         "slipstream_snapshot_rows_total":

@@ -114,18 +114,22 @@ def test_lag_poller_feeds_the_gauges_and_reports_a_lost_slot_once() -> None:
     ])
     lost: list[SlotLag] = []
     pending = iter([{"remote": 3}, {}, {}])
+    queued = iter([7, 0, 0])
     m = Metrics()
     poller = MetricsPoller(m, lambda: next(readings), read_pending=lambda: next(pending),
+                           read_ann=lambda: next(queued),
                            on_lost=lost.append, spaces=["local", "remote"], interval=1.0)
     assert m.pending_embeddings.labels(space="local")._value.get() == 0
     poller.poll()
     assert m.slot_lag_bytes._value.get() == 4096
     assert m.pending_embeddings.labels(space="remote")._value.get() == 3
+    assert m.ann_queue_rows._value.get() == 7
     assert not lost
     poller.poll()
     poller.poll()
     assert m.slot_lag_bytes._value.get() == 8192  # an unknown lag leaves the last value
     assert m.pending_embeddings.labels(space="remote")._value.get() == 0  # drained
+    assert m.ann_queue_rows._value.get() == 0
     assert [lag.wal_status for lag in lost] == ["lost"]
 
 

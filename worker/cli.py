@@ -125,6 +125,7 @@ def status(config_path: str, as_json: bool) -> None:
             "counts": [{"object_type": t, "live": n, "tombstones": d} for t, n, d in st.counts],
             "dead_letters": st.dead_letters, "dead_letters_by_table": st.dead_letters_by_table,
             "pending_embeddings": st.pending_embeddings,
+            "ann_queue": st.ann_queue,
             "snapshot": [{"table": t, "rows": n, "done": d} for t, n, d in st.snapshot]}, indent=2))
         return
     if st.slot is None:
@@ -145,7 +146,8 @@ def status(config_path: str, as_json: bool) -> None:
         click.echo(f"  {t:<24} {n:>10,} live {d:>10,} tombstones")
     for t, n, done in st.snapshot:
         click.echo(f"snapshot {t}: {n:,} rows{'' if done else ' (in progress)'}")
-    click.echo(f"dead letters: {st.dead_letters:,}   pending embeddings: {st.pending_embeddings:,}")
+    click.echo(f"dead letters: {st.dead_letters:,}   pending embeddings: {st.pending_embeddings:,}"
+               f"   awaiting HNSW: {st.ann_queue:,}")
     for t, n in st.dead_letters_by_table.items():
         click.echo(f"  dead letters in {t}: {n:,} (`slipstream deadletter list` shows them)")
 

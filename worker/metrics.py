@@ -91,6 +91,11 @@ class Metrics:
             "pending_embeddings", "Live rows indexed lexically only, waiting for a vector, by space.",
             ["space"], **own,
         )  # fmt: skip
+        self.ann_queue_rows = Gauge(
+            "ann_queue_rows",
+            "Rows written but not yet in the HNSW side tables (searched exactly meanwhile).",
+            **own,
+        )
         self.checkpoint_lsn = Gauge(
             "checkpoint_lsn",
             "Source LSN covered by the last committed apply transaction (exact up to 2**53).",
@@ -329,7 +334,8 @@ class MetricsPoller:
 
     Runs on a daemon thread from `start()` to `stop()`, every `interval` seconds:
     `read_lag()` (usually `lag_from_slot` on a fresh source connection) sets
-    `slot_lag_bytes`; `read_pending()` ({space: rows}) sets `pending_embeddings`. A
+    `slot_lag_bytes`; `read_pending()` ({space: rows}) sets `pending_embeddings`;
+    `read_ann()` (rows) sets `ann_queue_rows`. A
     failing read is logged and tried again at the next tick: the stream's own loop
     reports connection trouble. `latest` is the last slot reading, for the batch log
     line. `spaces` are exported (as 0) from the start. When the server has invalidated
@@ -343,6 +349,7 @@ class MetricsPoller:
         read_lag: Callable[[], SlotLag | None],
         *,
         read_pending: Callable[[], Mapping[str, int]] | None = None,
+        read_ann: Callable[[], int] | None = None,
         on_lost: Callable[[SlotLag], None] | None = None,
         spaces: Iterable[str] = (),
         interval: float = 5.0,
@@ -352,6 +359,7 @@ class MetricsPoller:
             raise ValidationError(f"interval must be > 0 seconds, not {interval!r}")
         self.metrics = metrics
         self.read_lag, self.read_pending, self.on_lost = read_lag, read_pending, on_lost
+        self.read_ann = read_ann
         self.interval = interval
         self.log = log
         self.latest: SlotLag | None = None
@@ -379,6 +387,11 @@ class MetricsPoller:
                     and not self._lost_reported):
                 self._lost_reported = True
                 self.on_lost(lag)
+        if self.read_ann is not None:
+            try:
+                self.metrics.ann_queue_rows.set(self.read_ann())
+            except Exception as exc:  # noqa: BLE001
+                self._warn("ann_queue_read_failed", exc)
         if self.read_pending is None:
             return
         try:
