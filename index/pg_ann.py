@@ -199,6 +199,9 @@ class AnnIndex:
         # committed: two at once could take two entries of one row and write its older
         # state last (an upsert applies to the newest version, whatever its snapshot).
         c.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"slipstream:ann:{self.schema}",))
+        # No wait for the WAL flush: a drain lost in a crash loses its queue deletions
+        # with it, so the rows are taken again; the apply's own fsyncs keep the disk.
+        c.execute("SET LOCAL synchronous_commit = off")
         return int(c.execute(self._drain_statement(), (limit,)).fetchone()[0])
 
     def drain_ann(self, limit: int = ANN_BATCH) -> int:
@@ -249,16 +252,18 @@ class AnnIndex:
 
 class AnnIndexer:
     """The worker's thread that drains ``ann_queue``: woken after each apply commit
-    (`poke`), and every `interval` seconds regardless; a failed pass is logged and tried
-    again on the next wake-up."""
+    (`poke`), and every `interval` seconds regardless; it waits `settle` seconds after a
+    wake-up so that one drain takes the rows of several commits. A failed pass is
+    logged and tried again on the next wake-up."""
 
     def __init__(self, index_queued: Callable[[int], int], *,
                  log: Callable[..., None] | None = None, interval: float = 5.0,
-                 limit: int = ANN_BATCH) -> None:
+                 limit: int = ANN_BATCH, settle: float = 0.1) -> None:
         self._index_queued = index_queued
         self._log = log
         self._interval = interval
         self._limit = limit
+        self._settle = settle  # after a wake-up, let more commits queue up: fewer, larger drains
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.indexed = 0  # queue entries taken, for tests and metrics
@@ -280,6 +285,8 @@ class AnnIndexer:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(self._interval)
+            if self._stop.wait(self._settle):
+                return
             self._wake.clear()
             try:
                 while not self._stop.is_set():
