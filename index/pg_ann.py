@@ -8,10 +8,11 @@ the ``docs`` rows whose side-table entry may be out of date:
 
 * statement triggers on ``docs`` append the id of every row inserted, updated or
   deleted to ``ann_queue``, in the writer's own transaction, whoever the writer is;
-* `index_queued` takes the oldest queued ids and brings their side-table entries up
+* `index_queued` (the worker's indexer, through `ann_step`) takes the oldest queued ids and brings their side-table entries up
   to date from ``docs`` (upsert the current vector and partition, or delete), and
   deletes those queue entries, in one statement and one transaction, one such
-  transaction at a time per schema (an advisory lock);
+  transaction at a time per schema (an advisory lock); a backlog of a tenth of the
+  table or more (an initial copy) is cheaper to rebuild in one go (`rebuild_ann`);
 * a search above the exact limit ranks the HNSW candidates of the side table, joined
   to ``docs`` for the current vector, partition and filters, together with every
   queued row in scope, scored exactly.
@@ -34,6 +35,8 @@ import psycopg
 from psycopg import sql
 
 ANN_BATCH = 200  # queued rows per `index_queued` statement: about half a second of HNSW inserts
+REBUILD_MIN = 5_000  # queued rows from which `ann_step` may rebuild instead of draining ...
+REBUILD_SHARE = 0.1  # ... if they are also this share of the side table's rows
 
 ANN_QUEUE_DDL = """
 CREATE TABLE {s}.ann_queue (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, id bigint NOT NULL);
@@ -62,6 +65,7 @@ class AnnIndex:
     schema: str
     spaces: dict[str, int]
     ann_spaces: frozenset[str] = frozenset()  # spaces whose side table exists
+    _ann_backlog = False  # the last drain was full: `ann_step` looks at the queue's length
     _drain_sql: bytes | None = None
 
     # -- schema ---------------------------------------------------------------------------
@@ -149,6 +153,10 @@ class AnnIndex:
                 "partition = excluded.partition, v = excluded.v "
                 "WHERE a.partition IS DISTINCT FROM excluded.partition OR a.v IS DISTINCT FROM excluded.v"
             ).format(s=self._s, t=table, c=column))
+        self._swap_next(conn, space)
+
+    def _swap_next(self, conn: psycopg.Connection, space: str) -> None:
+        table, _ = self._next_names(space)
         current = sql.Identifier(ann_table(space))
         conn.execute(sql.SQL("DROP TABLE {s}.{t}").format(s=self._s, t=current))
         conn.execute(sql.SQL("ALTER TABLE {s}.{t} RENAME TO {u}").format(s=self._s, t=table, u=current))
@@ -203,6 +211,50 @@ class AnnIndex:
         # with it, so the rows are taken again; the apply's own fsyncs keep the disk.
         c.execute("SET LOCAL synchronous_commit = off")
         return int(c.execute(self._drain_statement(), (limit,)).fetchone()[0])
+
+    def ann_step(self, limit: int = ANN_BATCH) -> int:
+        """The indexer's unit of work: `index_queued`, or, when the last drain was full and
+        at least `REBUILD_MIN` rows and a tenth of the side table wait (an initial copy, a
+        backfill, a mass update), `rebuild_ann`: building an HNSW index in one go costs
+        about a twentieth of inserting its rows one by one. Returns the entries taken."""
+        if not self.ann_spaces:
+            return 0
+        if self._ann_backlog:
+            with self.connection() as c:
+                rows = max(0.0, *(c.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
+                                            (f'"{self.schema}"."{ann_table(sp)}"',)).fetchone()[0]
+                                  for sp in self.ann_spaces))
+                threshold = max(REBUILD_MIN, int(rows * REBUILD_SHARE))
+                (waiting,) = c.execute(self._q(
+                    "SELECT count(*) FROM (SELECT 1 FROM {s}.ann_queue LIMIT %s) AS w"),
+                    (threshold,)).fetchone()
+            if waiting >= threshold:
+                self._ann_backlog = False
+                return self.rebuild_ann()
+        n = self.index_queued(limit)
+        self._ann_backlog = n >= limit
+        return n
+
+    def rebuild_ann(self) -> int:
+        """Build every side table afresh from ``docs`` and swap it in, taking every queue
+        entry the build's snapshot sees; returns how many. Rows written meanwhile keep
+        their entries for the next drain. Searches read the old side tables until the
+        swap."""
+        lock = f"slipstream:ann:{self.schema}"
+        with self.connection() as c:  # pooled: autocommit between the statements below
+            c.execute("SELECT pg_advisory_lock(hashtext(%s))", (lock,))  # before the snapshot
+            try:
+                with c.transaction():
+                    c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    taken = c.execute(self._q("DELETE FROM {s}.ann_queue")).rowcount
+                    for space in sorted(self.ann_spaces):
+                        table, _ = self._next_names(space)
+                        c.execute(sql.SQL("DROP TABLE IF EXISTS {s}.{t}").format(s=self._s, t=table))
+                        self._build_next(c, space, sql.Identifier(f"emb_{space}"))
+                        self._swap_next(c, space)
+            finally:
+                c.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock,))
+        return taken
 
     def drain_ann(self, limit: int = ANN_BATCH) -> int:
         """`index_queued` until the queue is empty; returns how many entries it took."""

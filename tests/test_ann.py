@@ -247,3 +247,43 @@ def test_the_worker_keeps_the_side_table_current_under_a_steady_stream(pg_dsn: s
         assert live == i
     finally:
         h.close()
+
+
+def test_a_large_backlog_is_rebuilt_in_one_go_and_keeps_rows_written_meanwhile(
+        deferred, pg_dsn, monkeypatch) -> None:
+    from slipstream.index import pg_ann
+
+    backend, index = deferred
+    monkeypatch.setattr(pg_ann, "REBUILD_MIN", 40)
+    rng = np.random.default_rng(5)
+    indexed(index, rng, "p", 80)
+    write(index, {f"b{i}": ("p", unit(rng)) for i in range(60)})
+    assert backend.ann_step(limit=10) == 10  # a drain first: no backlog seen yet
+    assert backend.ann_step(limit=10) == 50  # 50 of 140 wait: rebuilt, every entry taken
+    assert backend.ann_queue_rows() == 0 and ann_differences(pg_dsn, "local") == []
+    assert backend.ann_step(limit=10) == 0
+    stop = threading.Event()
+
+    def writer() -> None:
+        g = np.random.default_rng(6)
+        while not stop.is_set():
+            write(index, {f"w{g.integers(30)}": (str(g.choice(["p", "q"])), unit(g))})
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(5):  # writes commit before, during and after each build
+            backend.rebuild_ann()
+    finally:
+        stop.set()
+        t.join()
+    backend.drain_ann()
+    assert ann_differences(pg_dsn, "local") == []
+    with psycopg.connect(pg_dsn) as conn:
+        tables = {r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE tablename LIKE 'ann%'")}
+        indexes = {r[0] for r in conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'ann_local'")}
+    assert tables == {"ann_local", "ann_queue"} and indexes == {"ann_local_hnsw", "ann_local_pkey"}
+    found, approximate = top(index, "p", unit(np.random.default_rng(7)))
+    assert approximate and len(found) == 3

@@ -144,7 +144,7 @@ class StreamRunner:
         heartbeat = _Heartbeat(s.source_dsn, s.heartbeat_seconds) if s.heartbeat_seconds > 0 else None
         # HNSW side tables are brought up to date off the apply path, woken by each commit.
         backend = applier.backend
-        self.ann = AnnIndexer(backend.index_queued, log=self.log).start() \
+        self.ann = AnnIndexer(backend.ann_step, log=self.log).start() \
             if getattr(backend, "ann_spaces", None) else None
         try:
             with ReplicationConnection.connect(s.source_dsn, status_interval=s.status_interval) as conn:
