@@ -22,7 +22,13 @@ from corpus import vocabulary
 from psycopg import sql
 from slipstream.index.analysis import analyze, analyze_doc
 from slipstream.index.doc import IndexDoc
-from slipstream.index.embedding import _bucket
+from slipstream.index.embedding import _code
+
+
+def _bucket(feature: str, dim: int) -> tuple[int, float]:
+    """HashingEmbedder's bucket and sign of a feature."""
+    code = _code(feature, dim)
+    return code >> 1, 1.0 if code & 1 else -1.0
 
 
 class UnigramEmbedder:
