@@ -158,12 +158,15 @@ class PostgresBackend(EmbeddingState, ScopeCacheReads, AnnIndex):
             self._pool = ConnectionPool(conninfo, min_size=1, max_size=pool_size,
                                         configure=_configure_pooled, open=True)
             self._owns_pool = True
-        if create_schema:
-            try:
+        try:
+            if create_schema:
                 self.create_schema()
-            except BaseException:
-                self.close()
-                raise
+            else:  # a schema made elsewhere: which spaces have an HNSW side table
+                with self.connection() as c:
+                    self._read_ann_spaces(c)
+        except BaseException:
+            self.close()
+            raise
 
     @staticmethod
     def _ensure_extension(conninfo: str) -> None:

@@ -210,6 +210,9 @@ def test_an_hnsw_index_on_docs_moves_to_the_side_table(pg_dsn: str) -> None:
                                "WHERE indexdef LIKE '%hnsw%'").fetchall()
     assert indexes == [("ann_local", "ann_local_hnsw")]
     assert ann_differences(pg_dsn, "local") == [] and backend.ann_queue_rows() == 0
+    reader = PostgresBackend(pg_dsn, spaces={"local": DIM}, create_schema=False)
+    assert reader.ann_spaces == {"local"}  # a schema made elsewhere is read as it is
+    reader.close()
     found, approximate = top(SearchIndex(backend), "p", vectors["11"])
     assert approximate and found[0] == ("11", pytest.approx(1.0, abs=1e-6))
     backend.close()
