@@ -8,11 +8,12 @@ the ``docs`` rows whose side-table entry may be out of date:
 
 * statement triggers on ``docs`` append the id of every row inserted, updated or
   deleted to ``ann_queue``, in the writer's own transaction, whoever the writer is;
-* `index_queued` (the worker's indexer, through `ann_step`) takes the oldest queued ids and brings their side-table entries up
-  to date from ``docs`` (upsert the current vector and partition, or delete), and
-  deletes those queue entries, in one statement and one transaction, one such
-  transaction at a time per schema (an advisory lock); a backlog of a tenth of the
-  table or more (an initial copy) is cheaper to rebuild in one go (`rebuild_ann`);
+* `index_queued` (the worker's indexer, through `ann_step`) takes the oldest queued
+  ids and brings their side-table entries up to date from ``docs`` (upsert the
+  current vector and partition, or delete), and deletes those queue entries, in one
+  statement and one transaction, one such transaction at a time per schema (an
+  advisory lock); a backlog of a tenth of the table or more (an initial copy) is
+  cheaper to rebuild in one go (`rebuild_ann`);
 * a search above the exact limit ranks the HNSW candidates of the side table, joined
   to ``docs`` for the current vector, partition and filters, together with every
   queued row in scope, scored exactly.
