@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from .test_ann import ann_differences
 from .worker_harness import NOTES_DDL, Harness, note_mapper
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,3 +116,9 @@ def test_sigkill_at_random_points_loses_nothing_and_applies_nothing_twice(pg_dsn
     assert [s for s, *_ in log] == list(range(1, len(log) + 1))  # gap-free, in order
     effects = [(lsn, oid, part, op) for _, lsn, oid, part, op in log]
     assert len(effects) == len(set(effects)), "a source change was applied twice"
+
+    # The HNSW side table, whose indexer was killed with the workers: once the queue
+    # is drained it holds exactly the live rows' vectors.
+    harness.backend.drain_ann()
+    assert ann_differences(pg_dsn, "local") == []
+    harness.close()
