@@ -85,6 +85,8 @@ def test_setup_copies_existing_rows_status_reports_them_and_setup_is_idempotent(
     assert first.returncode == 0, shown(first)
     assert "slot: created" in first.stdout
     assert "snapshot: public.items: 3 rows" in first.stdout
+    # The copied rows wait for the worker's HNSW indexer (searchable meanwhile).
+    assert query(dsn, "SELECT count(*) FROM slipstream.ann_queue") == [(3,)]
     assert live_docs(dsn, "item") == expected_items(dsn)
     assert search_ids(dsn, "quantum", "alice") == ["1"]
 
@@ -98,9 +100,11 @@ def test_setup_copies_existing_rows_status_reports_them_and_setup_is_idempotent(
     assert st["counts"] == [{"object_type": "item", "live": 3, "tombstones": 0}]
     assert st["snapshot"] == [{"table": "public.items", "rows": 3, "done": True}]
     assert st["dead_letters"] == 0 and st["pending_embeddings"] == 0
+    assert st["ann_queue"] == 0  # the library search above drained the queue after its write
     text = cli("status", "--config", str(config), cwd=tmp_path)
     assert text.returncode == 0, shown(text)
     assert f"slot {SLOT}: inactive" in text.stdout and "item" in text.stdout
+    assert "awaiting HNSW: 0" in text.stdout
 
     log_before = query(dsn, "SELECT seq, object_id, op FROM slipstream.changes ORDER BY seq")
     again = cli("setup", "--config", str(config), cwd=tmp_path)
