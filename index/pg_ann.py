@@ -75,19 +75,8 @@ class AnnIndex:
         """Create `space`'s side table and its HNSW index, and the queue's triggers, if
         missing. A table from before the side tables (an HNSW index on ``docs``) is moved
         over: the side table is filled from ``docs``, indexed, and the old index dropped."""
-        table = sql.Identifier(ann_table(space))
-        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                              (f'"{self.schema}"."{ann_table(space)}"',)).fetchone()[0]
-        if not exists:
-            conn.execute(sql.SQL(
-                "CREATE TABLE {s}.{t} (id bigint PRIMARY KEY, partition text NOT NULL, "
-                "v vector({d}) NOT NULL)").format(s=self._s, t=table, d=sql.Literal(dim)))
-            conn.execute(sql.SQL(
-                "INSERT INTO {s}.{t} (id, partition, v) SELECT id, partition, {c} FROM {s}.docs "
-                "WHERE NOT deleted AND {c} IS NOT NULL").format(
-                    s=self._s, t=table, c=sql.Identifier(f"emb_{space}")))
-            conn.execute(sql.SQL("CREATE INDEX {i} ON {s}.{t} USING hnsw (v vector_cosine_ops)").format(
-                i=sql.Identifier(f"{ann_table(space)}_hnsw"), s=self._s, t=table))
+        if not self._exists(conn, ann_table(space)):
+            self._build_side(conn, ann_table(space), sql.Identifier(f"emb_{space}"), dim)
             conn.execute(sql.SQL("DROP INDEX IF EXISTS {s}.{i}").format(
                 s=self._s, i=sql.Identifier(f"docs_emb_{space}_hnsw")))
         for name, event, ref, fn in _TRIGGERS:
@@ -107,41 +96,47 @@ class AnnIndex:
 
     # -- re-embedding ---------------------------------------------------------------------
 
-    def _next_names(self, space: str) -> tuple[sql.Identifier, sql.Identifier]:
-        return (sql.Identifier(f"{ann_table(space)}__next"),
-                sql.Identifier(f"{ann_table(space)}__next_hnsw"))
+    def _next_table(self, space: str) -> sql.Identifier:
+        return sql.Identifier(f"{ann_table(space)}__next")
 
     def index_shadow_ann(self, space: str) -> None:
         """Before a re-embed's switch: build ``ann_<space>__next`` from the shadow column
         and index it, in one transaction (so it exists whole or not at all). Writers go
         on meanwhile; `switch_ann` catches up with what they changed."""
-        table, _ = self._next_names(space)
+        table = self._next_table(space)
         with self.connection() as c, c.transaction():
-            if c.execute("SELECT to_regclass(%s) IS NOT NULL",
-                         (f'"{self.schema}"."{ann_table(space)}__next_hnsw"',)).fetchone()[0]:
+            if self._exists(c, f"{ann_table(space)}__next_hnsw"):
                 return
             c.execute(sql.SQL("DROP TABLE IF EXISTS {s}.{t}").format(s=self._s, t=table))
             self._build_next(c, space, sql.Identifier(f"emb_{space}__next"))
 
     def _build_next(self, c: psycopg.Connection, space: str, column: sql.Identifier) -> None:
-        table, index = self._next_names(space)
+        self._build_side(c, f"{ann_table(space)}__next", column, self.spaces[space])
+
+    def _build_side(self, c: psycopg.Connection, name: str, column: sql.Identifier, dim: int) -> None:
+        """Side table `name` from the live rows' `column`, then its HNSW index (built in
+        one go, much cheaper per row than inserting into a live index)."""
+        table = sql.Identifier(name)
         c.execute(sql.SQL(
             "CREATE TABLE {s}.{t} (id bigint PRIMARY KEY, partition text NOT NULL, v vector({d}) NOT NULL)"
-        ).format(s=self._s, t=table, d=sql.Literal(self.spaces[space])))
+        ).format(s=self._s, t=table, d=sql.Literal(dim)))
         c.execute(sql.SQL("INSERT INTO {s}.{t} (id, partition, v) SELECT id, partition, {c} "
                           "FROM {s}.docs WHERE NOT deleted AND {c} IS NOT NULL").format(
                               s=self._s, t=table, c=column))
         c.execute(sql.SQL("CREATE INDEX {i} ON {s}.{t} USING hnsw (v vector_cosine_ops)").format(
-            i=index, s=self._s, t=table))
+            i=sql.Identifier(f"{name}_hnsw"), s=self._s, t=table))
+
+    def _exists(self, c: psycopg.Connection, relation: str) -> bool:
+        return bool(c.execute("SELECT to_regclass(%s) IS NOT NULL",
+                              (f'"{self.schema}"."{relation}"',)).fetchone()[0])
 
     def switch_ann(self, conn: psycopg.Connection, space: str) -> None:
         """In the switch's transaction, after the new vectors became ``emb_<space>`` and
         with writers locked out: bring ``ann_<space>__next`` up to date with them (built
         now if `index_shadow_ann` never ran) and swap it in for ``ann_<space>``."""
-        table, _ = self._next_names(space)
+        table = self._next_table(space)
         column = sql.Identifier(f"emb_{space}")
-        if not conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                            (f'"{self.schema}"."{ann_table(space)}__next_hnsw"',)).fetchone()[0]:
+        if not self._exists(conn, f"{ann_table(space)}__next_hnsw"):
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {s}.{t}").format(s=self._s, t=table))
             self._build_next(conn, space, column)
         else:
@@ -157,7 +152,7 @@ class AnnIndex:
         self._swap_next(conn, space)
 
     def _swap_next(self, conn: psycopg.Connection, space: str) -> None:
-        table, _ = self._next_names(space)
+        table = self._next_table(space)
         current = sql.Identifier(ann_table(space))
         conn.execute(sql.SQL("DROP TABLE {s}.{t}").format(s=self._s, t=current))
         conn.execute(sql.SQL("ALTER TABLE {s}.{t} RENAME TO {u}").format(s=self._s, t=table, u=current))
@@ -249,7 +244,7 @@ class AnnIndex:
                     c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                     taken = c.execute(self._q("DELETE FROM {s}.ann_queue")).rowcount
                     for space in sorted(self.ann_spaces):
-                        table, _ = self._next_names(space)
+                        table = self._next_table(space)
                         c.execute(sql.SQL("DROP TABLE IF EXISTS {s}.{t}").format(s=self._s, t=table))
                         self._build_next(c, space, sql.Identifier(f"emb_{space}"))
                         self._swap_next(c, space)
