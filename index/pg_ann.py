@@ -253,11 +253,14 @@ class AnnIndex:
         return taken
 
     def drain_ann(self, limit: int = ANN_BATCH) -> int:
-        """`index_queued` until the queue is empty; returns how many entries it took."""
+        """`index_queued` until a pass takes fewer than `limit` entries (the queue was
+        empty at its snapshot); returns how many entries it took."""
         total = 0
-        while (n := self.index_queued(limit)) > 0:
+        while True:
+            n = self.index_queued(limit)
             total += n
-        return total
+            if n < limit:
+                return total
 
     def ann_queue_rows(self, conn: psycopg.Connection | None = None) -> int:
         """Queue entries not yet indexed (rows searched exactly above the exact limit)."""

@@ -21,6 +21,7 @@ they are approximate; a filtered HNSW query that comes back short falls back to 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -49,6 +50,8 @@ from .pg_ann import ANN_QUEUE_DDL, AnnIndex
 from .pg_embedding import EmbeddingState
 from .pg_scope_cache import ScopeCacheReads
 from .pg_writes import WriteSQL, vector_text, write_sql
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXACT_LIMIT = 20_000
 COPY_THRESHOLD = 64  # batches at least this large are written through a binary COPY
@@ -198,7 +201,10 @@ class PostgresBackend(EmbeddingState, ScopeCacheReads, AnnIndex):
             with self._pool.connection() as pooled, pooled.transaction():
                 yield pooled
             if not self.defer_ann and self.ann_spaces:
-                self.drain_ann()
+                try:
+                    self.drain_ann()
+                except psycopg.Error as exc:  # the write is committed; queued rows stay searchable
+                    log.warning("HNSW side table not brought up to date after a write: %s", exc)
         finally:
             if self.scope_cache is not None:  # unlogged when not the worker's: void the entries
                 self.scope_cache.wrote()

@@ -290,3 +290,23 @@ def test_a_large_backlog_is_rebuilt_in_one_go_and_keeps_rows_written_meanwhile(
     assert tables == {"ann_local", "ann_queue"} and indexes == {"ann_local_hnsw", "ann_local_pkey"}
     found, approximate = top(index, "p", unit(np.random.default_rng(7)))
     assert approximate and len(found) == 3
+
+
+def test_a_failed_drain_after_a_library_write_leaves_the_write_committed(pg_dsn: str,
+                                                                         monkeypatch) -> None:
+    backend = PostgresBackend(pg_dsn, spaces={"local": DIM}, exact_limit=5)
+    index = SearchIndex(backend)
+    rng = np.random.default_rng(8)
+    indexed(index, rng, "p", 60)
+
+    def down(limit: int = 0, conn=None) -> int:
+        raise psycopg.OperationalError("the server closed the connection")
+
+    monkeypatch.setattr(backend, "index_queued", down)
+    v = unit(rng)
+    write(index, {"late": ("p", v)})  # no exception: the row is committed
+    monkeypatch.undo()
+    assert backend.ann_queue_rows() == 1
+    found, approximate = top(index, "p", v)
+    assert approximate and found[0] == ("late", pytest.approx(1.0, abs=1e-6))  # from the queue
+    backend.close()
