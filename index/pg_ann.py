@@ -212,7 +212,8 @@ class AnnIndex:
         """The indexer's unit of work: `index_queued`, or, when the last drain was full and
         at least `REBUILD_MIN` rows and a tenth of the side table wait (an initial copy, a
         backfill, a mass update), `rebuild_ann`: building an HNSW index in one go costs
-        about a twentieth of inserting its rows one by one. Returns the entries taken."""
+        about a fourteenth of inserting its rows one by one
+        (`bench/bench_hnsw.py`). Returns the entries taken."""
         if not self.ann_spaces:
             return 0
         if self._ann_backlog:
