@@ -131,10 +131,10 @@ def test_schema_creation_is_idempotent_and_tracked(pg_dsn: str) -> None:
     first.create_schema()
     second = PostgresBackend(pg_dsn, spaces={"local": DIM, "server": 24})
     with psycopg.connect(pg_dsn) as conn:
-        from slipstream.index.postgres_backend import _MIGRATIONS
+        from slipstream.index.pg_schema import MIGRATIONS
 
         assert conn.execute("SELECT version FROM slipstream.migrations ORDER BY 1").fetchall() == [
-            (m[0],) for m in _MIGRATIONS]
+            (m[0],) for m in MIGRATIONS]
         assert dict(conn.execute("SELECT name, dim FROM slipstream.spaces").fetchall()) == {
             "local": DIM, "server": 24}
     with pytest.raises(ConfigurationError, match="is 16-d"):
