@@ -11,8 +11,8 @@ Layout (schema ``slipstream`` by default, created and migrated by `create_schema
 * with HNSW, per space a side table ``ann_<space>`` carrying the HNSW cosine index, kept
   up to date from ``ann_queue`` off the write path (`pg_ann`).
 
-With ``hnsw=False`` (exact-scan mode) no HNSW index is built: writes are cheaper and
-every semantic query is exact. Searches within a scope of at most `exact_limit` rows
+With ``hnsw=False`` (exact-scan mode) no HNSW index is built or kept up, and every
+semantic query is exact. Searches within a scope of at most `exact_limit` rows
 (default 20,000) rank vectors
 exactly: pgvector's distance picks candidates with a margin and `ranking` computes the
 exact cosine. Larger scopes use HNSW with ``hnsw.iterative_scan`` and the results say
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXACT_LIMIT = 20_000
 COPY_THRESHOLD = 64  # batches at least this large are written through a binary COPY
-
 
 
 def tsquery_any(terms: Sequence[str]) -> str:
