@@ -72,13 +72,19 @@ class AnnIndex:
     # -- schema ---------------------------------------------------------------------------
 
     def _ensure_ann(self, conn: psycopg.Connection, space: str, dim: int) -> None:
-        """Create `space`'s side table and its HNSW index, and the queue's triggers, if
-        missing. A table from before the side tables (an HNSW index on ``docs``) is moved
+        """Create `space`'s side table and its HNSW index, and the queue's triggers, where
+        missing (nothing is locked when all exist). A table from before the side tables (an HNSW index on ``docs``) is moved
         over: the side table is filled from ``docs``, indexed, and the old index dropped."""
         if not self._exists(conn, ann_table(space)):
             self._build_side(conn, ann_table(space), sql.Identifier(f"emb_{space}"), dim)
             conn.execute(sql.SQL("DROP INDEX IF EXISTS {s}.{i}").format(
                 s=self._s, i=sql.Identifier(f"docs_emb_{space}_hnsw")))
+        # Once per schema: CREATE TRIGGER locks out writers of docs, so not at every start.
+        (have,) = conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = ANY(%s)",
+            (f'"{self.schema}".docs', [t[0] for t in _TRIGGERS])).fetchone()
+        if have == len(_TRIGGERS):
+            return
         for name, event, ref, fn in _TRIGGERS:
             conn.execute(sql.SQL(
                 "CREATE OR REPLACE TRIGGER {n} AFTER {e} ON {s}.docs REFERENCING {r} "

@@ -310,3 +310,16 @@ def test_a_failed_drain_after_a_library_write_leaves_the_write_committed(pg_dsn:
     found, approximate = top(index, "p", v)
     assert approximate and found[0] == ("late", pytest.approx(1.0, abs=1e-6))  # from the queue
     backend.close()
+
+
+def test_a_second_start_takes_no_lock_on_docs(pg_dsn: str) -> None:
+    """Creating the backend again finds the side table and triggers in place and runs no
+    DDL: a transaction holding a row lock on docs does not block it."""
+    PostgresBackend(pg_dsn, spaces={"local": DIM}).close()
+    with psycopg.connect(pg_dsn) as holder:
+        holder.execute("LOCK TABLE slipstream.docs IN ROW EXCLUSIVE MODE")  # a writer mid-transaction
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("ALTER DATABASE " + conn.info.dbname + " SET lock_timeout = '2s'")
+        again = PostgresBackend(pg_dsn, spaces={"local": DIM})  # CREATE TRIGGER would wait here
+        assert again.ann_spaces == {"local"}
+        again.close()
