@@ -47,6 +47,12 @@ CREATE FUNCTION {s}.ann_enqueue_old() RETURNS trigger LANGUAGE plpgsql AS
     $$BEGIN INSERT INTO {s}.ann_queue (id) SELECT id FROM old_rows; RETURN NULL; END$$
 """
 
+# A side-table row takes the current partition and vector; an unchanged one is not
+# written again (an HNSW insert is the expensive part).
+_UPSERT = sql.SQL(
+    "ON CONFLICT (id) DO UPDATE SET partition = excluded.partition, v = excluded.v "
+    "WHERE a.partition IS DISTINCT FROM excluded.partition OR a.v IS DISTINCT FROM excluded.v")
+
 _TRIGGERS = (
     ("docs_ann_insert", "INSERT", "NEW TABLE AS new_rows", "ann_enqueue_new"),
     ("docs_ann_update", "UPDATE", "NEW TABLE AS new_rows", "ann_enqueue_new"),
@@ -151,10 +157,8 @@ class AnnIndex:
                 "AND NOT d.deleted AND d.{c} IS NOT NULL)").format(s=self._s, t=table, c=column))
             conn.execute(sql.SQL(
                 "INSERT INTO {s}.{t} AS a (id, partition, v) SELECT id, partition, {c} FROM {s}.docs "
-                "WHERE NOT deleted AND {c} IS NOT NULL ON CONFLICT (id) DO UPDATE SET "
-                "partition = excluded.partition, v = excluded.v "
-                "WHERE a.partition IS DISTINCT FROM excluded.partition OR a.v IS DISTINCT FROM excluded.v"
-            ).format(s=self._s, t=table, c=column))
+                "WHERE NOT deleted AND {c} IS NOT NULL {upsert}").format(
+                    s=self._s, t=table, c=column, upsert=_UPSERT))
         self._swap_next(conn, space)
 
     def _swap_next(self, conn: psycopg.Connection, space: str) -> None:
@@ -182,16 +186,18 @@ class AnnIndex:
                     ", put{i} AS (INSERT INTO {s}.{t} AS a (id, partition, v) "
                     "SELECT d.id, d.partition, d.{c} FROM ids JOIN {s}.docs d ON d.id = ids.id "
                     "WHERE NOT d.deleted AND d.{c} IS NOT NULL "
-                    "ON CONFLICT (id) DO UPDATE SET partition = excluded.partition, v = excluded.v "
-                    "WHERE a.partition IS DISTINCT FROM excluded.partition "
-                    "OR a.v IS DISTINCT FROM excluded.v)").format(
-                        i=sql.SQL(str(i)), s=self._s, t=t, c=c))
+                    "{upsert})").format(i=sql.SQL(str(i)), s=self._s, t=t, c=c, upsert=_UPSERT))
             self._drain_sql = sql.SQL(
                 "WITH taken AS (DELETE FROM {s}.ann_queue WHERE seq IN (SELECT seq FROM {s}.ann_queue "
                 "ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id), "
                 "ids AS (SELECT DISTINCT id FROM taken){parts} SELECT count(*) FROM taken").format(
                     s=self._s, parts=sql.SQL("").join(parts)).as_bytes(None)
         return self._drain_sql
+
+    @property
+    def _ann_lock(self) -> str:
+        """The advisory lock's key: one drain or rebuild at a time per schema."""
+        return f"slipstream:ann:{self.schema}"
 
     def index_queued(self, limit: int = ANN_BATCH, conn: psycopg.Connection | None = None) -> int:
         """Bring the side tables up to date for the `limit` oldest queued rows, in one
@@ -208,7 +214,7 @@ class AnnIndex:
         # One drain at a time per schema, each reading ``docs`` after the last one
         # committed: two at once could take two entries of one row and write its older
         # state last (an upsert applies to the newest version, whatever its snapshot).
-        c.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"slipstream:ann:{self.schema}",))
+        c.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._ann_lock,))
         # No wait for the WAL flush: a drain lost in a crash loses its queue deletions
         # with it, so the rows are taken again; the apply's own fsyncs keep the disk.
         c.execute("SET LOCAL synchronous_commit = off")
@@ -243,7 +249,7 @@ class AnnIndex:
         entry the build's snapshot sees; returns how many. Rows written meanwhile keep
         their entries for the next drain. Searches read the old side tables until the
         swap."""
-        lock = f"slipstream:ann:{self.schema}"
+        lock = self._ann_lock
         with self.connection() as c:  # pooled: autocommit between the statements below
             c.execute("SELECT pg_advisory_lock(hashtext(%s))", (lock,))  # before the snapshot
             try:
@@ -295,13 +301,13 @@ class AnnIndex:
                 col=col, s=self._s, t=sql.Identifier(ann_table(space)), ann_scope=ann_scope,
                 in_scope=in_scope, f=fsql),
             [*sparams, *sparams, *fparams, q, depth], binary=True).fetchall()
+        if len(rows) < depth:  # short (filters, a small scope): the caller ranks exactly
+            return rows
         tail = c.execute(sql.SQL(
             "SELECT d.object_type, d.object_id, d.node_kind, {col} FROM {s}.docs d "
             "WHERE d.id IN (SELECT id FROM {s}.ann_queue) AND {in_scope}NOT d.deleted AND {f} "
             "AND {col} IS NOT NULL").format(col=col, s=self._s, in_scope=in_scope, f=fsql),
             [*sparams, *fparams], binary=True).fetchall()
-        if len(rows) < depth:  # short (filters, a small scope): the caller ranks exactly
-            return rows
         seen = {(r[0], r[1], r[2]) for r in rows}
         rows.extend(r for r in tail if (r[0], r[1], r[2]) not in seen)
         return rows
