@@ -15,9 +15,9 @@ floor (which copies into a side table with its HNSW index too) is taken at the s
 
 Latency: a writer process commits single-row transactions at a fixed rate; for each
 one the time from its source commit to the commit of the apply transaction that made
-it searchable is recorded (with HNSW, also how many rows still waited for the
-side table when the writer stopped, and how long they took), with a breakdown by stage (taken by wrapping the worker's
-functions in this process, not by changing them). Beside it, the replication floor: the
+it searchable is recorded, with a breakdown by stage (taken by wrapping the worker's
+functions in this process, not by changing them); with HNSW, also how many rows still
+waited for the side table when the writer stopped, and how long they took. Beside it, the replication floor: the
 same writer against a bare replication client that only reads the stream, so the part of
 the latency that is Postgres's own (commit, WAL flush, the walsender's decoding and
 wake-up) shows apart from the worker's. CPU: the bench process runs only
@@ -256,7 +256,7 @@ def throughput(server: EmbeddedPostgres, rows: int, hnsw: bool, table: list, lim
     for what, t, x, floor, cpu in (("inserts", t_ins, x_ins, floor_ins, cpu_ins),
                                    ("updates", t_upd, x_upd, floor_upd, cpu_upd)):
         # With HNSW the ratio is to the time the side table held every row too: the
-        # floor builds the same index.
+        # floor ends with the same rows in the same indexes.
         result = f"{rows / t:,.0f} changes/s" + (f" ({rows / x:,.0f}/s HNSW-indexed)" if hnsw else "")
         table.append((f"Apply {rows:,} {what}, {mode}", result,
                       f"{rows / floor:,.0f} rows/s", f"{floor / x:.2f}",
