@@ -4,8 +4,10 @@
     python bench/bench_sync.py --export-rows 10000 50000 --latency-seconds 10 --devices 1000
 
 * Export: `export_shard` of a 10k and a 50k-row partition (384-d vectors), rows/s and
-  file size (the median of ``--export-rounds`` runs); and the same shard downloaded over
-  HTTP from `/v1/snapshot`, gzip and as is (``Accept-Encoding: identity``). With
+  file size (the median of ``--export-rounds`` runs); and the same partition downloaded
+  over HTTP from `/v1/snapshot` as devices would ask for it: a first request (an
+  export), a second (the serve process's cached file, nothing new), one after 500 rows
+  changed (the cached file brought forward by those changes) and one with gzip. With
   ``--export-baseline REF`` the export of git revision REF runs in the same rounds,
   alternating with this one, so the ratio between them holds however loaded the machine
   is.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import platform
 import resource
@@ -133,7 +136,8 @@ class Serve:
         exe = Path(sys.executable).with_name("slipstream")
         self.proc = subprocess.Popen(
             [str(exe), "serve", "--config", str(cfg), "--log-level", "warning"],
-            env={**os.environ, "BENCH_SYNC_SECRET": SECRET}, stdout=self.log,
+            env={**os.environ, "BENCH_SYNC_SECRET": SECRET, "TMPDIR": str(workdir)},
+            stdout=self.log,
             stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -218,20 +222,60 @@ def export_phase(dsn: str, sizes: list[int], serve: Serve, workdir: Path, table:
             table.append((f"Export {n:,} rows: current / {baseline}",
                           f"{median[runs[1][0]] / median['export_shard']:.2f}x rows/s",
                           "medians of rounds run alternately", load))
-        for encoding in ("gzip", "identity"):
-            out = workdir / f"download-{n}.db"
-            with httpx.Client(headers={"authorization": f"Bearer {issue_token(SECRET, [f'p{n}'])}",
-                                       "accept-encoding": encoding}, timeout=300) as http:
-                started = time.perf_counter()
-                with http.stream("GET", f"{serve.url}/v1/snapshot", params={"spaces": "local"}) as r:
-                    r.raise_for_status()
-                    with open(out, "wb") as f:
-                        f.writelines(r.iter_bytes())
-                    wire = r.num_bytes_downloaded
-                t = time.perf_counter() - started
-            table.append((f"Snapshot of {n:,} rows over HTTP ({encoding}: export + send + write)",
-                          f"{n / t:,.0f} rows/s", f"{t:.2f} s, {wire / 1e6:.1f} MB on the wire",
-                          f"load {os.getloadavg()[0]:.1f}"))
+        snapshot_requests(dsn, n, serve, workdir, table)
+
+
+EDITS = 500  # rows rewritten between two snapshot requests of one partition
+
+
+def snapshot_requests(dsn: str, n: int, serve: Serve, workdir: Path, table: list) -> None:
+    """`GET /v1/snapshot` of partition p{n}, as devices would ask: the first request
+    exports; the next finds the serve process's cached file with nothing new; after
+    `EDITS` rows are rewritten (new text, analysed and embedded), one more brings the cached
+    file forward by those changes; the last asks for gzip."""
+    part = f"p{n}"
+    headers = {"authorization": f"Bearer {issue_token(SECRET, [part])}"}
+
+    def edit() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            keys = conn.execute("SELECT object_type, object_id, node_kind FROM slipstream.docs "
+                                "WHERE partition = %s ORDER BY random() LIMIT %s",
+                                (part, EDITS)).fetchall()
+        backend = PostgresBackend(dsn, spaces={"local": DIM}, hnsw=False, create_schema=False)
+        try:
+            index = SearchIndex(backend, HashingEmbedder(DIM))
+            rng = np.random.default_rng(n)
+            docs = [dataclasses.replace(d, object_type=k[0], object_id=k[1], node_kind=k[2])
+                    for d, k in zip(Corpus(seed=n).docs(len(keys), [part]), keys)]
+            vecs = rng.standard_normal((len(docs), DIM)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            prepared = index.prepare(docs, {i: {"local": v} for i, v in enumerate(vecs)})
+            with backend.connect() as conn, conn.transaction():
+                backend.write(prepared, conn=conn)
+                ChangeLog().append(conn, [ChangeEntry(part, *d.key, "u", 1) for d in docs])
+        finally:
+            backend.close()
+
+    steps = [("first request: export + send", "identity", None),
+             ("again, nothing new: the cached file", "identity", None),
+             (f"after {EDITS} rows changed: the cached file + {EDITS} changes applied", "identity",
+              edit),
+             ("again, gzip: the cached file compressed", "gzip", None)]
+    for label, encoding, before in steps:
+        if before is not None:
+            before()
+        out = workdir / f"download-{n}.db"
+        with httpx.Client(headers={**headers, "accept-encoding": encoding}, timeout=300) as http:
+            started = time.perf_counter()
+            with http.stream("GET", f"{serve.url}/v1/snapshot", params={"spaces": "local"}) as r:
+                r.raise_for_status()
+                with open(out, "wb") as f:
+                    f.writelines(r.iter_bytes())
+                wire, source = r.num_bytes_downloaded, r.headers.get("slipstream-snapshot")
+            t = time.perf_counter() - started
+        table.append((f"Snapshot of {n:,} rows over HTTP, {label}", f"{n / t:,.0f} rows/s",
+                      f"{t:.2f} s, {wire / 1e6:.1f} MB on the wire ({encoding}; served: {source})",
+                      f"load {os.getloadavg()[0]:.1f}"))
 
 
 def delta_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve, workdir: Path,

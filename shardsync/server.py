@@ -23,8 +23,11 @@ Requests query Postgres on psycopg's async connections (an `AsyncConnectionPool`
 page is one statement (one snapshot, one round trip), and a large one is turned into
 entries and encoded in a worker thread, off the event loop. A waiting long-poll holds
 no database connection: one async LISTEN connection per process (`ChangeNotifier`)
-wakes the waiters whose partitions changed. A snapshot is written by `export_shard`
-(blocking: SQLite) in a worker thread, on a connection of its own.
+wakes the waiters whose partitions changed. A snapshot comes from the process's
+`SnapshotCache` (blocking: SQLite) in a worker thread, on a connection of its own: a
+fresh `export_shard`, or the last one of the same partitions and spaces brought forward
+by the change log; the header ``Slipstream-Snapshot`` says which (``export``,
+``cached``, ``caught_up``).
 """
 
 from __future__ import annotations
@@ -32,9 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
-import tempfile
 import time
 import zlib
 from collections import deque
@@ -54,16 +55,17 @@ from starlette.routing import Route
 
 from .changelog import ChangeLog
 from .errors import ResyncRequired
-from .export import export_shard
 from .reader import MAX_LIMIT, Page, read_page_async
+from .snapshot_cache import SnapshotCache
 from .tokens import Grant, TokenError, TokenVerifier, check_partitions
 from .wire import MEDIA_TYPE, accepts_gzip, encode_page, gzip_body
 
 log = logging.getLogger("slipstream.sync")
 
 CURSOR_HEADER = "Slipstream-Cursor"
+SOURCE_HEADER = "Slipstream-Snapshot"
 SHARD_MEDIA_TYPE = "application/vnd.sqlite3"
-CHUNK = 256 * 1024
+CHUNK = 1 << 20  # per read of a snapshot file (each one a hop to a worker thread)
 SNAPSHOT_GZIP_LEVEL = 1  # fast: vectors barely compress, text does at any level
 ENCODE_INLINE_ENTRIES = 64  # larger pages are encoded in a thread, off the event loop
 
@@ -71,7 +73,9 @@ ENCODE_INLINE_ENTRIES = 64  # larger pages are encoded in a thread, off the even
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     """How one `serve` process runs. `dsn` is the search database; `spaces` the default
-    spaces of snapshots and pages when a request names none (None: every space)."""
+    spaces of snapshots and pages when a request names none (None: every space);
+    `snapshot_cache_bytes` bounds the exported shards kept to answer later snapshot
+    requests (0: export every time), in a directory made under `tmp_dir`."""
 
     dsn: str
     verifier: TokenVerifier
@@ -82,6 +86,7 @@ class ServerSettings:
     max_wait: float = 60.0
     pool_min: int = 1
     pool_max: int = 8
+    snapshot_cache_bytes: int = 1 << 30
     tmp_dir: str | None = field(default=None)
 
 
@@ -321,6 +326,7 @@ class SyncServer:
         self.log = ChangeLog(settings.schema)
         self.pool: AsyncConnectionPool | None = None
         self.notifier: ChangeNotifier | None = None
+        self.snapshots: SnapshotCache | None = None
         self._inflight: dict[tuple, asyncio.Future] = {}
         self._exports = asyncio.Semaphore(max(1, settings.pool_max // 2))
 
@@ -333,9 +339,11 @@ class SyncServer:
         await self.pool.open(wait=True, timeout=30.0)
         self.notifier = ChangeNotifier(s.dsn, self.log, self.pool)
         await self.notifier.start()
+        self.snapshots = SnapshotCache(s.dsn, s.schema, s.snapshot_cache_bytes, s.tmp_dir)
         try:
             yield
         finally:
+            self.snapshots.close()
             await self.notifier.stop()
             await self.pool.close()
 
@@ -349,21 +357,6 @@ class SyncServer:
         if not read.page.entries and cursor > read.end:
             raise _Ahead(cursor, read.end)
         return read.page
-
-    def _export(self, partitions, spaces) -> tuple[str, int]:
-        """Blocking (run in a thread): export into a new temporary file; (path, cursor)."""
-        fd, path = tempfile.mkstemp(prefix="slipstream-snapshot-", suffix=".db",
-                                    dir=self.settings.tmp_dir)
-        os.close(fd)
-        os.unlink(path)  # export_shard writes a new file
-        try:
-            with psycopg.connect(self.settings.dsn, autocommit=True) as conn:
-                cursor = export_shard(conn, self.settings.schema, partitions, path, spaces)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            raise
-        return path, int(cursor)
 
     # -- endpoints ----------------------------------------------------------------------
 
@@ -442,24 +435,24 @@ class SyncServer:
             return denied.response
         except BadRequest as exc:
             return _error(400, "bad_request", str(exc))
+        assert self.snapshots is not None
         try:
             async with self._exports:
-                path, cursor = await run_in_threadpool(self._export, partitions, spaces)
+                snap = await run_in_threadpool(self.snapshots.snapshot, partitions, spaces)
         except ValidationError as exc:
             return _error(400, "bad_request", str(exc))
         except _UNAVAILABLE as exc:
             return _unavailable(exc)
-        size = os.path.getsize(path)
         gzip_ok = accepts_gzip(request.headers.get("accept-encoding"))
-        headers = {CURSOR_HEADER: str(cursor), "cache-control": "no-store",
-                   "slipstream-shard-bytes": str(size), "vary": "accept-encoding"}
+        headers = {CURSOR_HEADER: str(snap.cursor), SOURCE_HEADER: snap.source,
+                   "cache-control": "no-store", "slipstream-shard-bytes": str(snap.size),
+                   "vary": "accept-encoding"}
         if gzip_ok:
             headers["content-encoding"] = "gzip"
         else:
-            headers["content-length"] = str(size)
-        file = await run_in_threadpool(open, path, "rb")  # closed by _file_chunks
-        _unlink(path)  # the open file keeps the data; nothing is left behind on disconnect
-        return StreamingResponse(_file_chunks(file, gzip_ok), media_type=SHARD_MEDIA_TYPE,
+            headers["content-length"] = str(snap.size)
+        # _file_chunks closes the file; the cache replaces files by rename, never in place
+        return StreamingResponse(_file_chunks(snap.file, gzip_ok), media_type=SHARD_MEDIA_TYPE,
                                  headers=headers)
 
     def app(self) -> Starlette:
@@ -504,11 +497,6 @@ async def _file_chunks(f: BinaryIO, compress: bool) -> AsyncIterator[bytes]:
                     yield out
     if z is not None:
         yield z.flush()
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def create_app(settings: ServerSettings) -> Starlette:

@@ -279,3 +279,11 @@ def test_secrets_from_the_environment_are_read_only_when_asked() -> None:
     with pytest.raises(ConfigError) as info:
         cfg.embedders["local"].resolve_api_key({})
     assert info.value.path == "embedders.local.api_key_env"
+
+
+def test_the_snapshot_cache_size_is_read_and_checked() -> None:
+    assert parse_config(BASE).sync.snapshot_cache_mb == 1024
+    assert load_config(SAMPLE).sync.snapshot_cache_mb == 1024
+    assert parse_config(config_with(**{"sync/snapshot_cache_mb": 0})).sync.snapshot_cache_mb == 0
+    err = error_for(config_with(**{"sync/snapshot_cache_mb": -1}))
+    assert "sync.snapshot_cache_mb" in str(err) and "≥ 0" in str(err)

@@ -222,6 +222,9 @@ class SyncSettings:
     `token_secret_env`, or, when `public_key_file` is set, with that PEM public key
     (`algorithm` EdDSA or RS256). `audience`, when set, must be the tokens' `aud`.
     `spaces` are the embedding spaces a device gets when it asks for none.
+    `snapshot_cache_mb` bounds the disk each `serve` process keeps exported shards in, to
+    answer the next snapshot request for the same partitions by bringing one forward
+    (0: export every time).
     """
 
     listen: str = "127.0.0.1"
@@ -231,6 +234,7 @@ class SyncSettings:
     algorithm: str = "HS256"
     audience: str | None = None
     spaces: tuple[str, ...] | None = None
+    snapshot_cache_mb: int = 1024
     origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
 
     def token_key(self, environ: Mapping[str, str] | None = None) -> str | bytes:
@@ -424,7 +428,7 @@ class _Reader(TableReader):
     def sync(self, raw: object, spaces: Mapping[str, int]) -> SyncSettings:
         path: tuple[str, ...] = ("sync",)
         sec = self.section(raw, path, ("listen", "port", "token_secret_env", "public_key_file",
-                                       "algorithm", "audience", "spaces"))
+                                       "algorithm", "audience", "spaces", "snapshot_cache_mb"))
         d = SyncSettings()
         algorithm = self.string(sec, (*path, "algorithm"), d.algorithm, '"HS256", "EdDSA" or "RS256"')
         if algorithm not in ("HS256", "EdDSA", "RS256"):
@@ -441,7 +445,9 @@ class _Reader(TableReader):
             token_secret_env=self.env_name(sec, (*path, "token_secret_env")) or d.token_secret_env,
             public_key_file=key_file, algorithm=algorithm,
             audience=self.string(sec, (*path, "audience"), None, "a string") or None,
-            spaces=self.spaces(sec, (*path, "spaces"), spaces), origin=self.source)
+            spaces=self.spaces(sec, (*path, "spaces"), spaces),
+            snapshot_cache_mb=self.integer(sec, (*path, "snapshot_cache_mb"), d.snapshot_cache_mb, 0),
+            origin=self.source)
 
     def embedder(self, raw: object, name: str, spaces: Mapping[str, int]) -> EmbedderConfig:
         path: tuple[str, ...] = ("embedders", name)
