@@ -20,6 +20,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from itertools import repeat
 
 import snowballstemmer
 
@@ -119,5 +120,8 @@ def analyze_doc(doc: IndexDoc) -> LexicalFields:
         title_terms.extend(analyze(keyword))
     body_terms = analyze(doc.body)
     title_tf, body_tf = Counter(title_terms), Counter(body_terms)
-    tf = {t: (title_tf.get(t, 0), body_tf.get(t, 0)) for t in sorted(title_tf.keys() | body_tf.keys())}
-    return LexicalFields(tf=tf, len_title=len(title_terms), len_body=len(body_terms))
+    terms = sorted(title_tf.keys() | body_tf.keys())
+    # (title, body) counts per term, built by C-level iteration (no Python frame per term).
+    counts = zip(map(title_tf.get, terms, repeat(0)), map(body_tf.get, terms, repeat(0)))
+    return LexicalFields(tf=dict(zip(terms, counts)), len_title=len(title_terms),
+                         len_body=len(body_terms))
