@@ -24,6 +24,10 @@ wake-up) shows apart from the worker's. CPU: the bench process runs only
 the worker (the writer is a child process), so its CPU time while idle and while the
 writer runs is the worker's.
 
+Each phase starts from a settled server: the database of the phase before is dropped
+(its slot first) and a checkpoint writes out its dirty buffers, so neither its
+autovacuum nor a checkpoint lands inside the next phase's measurements.
+
 Every phase has a hard time limit: a phase that overruns is reported as stalled and
 the bench exits. The embedded PostgreSQL is stopped on every exit, SIGINT and SIGTERM
 included.
@@ -253,6 +257,7 @@ def throughput(server: EmbeddedPostgres, rows: int, hnsw: bool, table: list, lim
         cpu_upd = cpu_seconds() - cpu
     floor_upd = copy_floor(dsn, hnsw)
     worker.close()
+    settle(server, drop=f"bench_{'hnsw' if hnsw else 'exact'}")
     for what, t, x, floor, cpu in (("inserts", t_ins, x_ins, floor_ins, cpu_ins),
                                    ("updates", t_upd, x_upd, floor_upd, cpu_upd)):
         # With HNSW the ratio is to the time the side table held every row too: the
@@ -261,6 +266,18 @@ def throughput(server: EmbeddedPostgres, rows: int, hnsw: bool, table: list, lim
         table.append((f"Apply {rows:,} {what}, {mode}", result,
                       f"{rows / floor:,.0f} rows/s", f"{floor / x:.2f}",
                       f"{cpu / x * 100:.0f}% of a core, {cpu / rows * 1000:.2f} ms CPU/change"))
+
+
+def settle(server: EmbeddedPostgres, drop: str | None = None) -> None:
+    """Start the next phase from a settled server: drop a finished phase's database (its
+    slot first; its autovacuum would otherwise run during the next phase) and write out
+    dirty buffers (a checkpoint, instead of one falling inside the next phase)."""
+    with psycopg.connect(server.dsn(), autocommit=True) as admin:
+        if drop is not None:
+            admin.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                          "WHERE database = %s", (drop,))
+            admin.execute(f'DROP DATABASE IF EXISTS "{drop}" WITH (FORCE)')
+        admin.execute("CHECKPOINT")
 
 
 # -- latency ------------------------------------------------------------------------------
@@ -458,6 +475,7 @@ def latency(server: EmbeddedPostgres, rate: int, seconds: float, hnsw: bool, tab
     dsn = make_db(server, f"bench_latency_{'hnsw' if hnsw else 'exact'}")
     worker = worker_for(dsn, hnsw)
     worker.setup()
+    settle(server)
     runner = worker.runner()
     stages = Stages()
     stages.install(runner)
@@ -500,6 +518,7 @@ def latency(server: EmbeddedPostgres, rate: int, seconds: float, hnsw: bool, tab
             stages.uninstall()
         fsync_ms = durable_commit_ms(dsn)
     worker.close()
+    settle(server, drop=f"bench_latency_{'hnsw' if hnsw else 'exact'}")
     rows = stages.rows
     total = np.asarray([r["total"] for r in rows]) * 1000
     what = f"Commit-to-searchable, {rate} txn/s for {seconds:.0f} s ({len(rows)} txns, written in {wrote:.0f} s), {mode}"
