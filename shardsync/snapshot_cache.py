@@ -35,7 +35,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -44,7 +44,6 @@ import psycopg
 from slipstream.index import SQLiteBackend
 from slipstream.index.errors import SlipstreamError
 
-from .errors import ResyncRequired
 from .export import export_shard
 from .reader import read_page
 from .shard import apply_page
@@ -95,7 +94,8 @@ class SnapshotCache:
         self.dsn, self.schema, self.max_bytes = dsn, schema, max_bytes
         self.directory = Path(tempfile.mkdtemp(prefix="slipstream-snapshots-", dir=parent))
         self._entries: dict[Key, _Entry] = {}
-        self._locks: dict[Key, threading.Lock] = {}
+        # key -> [its lock, requests holding or waiting for it]: only keys in use have one
+        self._locks: dict[Key, list] = {}
         self._guard = threading.Lock()  # the two dicts above
         self.exports = 0  # counters, for tests and logs
         self.hits = 0
@@ -109,14 +109,14 @@ class SnapshotCache:
     def snapshot(self, partitions: Sequence[str], spaces: Sequence[str] | None) -> Snapshot:
         """A shard of `partitions` with `spaces`, current as of its cursor, opened for reading."""
         key: Key = (tuple(sorted(partitions)), None if spaces is None else tuple(spaces))
-        with self._lock_for(key):
+        with self._holding(key):
+            entry = self._entries.get(key)
+            source = "export"
             with psycopg.connect(self.dsn, autocommit=True) as conn:
-                entry = self._entries.get(key)
-                source = "export"
                 if entry is not None:
                     try:
                         source = self._bring_forward(conn, key, entry)
-                    except (ResyncRequired, _Stale, SlipstreamError, sqlite3.Error) as exc:
+                    except (_Stale, SlipstreamError, sqlite3.Error) as exc:
                         log.info("sync: cached snapshot of %s dropped (%s); exporting afresh",
                                  list(key[0]), exc)
                         self._drop(key)
@@ -137,9 +137,22 @@ class SnapshotCache:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _lock_for(self, key: Key) -> threading.Lock:
+    @contextlib.contextmanager
+    def _holding(self, key: Key) -> Iterator[None]:
+        """The key's lock, held: requests for one key run one at a time (devices of a
+        shared partition starting together cost one export). A lock exists only while
+        requests hold or wait for it, so the table stays as small as the work in flight."""
         with self._guard:
-            return self._locks.setdefault(key, threading.Lock())
+            slot = self._locks.setdefault(key, [threading.Lock(), 0])
+            slot[1] += 1
+        try:
+            with slot[0]:
+                yield
+        finally:
+            with self._guard:
+                slot[1] -= 1
+                if slot[1] == 0:
+                    del self._locks[key]
 
     def _path(self, key: Key) -> Path:
         name = hashlib.blake2b(json.dumps(key).encode(), digest_size=12).hexdigest()
@@ -209,9 +222,8 @@ class SnapshotCache:
             for key, entry in sorted(self._entries.items(), key=lambda kv: kv[1].used):
                 if total <= self.max_bytes:
                     break
-                lock = self._locks.get(key)
-                if lock is not None and lock.locked():
-                    continue
+                if key in self._locks:
+                    continue  # being served or brought forward
                 victims.append(self._entries.pop(key))
                 total -= entry.size
         for entry in victims:

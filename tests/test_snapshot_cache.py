@@ -168,6 +168,7 @@ def test_concurrent_requests_for_one_partition_share_one_export(writer, cache, t
         t.join(60)
     assert not errors and len(results) == 8
     assert cache.exports == 1 and sorted(s for s, _, _ in results) == ["cached"] * 7 + ["export"]
+    assert not cache._locks  # a key's lock lives only while requests use it
     expected = server_state(writer.dsn, ["A"], ["local"])
     assert all(shard_state(str(p)) == expected for _, _, p in results)
 
