@@ -23,6 +23,7 @@ from slipstream.shardsync.changelog import ChangeLog
 from slipstream.shardsync.compact import compact
 from slipstream.shardsync.export import export_shard
 from slipstream.shardsync.server import CURSOR_HEADER, SOURCE_HEADER, ServerSettings
+from slipstream.shardsync.shard import read_meta
 from slipstream.shardsync.snapshot_cache import SnapshotCache
 from slipstream.shardsync.tokens import TokenVerifier, issue_token
 
@@ -37,11 +38,13 @@ def text(i: int) -> str:
 
 
 def served(snap, tmp_path: Path, name: str) -> Path:
-    """Copy the served file out (as a device would receive it) and close it."""
+    """Copy the served file out (as a device would receive it) and close it; the cursor
+    it is served with is the one it holds."""
     out = tmp_path / name
     with snap.file as f, open(out, "wb") as dst:
         shutil.copyfileobj(f, dst)
     assert out.stat().st_size == snap.size
+    assert read_meta(out)["cursor"] == str(snap.cursor)
     return out
 
 
@@ -233,3 +236,61 @@ def test_the_server_serves_cached_snapshots_and_removes_its_directory_on_exit(
     finally:
         server.stop()
     assert not list(cache_parent.iterdir())
+
+
+def test_files_served_while_a_writer_commits_continue_exactly_from_their_cursors(
+        writer, pg_dsn, cache, tmp_path, monkeypatch):
+    """Each served file, exported or brought forward while another session commits, is a
+    consistent state at its cursor: a device that applies the pages after that cursor
+    ends equal to the server (the test's writers stop first)."""
+    import random
+
+    from slipstream.shardsync.shard import open_shard
+
+    from .shardsync_helpers import LogWriter, pull, random_doc
+
+    monkeypatch.setattr(cache_mod, "PAGE_LIMIT", 7)  # catch-ups read several pages
+    writer.apply([doc(str(i), "AB"[i % 2], text(i)) for i in range(60)])
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(seed: int) -> None:
+        rng = random.Random(seed)
+        w = LogWriter(pg_dsn)
+        try:
+            while not stop.is_set():
+                ids = [str(rng.randrange(80)) for _ in range(rng.randint(1, 4))]
+                upserts = [random_doc(rng, i, ["A", "B"]) for i in dict.fromkeys(ids)]
+                deletes = [(d.object_type, d.object_id, d.node_kind) for d in upserts[:1]
+                           if rng.random() < 0.2]
+                w.apply([d for d in upserts if (d.object_type, d.object_id, d.node_kind)
+                         not in deletes], deletes=deletes)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            w.close()
+
+    # One writing session, as the worker is one (the log's seq is assigned per writer).
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(1)]
+    for t in writers:
+        t.start()
+    served_files = []
+    try:
+        for n in range(8):
+            snap = cache.snapshot(["A"], ["local"])
+            served_files.append((snap.source, served(snap, tmp_path, f"{n}.db")))
+    finally:
+        stop.set()
+        for t in writers:
+            t.join(30)
+    assert not errors
+    assert {s for s, _ in served_files} >= {"export", "caught_up"}
+    expected = server_state(pg_dsn, ["A"], ["local"])
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for _, path in served_files:
+            shard = open_shard(path)
+            try:
+                pull(shard, conn, ["A"], 5)
+            finally:
+                shard.close()
+            assert shard_state(str(path)) == expected
