@@ -15,8 +15,9 @@ floor (which copies into a side table with its HNSW index too) is taken at the s
 
 Latency: a writer process commits single-row transactions at a fixed rate; for each
 one the time from its source commit to the commit of the apply transaction that made
-it searchable is recorded, with a breakdown by stage (taken by wrapping the worker's
-functions in this process, not by changing them); with HNSW, also how many rows still
+it searchable is recorded, with a breakdown by stage, wall time and the CPU time of the
+thread doing the work (taken by wrapping the worker's functions in this process, not by
+changing them); with HNSW, also how many rows still
 waited for the side table when the writer stopped, and how long they took. Beside it, the replication floor: the
 same writer against a bare replication client that only reads the stream, so the part of
 the latency that is Postgres's own (commit, WAL flush, the walsender's decoding and
@@ -283,7 +284,8 @@ def settle(server: EmbeddedPostgres, drop: str | None = None) -> None:
 # -- latency ------------------------------------------------------------------------------
 
 class Stages:
-    """Wall time of each stage, per batch and per transaction, from wrapped functions."""
+    """Wall time of each stage, per batch and per transaction, and the CPU time the
+    worker's threads spent in each (`time.thread_time`), from wrapped functions."""
 
     def __init__(self) -> None:
         self.arrived: dict[int, float] = {}  # end LSN -> when the reader had the transaction
@@ -292,16 +294,21 @@ class Stages:
         self.decode = 0.0
         self.decoded = 0
         self.rows: list[dict[str, float]] = []
+        self.cpu: dict[str, float] = {}  # stage -> CPU seconds, all transactions
+
+    def charge(self, name: str, since: float) -> None:
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.thread_time() - since
 
     def timed(self, name: str, fn):
         def wrapper(*args, **kw):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kw)
             finally:
                 cur = self.current
                 if cur is not None:
                     cur[name] = cur.get(name, 0.0) + time.perf_counter() - started
+                    self.charge(name, cpu)
         return wrapper
 
     def install(self, runner) -> None:
@@ -312,12 +319,13 @@ class Stages:
         decode = runner_mod.decode
 
         def timed_decode(payload):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 return decode(payload)
             finally:
                 stages.decode += time.perf_counter() - started
                 stages.decoded += 1
+                stages.charge("decode", cpu)
 
         class Assembler(runner_mod.TxnAssembler):
             def feed(self, event):
@@ -353,9 +361,11 @@ class Stages:
             def timed_plan(batch):
                 rec = {"plan_start": time.time()}
                 self.current = rec
+                cpu = time.thread_time()
                 try:
                     return plan(batch)
                 finally:
+                    self.charge("plan", cpu)
                     self.current = None
                     rec["plan_end"] = time.time()
                     self.batch[id(batch)] = rec
@@ -363,9 +373,11 @@ class Stages:
             def timed_commit(planned, also=None):
                 rec = self.batch.setdefault(id(planned.batch), {})
                 rec["commit_start"] = time.time()
+                cpu = time.thread_time()
                 try:
                     return commit(planned, also)
                 finally:
+                    self.charge("commit", cpu)
                     rec["commit_end"] = time.time()
 
             applier.mappers, applier.plan, applier.commit = timed_lookup, timed_plan, timed_commit
@@ -530,9 +542,19 @@ def latency(server: EmbeddedPostgres, rate: int, seconds: float, hnsw: bool, tab
                   f"idle {idle * 100:.2f}% of a core"))
     names = [k for k in rows[0] if k != "total"] if rows else []
     decode_ms = stages.decode / max(1, stages.decoded) * 1000 * 3  # Begin, Insert, Commit
-    stages_table.append((mode, [("decode (3 messages)", decode_ms, decode_ms)] + [
+    # CPU per transaction, where a stage is work rather than waiting; the rest of the
+    # process's CPU is reading the stream, the batcher, metrics and status updates.
+    per_txn = {k: v * 1000 / max(1, len(rows)) for k, v in stages.cpu.items()}
+    cpu = {"map": per_txn.get("map", 0.0), "analyse": per_txn.get("analyse", 0.0),
+           "embed": per_txn.get("embed", 0.0), "commit (write + fsync)": per_txn.get("commit", 0.0)}
+    cpu["plan: state reads and rest"] = per_txn.get("plan", 0.0) - cpu["map"] - cpu["analyse"] - cpu["embed"]
+    cpu["decode (3 messages)"] = per_txn.get("decode", 0.0)
+    busy_ms = busy * 1000 / max(1, len(rows))
+    stages_table.append((mode, [("decode (3 messages)", decode_ms, decode_ms, cpu["decode (3 messages)"])] + [
         (k, float(np.percentile([r[k] * 1000 for r in rows], 50)),
-         float(np.percentile([r[k] * 1000 for r in rows], 99))) for k in names],
+         float(np.percentile([r[k] * 1000 for r in rows], 99)), cpu.get(k)) for k in names] + [
+        ("the rest: reading the stream, batching, metrics, status updates", None, None,
+         busy_ms - sum(cpu.values()))],
         fsync_ms))
 
 
@@ -591,11 +613,12 @@ def main() -> None:
     for row in table:
         print(f"| {row[0].ljust(width)} | " + " | ".join(row[1:]) + " |")
     for mode, rows, fsync_ms in stages_table:
-        print(f"\nWhere the time goes, {mode} (per transaction, ms; a bare durable single-row "
+        print(f"\nWhere the time goes, {mode} (per transaction, ms, wall and the worker's CPU; a bare durable single-row "
               f"commit on the search database: p50 {fsync_ms:.2f} ms)\n")
-        print("| stage | p50 | p99 |\n|---|---|---|")
-        for name, p50, p99 in rows:
-            print(f"| {name} | {p50:.2f} | {p99:.2f} |")
+        print("| stage | p50 | p99 | CPU, mean |\n|---|---|---|---|")
+        for name, p50, p99, cpu in rows:
+            cells = ["" if v is None else f"{v:.2f}" for v in (p50, p99, cpu)]
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
