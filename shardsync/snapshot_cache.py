@@ -97,7 +97,7 @@ class SnapshotCache:
         self._entries: dict[Key, _Entry] = {}
         # key -> [its lock, requests holding or waiting for it]: only keys in use have one
         self._locks: dict[Key, list] = {}
-        self._guard = threading.Lock()  # the two dicts above
+        self._guard = threading.Lock()  # the two dicts above and the counters
         self.exports = 0  # counters, for tests and logs
         self.hits = 0
 
@@ -126,10 +126,11 @@ class SnapshotCache:
                     entry = self._export(conn, key)
             file = open(entry.path, "rb")  # noqa: SIM115 - the response closes it
             entry.used = time.monotonic()
-            if source == "export":
-                self.exports += 1
-            else:
-                self.hits += 1
+            with self._guard:  # requests for other keys count at the same time
+                if source == "export":
+                    self.exports += 1
+                else:
+                    self.hits += 1
             snap = Snapshot(file, entry.cursor, os.fstat(file.fileno()).st_size, source)
             if entry.size > self.max_bytes:
                 self._drop(key)  # too large to keep: served once, like an uncached export
