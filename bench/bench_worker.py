@@ -274,7 +274,9 @@ def settle(server: EmbeddedPostgres, drop: str | None = None) -> None:
     slot first; its autovacuum would otherwise run during the next phase) and write out
     dirty buffers (a checkpoint, instead of one falling inside the next phase)."""
     with psycopg.connect(server.dsn(), autocommit=True) as admin:
-        if drop is not None:
+        if drop is not None:  # a closed worker's walsender may still be exiting: wait for it
+            admin.execute("SELECT pg_terminate_backend(active_pid, 5000) FROM pg_replication_slots "
+                          "WHERE database = %s AND active_pid IS NOT NULL", (drop,))
             admin.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                           "WHERE database = %s", (drop,))
             admin.execute(f'DROP DATABASE IF EXISTS "{drop}" WITH (FORCE)')

@@ -9,6 +9,7 @@ gets a database of its own, dropped afterwards (with any replication slots in it
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -66,6 +67,31 @@ def pg_server() -> Iterator[_Server]:
         server.cleanup()
 
 
+def _drop_slots(conn: psycopg.Connection, database: str) -> None:
+    """Drop `database`'s replication slots, ending the walsenders that hold them. A slot
+    stays active until its walsender has exited, which a busy machine can delay past
+    the terminate call: wait for each (up to 5 s), and retry the drop while it is in use.
+    A slot left behind would refuse every later test's slot of the same name."""
+    deadline = time.monotonic() + 30
+    while True:
+        conn.execute(
+            "SELECT pg_terminate_backend(active_pid, 5000) FROM pg_replication_slots "
+            "WHERE database = %s AND active_pid IS NOT NULL",
+            (database,),
+        )
+        try:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE database = %s",
+                (database,),
+            )
+            return
+        except psycopg.errors.ObjectInUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 @pytest.fixture
 def pg_dsn(pg_server: _Server) -> Iterator[str]:
     """A fresh database with pgvector, dropped (slots first) after the test."""
@@ -79,15 +105,7 @@ def pg_dsn(pg_server: _Server) -> Iterator[str]:
         yield dsn
     finally:
         with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                "WHERE database = %s AND active_pid IS NOT NULL",
-                (name,),
-            )
-            conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
-                (name,),
-            )
+            _drop_slots(conn, name)
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
