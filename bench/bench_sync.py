@@ -130,7 +130,7 @@ class Serve:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = workdir / "serve.toml"
-        cfg.write_text(f'[source]\ndsn = "{dsn}"\n[sync]\nport = {self.port}\n'
+        cfg.write_text(f'[source]\ndsn = "{dsn}"\n[sync]\nport = {self.port}\nmetrics_port = 0\n'
                        'token_secret_env = "BENCH_SYNC_SECRET"\n')
         self.log = open(workdir / "serve.log", "w")  # noqa: SIM115
         exe = Path(sys.executable).with_name("slipstream")

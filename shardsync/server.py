@@ -12,6 +12,9 @@ Endpoints (every one but /healthz takes `Authorization: Bearer <device token>`):
   answering (an empty page when nothing came).
 * ``GET /healthz`` — 200 when the database answers and the LISTEN connection is up.
 
+Metrics (`server_metrics`) are served on a port of their own, `metrics_port`, not on
+the one devices reach.
+
 Answers: 401 for a missing or unacceptable token, 403 for a partition the token does
 not list (whether or not it exists — the body is the same), 400 for bad parameters
 (the body says which and why), 410 ``resync_required`` for a cursor below the
@@ -56,6 +59,7 @@ from starlette.routing import Route
 from .changelog import ChangeLog
 from .errors import ResyncRequired
 from .reader import MAX_LIMIT, Page, read_page_async
+from .server_metrics import MetricsEndpoint, SyncMetrics
 from .snapshot_cache import SnapshotCache
 from .tokens import Grant, TokenError, TokenVerifier, check_partitions
 from .wire import MEDIA_TYPE, accepts_gzip, encode_page, gzip_body
@@ -75,7 +79,8 @@ class ServerSettings:
     """How one `serve` process runs. `dsn` is the search database; `spaces` the default
     spaces of snapshots and pages when a request names none (None: every space);
     `snapshot_cache_bytes` bounds the exported shards kept to answer later snapshot
-    requests (0: export every time), in a directory made under `tmp_dir`."""
+    requests (0: export every time), in a directory made under `tmp_dir`;
+    `metrics_port` serves `/metrics` on `metrics_host` (0: not served)."""
 
     dsn: str
     verifier: TokenVerifier
@@ -87,6 +92,8 @@ class ServerSettings:
     pool_min: int = 1
     pool_max: int = 8
     snapshot_cache_bytes: int = 1 << 30
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
     tmp_dir: str | None = field(default=None)
 
 
@@ -327,6 +334,8 @@ class SyncServer:
         self.pool: AsyncConnectionPool | None = None
         self.notifier: ChangeNotifier | None = None
         self.snapshots: SnapshotCache | None = None
+        self.metrics = SyncMetrics()
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self._inflight: dict[tuple, asyncio.Future] = {}
         self._exports = asyncio.Semaphore(max(1, settings.pool_max // 2))
 
@@ -340,9 +349,14 @@ class SyncServer:
         self.notifier = ChangeNotifier(s.dsn, self.log, self.pool)
         await self.notifier.start()
         self.snapshots = SnapshotCache(s.dsn, s.schema, s.snapshot_cache_bytes, s.tmp_dir)
+        self.metrics.watch_cache(self.snapshots.bytes)
+        if s.metrics_port:
+            self.metrics_endpoint = self.metrics.serve(s.metrics_host, s.metrics_port)
         try:
             yield
         finally:
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.stop()
             self.snapshots.close()
             await self.notifier.stop()
             await self.pool.close()
@@ -392,7 +406,12 @@ class SyncServer:
                 remaining = deadline - time.monotonic()
                 if page.entries or page.has_more or remaining <= 0:
                     break
-                if not await self.notifier.wait_beyond(page.next_cursor, partitions, remaining):
+                self.metrics.long_polls.inc()
+                try:
+                    woken = await self.notifier.wait_beyond(page.next_cursor, partitions, remaining)
+                finally:
+                    self.metrics.long_polls.dec()
+                if not woken:
                     break
         except ResyncRequired as exc:
             return _error(410, "resync_required", str(exc), horizon=exc.horizon, cursor=exc.cursor)
@@ -438,11 +457,14 @@ class SyncServer:
         assert self.snapshots is not None
         try:
             async with self._exports:
+                started = time.monotonic()
                 snap = await run_in_threadpool(self.snapshots.snapshot, partitions, spaces)
         except ValidationError as exc:
             return _error(400, "bad_request", str(exc))
         except _UNAVAILABLE as exc:
             return _unavailable(exc)
+        self.metrics.snapshots.labels(snap.source).inc()
+        self.metrics.snapshot_seconds.labels(snap.source).observe(time.monotonic() - started)
         gzip_ok = accepts_gzip(request.headers.get("accept-encoding"))
         headers = {CURSOR_HEADER: str(snap.cursor), SOURCE_HEADER: snap.source,
                    "cache-control": "no-store", "slipstream-shard-bytes": str(snap.size),
@@ -457,10 +479,22 @@ class SyncServer:
 
     def app(self) -> Starlette:
         return Starlette(routes=[
-            Route("/healthz", self.healthz),
-            Route("/v1/changes", self.changes),
-            Route("/v1/snapshot", self.snapshot),
+            Route("/healthz", self._counted("healthz", self.healthz)),
+            Route("/v1/changes", self._counted("changes", self.changes)),
+            Route("/v1/snapshot", self._counted("snapshot", self.snapshot)),
         ], lifespan=self.lifespan)
+
+    def _counted(self, endpoint: str, handler):
+        """`handler`, counting its answers by status code (500 for an error it raises)."""
+        async def counted(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except BaseException:
+                self.metrics.requests.labels(endpoint, "500").inc()
+                raise
+            self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            return response
+        return counted
 
 
 @dataclass(frozen=True, slots=True)

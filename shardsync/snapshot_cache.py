@@ -101,6 +101,11 @@ class SnapshotCache:
         self.exports = 0  # counters, for tests and logs
         self.hits = 0
 
+    def bytes(self) -> int:
+        """Disk held by the entries' files."""
+        with self._guard:
+            return sum(e.size for e in self._entries.values())
+
     def close(self) -> None:
         """Forget every entry and remove the directory (open files keep their data)."""
         with self._guard:

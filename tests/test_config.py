@@ -287,3 +287,10 @@ def test_the_snapshot_cache_size_is_read_and_checked() -> None:
     assert parse_config(config_with(**{"sync/snapshot_cache_mb": 0})).sync.snapshot_cache_mb == 0
     err = error_for(config_with(**{"sync/snapshot_cache_mb": -1}))
     assert "sync.snapshot_cache_mb" in str(err) and "≥ 0" in str(err)
+
+
+def test_the_sync_metrics_port_is_read_and_checked() -> None:
+    assert parse_config(BASE).sync.metrics_port == 9188
+    assert parse_config(config_with(**{"sync/metrics_port": 0})).sync.metrics_port == 0
+    err = error_for(config_with(**{"sync/metrics_port": 70000}))
+    assert "sync.metrics_port" in str(err) and "65535" in str(err)

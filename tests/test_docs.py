@@ -70,8 +70,17 @@ def test_readme_metrics_table_matches_the_metrics_class() -> None:
     assert readme_metrics("### Metrics", "### Embedding metrics") == families
 
 
+def test_readme_sync_metrics_table_matches_the_sync_server_metrics() -> None:
+    from slipstream.shardsync.server_metrics import SyncMetrics
+
+    families = {_exported(f): f.type for f in SyncMetrics().registry.collect()}
+    assert readme_metrics("### Sync server metrics") == families
+
+
 def test_every_metric_name_in_the_docs_exists() -> None:
-    exported = {_exported(f) for f in Metrics().registry.collect()}
+    from slipstream.shardsync.server_metrics import SyncMetrics
+
+    exported = {_exported(f) for m in (Metrics(), SyncMetrics()) for f in m.registry.collect()}
     suffixes = ("_bucket", "_count", "_sum", "_created")
     for path in DOCS:
         # A name followed by `<` is a template (`slipstream_changes_<schema>`), not a metric.

@@ -20,9 +20,9 @@ SECRET = "cli-sync-secret-" + "w" * 32
 @pytest.fixture
 def served(pg_dsn, tmp_path):
     writer = LogWriter(pg_dsn, spaces={"local": 16})
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     config = write_config(tmp_path / "slipstream.toml", pg_dsn, "", extra=(
-        f"\n[sync]\nlisten = \"127.0.0.1\"\nport = {port}\n"
+        f"\n[sync]\nlisten = \"127.0.0.1\"\nport = {port}\nmetrics_port = {metrics_port}\n"
         f"token_secret_env = \"TEST_SYNC_SECRET\"\naudience = {toml_string('app')}\n"))
     env = environ({"TEST_SYNC_SECRET": SECRET})
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
@@ -40,6 +40,9 @@ def served(pg_dsn, tmp_path):
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             assert time.monotonic() < deadline, "serve did not come up"
             time.sleep(0.1)
+        # `serve` serves its metrics on the configured port of their own
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        assert 'slipstream_sync_requests_total{endpoint="healthz",status="200"}' in metrics.text
         yield writer, url, config, env
     finally:
         proc.terminate()

@@ -273,7 +273,8 @@ def serve(config_path: str, host: str | None, port: int | None, log_level: str) 
     settings = ServerSettings(
         dsn=cfg.search.resolve_dsn(cfg.source), schema=cfg.search.schema,
         verifier=TokenVerifier(s.token_key(), algorithm=s.algorithm, audience=s.audience),
-        spaces=s.spaces, snapshot_cache_bytes=s.snapshot_cache_mb << 20)
+        spaces=s.spaces, snapshot_cache_bytes=s.snapshot_cache_mb << 20,
+        metrics_host=host or s.listen, metrics_port=s.metrics_port)
     uvicorn.run(create_app(settings), host=host or s.listen, port=port or s.port,
                 log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
 

@@ -224,7 +224,8 @@ class SyncSettings:
     `spaces` are the embedding spaces a device gets when it asks for none.
     `snapshot_cache_mb` bounds the disk each `serve` process keeps exported shards in, to
     answer the next snapshot request for the same partitions by bringing one forward
-    (0: export every time).
+    (0: export every time). `metrics_port` serves the server's Prometheus `/metrics` on
+    the `listen` address, apart from the devices' port (0: not served).
     """
 
     listen: str = "127.0.0.1"
@@ -235,6 +236,7 @@ class SyncSettings:
     audience: str | None = None
     spaces: tuple[str, ...] | None = None
     snapshot_cache_mb: int = 1024
+    metrics_port: int = 9188
     origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
 
     def token_key(self, environ: Mapping[str, str] | None = None) -> str | bytes:
@@ -428,7 +430,8 @@ class _Reader(TableReader):
     def sync(self, raw: object, spaces: Mapping[str, int]) -> SyncSettings:
         path: tuple[str, ...] = ("sync",)
         sec = self.section(raw, path, ("listen", "port", "token_secret_env", "public_key_file",
-                                       "algorithm", "audience", "spaces", "snapshot_cache_mb"))
+                                       "algorithm", "audience", "spaces", "snapshot_cache_mb",
+                                       "metrics_port"))
         d = SyncSettings()
         algorithm = self.string(sec, (*path, "algorithm"), d.algorithm, '"HS256", "EdDSA" or "RS256"')
         if algorithm not in ("HS256", "EdDSA", "RS256"):
@@ -447,6 +450,7 @@ class _Reader(TableReader):
             audience=self.string(sec, (*path, "audience"), None, "a string") or None,
             spaces=self.spaces(sec, (*path, "spaces"), spaces),
             snapshot_cache_mb=self.integer(sec, (*path, "snapshot_cache_mb"), d.snapshot_cache_mb, 0),
+            metrics_port=self.integer(sec, (*path, "metrics_port"), d.metrics_port, 0, maximum=65535),
             origin=self.source)
 
     def embedder(self, raw: object, name: str, spaces: Mapping[str, int]) -> EmbedderConfig:
