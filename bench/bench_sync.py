@@ -84,20 +84,25 @@ def limit(seconds: int, name: str):
 
 def load(dsn: str, rows: int, partition: str, index: SearchIndex, log: ChangeLog,
          corpus: Corpus, start: int) -> None:
-    """Write `rows` docs and their log entries, in transactions of 2,000, as the worker does.
-    Vectors are dense random unit vectors (as a real embedding model gives; hashed
-    features would be sparse and compress unrealistically well)."""
-    backend = index.backend
+    """Write `rows` docs and their log entries, in transactions of 2,000, as the worker does."""
     rng = np.random.default_rng(start)
-    with backend.connect() as conn:
+    with index.backend.connect() as conn:
         for lo in range(start, start + rows, 2000):
-            docs = corpus.docs(min(2000, start + rows - lo), [partition], start=lo)
-            vecs = rng.standard_normal((len(docs), DIM)).astype(np.float32)
-            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-            prepared = index.prepare(docs, {i: {"local": v} for i, v in enumerate(vecs)})
-            with conn.transaction():
-                backend.write(prepared, conn=conn)
-                log.append(conn, [ChangeEntry(partition, *d.key, "u", 1) for d in docs])
+            write_docs(conn, index, log, corpus.docs(min(2000, start + rows - lo), [partition],
+                                                     start=lo), rng)
+
+
+def write_docs(conn: psycopg.Connection, index: SearchIndex, log: ChangeLog, docs: list,
+               rng: np.random.Generator, lsn: int = 1) -> None:
+    """Upsert `docs` and log a `u` for each, in one transaction. Vectors are dense random
+    unit vectors (as a real embedding model gives; hashed features would be sparse and
+    compress unrealistically well)."""
+    vecs = rng.standard_normal((len(docs), DIM)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    prepared = index.prepare(docs, {i: {"local": v} for i, v in enumerate(vecs)})
+    with conn.transaction():
+        index.backend.write(prepared, conn=conn)
+        log.append(conn, [ChangeEntry(d.partition, *d.key, "u", lsn) for d in docs])
 
 
 def replicate(dsn: str, log: ChangeLog, src: str, dst: str, rows: int) -> None:
@@ -232,7 +237,8 @@ def snapshot_requests(dsn: str, n: int, serve: Serve, workdir: Path, table: list
     """`GET /v1/snapshot` of partition p{n}, as devices would ask: the first request
     exports; the next finds the serve process's cached file with nothing new; after
     `EDITS` rows are rewritten (new text, analysed and embedded), one more brings the cached
-    file forward by those changes; the last asks for gzip."""
+    file forward by those changes (or exports afresh, when they are more than 5% of the
+    partition's rows: the detail says which); the last asks for gzip."""
     part = f"p{n}"
     headers = {"authorization": f"Bearer {issue_token(SECRET, [part])}"}
 
@@ -243,23 +249,18 @@ def snapshot_requests(dsn: str, n: int, serve: Serve, workdir: Path, table: list
                                 (part, EDITS)).fetchall()
         backend = PostgresBackend(dsn, spaces={"local": DIM}, hnsw=False, create_schema=False)
         try:
-            index = SearchIndex(backend, HashingEmbedder(DIM))
-            rng = np.random.default_rng(n)
             docs = [dataclasses.replace(d, object_type=k[0], object_id=k[1], node_kind=k[2])
                     for d, k in zip(Corpus(seed=n).docs(len(keys), [part]), keys)]
-            vecs = rng.standard_normal((len(docs), DIM)).astype(np.float32)
-            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-            prepared = index.prepare(docs, {i: {"local": v} for i, v in enumerate(vecs)})
-            with backend.connect() as conn, conn.transaction():
-                backend.write(prepared, conn=conn)
-                ChangeLog().append(conn, [ChangeEntry(part, *d.key, "u", 1) for d in docs])
+            with backend.connect() as conn:
+                write_docs(conn, SearchIndex(backend, HashingEmbedder(DIM)), ChangeLog(), docs,
+                           np.random.default_rng(n))
         finally:
             backend.close()
 
     steps = [("first request: export + send", "identity", None),
              ("again, nothing new: the cached file", "identity", None),
-             (f"after {EDITS} rows changed: the cached file + {EDITS} changes applied", "identity",
-              edit),
+             (f"after {EDITS} rows changed (brought forward, or exported past 5% of the rows)",
+              "identity", edit),
              ("again, gzip: the cached file compressed", "gzip", None)]
     for label, encoding, before in steps:
         if before is not None:
@@ -286,16 +287,9 @@ def delta_phase(dsn: str, index: SearchIndex, log: ChangeLog, serve: Serve, work
     with SyncClient(serve.url, token, path, spaces=["local"]) as c:
         c.sync()
     docs = corpus.docs(changes, [part], start=0)  # the first partition's ids: updates
-    backend = index.backend
-    with backend.connect() as conn:
+    with index.backend.connect() as conn:
         for lo in range(0, changes, 500):
-            batch = docs[lo:lo + 500]
-            vecs = np.random.default_rng(lo).standard_normal((len(batch), DIM)).astype(np.float32)
-            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-            with conn.transaction():
-                backend.write(index.prepare(batch, {i: {"local": v} for i, v in enumerate(vecs)}),
-                              conn=conn)
-                log.append(conn, [ChangeEntry(part, *d.key, "u", 2) for d in batch])
+            write_docs(conn, index, log, docs[lo:lo + 500], np.random.default_rng(lo), lsn=2)
     shard = open_shard(path)
     cursor = int(shard.meta("cursor"))
     wire = raw = json_bytes = entries = 0
