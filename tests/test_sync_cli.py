@@ -143,3 +143,22 @@ def issue(config: Path, env: dict, cwd: Path) -> str:
     r = cli("token", "issue", "--config", str(config), "--partition", "user-1", cwd=cwd, env=env)
     assert r.returncode == 0, shown(r)
     return r.stdout.strip()
+
+
+@pytest.mark.parametrize("key", ["port", "metrics_port"])
+def test_serve_on_a_port_in_use_is_a_clear_configuration_error(pg_dsn, tmp_path, key):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        ports = {"port": free_port(), "metrics_port": free_port(), key: taken}
+        config = write_config(tmp_path / "slipstream.toml", pg_dsn, "", extra=(
+            f"\n[sync]\nlisten = \"127.0.0.1\"\nport = {ports['port']}\n"
+            f"metrics_port = {ports['metrics_port']}\ntoken_secret_env = \"TEST_SYNC_SECRET\"\n"))
+        r = cli("serve", "--config", str(config), cwd=tmp_path,
+                env=environ({"TEST_SYNC_SECRET": SECRET}), timeout=60)
+    assert r.returncode == 2, shown(r)
+    assert f"sync.{key}" in r.stderr and f"cannot listen on 127.0.0.1:{taken}" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -270,13 +270,34 @@ def serve(config_path: str, host: str | None, port: int | None, log_level: str) 
 
     cfg = load_config(config_path)
     s = cfg.sync
+    bind = host or s.listen
+    _check_free(bind, port or s.port, "sync.port (or --port)", cfg.origin)
+    if s.metrics_port:
+        _check_free(bind, s.metrics_port, "sync.metrics_port", cfg.origin)
     settings = ServerSettings(
         dsn=cfg.search.resolve_dsn(cfg.source), schema=cfg.search.schema,
         verifier=TokenVerifier(s.token_key(), algorithm=s.algorithm, audience=s.audience),
         spaces=s.spaces, snapshot_cache_bytes=s.snapshot_cache_mb << 20,
-        metrics_host=host or s.listen, metrics_port=s.metrics_port)
+        metrics_host=bind, metrics_port=s.metrics_port)
     uvicorn.run(create_app(settings), host=host or s.listen, port=port or s.port,
                 log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+
+
+def _check_free(host: str, port: int, path: str, source: str) -> None:
+    """A clear error before starting, when `host:port` cannot be listened on (another
+    process holds it, or the address is not this machine's)."""
+    import socket
+
+    from .tomlreader import ConfigError
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); free it "
+                          "or choose another port", path=path, source=source) from exc
 
 
 @main.group()
