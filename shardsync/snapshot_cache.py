@@ -11,8 +11,8 @@ go on in parallel) and then:
 * **hit, behind** — the file is copied, the pages after its cursor are applied to the copy
   with `apply_page` (exactly what a device does), and the copy is renamed over the entry;
 * **stale** — the cursor fell below the compaction horizon, the log was reset, a space
-  changed, or more changes wait than re-exporting would cost (`catch_up_limit`): the entry
-  is dropped and exported afresh.
+  changed, or more changes wait than re-exporting would cost (`CATCH_UP_FRACTION` of its
+  rows, at least `MIN_CATCH_UP`): the entry is dropped and exported afresh.
 
 So a served file always equals a fresh export of the partitions as of its cursor (the
 same contract a device's own delta sync keeps). An entry's file is replaced by rename,
@@ -104,7 +104,10 @@ class SnapshotCache:
     def bytes(self) -> int:
         """Disk held by the entries' files."""
         with self._guard:
-            return sum(e.size for e in self._entries.values())
+            return self._held()
+
+    def _held(self) -> int:  # with the guard held
+        return sum(e.size for e in self._entries.values())
 
     def close(self) -> None:
         """Forget every entry and remove the directory (open files keep their data)."""
@@ -222,7 +225,7 @@ class SnapshotCache:
     def _evict(self) -> None:
         """Drop least recently used entries (not being worked on) until within `max_bytes`."""
         with self._guard:
-            total = sum(e.size for e in self._entries.values())
+            total = self._held()
             if total <= self.max_bytes:
                 return
             victims = []

@@ -270,8 +270,8 @@ def serve(config_path: str, host: str | None, port: int | None, log_level: str) 
 
     cfg = load_config(config_path)
     s = cfg.sync
-    bind = host or s.listen
-    _check_free(bind, port or s.port, "sync.port (or --port)", cfg.origin)
+    bind, listen_port = host or s.listen, port or s.port
+    _check_free(bind, listen_port, "sync.port (or --port)", cfg.origin)
     if s.metrics_port:
         _check_free(bind, s.metrics_port, "sync.metrics_port", cfg.origin)
     settings = ServerSettings(
@@ -279,7 +279,7 @@ def serve(config_path: str, host: str | None, port: int | None, log_level: str) 
         verifier=TokenVerifier(s.token_key(), algorithm=s.algorithm, audience=s.audience),
         spaces=s.spaces, snapshot_cache_bytes=s.snapshot_cache_mb << 20,
         metrics_host=bind, metrics_port=s.metrics_port)
-    uvicorn.run(create_app(settings), host=host or s.listen, port=port or s.port,
+    uvicorn.run(create_app(settings), host=bind, port=listen_port,
                 log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
 
 
