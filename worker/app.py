@@ -213,7 +213,8 @@ class Worker:
         # Tables added to an existing slot's config are copied while streaming (runner backfill).
         report = self.setup(progress=self._copy_progress(), copy_pending=False)
         self.log.info("setup_done", created_slot=report.created_slot, copied=report.copied,
-                      added_tables=report.added_tables, backfill=report.deferred)
+                      added_tables=report.added_tables, backfill=report.deferred,
+                      via_partition_root=report.via_partition_root)
         runner = self.runner()
         runner.install_signal_handlers()
         lost: list[SlotLag] = []

@@ -78,7 +78,8 @@ def setup(config_path: str) -> None:
         progress.close()
         worker.close()
     click.echo(f"publication: {'created' if report.created_publication else 'present'}"
-               + (f", added {', '.join(report.added_tables)}" if report.added_tables else ""))
+               + (f", added {', '.join(report.added_tables)}" if report.added_tables else "")
+               + (", set to publish partitioned tables via their root" if report.via_partition_root else ""))
     click.echo(f"slot: {'created' if report.created_slot else 'present'}")
     for table, n in report.copied.items():
         click.echo(f"snapshot: {table}: {n:,} rows")

@@ -30,6 +30,7 @@ class SetupReport:
     created_slot: bool = False
     copied: dict[str, int] = field(default_factory=dict)
     deferred: list[str] = field(default_factory=list)  # to be copied while streaming
+    via_partition_root: bool = False  # an existing publication was set to publish via roots
     # Rows of the copy that went to dead letters, per table: (count, first error).
     dead_letters: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -56,21 +57,77 @@ def shapes(conn: psycopg.Connection, tables: Sequence[str], search_schema: str |
 
 def ensure_publication(conn: psycopg.Connection, name: str, tables: Sequence[str],
                        report: SetupReport) -> None:
+    """Create the publication, or add the configured tables it lacks.
+
+    It publishes partitioned tables through their root (`publish_via_partition_root`):
+    a change in any partition then arrives as a change of the configured table, with
+    its columns. Without it, changes arrive under each partition's own name, which no
+    mapper is registered for, and would be skipped. An existing publication without
+    the option gets it when a configured table is partitioned.
+    """
+    check_partitions(conn, tables)
     idents = [sql.Identifier(*split_relation(t)) for t in tables]
-    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
-    if exists is None:
-        conn.execute(sql.SQL("CREATE PUBLICATION {p} FOR TABLE {t}").format(
-            p=sql.Identifier(name), t=sql.SQL(", ").join(idents)))
+    row = conn.execute("SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = %s",
+                       (name,)).fetchone()
+    if row is None:
+        conn.execute(sql.SQL("CREATE PUBLICATION {p} FOR TABLE {t} WITH (publish_via_partition_root = true)")
+                     .format(p=sql.Identifier(name), t=sql.SQL(", ").join(idents)))
         report.created_publication = True
         return
+    all_tables, via_root = row
+    if not via_root and _partitioned(conn, tables):
+        conn.execute(sql.SQL("ALTER PUBLICATION {p} SET (publish_via_partition_root = true)").format(
+            p=sql.Identifier(name)))
+        report.via_partition_root = True
+    if all_tables:
+        return  # FOR ALL TABLES: every table is in it already
+    # Members as published (a partitioned table shows as its partitions until the option
+    # is on) and as added: a partitioned table is in pg_publication_rel itself.
     present = {f"{s}.{t}" for s, t in conn.execute(
-        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,))}
+        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s "
+        "UNION SELECT n.nspname, c.relname FROM pg_publication_rel r "
+        "JOIN pg_publication p ON p.oid = r.prpubid JOIN pg_class c ON c.oid = r.prrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = %s", (name, name))}
     for relation, ident in zip(tables, idents):
         schema, table = split_relation(relation)
         if f"{schema}.{table}" not in present:
             conn.execute(sql.SQL("ALTER PUBLICATION {p} ADD TABLE {t}").format(
                 p=sql.Identifier(name), t=ident))
             report.added_tables.append(relation)
+
+
+def _oids(conn: psycopg.Connection, tables: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """Each configured table's oid and relkind."""
+    out = {}
+    for relation in tables:
+        schema, table = split_relation(relation)
+        row = conn.execute("SELECT c.oid::int, c.relkind::text FROM pg_class c JOIN pg_namespace n "
+                           "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+                           (schema, table)).fetchone()
+        if row is not None:
+            out[relation] = (row[0], row[1])
+    return out
+
+
+def _partitioned(conn: psycopg.Connection, tables: Sequence[str]) -> bool:
+    return any(kind == "p" for _, kind in _oids(conn, tables).values())
+
+
+def check_partitions(conn: psycopg.Connection, tables: Sequence[str]) -> None:
+    """Refuse a configured partition whose partitioned table is configured too: its
+    changes are published as the partitioned table's, so it would be indexed twice at
+    the copy and never again after."""
+    oids = _oids(conn, tables)
+    by_oid = {oid: relation for relation, (oid, _) in oids.items()}
+    for relation, (oid, _) in oids.items():
+        for (ancestor,) in conn.execute(
+                "SELECT relid::int FROM pg_partition_ancestors(%s::oid) WHERE relid <> %s::oid",
+                (oid, oid)):
+            if ancestor in by_oid:
+                raise ConfigurationError(
+                    f"table {relation!r} is a partition of {by_oid[ancestor]!r}, which is configured "
+                    f"too; changes of a partition are published as its partitioned table's, so "
+                    f'remove [tables."{relation}"] (the partitioned table covers its rows)')
 
 
 def slot_exists(conn: psycopg.Connection, slot: str) -> bool:
