@@ -84,7 +84,8 @@ class Worker:
         with psycopg.connect(self.source_dsn) as conn:
             for table in self.tables:
                 shape = table_shape(conn, table)
-                self.registry.resolve(table, [c[0] for c in shape.columns], shape.key)
+                self.registry.resolve(table, [c[0] for c in shape.columns], shape.key,
+                                      unpublished=shape.unpublished)
         self._resolved = True
 
     def mapper_for(self, relation: str) -> Callable | None:
@@ -214,7 +215,8 @@ class Worker:
         report = self.setup(progress=self._copy_progress(), copy_pending=False)
         self.log.info("setup_done", created_slot=report.created_slot, copied=report.copied,
                       added_tables=report.added_tables, backfill=report.deferred,
-                      via_partition_root=report.via_partition_root)
+                      via_partition_root=report.via_partition_root,
+                      generated_columns=report.generated_columns)
         runner = self.runner()
         runner.install_signal_handlers()
         lost: list[SlotLag] = []

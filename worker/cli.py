@@ -79,7 +79,8 @@ def setup(config_path: str) -> None:
         worker.close()
     click.echo(f"publication: {'created' if report.created_publication else 'present'}"
                + (f", added {', '.join(report.added_tables)}" if report.added_tables else "")
-               + (", set to publish partitioned tables via their root" if report.via_partition_root else ""))
+               + (", set to publish partitioned tables via their root" if report.via_partition_root else "")
+               + (", set to publish stored generated columns" if report.generated_columns else ""))
     click.echo(f"slot: {'created' if report.created_slot else 'present'}")
     for table, n in report.copied.items():
         click.echo(f"snapshot: {table}: {n:,} rows")

@@ -139,13 +139,15 @@ class TomlMapper:
     def table(self) -> str:
         return self.config.table
 
-    def resolved(self, columns: Collection[str], key_columns: Sequence[str]) -> TomlMapper:
+    def resolved(self, columns: Collection[str], key_columns: Sequence[str],
+                 unpublished: Collection[str] = ()) -> TomlMapper:
         """This mapper checked against the table's columns, with id columns filled in.
 
         `key_columns` are the replica identity columns, used when the configuration
-        names no `id_columns`. Raises `ConfigError` naming the key that is wrong.
+        names no `id_columns`; `unpublished`, the table's generated columns the stream
+        does not carry. Raises `ConfigError` naming the key that is wrong.
         """
-        self.config.check_columns(columns)
+        self.config.check_columns(columns, unpublished)
         ids = self.config.id_columns or tuple(key_columns)
         if not ids:
             raise ConfigError(
@@ -338,7 +340,8 @@ class Registry:
         self._mappers[table] = mapper
         self._origins.setdefault(table, origin)
 
-    def resolve(self, table: str, columns: Collection[str], key_columns: Sequence[str]) -> None:
+    def resolve(self, table: str, columns: Collection[str], key_columns: Sequence[str],
+                *, unpublished: Collection[str] = ()) -> None:
         """Check a TOML mapper against the table's columns and fill in its id columns.
 
         The worker calls this once it knows the table (from the catalog or a Relation
@@ -346,7 +349,7 @@ class Registry:
         """
         mapper = self._mappers.get(table)
         if isinstance(mapper, TomlMapper):
-            self._mappers[table] = mapper.resolved(columns, key_columns)
+            self._mappers[table] = mapper.resolved(columns, key_columns, unpublished)
 
     def map(self, table: str, row: Mapping[str, object], op: str) -> list[IndexDoc]:
         """Run the table's mapper on one row; every failure is a `MapperError`."""

@@ -20,7 +20,14 @@ from slipstream.index.errors import ConfigurationError
 from .apply import Applier
 from .errors import WalLevelError
 from .replication import ReplicationConnection
-from .snapshot import TableShape, copy_table, pending_tables, split_relation, table_shape
+from .snapshot import (
+    TableShape,
+    copy_table,
+    pending_tables,
+    publishes_stored_generated,
+    split_relation,
+    table_shape,
+)
 
 
 @dataclass
@@ -31,6 +38,7 @@ class SetupReport:
     copied: dict[str, int] = field(default_factory=dict)
     deferred: list[str] = field(default_factory=list)  # to be copied while streaming
     via_partition_root: bool = False  # an existing publication was set to publish via roots
+    generated_columns: bool = False  # ... and to publish STORED generated columns
     # Rows of the copy that went to dead letters, per table: (count, first error).
     dead_letters: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -63,22 +71,31 @@ def ensure_publication(conn: psycopg.Connection, name: str, tables: Sequence[str
     a change in any partition then arrives as a change of the configured table, with
     its columns. Without it, changes arrive under each partition's own name, which no
     mapper is registered for, and would be skipped. An existing publication without
-    the option gets it when a configured table is partitioned.
+    the option gets it when a configured table is partitioned. On PostgreSQL 18 it also
+    publishes STORED generated columns (`publish_generated_columns`), which the copy
+    reads too (`table_shape`), so a copied row and a streamed one have the same columns.
     """
     check_partitions(conn, tables)
     idents = [sql.Identifier(*split_relation(t)) for t in tables]
-    row = conn.execute("SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = %s",
-                       (name,)).fetchone()
+    generated = publishes_stored_generated(conn)
+    options = ["publish_via_partition_root = true"] + (["publish_generated_columns = stored"] if generated else [])
+    row = conn.execute("SELECT puballtables, pubviaroot, " + ("pubgencols::text = 's'" if generated else "true")
+                       + " FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
     if row is None:
-        conn.execute(sql.SQL("CREATE PUBLICATION {p} FOR TABLE {t} WITH (publish_via_partition_root = true)")
-                     .format(p=sql.Identifier(name), t=sql.SQL(", ").join(idents)))
+        conn.execute(sql.SQL("CREATE PUBLICATION {p} FOR TABLE {t} WITH ({o})").format(
+            p=sql.Identifier(name), t=sql.SQL(", ").join(idents), o=sql.SQL(", ".join(options))))
         report.created_publication = True
         return
-    all_tables, via_root = row
-    if not via_root and _partitioned(conn, tables):
+    all_tables, via_root, stored = row
+    if not via_root and _kinds(conn, tables, "relkind = 'p'"):
         conn.execute(sql.SQL("ALTER PUBLICATION {p} SET (publish_via_partition_root = true)").format(
             p=sql.Identifier(name)))
         report.via_partition_root = True
+    if not stored and _kinds(conn, tables, "EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid "
+                                           "AND a.attgenerated = 's' AND NOT a.attisdropped)"):
+        conn.execute(sql.SQL("ALTER PUBLICATION {p} SET (publish_generated_columns = stored)").format(
+            p=sql.Identifier(name)))
+        report.generated_columns = True
     if all_tables:
         return  # FOR ALL TABLES: every table is in it already
     # Members as published (a partitioned table shows as its partitions until the option
@@ -96,21 +113,24 @@ def ensure_publication(conn: psycopg.Connection, name: str, tables: Sequence[str
             report.added_tables.append(relation)
 
 
-def _oids(conn: psycopg.Connection, tables: Sequence[str]) -> dict[str, tuple[int, str]]:
-    """Each configured table's oid and relkind."""
+def _oids(conn: psycopg.Connection, tables: Sequence[str]) -> dict[str, int]:
+    """Each configured table's oid."""
     out = {}
     for relation in tables:
         schema, table = split_relation(relation)
-        row = conn.execute("SELECT c.oid::int, c.relkind::text FROM pg_class c JOIN pg_namespace n "
-                           "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
-                           (schema, table)).fetchone()
+        row = conn.execute("SELECT c.oid::int FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                           "WHERE n.nspname = %s AND c.relname = %s", (schema, table)).fetchone()
         if row is not None:
-            out[relation] = (row[0], row[1])
+            out[relation] = row[0]
     return out
 
 
-def _partitioned(conn: psycopg.Connection, tables: Sequence[str]) -> bool:
-    return any(kind == "p" for _, kind in _oids(conn, tables).values())
+def _kinds(conn: psycopg.Connection, tables: Sequence[str], condition: str) -> bool:
+    """Whether any configured table's pg_class row `c` meets `condition` (fixed SQL)."""
+    oids = list(_oids(conn, tables).values())
+    row = conn.execute(f"SELECT EXISTS (SELECT FROM pg_class c WHERE c.oid = ANY(%s::oid[]) AND {condition})",
+                       (oids,)).fetchone()
+    return bool(row[0])
 
 
 def check_partitions(conn: psycopg.Connection, tables: Sequence[str]) -> None:
@@ -118,8 +138,8 @@ def check_partitions(conn: psycopg.Connection, tables: Sequence[str]) -> None:
     changes are published as the partitioned table's, so it would be indexed twice at
     the copy and never again after."""
     oids = _oids(conn, tables)
-    by_oid = {oid: relation for relation, (oid, _) in oids.items()}
-    for relation, (oid, _) in oids.items():
+    by_oid = {oid: relation for relation, oid in oids.items()}
+    for relation, oid in oids.items():
         for (ancestor,) in conn.execute(
                 "SELECT relid::int FROM pg_partition_ancestors(%s::oid) WHERE relid <> %s::oid",
                 (oid, oid)):

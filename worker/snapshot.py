@@ -34,8 +34,9 @@ class TableShape:
     """What the copy needs of a source table."""
 
     relation: str  # schema.table
-    columns: tuple[tuple[str, int, str], ...]  # (name, type oid, SQL type)
+    columns: tuple[tuple[str, int, str], ...]  # (name, type oid, SQL type), as the stream carries them
     key: tuple[str, ...]
+    unpublished: tuple[str, ...] = ()  # generated columns the stream does not carry
 
     @property
     def type_oids(self) -> tuple[tuple[str, int], ...]:
@@ -50,7 +51,13 @@ def split_relation(relation: str) -> tuple[str, str]:
 
 
 def table_shape(conn: psycopg.Connection, relation: str) -> TableShape:
-    """Columns and replica-identity key of `relation`, or a ConfigurationError saying what to fix."""
+    """Columns and replica-identity key of `relation`, or a ConfigurationError saying what to fix.
+
+    The columns are those pgoutput sends, so that a copied row has exactly the columns
+    of a streamed one: generated columns are left out unless the server publishes them
+    (PostgreSQL 18 publishes STORED ones when the publication asks, as `setup` makes
+    it; none are published before 18, and VIRTUAL ones never).
+    """
     schema, table = split_relation(relation)
     row = conn.execute(
         "SELECT c.oid, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -59,9 +66,16 @@ def table_shape(conn: psycopg.Connection, relation: str) -> TableShape:
         raise ConfigurationError(f"table {relation!r} does not exist in the source database; "
                                  "fix the [tables] key or create the table")
     oid, ident = row
-    columns = tuple(conn.execute(
-        "SELECT attname, atttypid::int, format_type(atttypid, atttypmod) FROM pg_attribute "
-        "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (oid,)).fetchall())
+    published = ("",) + (("s",) if publishes_stored_generated(conn) else ())
+    columns, unpublished = [], []
+    for name, type_oid, sql_type, generated in conn.execute(
+            "SELECT attname, atttypid::int, format_type(atttypid, atttypmod), attgenerated::text "
+            "FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            (oid,)):
+        if generated in published:
+            columns.append((name, type_oid, sql_type))
+        else:
+            unpublished.append(name)
     if ident == "f":
         key = tuple(c[0] for c in columns)
     else:
@@ -75,7 +89,12 @@ def table_shape(conn: psycopg.Connection, relation: str) -> TableShape:
             f"table {relation!r} has no primary key or replica identity, so updates and deletes "
             f"cannot be followed; add a primary key, or run ALTER TABLE {relation} REPLICA IDENTITY "
             "USING INDEX <unique index> (or REPLICA IDENTITY FULL)")
-    return TableShape(relation, columns, key)
+    return TableShape(relation, tuple(columns), key, tuple(unpublished))
+
+
+def publishes_stored_generated(conn: psycopg.Connection) -> bool:
+    """Whether the server can publish STORED generated columns (PostgreSQL 18 and later)."""
+    return conn.info.server_version >= 180000
 
 
 def _select(shape: TableShape, where: sql.Composable | None, tail: sql.Composable) -> sql.Composed:

@@ -101,11 +101,18 @@ class TableConfig:
                      for c in self.filter.not_null]
         return uses
 
-    def check_columns(self, columns: Collection[str]) -> None:
-        """Raise ConfigError if the configuration names a column the table does not have."""
+    def check_columns(self, columns: Collection[str], unpublished: Collection[str] = ()) -> None:
+        """Raise ConfigError if the configuration names a column the table does not have,
+        or a generated column the replication stream does not carry (`unpublished`)."""
         if self.python is not None:
             return
         for path, column in self.column_uses():
+            if column in unpublished:
+                raise ConfigError(
+                    f"column {column!r} of {self.table} is a generated column, which logical "
+                    "replication does not carry (PostgreSQL 18 publishes STORED generated "
+                    "columns, earlier versions none, and VIRTUAL ones are never published); "
+                    "name the columns it is computed from instead", path=path, source=self.origin)
             if column not in columns:
                 raise ConfigError(
                     f"column {column!r} does not exist in {self.table} (its columns: "
