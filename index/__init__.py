@@ -16,6 +16,7 @@ from .embedding import Embedder, HashingEmbedder
 from .errors import (
     ConfigurationError,
     DimensionMismatchError,
+    DocumentTooLargeError,
     InvalidIdentifierError,
     MissingDependencyError,
     ScopeError,
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
     from .postgres_backend import PostgresBackend
 
 __all__ = [
-    "ANALYZER", "NODE_KINDS", "ConfigurationError", "DimensionMismatchError", "Embedder",
+    "ANALYZER", "NODE_KINDS", "ConfigurationError", "DimensionMismatchError",
+    "DocumentTooLargeError", "Embedder",
     "HashingEmbedder", "IndexDoc", "InvalidIdentifierError", "MissingDependencyError",
     "PostgresBackend", "SQLiteBackend", "ScopeError", "SearchIndex", "SearchResult",
     "SearchResults", "SlipstreamError", "UnknownSpaceError", "ValidationError", "analyze",

@@ -25,6 +25,7 @@ from itertools import repeat
 import snowballstemmer
 
 from .doc import IndexDoc
+from .errors import DocumentTooLargeError
 
 ANALYZER = "en-1"
 MAX_TOKEN_LENGTH = 64
@@ -125,3 +126,27 @@ def analyze_doc(doc: IndexDoc) -> LexicalFields:
     counts = zip(map(title_tf.get, terms, repeat(0)), map(body_tf.get, terms, repeat(0)))
     return LexicalFields(tf=dict(zip(terms, counts)), len_title=len(title_terms),
                          len_body=len(body_terms))
+
+
+# The server keeps a row's distinct terms in a tsvector, whose lexemes may take at most
+# 1 MiB - 1 bytes in all; a document beyond that cannot be written. NFKC expands a
+# character into at most 18, case folding into at most 3, each at most 4 bytes of UTF-8,
+# so a document of up to `_SAFE_CHARS` characters can never reach it.
+MAX_TERM_BYTES = (1 << 20) - 1
+_SAFE_CHARS = MAX_TERM_BYTES // (18 * 3 * 4)
+
+
+def check_term_bytes(doc: IndexDoc) -> None:
+    """Raise `DocumentTooLargeError` when `doc`'s distinct terms exceed `MAX_TERM_BYTES`.
+
+    Costs nothing for a document under about 4,800 characters; a longer one is analysed
+    (its texts then come from the analysis cache when the document is written)."""
+    if len(doc.title) + len(doc.body) + sum(map(len, doc.keywords)) <= _SAFE_CHARS:
+        return
+    tf = analyze_doc(doc).tf
+    size = sum(map(len, map(str.encode, tf)))
+    if size > MAX_TERM_BYTES:
+        raise DocumentTooLargeError(
+            f"{doc.key}: its {len(tf):,} distinct terms take {size:,} bytes, more than a "
+            f"Postgres text search vector holds ({MAX_TERM_BYTES:,}); index less of the text "
+            "in one document: a shorter body, or the text split over several documents")

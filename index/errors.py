@@ -40,6 +40,10 @@ class DimensionMismatchError(ValidationError):
         )
 
 
+class DocumentTooLargeError(ValidationError):
+    """A document has more distinct terms than the server's text search vector can hold."""
+
+
 class UnknownSpaceError(ValidationError):
     """An embedding space was named that the backend does not define."""
 

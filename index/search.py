@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import ranking
-from .analysis import analyze_doc, query_terms
+from .analysis import analyze_doc, check_term_bytes, query_terms
 from .backend import Backend, Filters, PreparedDoc, Scope, StoredRow, check_vector
 from .doc import DocKey, IndexDoc, SearchResult, SearchResults, check_identifier
 from .embedding import Embedder, doc_fingerprint, embedder_id, text_hash
@@ -95,6 +95,7 @@ class SearchIndex:
         for doc in docs:
             if not isinstance(doc, IndexDoc):
                 raise ValidationError(f"expected IndexDoc, got {type(doc).__name__}")
+            check_term_bytes(doc)
             for space in doc.embed_spaces or ():
                 if space not in self.backend.spaces:
                     raise UnknownSpaceError(

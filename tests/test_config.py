@@ -65,6 +65,7 @@ def test_sample_config_loads() -> None:
     assert notes.object_type == "note" and notes.title.columns == ("title",)
     assert notes.partition.columns == ("owner_id",)
     assert notes.chunks is not None and (notes.chunks.size, notes.chunks.overlap) == (2000, 200)
+    assert notes.max_body_chars == 200000
     assert notes.filter is not None and notes.filter.one_of["status"] == ("published", "archived")
     assert cfg.tables["public.order_lines"].id_columns == ("order_id", "line_no")
     json.dumps(cfg.safe_dict())
@@ -83,6 +84,7 @@ def test_minimal_config_gets_documented_defaults() -> None:
     assert notes.object_type == "notes"  # the table name
     assert notes.id_columns == () and notes.spaces is None and notes.node_kind == "leaf"
     assert notes.partition.source == "default" and notes.filter is None and notes.chunks is None
+    assert notes.max_body_chars is None  # the whole body
 
 
 def test_config_is_frozen() -> None:
@@ -168,6 +170,8 @@ ERROR_CASES = [
     ({"tables/public.notes/chunks": {"size": 0}}, f"{NOTES}.chunks.size", "≥ 1"),
     ({"tables/public.notes/chunks": {"size": 100, "overlap": -1}}, f"{NOTES}.chunks.overlap", "≥ 0"),
     ({"tables/public.notes/chunks": {"sise": 100}}, f"{NOTES}.chunks.sise", "did you mean 'size'"),
+    ({"tables/public.notes/max_body_chars": 0}, f"{NOTES}.max_body_chars", "≥ 1"),
+    ({"tables/public.notes/max_body_chars": "100k"}, f"{NOTES}.max_body_chars", "integer"),
     ({"tables/public.notes/chunks": {"size": 100}, "tables/public.notes/payload": ["parent_id"]},
      f"{NOTES}.payload[0]", "chunk nodes set"),
     ({"tables/public.notes/filter": {"status": []}}, f"{NOTES}.filter.status", "no row could pass"),

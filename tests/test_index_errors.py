@@ -8,6 +8,7 @@ import pytest
 from slipstream.index import (
     ConfigurationError,
     DimensionMismatchError,
+    DocumentTooLargeError,
     HashingEmbedder,
     IndexDoc,
     InvalidIdentifierError,
@@ -37,8 +38,8 @@ def count_rows(index: SearchIndex) -> int:
 
 
 def test_every_error_is_a_slipstream_error() -> None:
-    for cls in (ConfigurationError, DimensionMismatchError, InvalidIdentifierError, ScopeError,
-                UnknownSpaceError, ValidationError):
+    for cls in (ConfigurationError, DimensionMismatchError, DocumentTooLargeError,
+                InvalidIdentifierError, ScopeError, UnknownSpaceError, ValidationError):
         assert issubclass(cls, SlipstreamError)
 
 
@@ -64,6 +65,23 @@ def test_batch_with_an_unknown_space_writes_nothing(index: SearchIndex) -> None:
     with pytest.raises(UnknownSpaceError, match="server"):
         index.upsert_many([good, bad])
     assert count_rows(index) == 0
+
+
+def test_a_document_beyond_the_servers_text_search_vector_is_refused_exactly_at_its_limit(
+        index: SearchIndex) -> None:
+    """Postgres keeps a row's distinct terms in a tsvector of at most 1,048,575 bytes of
+    lexemes; one byte more fails the whole apply transaction (SQLSTATE 54000), so a
+    document is refused before anything is written, on both backends alike. Numbers are
+    terms as written (no stemming), so the byte count is exact."""
+    terms = [f"{i:08d}" for i in range(131_071)] + ["1234567"]  # 1,048,568 + 7 bytes
+    at_limit = IndexDoc("note", "fits", body=" ".join(terms), partition="p")
+    index.upsert_many([at_limit])
+    assert count_rows(index) == 1
+    over = IndexDoc("note", "over", body=" ".join(terms + ["9"]), partition="p")
+    small = IndexDoc("note", "small", title="fine", partition="p")
+    with pytest.raises(DocumentTooLargeError, match=r"131,073 distinct terms take 1,048,576 bytes.*index less of the text"):
+        index.upsert_many([small, over])
+    assert count_rows(index) == 1
 
 
 def test_dimension_mismatch_names_space_expected_and_actual(index: SearchIndex) -> None:

@@ -26,8 +26,10 @@ import psycopg
 from psycopg.adapt import Transformer
 from psycopg.types.json import set_json_dumps
 from slipstream.index import IndexDoc, SearchIndex
+from slipstream.index.analysis import check_term_bytes
 from slipstream.index.backend import StoredRow
 from slipstream.index.doc import DocKey
+from slipstream.index.errors import DocumentTooLargeError
 from slipstream.index.postgres_backend import COPY_THRESHOLD
 from slipstream.shardsync.changelog import COPY_MIN_ROWS, ChangeEntry
 from slipstream.shardsync.compact import CompactionReport, compact
@@ -423,6 +425,14 @@ def _map(mapper: Callable[[Mapping[str, object], str], list[IndexDoc]],
             raise TypeError(f"mapper returned {type(docs).__name__}, not a list of IndexDoc")
         if len({d.key for d in docs}) != len(docs):
             raise ValueError("mapper returned two docs with the same key")
+        for doc in docs:
+            try:
+                check_term_bytes(doc)  # one the server cannot store is this row's dead letter
+            except DocumentTooLargeError as exc:
+                raise DocumentTooLargeError(
+                    f"{exc}. For a TOML table: [tables.\"{change.relation}\"] max_body_chars cuts "
+                    "the object's own document, and its chunks section keeps all of the text "
+                    "searchable") from None
     except Exception as exc:  # noqa: BLE001 - the caller dead-letters the row
         return exc
     return docs

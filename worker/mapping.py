@@ -29,7 +29,8 @@ written `\\\\` and `:` written `\\:`, joined with `:` — so ("a:b", "c") is
 Chunks. An `IndexDoc`'s key is (object_type, object_id, node_kind), so an object has
 at most one row per node kind and cannot hold several `chunk` rows. With
 `[tables."x".chunks]`, a body longer than `size` characters therefore yields, besides
-the object's own document (which keeps the whole body), chunk documents that are
+the object's own document (which keeps the whole body, or its first
+`max_body_chars` characters cut at whitespace when that is set), chunk documents that are
 objects of their own: object_id `f"{id}~{n}"` (n = 0, 1, …), node_kind "chunk",
 the chunk's text as body, no title and no keywords (so a title word does not match
 every chunk), the object's partition, attrs and embed_spaces, and its payload plus
@@ -258,7 +259,11 @@ class TomlMapper:
             "object_type": cfg.object_type, "partition": partition,
             "attrs": self._json(row, "attrs"), "embed_spaces": cfg.spaces,
             "source_updated_at": updated_at}
-        docs = [IndexDoc(object_id=oid, node_kind=cfg.node_kind, title=title, body=body,
+        own = body
+        if cfg.max_body_chars is not None and len(body) > cfg.max_body_chars:
+            # The first piece a chunking of that size would cut (at whitespace).
+            own = split_chunks(body[:cfg.max_body_chars + 1], cfg.max_body_chars, 0)[0][1]
+        docs = [IndexDoc(object_id=oid, node_kind=cfg.node_kind, title=title, body=own,
                          keywords=keywords, payload=payload, **common)]
         if cfg.chunks is not None and len(body) > cfg.chunks.size:
             for n, (start, piece) in enumerate(

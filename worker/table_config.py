@@ -27,7 +27,8 @@ _PG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 _EMPTY_TEMPLATE = Template.parse("")
 _DEFAULT_PARTITION = Template.parse("default")
 _TABLE_KEYS = ("object_type", "id_columns", "title", "body", "keywords", "partition", "attrs",
-               "payload", "spaces", "node_kind", "updated_at", "filter", "chunks", "python")
+               "payload", "spaces", "node_kind", "updated_at", "filter", "chunks", "python",
+               "max_body_chars")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,7 @@ class TableConfig:
     updated_at: str | None = None
     filter: FilterConfig | None = None
     chunks: ChunkConfig | None = None
+    max_body_chars: int | None = None  # the object's own document keeps at most this much body
     python: str | None = None
     origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
 
@@ -194,7 +196,9 @@ class TableReader(TomlReader):
             partition=self.template(sec, (*path, "partition"), "default"),
             keywords=self.str_list(sec, (*path, "keywords"), ()),
             attrs=attrs, payload=payload, spaces=self.spaces(sec, (*path, "spaces"), spaces),
-            node_kind=node_kind, updated_at=updated_at, filter=filter_cfg, chunks=chunks)
+            node_kind=node_kind, updated_at=updated_at, filter=filter_cfg, chunks=chunks,
+            max_body_chars=(self.integer(sec, (*path, "max_body_chars"), None, 1)
+                            if "max_body_chars" in sec else None))
 
     def row_filter(self, raw: object, path: tuple[str, ...]) -> FilterConfig:
         sec = self.section(raw, path, None)
