@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -60,7 +60,7 @@ def analyze(text: str) -> list[str]:
         if terms is None:
             terms = _analyze(text)
             if len(_recent) >= _RECENT_MAX:
-                del _recent[next(iter(_recent))]  # the oldest goes
+                _recent.popitem(last=False)  # the oldest goes
             _recent[text] = terms
         return list(terms)
     # Line by line: the write path analyses a row's title and body, and then embeds
@@ -77,21 +77,18 @@ def analyze(text: str) -> list[str]:
 # text -> its terms, for the texts analysed last (oldest out first): each text is
 # analysed twice on the write path, for its embedding and then for its fields, a whole
 # batch of embeddings first (a batch of 2,000 rows holds 4,000 titles and bodies).
-_recent: dict[str, list[str]] = {}
+# An OrderedDict: evicting a plain dict's oldest key (`next(iter(d))`) scans past every
+# slot deleted before it, which made a full cache cost O(size) per new text.
+_recent: OrderedDict[str, list[str]] = OrderedDict()
 _RECENT_MAX = 8192
 
 
 def _analyze(text: str) -> list[str]:
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    get = _terms.get
-    out = []
-    for token in _TOKEN.findall(folded):
-        term = get(token)
-        if term is None:
-            term = _term(token)
-        if term:
-            out.append(term)
-    return out
+    tokens = _TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
+    terms = list(map(_terms.get, tokens))  # C-level lookups: no Python frame per token
+    if None in terms:  # tokens not met before
+        terms = [_term(token) if term is None else term for token, term in zip(tokens, terms)]
+    return list(filter(None, terms))  # "" marks a dropped token
 
 
 def query_terms(text: str) -> list[str]:
