@@ -1,8 +1,12 @@
 """Worker benchmarks: apply throughput against a COPY floor, commit-to-searchable latency, CPU.
 
-    python bench/bench_worker.py                 # 50k inserts + 50k updates, then latency
+    python bench/bench_worker.py                 # initial copy, 50k inserts + 50k updates, latency
     python bench/bench_worker.py --rows 10000 --latency-seconds 10
     python bench/bench_worker.py --skip-throughput --modes exact
+
+Initial copy: `setup` on a source table that already holds `--rows` rows (the copy in
+the slot's exported snapshot, through the same apply as the stream), timed with the
+process's CPU, against the same COPY floor.
 
 Throughput: the source table's changes are written while the worker is stopped, then
 the worker is started and timed until it has applied them all (decode, map, analyse,
@@ -267,6 +271,31 @@ def throughput(server: EmbeddedPostgres, rows: int, hnsw: bool, table: list, lim
         table.append((f"Apply {rows:,} {what}, {mode}", result,
                       f"{rows / floor:,.0f} rows/s", f"{floor / x:.2f}",
                       f"{cpu / x * 100:.0f}% of a core, {cpu / rows * 1000:.2f} ms CPU/change"))
+
+
+def initial_copy(server: EmbeddedPostgres, rows: int, table: list, limit: float) -> None:
+    """`setup` on a source table that already holds `rows` rows: the initial copy, in the
+    exported snapshot, through the same apply as the stream (exact-scan mode: an HNSW
+    side table is built after the copy, by the running worker)."""
+    dsn = make_db(server, "bench_copy")
+    corpus = Corpus(seed=3)
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor().copy(
+            "COPY items (id, tenant, title, body) FROM STDIN") as copy:
+        for i in range(rows):
+            copy.write_row((i, i % 100, corpus.words(6), corpus.words(50)))
+    worker = worker_for(dsn, False)
+    with phase(f"initial copy of {rows:,} rows", limit):
+        cpu, started = cpu_seconds(), time.perf_counter()
+        report = worker.setup()
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    if report.copied != {"public.items": rows} or report.dead_letters:
+        raise RuntimeError(f"the initial copy did not copy every row: {report}")
+    floor = copy_floor(dsn, False)
+    worker.close()
+    settle(server, drop="bench_copy")
+    table.append((f"Initial copy of {rows:,} existing rows (`setup`), exact-scan", f"{rows / elapsed:,.0f} rows/s",
+                  f"{rows / floor:,.0f} rows/s", f"{floor / elapsed:.2f}",
+                  f"{cpu / elapsed * 100:.0f}% of a core, {cpu / rows * 1000:.2f} ms CPU/row"))
 
 
 def settle(server: EmbeddedPostgres, drop: str | None = None) -> None:
@@ -570,6 +599,7 @@ def main() -> None:
     ap.add_argument("--floor-seconds", type=float, default=10,
                     help="seconds of the replication floor (a bare client, no worker); 0 skips it")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-copy", action="store_true", help="skip the initial copy phase")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--modes", choices=["both", "exact", "hnsw"], default="both")
     ap.add_argument("--phase-limit", type=float, default=900, help="hard limit per phase, seconds")
@@ -588,6 +618,8 @@ def main() -> None:
     try:
         with EmbeddedPostgres(settings={"maintenance_work_mem": "512MB"}) as server:
             _server = server
+            if not args.skip_copy:
+                initial_copy(server, args.rows, table, args.phase_limit)
             if not args.skip_throughput:
                 for hnsw in modes:
                     throughput(server, args.rows, hnsw, table, args.phase_limit,

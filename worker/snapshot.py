@@ -17,6 +17,7 @@ row at or after that position, so a copy never overwrites a newer change.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psycopg
@@ -162,8 +163,54 @@ def copy_steps(applier: Applier, source: psycopg.Connection, shape: TableShape, 
     Yields the rows copied so far after each chunk's transaction commits. `source`
     must be inside the exported snapshot when `snapshot_lsn` (the slot's consistent
     point) is given; otherwise each chunk is stamped with the WAL position read just
-    before it, which is what guards newer streamed changes.
+    before it, which is what guards newer streamed changes. Each chunk is planned only
+    after the one before has committed, so stream batches may run between steps.
     """
+    for batch, also, copied in _chunks(applier, source, shape, chunk_rows, snapshot_lsn):
+        applier.apply(batch, also=also)
+        if progress is not None and batch.changes:
+            progress(shape.relation, copied)
+        yield copied
+
+
+def copy_table(applier: Applier, source: psycopg.Connection, shape: TableShape, *,
+               chunk_rows: int = 5000, snapshot_lsn: int | None = None,
+               progress: Callable[[str, int], None] | None = None) -> int:
+    """Copy a whole table at once (as `copy_steps`); returns the rows copied in all.
+
+    Each chunk is read and planned (mapping, analysis, embedding: Python's work) while
+    the one before commits on a thread of its own (the search database's work), in
+    order, as the stream's pipeline does. Only for a copy that nothing else writes
+    beside, as in `setup`: a chunk planned before a stream batch commits could write
+    an older row over it, so a backfill beside the stream goes by `copy_steps`.
+    """
+    copied = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="slipstream-copy-commit") as committer:
+        pending: tuple[Future, Batch, int] | None = None
+        for batch, also, total in _chunks(applier, source, shape, chunk_rows, snapshot_lsn):
+            planned = applier.plan(batch)
+            if pending is not None:
+                _committed(pending, shape, progress)
+            pending = committer.submit(applier.commit, planned, also), batch, total
+            copied = total
+        if pending is not None:
+            _committed(pending, shape, progress)
+    return copied
+
+
+def _committed(pending: tuple[Future, Batch, int], shape: TableShape,
+               progress: Callable[[str, int], None] | None) -> None:
+    future, batch, copied = pending
+    future.result()  # a failed commit raises here
+    if progress is not None and batch.changes:
+        progress(shape.relation, copied)
+
+
+def _chunks(applier: Applier, source: psycopg.Connection, shape: TableShape, chunk_rows: int,
+            snapshot_lsn: int | None) -> Iterator[tuple[Batch, Callable[[psycopg.Connection], None], int]]:
+    """Each chunk's batch of `snapshot` changes with the progress row its transaction
+    writes, and the rows copied once it commits; last, an empty batch marking the copy
+    done."""
     state, conn = applier.state, applier.conn
     row = conn.execute(state.q("SELECT last_key, rows_copied, done FROM {s}.snapshot_progress "
                                "WHERE relation = %s"), (shape.relation,)).fetchone()
@@ -188,21 +235,9 @@ def copy_steps(applier: Applier, source: psycopg.Connection, shape: TableShape, 
                 key=row_key(values, shape.key), values=dict(values), columns=shape.type_oids))
         copied += len(chunk)
         last_key = [chunk[-1][k] for k in shape.key]
-        applier.apply(batch, also=_save_progress(applier, shape.relation, last_key, copied, read_lsn, False))
-        if progress is not None:
-            progress(shape.relation, copied)
-        yield copied
-    applier.apply(Batch(snapshot=True),
-                  also=_save_progress(applier, shape.relation, None, copied, snapshot_lsn or 0, True))
-    yield copied
-
-
-def copy_table(applier: Applier, source: psycopg.Connection, shape: TableShape, **kw) -> int:
-    """Copy a whole table at once (see `copy_steps`); returns the rows copied in all."""
-    copied = 0
-    for copied in copy_steps(applier, source, shape, **kw):
-        pass
-    return copied
+        yield batch, _save_progress(applier, shape.relation, last_key, copied, read_lsn, False), copied
+    yield (Batch(snapshot=True),
+           _save_progress(applier, shape.relation, None, copied, snapshot_lsn or 0, True), copied)
 
 
 def _save_progress(applier: Applier, relation: str, last_key, copied: int, lsn: int, done: bool):
