@@ -2,7 +2,9 @@
 
 from datetime import UTC, datetime
 
+import pytest
 from slipstream.worker.assemble import TxnAssembler
+from slipstream.worker.errors import TableRenamedError
 from slipstream.worker.incoming import SourceChange, TxnEnd
 from slipstream.worker.pgoutput import (
     Begin,
@@ -90,3 +92,21 @@ def test_a_tuple_with_the_wrong_column_count_is_a_typed_error_in_the_stream_path
         a.feed(Delete(16384, "O", ("1",)))
     assert issubclass(TupleShapeError, SlipstreamError)
     assert classify(TupleShapeError("x")) == "stop"
+
+
+def test_a_configured_table_renamed_under_the_worker_stops_it_with_both_names() -> None:
+    """Its changes would otherwise arrive under a name no mapper is registered for and be
+    dropped unseen; a new shape under the same name, or a rename between two configured
+    names, carries on."""
+    a = TxnAssembler(Checkpoint(0, None, 0, 0), tables=["public.notes", "public.notes_v2"])
+    for event in txn(100, 1):
+        a.feed(event)
+    widened = Relation(16384, "public", "notes", "d", REL.columns + (Column(0, "body", 25, -1),))
+    assert a.feed(widened) == []
+    assert a.feed(Relation(16384, "public", "notes_v2", "d", widened.columns)) == []
+    with pytest.raises(TableRenamedError, match=r"table 'public.notes_v2' was renamed to "
+                                                r"'archive.notes' .*\[tables\.\"archive\.notes\"\]"):
+        a.feed(Relation(16384, "archive", "notes", "d", widened.columns))
+    other = TxnAssembler(Checkpoint(0, None, 0, 0), tables=["public.todo"])
+    other.feed(REL)
+    assert other.feed(Relation(16384, "public", "renamed", "d", REL.columns)) == []  # not ours

@@ -26,6 +26,7 @@ from .pgoutput import (
     Truncate,
     Update,
 )
+from .errors import TableRenamedError
 from .relations import RelationCache
 from .state import Checkpoint
 
@@ -67,6 +68,8 @@ class TxnAssembler:
                 return []
             return [TxnEnd(event.commit_lsn, event.end_lsn, event.commit_ts.timestamp())]
         if isinstance(event, Relation):
+            if event.oid in self.relations:
+                self._check_name(self.relations.get(event.oid), event)
             self.relations.add(event)
             return []
         if isinstance(event, (Insert, Update, Delete, Truncate)):
@@ -81,6 +84,17 @@ class TxnAssembler:
         if isinstance(event, (StreamStart, StreamStop, StreamCommit, StreamAbort)):
             raise DecodeError("streamed in-progress transactions need protocol v2; the worker reads v1")
         return []  # Origin, Type, Message: nothing to apply
+
+    def _check_name(self, before: Relation, now: Relation) -> None:
+        """Stop, rather than drop its changes unseen from here on, when a configured table
+        is renamed or moved to another schema under the worker."""
+        old, new = relation_name(before), relation_name(now)
+        if old != new and self._wanted(old) and not self._wanted(new):
+            raise TableRenamedError(
+                f"table {old!r} was renamed to {new!r} in the source database (relation OID "
+                f"{now.oid}); its changes now arrive under the new name, which [tables] does not "
+                f'list. Rename its section to [tables."{new}"] and start the worker again (the '
+                "table is then copied again under its new name)")
 
     def _wanted(self, name: str) -> bool:
         return self.tables is None or name in self.tables

@@ -228,6 +228,11 @@ def error_from_server(
     return ReplicationServerError(f"replication command failed: {server}", **kw)
 
 
+class TableRenamedError(ConfigurationError):
+    """A configured table was renamed (or moved to another schema) while the worker
+    followed it: its changes now arrive under a name the configuration does not list."""
+
+
 class EmbeddingError(SlipstreamError):
     """The embedding service failed or answered something unusable; rows stay pending."""
 

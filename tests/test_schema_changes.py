@@ -1,0 +1,78 @@
+"""Schema changes on a followed table: columns come and go; a rename stops the worker.
+
+Regression for renames: after `ALTER TABLE notes RENAME TO …`, pgoutput sends the
+table's changes under its new name, which no mapper was registered for, so they were
+dropped without a word while the worker reported itself healthy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cli_harness import WorkerProcess, cli, live_docs, run_sql, shown, write_config
+
+TABLE = """
+[tables."public.notes"]
+object_type = "note"
+title = "{title}"
+body = "{body}"
+partition = "{owner}"
+"""
+
+
+def test_columns_added_and_dropped_while_streaming_keep_mapping(pg_dsn: str, tmp_path: Path) -> None:
+    dsn = pg_dsn
+    run_sql(dsn, "CREATE TABLE notes (id int PRIMARY KEY, owner text, title text, body text, junk int)",
+            "INSERT INTO notes VALUES (1, 'u1', 'first', 'existing row', 7)")
+    config = write_config(tmp_path / "slipstream.toml", dsn, TABLE)
+    assert cli("setup", "--config", str(config), cwd=tmp_path).returncode == 0
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(dsn)
+        run_sql(dsn, "ALTER TABLE notes ADD COLUMN tags text[] DEFAULT '{x}'",
+                "INSERT INTO notes VALUES (2, 'u1', 'second', 'after a column was added', 8, '{a,b}')",
+                "ALTER TABLE notes DROP COLUMN junk",
+                "UPDATE notes SET body = 'edited after a column was dropped' WHERE id = 1",
+                "ALTER TABLE notes ALTER COLUMN title TYPE varchar(80)",
+                "INSERT INTO notes VALUES (3, 'u2', 'third', 'after a type change', '{c}')")
+        worker.wait_caught_up(dsn)
+    assert live_docs(dsn, "note") == {
+        "1": ("u1", "first", "edited after a column was dropped"),
+        "2": ("u1", "second", "after a column was added"),
+        "3": ("u2", "third", "after a type change"),
+    }
+
+
+def test_a_renamed_table_stops_the_worker_until_the_configuration_follows(pg_dsn: str, tmp_path: Path) -> None:
+    dsn = pg_dsn
+    run_sql(dsn, "CREATE TABLE notes (id int PRIMARY KEY, owner text, title text, body text)",
+            "INSERT INTO notes VALUES (1, 'u1', 'first', 'copied')")
+    config = write_config(tmp_path / "slipstream.toml", dsn, TABLE)
+    assert cli("setup", "--config", str(config), cwd=tmp_path).returncode == 0
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(dsn)
+        run_sql(dsn, "INSERT INTO notes VALUES (2, 'u1', 'second', 'before the rename')")
+        worker.wait_caught_up(dsn)
+        run_sql(dsn, "ALTER TABLE notes RENAME TO notebook",
+                "INSERT INTO notebook VALUES (3, 'u2', 'third', 'after the rename')")
+        code = worker.proc.wait(timeout=30)
+        output = worker.output()
+    assert code == 2, output
+    assert ("configuration error: table 'public.notes' was renamed to 'public.notebook'" in output
+            and 'Rename its section to [tables."public.notebook"]' in output), output
+    assert set(live_docs(dsn, "note")) == {"1", "2"}  # nothing after the rename was dropped as applied
+
+    # The same configuration is refused at start: the table it names is gone.
+    refused = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert refused.returncode == 2 and "table 'public.notes' does not exist" in refused.stderr, shown(refused)
+
+    write_config(config, dsn, TABLE.replace("public.notes", "public.notebook"))
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(dsn)
+        run_sql(dsn, "UPDATE notebook SET body = 'edited under its new name' WHERE id = 1")
+        worker.wait_caught_up(dsn)
+        worker.wait_for("the copy under the new name", lambda: "3" in live_docs(dsn, "note"))
+    assert live_docs(dsn, "note") == {
+        "1": ("u1", "first", "edited under its new name"),
+        "2": ("u1", "second", "before the rename"),
+        "3": ("u2", "third", "after the rename"),
+    }
