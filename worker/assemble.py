@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .errors import TableRenamedError
 from .incoming import SourceChange, TxnEnd, columns_of, key_columns, raw_row, relation_name, row_key
 from .pgoutput import (
     Begin,
@@ -26,7 +27,6 @@ from .pgoutput import (
     Truncate,
     Update,
 )
-from .errors import TableRenamedError
 from .relations import RelationCache
 from .state import Checkpoint
 
