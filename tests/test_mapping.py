@@ -257,6 +257,9 @@ def test_split_chunks_without_whitespace_cuts_hard() -> None:
 def test_json_safe_and_to_text_conversions() -> None:
     when = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert json_safe(Decimal("1.10")) == 1.1 and json_safe(Decimal("NaN")) is None
+    # An integral numeric keeps every digit (as a float it would read 12345678901234567168).
+    assert json_safe(Decimal("12345678901234567890")) == 12345678901234567890
+    assert type(json_safe(Decimal("12345678901234567890"))) is int and json_safe(Decimal("-3.000")) == -3
     assert json_safe(float("inf")) is None and json_safe(when) == "2025-01-02T03:04:05+00:00"
     assert json_safe(b"\x00\xff") == "AP8=" and json_safe(NOTE_ID) == str(NOTE_ID)
     assert json_safe({"a": [Decimal(2), date(2025, 1, 1)]}) == {"a": [2.0, "2025-01-01"]}

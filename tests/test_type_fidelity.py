@@ -28,13 +28,13 @@ CREATE TABLE public.{table} (
     ip inet, net cidr, mac macaddr, uid uuid, js json, jsb jsonb,
     day date, ts timestamp, tstz timestamptz, tod time, span interval, raw bytea,
     tags text[], ints int[], flags boolean[], mood mood, pos posint, cash money,
-    pt point, rng int4range
+    pt point, rng int4range, huge numeric(30)
 );
 """
 LATE_DDL = TYPES_DDL.split(");\n", 2)[2]  # the table only: the types exist by then
 
 COLUMNS = ("owner, flag, small, num, big, dec, re, dbl, vc, ch, txt, ip, net, mac, uid, js, jsb, "
-           "day, ts, tstz, tod, span, raw, tags, ints, flags, mood, pos, cash, pt, rng")
+           "day, ts, tstz, tod, span, raw, tags, ints, flags, mood, pos, cash, pt, rng, huge")
 VALUES = r"""
     'user-1', true, -32768, 2147483647, -9223372036854775808, 12345.6789,
     3.14159, 2.718281828459045, 'varchar value', 'ab', E'line one\nline\ttwo \\ "quoted" ünïcode',
@@ -43,7 +43,7 @@ VALUES = r"""
     '2026-12-02', '2026-12-02 10:11:12.345678', '2026-12-02 10:11:12.5+02', '23:59:59.5',
     '1 year 2 mons 3 days 04:05:06', '\xdeadbeef'::bytea,
     ARRAY['a,b', 'q"x', NULL, '', 'back\slash', '{brace}'], ARRAY[1, NULL, 3],
-    ARRAY[true, false, NULL], 'happy', 42, 12.34, '(1.5,-2)', '[1,10)'
+    ARRAY[true, false, NULL], 'happy', 42, 12.34, '(1.5,-2)', '[1,10)', 123456789012345678901234567890
 """
 ALL = [c.strip() for c in COLUMNS.split(",")]
 
@@ -100,6 +100,7 @@ def test_copied_streamed_and_backfilled_rows_give_the_same_document(pg_dsn: str,
     assert title == "varchar value ab       true"  # char(8) keeps its padding, bool is true
     payload = json.loads(payload)
     assert payload["ip"] == "10.244.218.19" and payload["flag"] is True
+    assert payload["huge"] == 123456789012345678901234567890  # an integral numeric keeps every digit
     assert json.loads(attrs) == {"flag": True, "mood": "happy"}
 
     # A table added to the configuration later: its existing row is backfilled by `run`.

@@ -18,7 +18,7 @@ time and the TOML mapper applies to every row:
   | bool                   | "true" / "false"               | as is                             |
   | int                    | str(v)                         | as is                             |
   | float                  | repr-style str(v)              | as is; NaN and ±inf → None        |
-  | Decimal                | str(v)                         | float(v); NaN and ±Infinity → None |
+  | Decimal                | str(v)                         | int(v) when integral, else float(v); NaN and ±Infinity → None |
   | datetime, date, time   | v.isoformat()                  | v.isoformat()                     |
   | UUID                   | str(v)                         | str(v)                            |
   | bytes, memoryview      | refused (`TypeError`)          | standard base64 string            |
@@ -26,9 +26,10 @@ time and the TOML mapper applies to every row:
   | dict (json/jsonb)      | compact JSON, sorted keys      | dict, values converted            |
 
   Decimal becomes a JSON *number* so that numeric attrs filter the same way on both
-  backends and clients get numbers; digits beyond float precision (~15–17
-  significant) are lost. A mapper that needs exact decimals writes them itself
-  (a Python mapper), e.g. as strings. JSON has no NaN or infinity, hence None.
+  backends and clients get numbers. An integral one (a `numeric(20)` id, an amount in
+  cents) stays exact at any size; a fractional one loses digits beyond float precision
+  (~15–17 significant). A mapper that needs exact fractions writes them itself (a
+  Python mapper), e.g. as strings. JSON has no NaN or infinity, hence None.
 * `split_chunks`: cut a long text into overlapping pieces at whitespace.
 
 Nothing here raises anything but `TemplateError` (a ValueError) for a bad template,
@@ -140,7 +141,9 @@ def json_safe(value: object) -> object:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Decimal):
-        return float(value) if value.is_finite() else None
+        if not value.is_finite():
+            return None
+        return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, (datetime, date, time)):
         return value.isoformat()
     if isinstance(value, uuid.UUID):
