@@ -20,12 +20,19 @@ partition = "{owner}"
 """
 
 
+def set_up_notes(dsn: str, tmp_path: Path, extra_column: str, first: str) -> Path:
+    """A `notes` table holding row 1, configured and set up; the config's path."""
+    run_sql(dsn, f"CREATE TABLE notes (id int PRIMARY KEY, owner text, title text, body text{extra_column})",
+            f"INSERT INTO notes VALUES (1, 'u1', 'first', {first})")
+    config = write_config(tmp_path / "slipstream.toml", dsn, TABLE)
+    setup = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert setup.returncode == 0, shown(setup)
+    return config
+
+
 def test_columns_added_and_dropped_while_streaming_keep_mapping(pg_dsn: str, tmp_path: Path) -> None:
     dsn = pg_dsn
-    run_sql(dsn, "CREATE TABLE notes (id int PRIMARY KEY, owner text, title text, body text, junk int)",
-            "INSERT INTO notes VALUES (1, 'u1', 'first', 'existing row', 7)")
-    config = write_config(tmp_path / "slipstream.toml", dsn, TABLE)
-    assert cli("setup", "--config", str(config), cwd=tmp_path).returncode == 0
+    config = set_up_notes(dsn, tmp_path, ", junk int", "'existing row', 7")
     with WorkerProcess(config, cwd=tmp_path) as worker:
         worker.wait_streaming(dsn)
         run_sql(dsn, "ALTER TABLE notes ADD COLUMN tags text[] DEFAULT '{x}'",
@@ -44,10 +51,7 @@ def test_columns_added_and_dropped_while_streaming_keep_mapping(pg_dsn: str, tmp
 
 def test_a_renamed_table_stops_the_worker_until_the_configuration_follows(pg_dsn: str, tmp_path: Path) -> None:
     dsn = pg_dsn
-    run_sql(dsn, "CREATE TABLE notes (id int PRIMARY KEY, owner text, title text, body text)",
-            "INSERT INTO notes VALUES (1, 'u1', 'first', 'copied')")
-    config = write_config(tmp_path / "slipstream.toml", dsn, TABLE)
-    assert cli("setup", "--config", str(config), cwd=tmp_path).returncode == 0
+    config = set_up_notes(dsn, tmp_path, "", "'copied'")
     with WorkerProcess(config, cwd=tmp_path) as worker:
         worker.wait_streaming(dsn)
         run_sql(dsn, "INSERT INTO notes VALUES (2, 'u1', 'second', 'before the rename')")
