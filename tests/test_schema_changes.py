@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_harness import WorkerProcess, cli, live_docs, run_sql, shown, write_config
+from .cli_harness import WorkerProcess, cli, live_docs, query, run_sql, shown, write_config
 
 TABLE = """
 [tables."public.notes"]
@@ -80,3 +80,54 @@ def test_a_renamed_table_stops_the_worker_until_the_configuration_follows(pg_dsn
         "2": ("u1", "second", "before the rename"),
         "3": ("u2", "third", "after the rename"),
     }
+
+
+def test_a_table_swapped_in_under_its_name_is_copied_afresh_and_the_old_ones_changes_skipped(
+        pg_dsn: str, tmp_path: Path) -> None:
+    """Regression: a table dropped and created again under its name (here swapped in by a
+    rename, as bulk reloads do) kept the old table's documents forever, the new table's
+    rows were never copied, and the old table's changes still in the slot were applied
+    over whatever came after."""
+    dsn = pg_dsn
+    config = set_up_notes(dsn, tmp_path, "", "'copied'")
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(dsn)
+        run_sql(dsn, "INSERT INTO notes VALUES (2, 'u1', 'second', 'streamed'), (3, 'u1', 'third', 'streamed')")
+        worker.wait_caught_up(dsn)
+        assert worker.stop()[0] == 0
+    # While the worker is stopped: changes of the old table wait in the slot, then the swap.
+    run_sql(dsn, "UPDATE notes SET title = 'old edit' WHERE id = 1", "DELETE FROM notes WHERE id = 2",
+            "INSERT INTO notes VALUES (9, 'u1', 'old only', 'never in the new table')",
+            "CREATE TABLE notes_new (id int PRIMARY KEY, owner text, title text, body text)",
+            "INSERT INTO notes_new VALUES (1, 'u2', 'new one', 'reloaded'), (2, 'u2', 'new two', 'reloaded'), "
+            "(5, 'u2', 'new five', 'reloaded')",
+            "DROP TABLE notes", "ALTER TABLE notes_new RENAME TO notes")
+
+    setup = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert setup.returncode == 0, shown(setup)
+    assert "public.notes: dropped and created again since its copy" in setup.stdout, shown(setup)
+    assert "snapshot: public.notes: 3 rows" in setup.stdout, shown(setup)
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(dsn)
+        run_sql(dsn, "INSERT INTO notes VALUES (6, 'u2', 'six', 'streamed into the new table')",
+                "UPDATE notes SET body = 'edited in the new table' WHERE id = 5")
+        worker.wait_caught_up(dsn)
+    assert live_docs(dsn, "note") == {
+        "1": ("u2", "new one", "reloaded"),
+        "2": ("u2", "new two", "reloaded"),
+        "5": ("u2", "new five", "edited in the new table"),
+        "6": ("u2", "six", "streamed into the new table"),
+    }
+
+
+def test_a_copy_recorded_without_its_tables_oid_adopts_it_and_is_not_repeated(
+        pg_dsn: str, tmp_path: Path) -> None:
+    """Search schemas made before the OID was recorded: the table is the same one."""
+    dsn = pg_dsn
+    config = set_up_notes(dsn, tmp_path, "", "'copied'")
+    run_sql(dsn, "UPDATE slipstream.snapshot_progress SET relid = NULL")
+    again = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert again.returncode == 0 and "dropped and created again" not in again.stdout, shown(again)
+    assert "snapshot:" not in again.stdout, shown(again)  # nothing copied again
+    assert query(dsn, "SELECT relid = 'public.notes'::regclass FROM slipstream.snapshot_progress") == [(True,)]
+    assert set(live_docs(dsn, "note")) == {"1"}

@@ -110,3 +110,14 @@ def test_a_configured_table_renamed_under_the_worker_stops_it_with_both_names() 
     other = TxnAssembler(Checkpoint(0, None, 0, 0), tables=["public.todo"])
     other.feed(REL)
     assert other.feed(Relation(16384, "public", "renamed", "d", REL.columns)) == []  # not ours
+
+
+def test_changes_under_a_configured_name_but_a_dropped_tables_oid_are_skipped() -> None:
+    """A table replaced under its name leaves the old table's changes in the slot; they
+    belong to a table that no longer exists and must not reach the new one's documents."""
+    a = TxnAssembler(Checkpoint(0, None, 0, 0), tables=["public.notes"], oids={"public.notes": 20000})
+    new = Relation(20000, "public", "notes", "d", REL.columns)
+    events = [Begin(100, TS, 7), REL, Insert(16384, ("1", "old table")), Truncate((16384,), False, False),
+              new, Insert(20000, ("1", "new table")), Truncate((20000,), False, False), Commit(0, 100, 108, TS)]
+    out = [c for e in events for c in a.feed(e) if isinstance(c, SourceChange)]
+    assert [(c.kind, c.values and c.values["title"]) for c in out] == [("insert", "new table"), ("truncate", None)]

@@ -67,6 +67,7 @@ class Worker:
             self.state.migrate(conn)
         self.lag_poller: MetricsPoller | None = None
         self._resolved = False
+        self.table_oids: dict[str, int] = {}  # each configured table's OID, from `resolve_tables`
 
     def close(self) -> None:
         self.backend.close()
@@ -86,6 +87,7 @@ class Worker:
                 shape = table_shape(conn, table)
                 self.registry.resolve(table, [c[0] for c in shape.columns], shape.key,
                                       unpublished=shape.unpublished)
+                self.table_oids[table] = shape.oid
         self._resolved = True
 
     def mapper_for(self, relation: str) -> Callable | None:
@@ -190,7 +192,8 @@ class Worker:
                 self.metrics.reconnects_total.labels(reason=str(kw.get("error", "unknown"))).inc()
             self.log.info(event, **kw)
 
-        return StreamRunner(settings, self.make_applier, tables=set(self.tables), on_batch=on_batch,
+        return StreamRunner(settings, self.make_applier, tables=set(self.tables),
+                            table_oids=dict(self.table_oids), on_batch=on_batch,
                             backfill=self._backfill, log=log)
 
     def _read_lag(self) -> SlotLag | None:
@@ -216,7 +219,7 @@ class Worker:
         self.log.info("setup_done", created_slot=report.created_slot, copied=report.copied,
                       added_tables=report.added_tables, backfill=report.deferred,
                       via_partition_root=report.via_partition_root,
-                      generated_columns=report.generated_columns)
+                      generated_columns=report.generated_columns, replaced=report.replaced)
         runner = self.runner()
         runner.install_signal_handlers()
         lost: list[SlotLag] = []

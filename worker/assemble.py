@@ -8,7 +8,7 @@ the exactly-once guarantee. It sees only decoded events, never a socket.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .errors import TableRenamedError
 from .incoming import SourceChange, TxnEnd, columns_of, key_columns, raw_row, relation_name, row_key
@@ -34,9 +34,13 @@ from .state import Checkpoint
 class TxnAssembler:
     """Turns the event stream into `SourceChange`s and `TxnEnd`s in commit order."""
 
-    def __init__(self, checkpoint: Checkpoint, tables: Iterable[str] | None = None) -> None:
+    def __init__(self, checkpoint: Checkpoint, tables: Iterable[str] | None = None,
+                 oids: Mapping[str, int] | None = None) -> None:
         self.checkpoint = checkpoint
         self.tables = set(tables) if tables is not None else None
+        # Each configured table's current OID: changes under its name but another OID are
+        # a dropped table's, left in the slot from before it was replaced (`reset_replaced`).
+        self.oids = dict(oids or {})
         self.relations = RelationCache()
         self.final_lsn: int | None = None  # set between Begin and Commit
         self.commit_ts = 0.0
@@ -96,6 +100,11 @@ class TxnAssembler:
                 f'list. Rename its section to [tables."{new}"] and start the worker again (the '
                 "table is then copied again under its new name)")
 
+    def _current(self, rel: Relation) -> bool:
+        """A configured table, and the one that has its name now (not a dropped one)."""
+        name = relation_name(rel)
+        return self._wanted(name) and self.oids.get(name, rel.oid) == rel.oid
+
     def _wanted(self, name: str) -> bool:
         return self.tables is None or name in self.tables
 
@@ -103,15 +112,15 @@ class TxnAssembler:
         assert self.final_lsn is not None
         common = {"commit_lsn": self.final_lsn, "index": self.index, "commit_ts": self.commit_ts}
         if isinstance(event, Truncate):
-            names = tuple(relation_name(self.relations.get(oid)) for oid in event.relation_oids)
-            names = tuple(n for n in names if self._wanted(n))
+            rels = [self.relations.get(oid) for oid in event.relation_oids]
+            names = tuple(relation_name(r) for r in rels if self._current(r))
             if not names:
                 return None
             return SourceChange(kind="truncate", relation=names[0], truncated=names, **common)
         rel = self.relations.get(event.relation_oid)
-        name = relation_name(rel)
-        if not self._wanted(name):
+        if not self._current(rel):
             return None
+        name = relation_name(rel)
         keys = key_columns(rel)
         if isinstance(event, Delete):
             old = raw_row(rel, event.old) if event.old_kind == "O" else _key_row(rel, event.old)

@@ -82,6 +82,9 @@ def setup(config_path: str) -> None:
                + (", set to publish partitioned tables via their root" if report.via_partition_root else "")
                + (", set to publish stored generated columns" if report.generated_columns else ""))
     click.echo(f"slot: {'created' if report.created_slot else 'present'}")
+    for table in report.replaced:
+        click.echo(f"{table}: dropped and created again since its copy; its documents were "
+                   "tombstoned and it is copied afresh")
     for table, n in report.copied.items():
         click.echo(f"snapshot: {table}: {n:,} rows")
     if report.dead_letters:

@@ -73,13 +73,15 @@ class StreamRunner:
     """Follows one slot until stopped. `make_applier` opens a fresh search-side applier."""
 
     def __init__(self, settings: RunnerSettings, make_applier: Callable[[], Applier], *,
-                 tables: set[str] | None = None, retry: RetryPolicy | None = None,
+                 tables: set[str] | None = None, table_oids: dict[str, int] | None = None,
+                 retry: RetryPolicy | None = None,
                  on_batch: Callable[[ApplyResult, Batch], None] | None = None,
                  backfill: Callable[[Applier], Iterator[object]] | None = None,
                  log: Callable[..., None] | None = None) -> None:
         self.settings = settings
         self.make_applier = make_applier
         self.tables = tables
+        self.table_oids = table_oids  # name -> current OID (see `TxnAssembler`)
         self.retry = retry or RetryPolicy()
         self.on_batch = on_batch
         self.backfill = backfill
@@ -175,7 +177,7 @@ class StreamRunner:
 
     def _loop(self, conn: ReplicationConnection, applier: Applier, pipeline: ApplyPipeline) -> None:
         s = self.settings
-        assembler = TxnAssembler(applier.checkpoint, self.tables)
+        assembler = TxnAssembler(applier.checkpoint, self.tables, self.table_oids)
         # Tables to copy while streaming: one chunk per chore, on the writer.
         steps = self.backfill(applier) if self.backfill is not None else None
         batcher = Batcher(BatcherSettings(

@@ -5,7 +5,8 @@ and the worker's tables, creates or extends the publication (only the configured
 tables — never the search schema, so the worker does not consume its own writes),
 and creates the slot. A new slot exports a snapshot and the tables are copied inside
 it; tables whose copy has not finished (a crash, or a table added to the config
-later) are copied again from where they stopped.
+later) are copied again from where they stopped, and a table dropped and created again
+under its name since its copy is copied afresh (`reset_replaced`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from slipstream.index.errors import ConfigurationError
 
 from .apply import Applier
 from .errors import WalLevelError
+from .incoming import Batch, SourceChange
+from .lsn import parse_lsn
 from .replication import ReplicationConnection
 from .snapshot import (
     TableShape,
@@ -39,6 +42,7 @@ class SetupReport:
     deferred: list[str] = field(default_factory=list)  # to be copied while streaming
     via_partition_root: bool = False  # an existing publication was set to publish via roots
     generated_columns: bool = False  # ... and to publish STORED generated columns
+    replaced: list[str] = field(default_factory=list)  # tables dropped and created again: re-copied
     # Rows of the copy that went to dead letters, per table: (count, first error).
     dead_letters: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -150,6 +154,37 @@ def check_partitions(conn: psycopg.Connection, tables: Sequence[str]) -> None:
                     f'remove [tables."{relation}"] (the partitioned table covers its rows)')
 
 
+def reset_replaced(applier: Applier, source: psycopg.Connection, table_shapes: Sequence[TableShape]
+                   ) -> list[str]:
+    """Tables copied before whose OID has changed since: dropped and created again under the
+    same name (or swapped in by renames), which the stream does not carry. Their documents
+    are tombstoned, as a TRUNCATE would, and their copy is forgotten, in one transaction,
+    so they are copied afresh; the stream then skips changes of the old OID (the
+    `TxnAssembler` knows each table's current one). A table copied before OIDs were
+    recorded adopts its current one. Returns the replaced tables."""
+    conn, state = applier.conn, applier.state
+    recorded = dict(conn.execute(state.q("SELECT relation, relid::int FROM {s}.snapshot_progress")).fetchall())
+    conn.commit()
+    replaced = []
+    for shape in table_shapes:
+        if shape.relation not in recorded:
+            continue
+        relid = recorded[shape.relation]
+        if relid is None:
+            conn.execute(state.q("UPDATE {s}.snapshot_progress SET relid = %s WHERE relation = %s"),
+                         (shape.oid, shape.relation))
+            conn.commit()
+        elif relid != shape.oid:
+            (lsn,) = source.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+            batch = Batch(snapshot=True)
+            batch.changes.append(SourceChange(kind="truncate", relation=shape.relation,
+                                              commit_lsn=parse_lsn(lsn), truncated=(shape.relation,)))
+            applier.apply(batch, also=lambda c, r=shape.relation: c.execute(
+                state.q("DELETE FROM {s}.snapshot_progress WHERE relation = %s"), (r,)))
+            replaced.append(shape.relation)
+    return replaced
+
+
 def slot_exists(conn: psycopg.Connection, slot: str) -> bool:
     """Whether this database has the slot; a slot of that name elsewhere is a ConfigurationError."""
     row = conn.execute("SELECT database, plugin FROM pg_replication_slots WHERE slot_name = %s",
@@ -179,6 +214,7 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
         check_wal_level(source)
         table_shapes = shapes(source, tables, search_schema)
         ensure_publication(source, publication, tables, report)
+        report.replaced = reset_replaced(applier, source, table_shapes)
         todo = set(pending_tables(applier, tables))
         if not slot_exists(source, slot):
             with ReplicationConnection.connect(source_dsn) as repl:

@@ -38,6 +38,7 @@ class TableShape:
     columns: tuple[tuple[str, int, str], ...]  # (name, type oid, SQL type), as the stream carries them
     key: tuple[str, ...]
     unpublished: tuple[str, ...] = ()  # generated columns the stream does not carry
+    oid: int = 0  # the table's pg_class OID: a table created again under its name has another
 
     @property
     def type_oids(self) -> tuple[tuple[str, int], ...]:
@@ -90,7 +91,7 @@ def table_shape(conn: psycopg.Connection, relation: str) -> TableShape:
             f"table {relation!r} has no primary key or replica identity, so updates and deletes "
             f"cannot be followed; add a primary key, or run ALTER TABLE {relation} REPLICA IDENTITY "
             "USING INDEX <unique index> (or REPLICA IDENTITY FULL)")
-    return TableShape(relation, tuple(columns), key, tuple(unpublished))
+    return TableShape(relation, tuple(columns), key, tuple(unpublished), int(oid))
 
 
 def publishes_stored_generated(conn: psycopg.Connection) -> bool:
@@ -235,21 +236,20 @@ def _chunks(applier: Applier, source: psycopg.Connection, shape: TableShape, chu
                 key=row_key(values, shape.key), values=dict(values), columns=shape.type_oids))
         copied += len(chunk)
         last_key = [chunk[-1][k] for k in shape.key]
-        yield batch, _save_progress(applier, shape.relation, last_key, copied, read_lsn, False), copied
-    yield (Batch(snapshot=True),
-           _save_progress(applier, shape.relation, None, copied, snapshot_lsn or 0, True), copied)
+        yield batch, _save_progress(applier, shape, last_key, copied, read_lsn, False), copied
+    yield (Batch(snapshot=True), _save_progress(applier, shape, None, copied, snapshot_lsn or 0, True), copied)
 
 
-def _save_progress(applier: Applier, relation: str, last_key, copied: int, lsn: int, done: bool):
+def _save_progress(applier: Applier, shape: TableShape, last_key, copied: int, lsn: int, done: bool):
     def save(conn: psycopg.Connection) -> None:
         conn.execute(applier.state.q(
-            "INSERT INTO {s}.snapshot_progress (relation, last_key, rows_copied, read_lsn, done) "
-            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (relation) DO UPDATE SET "
+            "INSERT INTO {s}.snapshot_progress (relation, last_key, rows_copied, read_lsn, done, relid) "
+            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (relation) DO UPDATE SET "
             "last_key = coalesce(excluded.last_key, {s}.snapshot_progress.last_key), "
             "rows_copied = excluded.rows_copied, read_lsn = excluded.read_lsn, done = excluded.done, "
-            "updated_at = now()"),
-            (relation, Jsonb(last_key) if last_key is not None else None, copied,
-             format_lsn(lsn), done))
+            "relid = excluded.relid, updated_at = now()"),
+            (shape.relation, Jsonb(last_key) if last_key is not None else None, copied,
+             format_lsn(lsn), done, shape.oid))
     return save
 
 

@@ -80,6 +80,11 @@ CREATE TABLE {s}.snapshot_progress (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 """),
+    # The source table's OID at its copy: a table dropped and created again under the same
+    # name is another table, whose rows must be copied again (`setup.reset_replaced`).
+    (2, "snapshot_progress.relid", """
+ALTER TABLE {s}.snapshot_progress ADD COLUMN relid oid
+"""),
 ]
 
 
