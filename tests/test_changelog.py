@@ -21,6 +21,9 @@ CREATE TABLE slipstream.changes (seq bigint PRIMARY KEY, partition text NOT NULL
     op char(1) NOT NULL CHECK (op IN ('u', 'd')), source_lsn pg_lsn,
     recorded_at timestamptz NOT NULL DEFAULT now());
 CREATE INDEX changes_partition_seq ON slipstream.changes (partition, seq);
+CREATE TABLE slipstream.snapshot_progress (relation text PRIMARY KEY, last_key jsonb,
+    rows_copied bigint NOT NULL DEFAULT 0, read_lsn pg_lsn, done boolean NOT NULL DEFAULT false,
+    updated_at timestamptz NOT NULL DEFAULT now());
 INSERT INTO slipstream.changes (seq, partition, object_type, object_id, node_kind, op)
     VALUES (1, 'A', 'note', '1', 'leaf', 'u'), (2, 'A', 'note', '2', 'leaf', 'u');
 """

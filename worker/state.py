@@ -83,7 +83,7 @@ CREATE TABLE {s}.snapshot_progress (
     # The source table's OID at its copy: a table dropped and created again under the same
     # name is another table, whose rows must be copied again (`setup.reset_replaced`).
     (2, "snapshot_progress.relid", """
-ALTER TABLE {s}.snapshot_progress ADD COLUMN relid oid
+ALTER TABLE {s}.snapshot_progress ADD COLUMN IF NOT EXISTS relid oid
 """),
 ]
 
