@@ -67,7 +67,7 @@ def shapes(conn: psycopg.Connection, tables: Sequence[str], search_schema: str |
     return out
 
 
-def ensure_publication(conn: psycopg.Connection, name: str, tables: Sequence[str],
+def ensure_publication(conn: psycopg.Connection, name: str, table_shapes: Sequence[TableShape],
                        report: SetupReport) -> None:
     """Create the publication, or add the configured tables it lacks.
 
@@ -79,7 +79,9 @@ def ensure_publication(conn: psycopg.Connection, name: str, tables: Sequence[str
     publishes STORED generated columns (`publish_generated_columns`), which the copy
     reads too (`table_shape`), so a copied row and a streamed one have the same columns.
     """
-    check_partitions(conn, tables)
+    check_partitions(conn, table_shapes)
+    tables = [shape.relation for shape in table_shapes]
+    oids = [shape.oid for shape in table_shapes]
     idents = [sql.Identifier(*split_relation(t)) for t in tables]
     generated = publishes_stored_generated(conn)
     options = ["publish_via_partition_root = true"] + (["publish_generated_columns = stored"] if generated else [])
@@ -91,12 +93,12 @@ def ensure_publication(conn: psycopg.Connection, name: str, tables: Sequence[str
         report.created_publication = True
         return
     all_tables, via_root, stored = row
-    if not via_root and _kinds(conn, tables, "relkind = 'p'"):
+    if not via_root and _any(conn, oids, "relkind = 'p'"):
         conn.execute(sql.SQL("ALTER PUBLICATION {p} SET (publish_via_partition_root = true)").format(
             p=sql.Identifier(name)))
         report.via_partition_root = True
-    if not stored and _kinds(conn, tables, "EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid "
-                                           "AND a.attgenerated = 's' AND NOT a.attisdropped)"):
+    if not stored and _any(conn, oids, "EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid "
+                                       "AND a.attgenerated = 's' AND NOT a.attisdropped)"):
         conn.execute(sql.SQL("ALTER PUBLICATION {p} SET (publish_generated_columns = stored)").format(
             p=sql.Identifier(name)))
         report.generated_columns = True
@@ -117,41 +119,27 @@ def ensure_publication(conn: psycopg.Connection, name: str, tables: Sequence[str
             report.added_tables.append(relation)
 
 
-def _oids(conn: psycopg.Connection, tables: Sequence[str]) -> dict[str, int]:
-    """Each configured table's oid."""
-    out = {}
-    for relation in tables:
-        schema, table = split_relation(relation)
-        row = conn.execute("SELECT c.oid::int FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                           "WHERE n.nspname = %s AND c.relname = %s", (schema, table)).fetchone()
-        if row is not None:
-            out[relation] = row[0]
-    return out
-
-
-def _kinds(conn: psycopg.Connection, tables: Sequence[str], condition: str) -> bool:
-    """Whether any configured table's pg_class row `c` meets `condition` (fixed SQL)."""
-    oids = list(_oids(conn, tables).values())
+def _any(conn: psycopg.Connection, oids: Sequence[int], condition: str) -> bool:
+    """Whether the pg_class row `c` of any of `oids` meets `condition` (fixed SQL)."""
     row = conn.execute(f"SELECT EXISTS (SELECT FROM pg_class c WHERE c.oid = ANY(%s::oid[]) AND {condition})",
-                       (oids,)).fetchone()
+                       (list(oids),)).fetchone()
     return bool(row[0])
 
 
-def check_partitions(conn: psycopg.Connection, tables: Sequence[str]) -> None:
+def check_partitions(conn: psycopg.Connection, table_shapes: Sequence[TableShape]) -> None:
     """Refuse a configured partition whose partitioned table is configured too: its
     changes are published as the partitioned table's, so it would be indexed twice at
     the copy and never again after."""
-    oids = _oids(conn, tables)
-    by_oid = {oid: relation for relation, oid in oids.items()}
-    for relation, oid in oids.items():
+    by_oid = {shape.oid: shape.relation for shape in table_shapes}
+    for shape in table_shapes:
         for (ancestor,) in conn.execute(
                 "SELECT relid::int FROM pg_partition_ancestors(%s::oid) WHERE relid <> %s::oid",
-                (oid, oid)):
+                (shape.oid, shape.oid)):
             if ancestor in by_oid:
                 raise ConfigurationError(
-                    f"table {relation!r} is a partition of {by_oid[ancestor]!r}, which is configured "
-                    f"too; changes of a partition are published as its partitioned table's, so "
-                    f'remove [tables."{relation}"] (the partitioned table covers its rows)')
+                    f"table {shape.relation!r} is a partition of {by_oid[ancestor]!r}, which is "
+                    f"configured too; changes of a partition are published as its partitioned "
+                    f'table\'s, so remove [tables."{shape.relation}"] (the partitioned table covers its rows)')
 
 
 def reset_replaced(applier: Applier, source: psycopg.Connection, table_shapes: Sequence[TableShape]
@@ -213,7 +201,7 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
     with psycopg.connect(source_dsn, autocommit=True) as source:
         check_wal_level(source)
         table_shapes = shapes(source, tables, search_schema)
-        ensure_publication(source, publication, tables, report)
+        ensure_publication(source, publication, table_shapes, report)
         report.replaced = reset_replaced(applier, source, table_shapes)
         todo = set(pending_tables(applier, tables))
         if not slot_exists(source, slot):
