@@ -131,6 +131,7 @@ ERROR_CASES = [
     ({"source/dsn_env": "APP_DATABASE_URL"}, "source.dsn", "both set"),
     ({"source/dsn": "mysql://app@localhost/app"}, "source.dsn", "not a Postgres DSN"),
     ({"source/dsn": ""}, "source.dsn", "empty"),
+    ({"source/dsn": "host=db password=s3cret sslmode"}, "source.dsn", "not a valid libpq connection"),
     ({"source/dsn": _DELETE, "source/dsn_env": "APP-URL"}, "source.dsn_env", "environment variable"),
     ({"search/dsn": "postgresql://x@h/db", "search/dsn_env": "SEARCH_URL"}, "search.dsn", "both set"),
     ({"source": _DELETE}, "source", "add [source]"),
@@ -283,6 +284,10 @@ def test_secrets_from_the_environment_are_read_only_when_asked() -> None:
     with pytest.raises(ConfigError) as info:
         cfg.embedders["local"].resolve_api_key({})
     assert info.value.path == "embedders.local.api_key_env"
+    with pytest.raises(ConfigError) as info:  # a DSN from the environment is checked as a literal one
+        cfg.source.resolve_dsn({"APP_URL": "host=db password=s3cret sslmode"})
+    assert info.value.path == "source.dsn_env" and "not a valid libpq connection" in str(info.value)
+    assert "s3cret" not in str(info.value)
 
 
 def test_the_snapshot_cache_size_is_read_and_checked() -> None:

@@ -18,6 +18,7 @@ from slipstream.worker.pgtypes import (
     OutOfRangeError,
     ValueDecodeError,
     decode_text,
+    source_conninfo,
 )
 
 ARRAY = {element: array for array, element in ARRAY_ELEMENT.items()}
@@ -381,3 +382,15 @@ def test_server_text_python_cannot_hold(pg_dsn: str) -> None:
                 decode_text(oid, text)
         text = conn.execute("SELECT 'infinity'::timestamptz::text").fetchone()[0]
         assert decode_text(OID["timestamptz"], text) == datetime.max.replace(tzinfo=UTC)
+
+
+def test_source_connections_pin_the_output_settings_after_the_dsns_own() -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    plain = conninfo_to_dict(source_conninfo("postgresql://app@db/app"))
+    assert plain["options"] == ("-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC "
+                                "-c extra_float_digits=1 -c bytea_output=hex")
+    assert (plain["host"], plain["user"], plain["dbname"]) == ("db", "app", "app")
+    own = conninfo_to_dict(source_conninfo("host=db options='-c search_path=app -c TimeZone=PST8PDT'"))
+    assert own["options"].startswith("-c search_path=app -c TimeZone=PST8PDT -c DateStyle=ISO")
+    assert own["options"].endswith("-c TimeZone=UTC -c extra_float_digits=1 -c bytea_output=hex")

@@ -236,3 +236,37 @@ def test_boolean_filtered_table_under_a_concurrent_writer_is_indexed_exactly(
              "WHERE object_type = 'ticket' AND NOT deleted")}
     assert open_dead_letters(dsn) == []
     assert got == expected
+
+
+ODD_SETTINGS = {"DateStyle": "SQL, DMY", "TimeZone": "Asia/Kolkata", "IntervalStyle": "sql_standard",
+                "bytea_output": "escape", "extra_float_digits": "0"}
+
+
+def test_a_database_with_its_own_output_settings_reads_the_same(pg_dsn: str, tmp_path: Path) -> None:
+    """Regression: a database set to `DateStyle = 'SQL, DMY'` (as European applications
+    often are) dead-lettered every row with a date column, copied and streamed alike
+    (`cannot decode '02/12/2026' as type 1082`), and `extra_float_digits = 0` cut a
+    double to 15 digits. The worker's source connections now pin the output settings
+    the decoder reads, so the document does not depend on the server's configuration.
+    """
+    dsn = pg_dsn
+    (database,) = query(dsn, "SELECT current_database()")[0]
+    run_sql(dsn, *(f"ALTER DATABASE {database} SET {name} = '{value}'" for name, value in ODD_SETTINGS.items()))
+    run_sql(dsn, TYPES_DDL.format(table="kinds"))
+    insert(dsn, "kinds", 1)
+    config = write_config(tmp_path / "slipstream.toml", dsn, tables_toml("kinds"))
+    setup = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert setup.returncode == 0, shown(setup)
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(dsn)
+        insert(dsn, "kinds", 2)
+        worker.wait_caught_up(dsn)
+    assert open_dead_letters(dsn) == []
+    docs = documents(dsn, "kinds")
+    assert set(docs) == {"1", "2"} and docs["1"] == docs["2"], docs
+    payload = json.loads(docs["1"][4])
+    assert payload["day"] == "2026-12-02"
+    assert payload["tstz"] == "2026-12-02T08:11:12.500000+00:00"  # UTC, whatever the server's zone
+    assert payload["dbl"] == 2.718281828459045  # every digit
+    assert payload["span"] == "1 year 2 mons 3 days 04:05:06"
+    assert payload["raw"] == "3q2+7w=="  # b'\xde\xad\xbe\xef'

@@ -28,6 +28,7 @@ from .logs import get_logger
 from .lsn import format_lsn, parse_lsn
 from .mapping import Registry
 from .metrics import BatchLog, Metrics, MetricsPoller, SlotLag, lag_from_slot
+from .pgtypes import source_conninfo
 from .progress import estimate_rows, progress_reporter
 from .runner import RunnerSettings, StreamRunner
 from .setup import SetupReport, setup, slot_exists
@@ -51,7 +52,7 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.log = get_logger("slipstream.worker")
-        self.source_dsn = config.source.resolve_dsn()
+        self.source_dsn = source_conninfo(config.source.resolve_dsn())  # values read as streamed
         self.search_dsn = config.search.resolve_dsn(config.source)
         self.slot, self.publication = config.source.slot, config.source.publication
         self.registry = Registry.from_config(config)

@@ -32,6 +32,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from slipstream.index.doc import IDENTIFIER
 
 from .table_config import (
@@ -82,11 +85,33 @@ def _redact_url(url: str) -> str:
     return _URL_USERINFO.sub(lambda m: f"{m[1]}{m[2]}:{REDACTED}@", url)
 
 
+_NOT_LIBPQ = ("not a valid libpq connection string or URI (use postgresql://user@host/db "
+              "or key=value pairs: host=… dbname=…)")
+
+
+def _parses(dsn: str) -> bool:
+    """True when libpq can parse `dsn`; the text is never echoed (it may hold a password)."""
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return False
+    return True
+
+
 def _env(name: str, path: str, source: str, environ: Mapping[str, str] | None) -> str:
     value = (os.environ if environ is None else environ).get(name)
     if not value:
         raise ConfigError(f"environment variable {name} is not set (or empty); export it "
                           "before starting the worker", path=path, source=source)
+    return value
+
+
+def _env_dsn(name: str, path: str, source: str, environ: Mapping[str, str] | None) -> str:
+    """The DSN in the environment variable `name`, checked as `dsn_pair` checks a literal one."""
+    value = _env(name, path, source, environ)
+    if not _parses(value):
+        raise ConfigError(f"environment variable {name} holds a value that is {_NOT_LIBPQ}",
+                          path=path, source=source)
     return value
 
 
@@ -107,7 +132,7 @@ class SourceConfig:
         if self.dsn is not None:
             return self.dsn
         assert self.dsn_env is not None
-        return _env(self.dsn_env, "source.dsn_env", self.origin, environ)
+        return _env_dsn(self.dsn_env, "source.dsn_env", self.origin, environ)
 
     def redacted(self) -> SourceConfig:
         return dataclasses.replace(self, dsn=None if self.dsn is None else redact_dsn(self.dsn))
@@ -139,7 +164,7 @@ class SearchConfig:
         if self.dsn is not None:
             return self.dsn
         if self.dsn_env is not None:
-            return _env(self.dsn_env, "search.dsn_env", self.origin, environ)
+            return _env_dsn(self.dsn_env, "search.dsn_env", self.origin, environ)
         return source.resolve_dsn(environ)
 
     def redacted(self) -> SearchConfig:
@@ -425,6 +450,8 @@ class _Reader(TableReader):
         if dsn is not None and "://" in dsn and not _URI_DSN.match(dsn):
             self.fail((*path, "dsn"), f"{redact_dsn(dsn)!r} is not a Postgres DSN; use "
                       "postgresql://… or key=value form (host=… dbname=…)")
+        if dsn is not None and not _parses(dsn):
+            self.fail((*path, "dsn"), _NOT_LIBPQ)
         return dsn, dsn_env
 
     def sync(self, raw: object, spaces: Mapping[str, int]) -> SyncSettings:

@@ -1,9 +1,13 @@
 """Text-format column values to Python values, chosen by the column's type OID.
 
 This module owns how a value that pgoutput sent in text format becomes a Python
-object: `decode_text(type_oid, text)`. It assumes the server's output settings are
-the defaults (`DateStyle=ISO`, `bytea_output` hex or escape, a UTF-8 database);
-the replication connection is expected to ask for ISO dates.
+object: `decode_text(type_oid, text)`. The text of a value depends on the session's output
+settings, which a database or role may set to anything (`ALTER DATABASE … SET
+DateStyle = 'SQL, DMY'`); every connection that reads source values therefore
+pins them with `source_conninfo` (`OUTPUT_SETTINGS`: ISO dates, `postgres`
+intervals, UTC, shortest exact floats, hex bytea), so a row reads the same through
+the copy and the stream, whatever the server's configuration. A UTF-8 database is
+assumed (the connections ask for UTF8).
 
 | Postgres type                          | Python                                   |
 | -------------------------------------- | ---------------------------------------- |
@@ -39,9 +43,29 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from functools import partial
 
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
 from .pgoutput import DecodeError
 
-__all__ = ["ARRAY_ELEMENT", "OID", "OutOfRangeError", "ValueDecodeError", "decode_text"]
+__all__ = ["ARRAY_ELEMENT", "OID", "OUTPUT_SETTINGS", "OutOfRangeError", "ValueDecodeError",
+           "decode_text", "source_conninfo"]
+
+# The session settings a value's text depends on, as the decoder expects them.
+OUTPUT_SETTINGS = (("DateStyle", "ISO"), ("IntervalStyle", "postgres"), ("TimeZone", "UTC"),
+                   ("extra_float_digits", "1"), ("bytea_output", "hex"))
+
+
+def source_conninfo(dsn: str) -> str:
+    """`dsn` with `OUTPUT_SETTINGS` pinned in its libpq `options`, after any it has.
+
+    A later `-c` wins, so the DSN's own options (a `search_path`, say) are kept and
+    these override what it, the role or the database set. Raises `psycopg.ProgrammingError`
+    for a DSN libpq cannot parse.
+    """
+    params = conninfo_to_dict(dsn)
+    pinned = " ".join(f"-c {name}={value}" for name, value in OUTPUT_SETTINGS)
+    params["options"] = f"{params['options']} {pinned}" if params.get("options") else pinned
+    return make_conninfo("", **params)
 
 
 class ValueDecodeError(DecodeError):

@@ -40,6 +40,7 @@ from .errors import (
     error_from_server,
 )
 from .lsn import MAX_LSN, format_lsn, parse_lsn
+from .pgtypes import source_conninfo
 from .replication_proto import (
     Keepalive,
     PQGen,
@@ -245,7 +246,7 @@ class ReplicationConnection:
         'slipstream' (it shows in pg_stat_replication).
         """
         try:
-            params = conninfo_to_dict(dsn)
+            params = conninfo_to_dict(source_conninfo(dsn))  # the decoder's output settings
         except psycopg.ProgrammingError:
             # Not chained and not quoted: the text could hold a password.
             raise ConfigurationError(

@@ -22,6 +22,7 @@ from .apply import Applier
 from .errors import WalLevelError
 from .incoming import Batch, SourceChange
 from .lsn import parse_lsn
+from .pgtypes import source_conninfo
 from .replication import ReplicationConnection
 from .snapshot import (
     TableShape,
@@ -198,6 +199,7 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
     `copy_pending` is False — then `run` copies them between stream batches instead.
     """
     report = SetupReport()
+    source_dsn = source_conninfo(source_dsn)  # the copy reads values as the stream sends them
     with psycopg.connect(source_dsn, autocommit=True) as source:
         check_wal_level(source)
         table_shapes = shapes(source, tables, search_schema)
