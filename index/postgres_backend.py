@@ -48,6 +48,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from .pg_ann import AnnIndex
+from .pg_connect import pinned_conninfo
 from .pg_embedding import EmbeddingState
 from .pg_scope_cache import ScopeCacheReads
 from .pg_writes import WriteSQL, vector_text, write_sql
@@ -99,6 +100,7 @@ class PostgresBackend(EmbeddingState, ScopeCacheReads, AnnIndex):
         if isinstance(conninfo, ConnectionPool):
             self._pool, self._owns_pool = conninfo, False
         else:
+            conninfo = pinned_conninfo(conninfo)  # ISO dates whatever the database sets
             self._ensure_extension(conninfo)
             self._pool = ConnectionPool(conninfo, min_size=1, max_size=pool_size,
                                         configure=_configure_pooled, open=True)

@@ -50,6 +50,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from slipstream.index.doc import IDENTIFIER
 from slipstream.index.errors import ValidationError
+from slipstream.index.pg_connect import pinned_conninfo
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -342,13 +343,14 @@ class SyncServer:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         s = self.settings
-        self.pool = AsyncConnectionPool(s.dsn, min_size=s.pool_min, max_size=s.pool_max,
+        dsn = pinned_conninfo(s.dsn)  # ISO dates whatever the database sets
+        self.pool = AsyncConnectionPool(dsn, min_size=s.pool_min, max_size=s.pool_max,
                                         open=False, kwargs={"autocommit": True},
                                         name="slipstream-sync")
         await self.pool.open(wait=True, timeout=30.0)
-        self.notifier = ChangeNotifier(s.dsn, self.log, self.pool)
+        self.notifier = ChangeNotifier(dsn, self.log, self.pool)
         await self.notifier.start()
-        self.snapshots = SnapshotCache(s.dsn, s.schema, s.snapshot_cache_bytes, s.tmp_dir)
+        self.snapshots = SnapshotCache(dsn, s.schema, s.snapshot_cache_bytes, s.tmp_dir)
         self.metrics.watch_cache(self.snapshots.bytes)
         if s.metrics_port:
             self.metrics_endpoint = self.metrics.serve(s.metrics_host, s.metrics_port)

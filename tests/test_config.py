@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
+from slipstream.index.pg_connect import pinned_conninfo
 from slipstream.index.errors import ConfigurationError
 from slipstream.worker.config import (
     ConfigError,
@@ -276,7 +278,9 @@ def test_secrets_from_the_environment_are_read_only_when_asked() -> None:
     }))
     env = {"APP_URL": "postgresql://a:pw@h/db", "EMBED_KEY": "k"}
     assert cfg.source.resolve_dsn(env) == env["APP_URL"]
-    assert cfg.search.resolve_dsn(cfg.source, env) == env["APP_URL"]  # defaults to the source
+    # The search side defaults to the source, with the session settings it pins (ISO dates).
+    assert cfg.search.resolve_dsn(cfg.source, env) == pinned_conninfo(env["APP_URL"])
+    assert "DateStyle=ISO" in conninfo_to_dict(cfg.search.resolve_dsn(cfg.source, env))["options"]
     assert cfg.embedders["local"].resolve_api_key(env) == "k"
     with pytest.raises(ConfigError) as info:
         cfg.source.resolve_dsn({})

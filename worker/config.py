@@ -36,6 +36,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from slipstream.index.doc import IDENTIFIER
+from slipstream.index.pg_connect import pinned_conninfo
 
 from .table_config import (
     CHUNK_PAYLOAD_KEYS,
@@ -160,12 +161,13 @@ class SearchConfig:
     origin: str = dataclasses.field(default="<string>", repr=False, compare=False)
 
     def resolve_dsn(self, source: SourceConfig, environ: Mapping[str, str] | None = None) -> str:
-        """This section's DSN if it has one, else the source database's."""
+        """This section's DSN if it has one, else the source database's; either with the
+        session settings every search connection pins (`pinned_conninfo`)."""
         if self.dsn is not None:
-            return self.dsn
+            return pinned_conninfo(self.dsn)
         if self.dsn_env is not None:
-            return _env_dsn(self.dsn_env, "search.dsn_env", self.origin, environ)
-        return source.resolve_dsn(environ)
+            return pinned_conninfo(_env_dsn(self.dsn_env, "search.dsn_env", self.origin, environ))
+        return pinned_conninfo(source.resolve_dsn(environ))
 
     def redacted(self) -> SearchConfig:
         return dataclasses.replace(self, dsn=None if self.dsn is None else redact_dsn(self.dsn))

@@ -43,7 +43,7 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from functools import partial
 
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from slipstream.index.pg_connect import pinned_conninfo
 
 from .pgoutput import DecodeError
 
@@ -62,10 +62,7 @@ def source_conninfo(dsn: str) -> str:
     these override what it, the role or the database set. Raises `psycopg.ProgrammingError`
     for a DSN libpq cannot parse.
     """
-    params = conninfo_to_dict(dsn)
-    pinned = " ".join(f"-c {name}={value}" for name, value in OUTPUT_SETTINGS)
-    params["options"] = f"{params['options']} {pinned}" if params.get("options") else pinned
-    return make_conninfo("", **params)
+    return pinned_conninfo(dsn, OUTPUT_SETTINGS)
 
 
 class ValueDecodeError(DecodeError):

@@ -1,0 +1,30 @@
+"""The session settings pinned on every connection slipstream opens to Postgres.
+
+A database or role may set any output style (`ALTER DATABASE app SET DateStyle =
+'SQL, DMY'`), and every new session then reads values in it. psycopg parses dates,
+timestamps and intervals sent as text only in the ISO `DateStyle` and the
+`postgres` `IntervalStyle`, so a search database set otherwise would fail every
+read of a `timestamptz`. `pinned_conninfo` adds the settings to a DSN's libpq
+`options`, after the DSN's own: a later `-c` wins, and the rest are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+__all__ = ["SESSION_SETTINGS", "pinned_conninfo"]
+
+SESSION_SETTINGS: tuple[tuple[str, str], ...] = (("DateStyle", "ISO"), ("IntervalStyle", "postgres"))
+
+
+def pinned_conninfo(dsn: str, settings: Sequence[tuple[str, str]] = SESSION_SETTINGS) -> str:
+    """`dsn` with `settings` pinned in its libpq `options`, after any it has.
+
+    Raises `psycopg.ProgrammingError` for a DSN libpq cannot parse.
+    """
+    params = conninfo_to_dict(dsn)
+    pinned = " ".join(f"-c {name}={value}" for name, value in settings)
+    params["options"] = f"{params['options']} {pinned}" if params.get("options") else pinned
+    return make_conninfo("", **params)
