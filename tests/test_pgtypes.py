@@ -394,3 +394,26 @@ def test_source_connections_pin_the_output_settings_after_the_dsns_own() -> None
     own = conninfo_to_dict(source_conninfo("host=db options='-c search_path=app -c TimeZone=PST8PDT'"))
     assert own["options"].startswith("-c search_path=app -c TimeZone=PST8PDT -c DateStyle=ISO")
     assert own["options"].endswith("-c TimeZone=UTC -c extra_float_digits=1 -c bytea_output=hex")
+
+
+def test_type_aliases_read_domains_as_their_base_and_unknown_arrays_as_text_arrays(pg_dsn: str) -> None:
+    from slipstream.worker.typealias import type_aliases
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TYPE mood AS ENUM ('sad', 'happy'); "
+                     "CREATE DOMAIN posint AS integer CHECK (VALUE > 0); "
+                     "CREATE DOMAIN small AS posint CHECK (VALUE < 10); "
+                     "CREATE DOMAIN nets AS inet[]; CREATE DOMAIN label AS mood")
+        oid = {name: conn.execute("SELECT %s::regtype::oid::int", (name,)).fetchone()[0]
+               for name in ("posint", "small", "posint[]", "small[]", "mood[]", "inet[]", "nets",
+                            "label", "mood", "box[]", "oidvector", "int2vector", "vector")}
+        aliases = type_aliases(conn)
+    assert aliases[oid["posint"]] == aliases[oid["small"]] == OID["int4"]
+    assert aliases[oid["posint[]"]] == aliases[oid["small[]"]] == ARRAY[OID["int4"]]
+    assert aliases[oid["mood[]"]] == aliases[oid["inet[]"]] == aliases[oid["nets"]] == ARRAY[OID["text"]]
+    assert aliases[oid["label"]] == oid["mood"]  # a domain over an enum: the enum, read as text
+    # Not aliased: known arrays, ';'-delimited arrays, and vector types that are not arrays.
+    for name in ("box[]", "oidvector", "int2vector", "vector", "mood"):
+        assert oid[name] not in aliases, name
+    assert not set(aliases) & set(ARRAY_ELEMENT)
+    assert decode_text(aliases[oid["inet[]"]], '{10.0.0.1,NULL,"a,b"}') == ["10.0.0.1", None, "a,b"]

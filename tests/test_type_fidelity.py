@@ -21,6 +21,8 @@ from .cli_harness import WorkerProcess, cli, environ, query, run_sql, shown, wri
 TYPES_DDL = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
+CREATE DOMAIN small_posint AS posint CHECK (VALUE < 100);
+CREATE DOMAIN intlist AS int[];
 CREATE TABLE public.{table} (
     id int PRIMARY KEY, owner text NOT NULL,
     flag boolean, small smallint, num int, big bigint, dec numeric(12, 4),
@@ -28,13 +30,15 @@ CREATE TABLE public.{table} (
     ip inet, net cidr, mac macaddr, uid uuid, js json, jsb jsonb,
     day date, ts timestamp, tstz timestamptz, tod time, span interval, raw bytea,
     tags text[], ints int[], flags boolean[], mood mood, pos posint, cash money,
-    pt point, rng int4range, huge numeric(30)
+    pt point, rng int4range, huge numeric(30),
+    pos2 small_posint, moods mood[], ips inet[], poss posint[], boxes box[], il intlist
 );
 """
-LATE_DDL = TYPES_DDL.split(");\n", 2)[2]  # the table only: the types exist by then
+LATE_DDL = TYPES_DDL[TYPES_DDL.index("CREATE TABLE"):]  # the table only: the types exist by then
 
 COLUMNS = ("owner, flag, small, num, big, dec, re, dbl, vc, ch, txt, ip, net, mac, uid, js, jsb, "
-           "day, ts, tstz, tod, span, raw, tags, ints, flags, mood, pos, cash, pt, rng, huge")
+           "day, ts, tstz, tod, span, raw, tags, ints, flags, mood, pos, cash, pt, rng, huge, "
+           "pos2, moods, ips, poss, boxes, il")
 VALUES = r"""
     'user-1', true, -32768, 2147483647, -9223372036854775808, 12345.6789,
     3.14159, 2.718281828459045, 'varchar value', 'ab', E'line one\nline\ttwo \\ "quoted" ünïcode',
@@ -43,7 +47,8 @@ VALUES = r"""
     '2026-12-02', '2026-12-02 10:11:12.345678', '2026-12-02 10:11:12.5+02', '23:59:59.5',
     '1 year 2 mons 3 days 04:05:06', '\xdeadbeef'::bytea,
     ARRAY['a,b', 'q"x', NULL, '', 'back\slash', '{brace}'], ARRAY[1, NULL, 3],
-    ARRAY[true, false, NULL], 'happy', 42, 12.34, '(1.5,-2)', '[1,10)', 123456789012345678901234567890
+    ARRAY[true, false, NULL], 'happy', 42, 12.34, '(1.5,-2)', '[1,10)', 123456789012345678901234567890,
+    7, '{sad,happy}', '{10.0.0.1,NULL,::1}', '{1,2}', '{(1,1),(0,0);(2,2),(1,1)}', '{3,NULL,4}'
 """
 ALL = [c.strip() for c in COLUMNS.split(",")]
 
@@ -101,6 +106,10 @@ def test_copied_streamed_and_backfilled_rows_give_the_same_document(pg_dsn: str,
     payload = json.loads(payload)
     assert payload["ip"] == "10.244.218.19" and payload["flag"] is True
     assert payload["huge"] == 123456789012345678901234567890  # an integral numeric keeps every digit
+    # Domains read as their base type; arrays of types the decoder does not know, as lists.
+    assert (payload["pos"], payload["pos2"], payload["poss"], payload["il"]) == (42, 7, [1, 2], [3, None, 4])
+    assert (payload["moods"], payload["ips"]) == (["sad", "happy"], ["10.0.0.1", None, "::1"])
+    assert payload["boxes"] == "{(1,1),(0,0);(2,2),(1,1)}"  # ';'-delimited: kept as its text
     assert json.loads(attrs) == {"flag": True, "mood": "happy"}
 
     # A table added to the configuration later: its existing row is backfilled by `run`.

@@ -34,6 +34,7 @@ from .runner import RunnerSettings, StreamRunner
 from .setup import SetupReport, setup, slot_exists
 from .snapshot import copy_steps, pending_tables, read_row, table_shape
 from .state import WorkerState
+from .typealias import type_aliases
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class Worker:
         self.lag_poller: MetricsPoller | None = None
         self._resolved = False
         self.table_oids: dict[str, int] = {}  # each configured table's OID, from `resolve_tables`
+        self.type_aliases: dict[int, int] = {}  # domains and arrays, from `resolve_tables`
 
     def close(self) -> None:
         self.backend.close()
@@ -89,6 +91,7 @@ class Worker:
                 self.registry.resolve(table, [c[0] for c in shape.columns], shape.key,
                                       unpublished=shape.unpublished)
                 self.table_oids[table] = shape.oid
+            self.type_aliases = type_aliases(conn)
         self._resolved = True
 
     def mapper_for(self, relation: str) -> Callable | None:
@@ -194,7 +197,8 @@ class Worker:
             self.log.info(event, **kw)
 
         return StreamRunner(settings, self.make_applier, tables=set(self.tables),
-                            table_oids=dict(self.table_oids), on_batch=on_batch,
+                            table_oids=dict(self.table_oids), type_aliases=dict(self.type_aliases),
+                            on_batch=on_batch,
                             backfill=self._backfill, log=log)
 
     def _read_lag(self) -> SlotLag | None:

@@ -29,18 +29,21 @@ from .pgoutput import (
 )
 from .relations import RelationCache
 from .state import Checkpoint
+from .typealias import alias_relation
 
 
 class TxnAssembler:
     """Turns the event stream into `SourceChange`s and `TxnEnd`s in commit order."""
 
     def __init__(self, checkpoint: Checkpoint, tables: Iterable[str] | None = None,
-                 oids: Mapping[str, int] | None = None) -> None:
+                 oids: Mapping[str, int] | None = None,
+                 type_aliases: Mapping[int, int] | None = None) -> None:
         self.checkpoint = checkpoint
         self.tables = set(tables) if tables is not None else None
         # Each configured table's current OID: changes under its name but another OID are
         # a dropped table's, left in the slot from before it was replaced (`reset_replaced`).
         self.oids = dict(oids or {})
+        self.type_aliases = dict(type_aliases or {})  # domains and arrays (`typealias`)
         self.relations = RelationCache()
         self.final_lsn: int | None = None  # set between Begin and Commit
         self.commit_ts = 0.0
@@ -74,7 +77,7 @@ class TxnAssembler:
         if isinstance(event, Relation):
             if event.oid in self.relations:
                 self._check_name(self.relations.get(event.oid), event)
-            self.relations.add(event)
+            self.relations.add(alias_relation(event, self.type_aliases))
             return []
         if isinstance(event, (Insert, Update, Delete, Truncate)):
             if self.final_lsn is None:

@@ -48,7 +48,7 @@ from slipstream.index.pg_connect import pinned_conninfo
 from .pgoutput import DecodeError
 
 __all__ = ["ARRAY_ELEMENT", "OID", "OUTPUT_SETTINGS", "OutOfRangeError", "ValueDecodeError",
-           "decode_text", "source_conninfo"]
+           "decode_text", "decodes", "source_conninfo"]
 
 # The session settings a value's text depends on, as the decoder expects them.
 OUTPUT_SETTINGS = (("DateStyle", "ISO"), ("IntervalStyle", "postgres"), ("TimeZone", "UTC"),
@@ -389,6 +389,11 @@ def _map_array(items: list[object], parse: Callable[[str], object]) -> list[obje
         _map_array(x, parse) if isinstance(x, list) else (None if x is None else parse(str(x)))
         for x in items
     ]
+
+
+def decodes(type_oid: int) -> bool:
+    """Whether `decode_text` parses values of `type_oid` (else it returns their text)."""
+    return ARRAY_ELEMENT.get(type_oid, type_oid) in _PARSERS
 
 
 def decode_text(type_oid: int, text: str) -> object:

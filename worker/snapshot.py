@@ -28,6 +28,7 @@ from slipstream.index.errors import ConfigurationError
 from .apply import Applier
 from .incoming import Batch, SourceChange, row_key
 from .lsn import format_lsn, parse_lsn
+from .typealias import type_aliases
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +36,8 @@ class TableShape:
     """What the copy needs of a source table."""
 
     relation: str  # schema.table
-    columns: tuple[tuple[str, int, str], ...]  # (name, type oid, SQL type), as the stream carries them
+    # (name, type OID to decode as (`typealias`), SQL type), the columns the stream carries
+    columns: tuple[tuple[str, int, str], ...]
     key: tuple[str, ...]
     unpublished: tuple[str, ...] = ()  # generated columns the stream does not carry
     oid: int = 0  # the table's pg_class OID: a table created again under its name has another
@@ -69,13 +71,14 @@ def table_shape(conn: psycopg.Connection, relation: str) -> TableShape:
                                  "fix the [tables] key or create the table")
     oid, ident = row
     published = ("",) + (("s",) if publishes_stored_generated(conn) else ())
+    aliases = type_aliases(conn)
     columns, unpublished = [], []
     for name, type_oid, sql_type, generated in conn.execute(
             "SELECT attname, atttypid::int, format_type(atttypid, atttypmod), attgenerated::text "
             "FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             (oid,)):
         if generated in published:
-            columns.append((name, type_oid, sql_type))
+            columns.append((name, aliases.get(type_oid, type_oid), sql_type))
         else:
             unpublished.append(name)
     if ident == "f":
