@@ -6,6 +6,12 @@ timestamps and intervals sent as text only in the ISO `DateStyle` and the
 `postgres` `IntervalStyle`, so a search database set otherwise would fail every
 read of a `timestamptz`. `pinned_conninfo` adds the settings to a DSN's libpq
 `options`, after the DSN's own: a later `-c` wins, and the rest are kept.
+
+`NO_TIMEOUTS` lifts the time limits an application sets for its own sessions
+(`ALTER DATABASE app SET idle_in_transaction_session_timeout = '30s'`) from the
+processes that run slipstream's long work: the initial copy reads every table
+inside one exported snapshot, idle between chunks while it indexes them, and a
+partition's export is one long statement. pg_dump lifts the same ones.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ from collections.abc import Sequence
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-__all__ = ["SESSION_SETTINGS", "pinned_conninfo"]
+__all__ = ["NO_TIMEOUTS", "SESSION_SETTINGS", "pinned_conninfo"]
 
 SESSION_SETTINGS: tuple[tuple[str, str], ...] = (("DateStyle", "ISO"), ("IntervalStyle", "postgres"))
+NO_TIMEOUTS: tuple[tuple[str, str], ...] = (
+    ("statement_timeout", "0"), ("lock_timeout", "0"), ("idle_in_transaction_session_timeout", "0"))
 
 
 def pinned_conninfo(dsn: str, settings: Sequence[tuple[str, str]] = SESSION_SETTINGS) -> str:

@@ -226,6 +226,18 @@ def test_setup_refuses_a_missing_table_and_a_table_without_key(items: str, tmp_p
     assert query(dsn, "SELECT count(*) FROM pg_publication") == [(0,)]
 
 
+def test_a_database_error_no_command_expects_is_one_line_not_a_traceback(
+        items: str, tmp_path: Path) -> None:
+    dsn = items
+    config = write_config(tmp_path / "slipstream.toml", dsn, ITEMS_TOML)
+    assert cli("setup", "--config", str(config), cwd=tmp_path).returncode == 0
+    run_sql(dsn, "DROP TABLE slipstream.dead_letters")  # the worker's state, damaged by hand
+    result = cli("deadletter", "list", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1, shown(result)
+    assert result.stderr == ('error: the database stopped the command: relation '
+                             '"slipstream.dead_letters" does not exist (SQLSTATE 42P01)\n'), shown(result)
+
+
 # -- dead letters ------------------------------------------------------------------------
 
 MAPPER_MODULE = '''

@@ -32,6 +32,7 @@ def test_rate_and_eta_from_the_rows_copied_in_this_run() -> None:
     clock.now += 3
     p("public.notes", 5_000)
     assert [r.rows for r in seen] == [1_000, 5_000]
+    assert seen[0].line() == "copy public.notes: 1,000 of ~10,000 rows"  # no rate measured yet
     last = seen[-1]
     assert last.rows_per_second == 4_000 / 5  # 4,000 rows in 5 s, the earlier 1,000 left out
     assert last.eta_seconds == (10_000 - 5_000) / 800
@@ -70,7 +71,7 @@ def test_plain_lines_when_the_output_is_not_a_terminal() -> None:
     p = terminal_progress(lambda t: 100, stream=out)
     p("public.notes", 50)
     p.close()
-    assert out.getvalue().startswith("copy public.notes: 50 of ~100 rows, ")
+    assert out.getvalue() == "copy public.notes: 50 of ~100 rows\n"  # a first report has no rate yet
 
 
 class FakeTerminal(io.StringIO):
@@ -118,6 +119,6 @@ def test_setup_prints_progress_lines_when_piped(pg_dsn: str, tmp_path: Path) -> 
                           worker={"snapshot_chunk_rows": 50})
     done = cli("setup", "--config", str(config), cwd=tmp_path)
     assert done.returncode == 0, shown(done)
-    assert "copy public.notes: 50 of ~120 rows, " in done.stdout, shown(done)
-    assert "rows/s" in done.stdout
+    assert "copy public.notes: 50 of ~120 rows\n" in done.stdout, shown(done)
+    assert "0 rows/s" not in done.stdout  # no rate is shown before one is measured
     assert "snapshot: public.notes: 120 rows" in done.stdout

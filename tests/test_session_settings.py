@@ -93,3 +93,39 @@ def test_a_database_with_other_output_settings_is_indexed_and_synced(pg_dsn: str
     assert sorted(k[1] for k in state) == ["1", "3", "5", "7"]
     assert state[("visit", "3", "leaf")][4]["seen"] == "2026-12-03T11:11:12.500000+00:00"
     assert state == server_state(dsn, ["user-1"], ["local"])  # the configuration's one space
+
+
+TIMEOUTS = {"statement_timeout": "300ms", "lock_timeout": "10ms",
+            "idle_in_transaction_session_timeout": "500ms", "transaction_timeout": "2s"}
+
+
+def test_the_applications_time_limits_do_not_cut_the_initial_copy(pg_dsn: str, tmp_path: Path) -> None:
+    """Regression: with `idle_in_transaction_session_timeout` set on the database (a common
+    guard for an application's own sessions), `setup` died with a traceback
+    (`IdleInTransactionSessionTimeout`): the initial copy reads every table in one
+    exported snapshot, idle while it indexes each chunk. The worker's connections lift
+    the application's time limits, as pg_dump does."""
+    dsn = pg_dsn
+    (database,) = query(dsn, "SELECT current_database()")[0]
+    version = int(query(dsn, "SHOW server_version_num")[0][0])
+    limits = {k: v for k, v in TIMEOUTS.items() if k != "transaction_timeout" or version >= 170000}
+    run_sql(dsn, "CREATE TABLE notes (id int PRIMARY KEY, owner text NOT NULL, body text NOT NULL)",
+            "INSERT INTO notes SELECT g, 'user-' || (g % 3), repeat('word' || g || ' ', 30) "
+            "FROM generate_series(1, 6000) g")
+    run_sql(dsn, *(f"ALTER DATABASE {database} SET {k} = '{v}'" for k, v in limits.items()))
+    config = write_config(tmp_path / "slipstream.toml", dsn, """
+[tables."public.notes"]
+object_type = "note"
+title = "note {id}"
+body = "{body}"
+partition = "{owner}"
+""", worker={"snapshot_chunk_rows": 2000})
+    setup = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert setup.returncode == 0, shown(setup)
+    assert query(dsn, "SELECT count(*) FROM slipstream.docs WHERE NOT deleted") == [(6000,)]
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(dsn)
+        run_sql(dsn, "UPDATE notes SET body = 'changed' WHERE id <= 3000")
+        worker.wait_caught_up(dsn)
+    assert query(dsn, "SELECT count(*) FROM slipstream.docs WHERE body = 'changed'") == [(3000,)]
+    assert query(dsn, "SELECT count(*) FROM slipstream.dead_letters") == [(0,)]

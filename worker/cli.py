@@ -1,8 +1,8 @@
 """The `slipstream` command line: setup, run, status, dead letters, and the demo.
 
 Every command reads one TOML config (`--config`, or `$SLIPSTREAM_CONFIG`, or
-./slipstream.toml). Any `SlipstreamError` is printed as one clear line and exits 1;
-a configuration error exits 2.
+./slipstream.toml). Any `SlipstreamError`, or a database error a command does not
+handle itself, is printed as one clear line and exits 1; a configuration error exits 2.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from functools import wraps
 from typing import Any
 
 import click
+import psycopg
 from slipstream.index.errors import ConfigurationError, SlipstreamError
 
 CONFIG = click.option(
@@ -33,6 +34,11 @@ def _errors(func: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
         except SlipstreamError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except psycopg.Error as exc:  # one the command does not handle itself: still one line
+            state = f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else ""
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            click.echo(f"error: the database stopped the command: {message}{state}", err=True)
             sys.exit(1)
     return wrapper
 

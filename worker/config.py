@@ -36,7 +36,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from slipstream.index.doc import IDENTIFIER
-from slipstream.index.pg_connect import pinned_conninfo
+from slipstream.index.pg_connect import NO_TIMEOUTS, SESSION_SETTINGS, pinned_conninfo
 
 from .table_config import (
     CHUNK_PAYLOAD_KEYS,
@@ -162,12 +162,15 @@ class SearchConfig:
 
     def resolve_dsn(self, source: SourceConfig, environ: Mapping[str, str] | None = None) -> str:
         """This section's DSN if it has one, else the source database's; either with the
-        session settings every search connection pins (`pinned_conninfo`)."""
+        session settings every search connection pins and no application time limits
+        (`pinned_conninfo`, `NO_TIMEOUTS`): the worker, `serve` and the CLI use it."""
         if self.dsn is not None:
-            return pinned_conninfo(self.dsn)
-        if self.dsn_env is not None:
-            return pinned_conninfo(_env_dsn(self.dsn_env, "search.dsn_env", self.origin, environ))
-        return pinned_conninfo(source.resolve_dsn(environ))
+            dsn = self.dsn
+        elif self.dsn_env is not None:
+            dsn = _env_dsn(self.dsn_env, "search.dsn_env", self.origin, environ)
+        else:
+            dsn = source.resolve_dsn(environ)
+        return pinned_conninfo(dsn, SESSION_SETTINGS + NO_TIMEOUTS)
 
     def redacted(self) -> SearchConfig:
         return dataclasses.replace(self, dsn=None if self.dsn is None else redact_dsn(self.dsn))

@@ -43,7 +43,7 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from functools import partial
 
-from slipstream.index.pg_connect import pinned_conninfo
+from slipstream.index.pg_connect import NO_TIMEOUTS, pinned_conninfo
 
 from .pgoutput import DecodeError
 
@@ -56,13 +56,13 @@ OUTPUT_SETTINGS = (("DateStyle", "ISO"), ("IntervalStyle", "postgres"), ("TimeZo
 
 
 def source_conninfo(dsn: str) -> str:
-    """`dsn` with `OUTPUT_SETTINGS` pinned in its libpq `options`, after any it has.
+    """`dsn` with `OUTPUT_SETTINGS` and `NO_TIMEOUTS` pinned in its libpq `options`.
 
-    A later `-c` wins, so the DSN's own options (a `search_path`, say) are kept and
-    these override what it, the role or the database set. Raises `psycopg.ProgrammingError`
-    for a DSN libpq cannot parse.
+    They come after any the DSN has: a later `-c` wins, so the DSN's own options (a
+    `search_path`, say) are kept and these override what it, the role or the
+    database set. Raises `psycopg.ProgrammingError` for a DSN libpq cannot parse.
     """
-    return pinned_conninfo(dsn, OUTPUT_SETTINGS)
+    return pinned_conninfo(dsn, OUTPUT_SETTINGS + NO_TIMEOUTS)
 
 
 class ValueDecodeError(DecodeError):

@@ -40,7 +40,9 @@ class CopyReport:
     def line(self) -> str:
         of = f" of ~{self.total:,}" if self.total else ""
         eta = f", ETA {_duration(self.eta_seconds)}" if self.eta_seconds is not None else ""
-        return f"copy {self.table}: {self.rows:,}{of} rows, {self.rows_per_second:,.0f} rows/s{eta}"
+        # No rate yet at a table's first report: its rows may be an earlier run's.
+        rate = f", {self.rows_per_second:,.0f} rows/s" if self.rows_per_second > 0 else ""
+        return f"copy {self.table}: {self.rows:,}{of} rows{rate}{eta}"
 
 
 def _duration(seconds: float) -> str:
@@ -125,7 +127,7 @@ class _Bar:
                 show_eta=True, show_percent=report.total is not None, show_pos=True,
                 item_show_func=lambda _: self.text)
             self.bar.__enter__()
-        self.text = f"{report.rows_per_second:,.0f} rows/s"
+        self.text = f"{report.rows_per_second:,.0f} rows/s" if report.rows_per_second > 0 else ""
         if report.total is not None and self.bar.length != report.total:
             self.bar.length = report.total
         self.bar.update(report.rows - self.shown)

@@ -214,6 +214,8 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
                     snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     snap.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
                         sql.Literal(created.snapshot_name)))
+                    if snap.info.server_version >= 170000:  # the whole copy is one transaction
+                        snap.execute("SET transaction_timeout = 0")
                     for shape in table_shapes:
                         if shape.relation in todo:
                             report.copied[shape.relation] = copy_table(
