@@ -279,8 +279,10 @@ def test_secrets_from_the_environment_are_read_only_when_asked() -> None:
     env = {"APP_URL": "postgresql://a:pw@h/db", "EMBED_KEY": "k"}
     assert cfg.source.resolve_dsn(env) == env["APP_URL"]
     # The search side defaults to the source, with the session settings it pins (ISO dates).
-    assert cfg.search.resolve_dsn(cfg.source, env) == pinned_conninfo(env["APP_URL"])
-    assert "DateStyle=ISO" in conninfo_to_dict(cfg.search.resolve_dsn(cfg.source, env))["options"]
+    search = conninfo_to_dict(cfg.search.resolve_dsn(cfg.source, env))
+    assert search["options"] == ("-c DateStyle=ISO -c IntervalStyle=postgres -c statement_timeout=0 "
+                                 "-c lock_timeout=0 -c idle_in_transaction_session_timeout=0")
+    assert conninfo_to_dict(pinned_conninfo(env["APP_URL"])) | {"options": search["options"]} == search
     assert cfg.embedders["local"].resolve_api_key(env) == "k"
     with pytest.raises(ConfigError) as info:
         cfg.source.resolve_dsn({})
