@@ -105,7 +105,7 @@ def test_a_table_swapped_in_under_its_name_is_copied_afresh_and_the_old_ones_cha
 
     setup = cli("setup", "--config", str(config), cwd=tmp_path)
     assert setup.returncode == 0, shown(setup)
-    assert "public.notes: dropped and created again since its copy" in setup.stdout, shown(setup)
+    assert "public.notes: dropped and created again, or keyed by other columns, since its copy" in setup.stdout, shown(setup)
     assert "snapshot: public.notes: 3 rows" in setup.stdout, shown(setup)
     with WorkerProcess(config, cwd=tmp_path) as worker:
         worker.wait_streaming(dsn)
@@ -129,5 +129,71 @@ def test_a_copy_recorded_without_its_tables_oid_adopts_it_and_is_not_repeated(
     again = cli("setup", "--config", str(config), cwd=tmp_path)
     assert again.returncode == 0 and "dropped and created again" not in again.stdout, shown(again)
     assert "snapshot:" not in again.stdout, shown(again)  # nothing copied again
-    assert query(dsn, "SELECT relid = 'public.notes'::regclass FROM slipstream.snapshot_progress") == [(True,)]
+    assert query(dsn, "SELECT relid = 'public.notes'::regclass, key_columns "
+                      "FROM slipstream.snapshot_progress") == [(True, ["id"])]
     assert set(live_docs(dsn, "note")) == {"1"}
+
+
+def test_a_replica_identity_full_table_is_keyed_by_its_primary_key(pg_dsn: str, tmp_path: Path) -> None:
+    """Regression: with REPLICA IDENTITY FULL (set to get old values, as Supabase Realtime
+    and many CDC consumers ask) a row was keyed by all of its columns. Its document's id
+    was the JSON of every value, so any edit made it another document (the old one
+    tombstoned), and a row with long text went to dead letters (`object_id must be at
+    most 512 characters`). The primary key names the row whatever the replica identity."""
+    dsn = pg_dsn
+    run_sql(dsn, "CREATE TABLE notes (id int PRIMARY KEY, owner text, title text, body text)",
+            "ALTER TABLE notes REPLICA IDENTITY FULL",
+            "INSERT INTO notes VALUES (1, 'u1', 'first', repeat('long text ', 200)), (2, 'u1', 'second', 'b')")
+    config = write_config(tmp_path / "slipstream.toml", dsn, TABLE)
+    setup = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert setup.returncode == 0, shown(setup)
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(dsn)
+        run_sql(dsn, "UPDATE notes SET title = 'first, edited' WHERE id = 1",
+                "INSERT INTO notes VALUES (3, 'u2', 'third', repeat('more text ', 300))",
+                "UPDATE notes SET id = 20, title = 'second, renumbered' WHERE id = 2")
+        worker.wait_caught_up(dsn)
+        docs = live_docs(dsn, "note")
+        assert {k: v[:2] for k, v in docs.items()} == {
+            "1": ("u1", "first, edited"), "3": ("u2", "third"), "20": ("u1", "second, renumbered")}
+        run_sql(dsn, "DELETE FROM notes WHERE id = 3")
+        worker.wait_caught_up(dsn)
+    assert query(dsn, "SELECT count(*) FROM slipstream.dead_letters") == [(0,)]
+    assert set(live_docs(dsn, "note")) == {"1", "20"}
+    assert query(dsn, "SELECT object_id FROM slipstream.docs WHERE deleted ORDER BY 1") == [("2",), ("3",)]
+
+
+def test_another_key_or_a_copy_keyed_by_every_column_is_keyed_anew(pg_dsn: str, tmp_path: Path) -> None:
+    """The key a table was copied with is recorded; when it changes, the documents keyed
+    by the old one are tombstoned and the table is copied afresh under the new one. A
+    REPLICA IDENTITY FULL table copied before keys were recorded was keyed by all of
+    its columns, and is keyed anew too."""
+    dsn = pg_dsn
+    run_sql(dsn, "CREATE TABLE notes (id int PRIMARY KEY, code text NOT NULL UNIQUE, owner text, "
+                 "title text, body text)",
+            "INSERT INTO notes VALUES (1, 'n-1', 'u1', 'one', 'b'), (2, 'n-2', 'u1', 'two', 'b')")
+    config = write_config(tmp_path / "slipstream.toml", dsn, TABLE)
+    assert cli("setup", "--config", str(config), cwd=tmp_path).returncode == 0
+    assert set(live_docs(dsn, "note")) == {"1", "2"}
+
+    run_sql(dsn, "ALTER TABLE notes DROP CONSTRAINT notes_pkey", "ALTER TABLE notes ADD PRIMARY KEY (code)")
+    setup = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert setup.returncode == 0, shown(setup)
+    assert "public.notes: dropped and created again, or keyed by other columns" in setup.stdout, shown(setup)
+    assert set(live_docs(dsn, "note")) == {"n-1", "n-2"}
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(dsn)
+        run_sql(dsn, "UPDATE notes SET title = 'two, edited' WHERE code = 'n-2'")
+        worker.wait_caught_up(dsn)
+    assert live_docs(dsn, "note")["n-2"][1] == "two, edited"
+
+    # As a search schema from before keys were recorded holds a FULL table's copy.
+    run_sql(dsn, "ALTER TABLE notes REPLICA IDENTITY FULL",
+            "UPDATE slipstream.snapshot_progress SET key_columns = NULL")
+    again = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert again.returncode == 0 and "keyed by other columns" in again.stdout, shown(again)
+    assert set(live_docs(dsn, "note")) == {"n-1", "n-2"}
+    assert query(dsn, "SELECT key_columns FROM slipstream.snapshot_progress") == [(["code"],)]
+    # Recorded now: the next setup copies nothing.
+    last = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert last.returncode == 0 and "snapshot:" not in last.stdout, shown(last)

@@ -71,6 +71,7 @@ class Worker:
         self._resolved = False
         self.table_oids: dict[str, int] = {}  # each configured table's OID, from `resolve_tables`
         self.type_aliases: dict[int, int] = {}  # domains and arrays, from `resolve_tables`
+        self.table_keys: dict[str, tuple[str, ...]] = {}  # each table's key columns, likewise
 
     def close(self) -> None:
         self.backend.close()
@@ -91,6 +92,7 @@ class Worker:
                 self.registry.resolve(table, [c[0] for c in shape.columns], shape.key,
                                       unpublished=shape.unpublished)
                 self.table_oids[table] = shape.oid
+                self.table_keys[table] = shape.key
             self.type_aliases = type_aliases(conn)
         self._resolved = True
 
@@ -198,6 +200,7 @@ class Worker:
 
         return StreamRunner(settings, self.make_applier, tables=set(self.tables),
                             table_oids=dict(self.table_oids), type_aliases=dict(self.type_aliases),
+                            table_keys=dict(self.table_keys),
                             on_batch=on_batch,
                             backfill=self._backfill, log=log)
 

@@ -8,7 +8,7 @@ the exactly-once guarantee. It sees only decoded events, never a socket.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from .errors import TableRenamedError
 from .incoming import SourceChange, TxnEnd, columns_of, key_columns, raw_row, relation_name, row_key
@@ -37,13 +37,17 @@ class TxnAssembler:
 
     def __init__(self, checkpoint: Checkpoint, tables: Iterable[str] | None = None,
                  oids: Mapping[str, int] | None = None,
-                 type_aliases: Mapping[int, int] | None = None) -> None:
+                 type_aliases: Mapping[int, int] | None = None,
+                 keys: Mapping[str, Sequence[str]] | None = None) -> None:
         self.checkpoint = checkpoint
         self.tables = set(tables) if tables is not None else None
         # Each configured table's current OID: changes under its name but another OID are
         # a dropped table's, left in the slot from before it was replaced (`reset_replaced`).
         self.oids = dict(oids or {})
         self.type_aliases = dict(type_aliases or {})  # domains and arrays (`typealias`)
+        # Each configured table's key columns (`table_shape`); else the replica identity's.
+        # They differ under REPLICA IDENTITY FULL, where every column is flagged as key.
+        self.keys = {name: tuple(cols) for name, cols in (keys or {}).items()}
         self.relations = RelationCache()
         self.final_lsn: int | None = None  # set between Begin and Commit
         self.commit_ts = 0.0
@@ -124,7 +128,7 @@ class TxnAssembler:
         if not self._current(rel):
             return None
         name = relation_name(rel)
-        keys = key_columns(rel)
+        keys = self.keys.get(name) or key_columns(rel)
         if isinstance(event, Delete):
             old = raw_row(rel, event.old) if event.old_kind == "O" else _key_row(rel, event.old)
             return SourceChange(kind="delete", relation=name, key=row_key(old, keys), **common)

@@ -89,8 +89,8 @@ def setup(config_path: str) -> None:
                + (", set to publish stored generated columns" if report.generated_columns else ""))
     click.echo(f"slot: {'created' if report.created_slot else 'present'}")
     for table in report.replaced:
-        click.echo(f"{table}: dropped and created again since its copy; its documents were "
-                   "tombstoned and it is copied afresh")
+        click.echo(f"{table}: dropped and created again, or keyed by other columns, since its "
+                   "copy; its documents were tombstoned and it is copied afresh")
     for table, n in report.copied.items():
         click.echo(f"snapshot: {table}: {n:,} rows")
     if report.dead_letters:

@@ -75,6 +75,7 @@ class StreamRunner:
     def __init__(self, settings: RunnerSettings, make_applier: Callable[[], Applier], *,
                  tables: set[str] | None = None, table_oids: dict[str, int] | None = None,
                  type_aliases: dict[int, int] | None = None,
+                 table_keys: dict[str, tuple[str, ...]] | None = None,
                  retry: RetryPolicy | None = None,
                  on_batch: Callable[[ApplyResult, Batch], None] | None = None,
                  backfill: Callable[[Applier], Iterator[object]] | None = None,
@@ -84,6 +85,7 @@ class StreamRunner:
         self.tables = tables
         self.table_oids = table_oids  # name -> current OID (see `TxnAssembler`)
         self.type_aliases = type_aliases  # type OID -> OID to decode as (see `typealias`)
+        self.table_keys = table_keys  # name -> key columns (see `TxnAssembler`)
         self.retry = retry or RetryPolicy()
         self.on_batch = on_batch
         self.backfill = backfill
@@ -179,7 +181,8 @@ class StreamRunner:
 
     def _loop(self, conn: ReplicationConnection, applier: Applier, pipeline: ApplyPipeline) -> None:
         s = self.settings
-        assembler = TxnAssembler(applier.checkpoint, self.tables, self.table_oids, self.type_aliases)
+        assembler = TxnAssembler(applier.checkpoint, self.tables, self.table_oids, self.type_aliases,
+                                 self.table_keys)
         # Tables to copy while streaming: one chunk per chore, on the writer.
         steps = self.backfill(applier) if self.backfill is not None else None
         batcher = Batcher(BatcherSettings(

@@ -145,25 +145,31 @@ def check_partitions(conn: psycopg.Connection, table_shapes: Sequence[TableShape
 
 def reset_replaced(applier: Applier, source: psycopg.Connection, table_shapes: Sequence[TableShape]
                    ) -> list[str]:
-    """Tables copied before whose OID has changed since: dropped and created again under the
-    same name (or swapped in by renames), which the stream does not carry. Their documents
-    are tombstoned, as a TRUNCATE would, and their copy is forgotten, in one transaction,
-    so they are copied afresh; the stream then skips changes of the old OID (the
-    `TxnAssembler` knows each table's current one). A table copied before OIDs were
-    recorded adopts its current one. Returns the replaced tables."""
+    """Tables copied before that must be copied afresh, because the stream cannot carry
+    what changed since:
+
+    * the OID changed: the table was dropped and created again under the same name (or
+      swapped in by renames); the stream then skips changes of the old OID (the
+      `TxnAssembler` knows each table's current one);
+    * the key changed (another primary key or replica identity index): every row's
+      key, and so its documents' ids, are another.
+
+    Their documents are tombstoned, as a TRUNCATE would, and their copy is forgotten,
+    in one transaction, so they are copied afresh. A table copied before OIDs or keys
+    were recorded adopts its current ones; except a REPLICA IDENTITY FULL table with a
+    primary key, which was keyed by all of its columns then. Returns the reset tables."""
     conn, state = applier.conn, applier.state
-    recorded = dict(conn.execute(state.q("SELECT relation, relid::int FROM {s}.snapshot_progress")).fetchall())
+    recorded = {r[0]: r[1:] for r in conn.execute(state.q(
+        "SELECT relation, relid::int, key_columns FROM {s}.snapshot_progress")).fetchall()}
     conn.commit()
     replaced = []
     for shape in table_shapes:
         if shape.relation not in recorded:
             continue
-        relid = recorded[shape.relation]
-        if relid is None:
-            conn.execute(state.q("UPDATE {s}.snapshot_progress SET relid = %s WHERE relation = %s"),
-                         (shape.oid, shape.relation))
-            conn.commit()
-        elif relid != shape.oid:
+        relid, key = recorded[shape.relation]
+        if key is None and shape.identity == "f":
+            key = [c[0] for c in shape.columns]  # how such a table was keyed before
+        if (relid is not None and relid != shape.oid) or (key is not None and tuple(key) != shape.key):
             (lsn,) = source.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
             batch = Batch(snapshot=True)
             batch.changes.append(SourceChange(kind="truncate", relation=shape.relation,
@@ -171,6 +177,10 @@ def reset_replaced(applier: Applier, source: psycopg.Connection, table_shapes: S
             applier.apply(batch, also=lambda c, r=shape.relation: c.execute(
                 state.q("DELETE FROM {s}.snapshot_progress WHERE relation = %s"), (r,)))
             replaced.append(shape.relation)
+        elif relid is None or key is None:
+            conn.execute(state.q("UPDATE {s}.snapshot_progress SET relid = %s, key_columns = %s "
+                                 "WHERE relation = %s"), (shape.oid, list(shape.key), shape.relation))
+            conn.commit()
     return replaced
 
 

@@ -41,6 +41,7 @@ class TableShape:
     key: tuple[str, ...]
     unpublished: tuple[str, ...] = ()  # generated columns the stream does not carry
     oid: int = 0  # the table's pg_class OID: a table created again under its name has another
+    identity: str = "d"  # pg_class.relreplident: d(efault), i(ndex), f(ull)
 
     @property
     def type_oids(self) -> tuple[tuple[str, int], ...]:
@@ -81,20 +82,23 @@ def table_shape(conn: psycopg.Connection, relation: str) -> TableShape:
             columns.append((name, aliases.get(type_oid, type_oid), sql_type))
         else:
             unpublished.append(name)
-    if ident == "f":
+    # A row's identity: the replica identity index's columns, else the primary key's. With
+    # REPLICA IDENTITY FULL the stream sends every old column, so the primary key still
+    # names the row (set FULL to get old values, as Supabase Realtime asks); only a FULL
+    # table with no primary key is identified by all of its columns.
+    key = tuple(r[0] for r in conn.execute(
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a "
+        "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+        "WHERE i.indrelid = %s AND (CASE WHEN %s = 'i' THEN i.indisreplident ELSE i.indisprimary END) "
+        "ORDER BY a.attnum", (oid, ident)).fetchall())
+    if ident == "f" and not key:
         key = tuple(c[0] for c in columns)
-    else:
-        key = tuple(r[0] for r in conn.execute(
-            "SELECT a.attname FROM pg_index i JOIN pg_attribute a "
-            "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
-            "WHERE i.indrelid = %s AND (CASE WHEN %s = 'i' THEN i.indisreplident ELSE i.indisprimary END) "
-            "ORDER BY a.attnum", (oid, ident)).fetchall())
     if not key or ident == "n":
         raise ConfigurationError(
             f"table {relation!r} has no primary key or replica identity, so updates and deletes "
             f"cannot be followed; add a primary key, or run ALTER TABLE {relation} REPLICA IDENTITY "
             "USING INDEX <unique index> (or REPLICA IDENTITY FULL)")
-    return TableShape(relation, tuple(columns), key, tuple(unpublished), int(oid))
+    return TableShape(relation, tuple(columns), key, tuple(unpublished), int(oid), ident)
 
 
 def publishes_stored_generated(conn: psycopg.Connection) -> bool:
@@ -246,13 +250,13 @@ def _chunks(applier: Applier, source: psycopg.Connection, shape: TableShape, chu
 def _save_progress(applier: Applier, shape: TableShape, last_key, copied: int, lsn: int, done: bool):
     def save(conn: psycopg.Connection) -> None:
         conn.execute(applier.state.q(
-            "INSERT INTO {s}.snapshot_progress (relation, last_key, rows_copied, read_lsn, done, relid) "
-            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (relation) DO UPDATE SET "
+            "INSERT INTO {s}.snapshot_progress (relation, last_key, rows_copied, read_lsn, done, relid, "
+            "key_columns) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (relation) DO UPDATE SET "
             "last_key = coalesce(excluded.last_key, {s}.snapshot_progress.last_key), "
             "rows_copied = excluded.rows_copied, read_lsn = excluded.read_lsn, done = excluded.done, "
-            "relid = excluded.relid, updated_at = now()"),
+            "relid = excluded.relid, key_columns = excluded.key_columns, updated_at = now()"),
             (shape.relation, Jsonb(last_key) if last_key is not None else None, copied,
-             format_lsn(lsn), done, shape.oid))
+             format_lsn(lsn), done, shape.oid, list(shape.key)))
     return save
 
 

@@ -85,6 +85,11 @@ CREATE TABLE {s}.snapshot_progress (
     (2, "snapshot_progress.relid", """
 ALTER TABLE {s}.snapshot_progress ADD COLUMN IF NOT EXISTS relid oid
 """),
+    # The key columns a row was identified by at the copy: when they change (another
+    # primary key or replica identity index), the table's documents are keyed anew.
+    (3, "snapshot_progress.key_columns", """
+ALTER TABLE {s}.snapshot_progress ADD COLUMN IF NOT EXISTS key_columns text[]
+"""),
 ]
 
 
