@@ -93,6 +93,7 @@ def ensure_publication(conn: psycopg.Connection, name: str, table_shapes: Sequen
             p=sql.Identifier(name), t=sql.SQL(", ").join(idents), o=sql.SQL(", ".join(options))))
         report.created_publication = True
         return
+    check_publication(conn, name, table_shapes)
     all_tables, via_root, stored = row
     if not via_root and _any(conn, oids, "relkind = 'p'"):
         conn.execute(sql.SQL("ALTER PUBLICATION {p} SET (publish_via_partition_root = true)").format(
@@ -118,6 +119,42 @@ def ensure_publication(conn: psycopg.Connection, name: str, table_shapes: Sequen
             conn.execute(sql.SQL("ALTER PUBLICATION {p} ADD TABLE {t}").format(
                 p=sql.Identifier(name), t=ident))
             report.added_tables.append(relation)
+
+
+_OPERATIONS = ("insert", "update", "delete", "truncate")
+
+
+def check_publication(conn: psycopg.Connection, name: str, table_shapes: Sequence[TableShape]) -> None:
+    """Refuse an existing publication that would hide changes of a configured table.
+
+    A publication made by hand may leave out operations (`publish = 'insert, update'`),
+    and, from PostgreSQL 15, publish only some columns of a table or only the rows a
+    `WHERE` clause keeps. The worker would then miss deletes without a word, or copy
+    rows and columns the stream never updates. Nothing is changed for it: other
+    subscribers may rely on the publication as it is.
+    """
+    flags = conn.execute("SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication "
+                         "WHERE pubname = %s", (name,)).fetchone()
+    missing = [op for op, on in zip(_OPERATIONS, flags) if not on]
+    if missing:
+        raise ConfigurationError(
+            f"publication {name!r} does not publish {', '.join(missing)}, so the index would "
+            f"miss them; run ALTER PUBLICATION {name} SET (publish = 'insert, update, delete, "
+            "truncate'), or set [source] publication to a name of the worker's own")
+    if conn.info.server_version < 150000:
+        return  # column lists and row filters came in 15
+    by_oid = {shape.oid: shape.relation for shape in table_shapes}
+    for oid, columns, rows in conn.execute(
+            "SELECT r.prrelid::int, r.prattrs IS NOT NULL, r.prqual IS NOT NULL FROM pg_publication_rel r "
+            "JOIN pg_publication p ON p.oid = r.prpubid WHERE p.pubname = %s AND r.prrelid = ANY(%s::oid[])",
+            (name, list(by_oid))):
+        if columns or rows:
+            what = "only some of its columns (a column list)" if columns else "only some of its rows (a WHERE clause)"
+            raise ConfigurationError(
+                f"publication {name!r} publishes {what} of {by_oid[oid]}, so the copy and the "
+                f"stream would disagree; publish the whole table (ALTER PUBLICATION {name} SET "
+                f"TABLE …), or set [source] publication to a name of the worker's own"
+                + ("; [tables] filter chooses which rows are indexed" if rows else ""))
 
 
 def _any(conn: psycopg.Connection, oids: Sequence[int], condition: str) -> bool:
