@@ -8,6 +8,7 @@ gets a database of its own, dropped afterwards (with any replication slots in it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -92,23 +93,37 @@ def _drop_slots(conn: psycopg.Connection, database: str) -> None:
             time.sleep(0.1)
 
 
-@pytest.fixture
-def pg_dsn(pg_server: _Server) -> Iterator[str]:
-    """A fresh database with pgvector, dropped (slots first) after the test."""
+@contextlib.contextmanager
+def _fresh_database(server: _Server) -> Iterator[str]:
+    """A new database with pgvector; dropped (slots first) on exit."""
     name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = pg_server.dsn(name)
+    dsn = server.dsn(name)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     try:
         yield dsn
     finally:
-        with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+        with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
             _drop_slots(conn, name)
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture
+def pg_dsn(pg_server: _Server) -> Iterator[str]:
+    """A fresh database with pgvector, dropped (slots first) after the test."""
+    with _fresh_database(pg_server) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def other_dsn(pg_server: _Server) -> Iterator[str]:
+    """A second fresh database on the same server (a search database apart from the source)."""
+    with _fresh_database(pg_server) as dsn:
+        yield dsn
 
 
 @pytest.fixture
