@@ -389,11 +389,15 @@ def test_source_connections_pin_the_output_settings_after_the_dsns_own() -> None
 
     plain = conninfo_to_dict(source_conninfo("postgresql://app@db/app"))
     assert plain["options"] == ("-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC "
-                                "-c extra_float_digits=1 -c bytea_output=hex")
+                                "-c extra_float_digits=1 -c bytea_output=hex -c statement_timeout=0 "
+                                "-c lock_timeout=0 -c idle_in_transaction_session_timeout=0 "
+                                "-c row_security=off")
     assert (plain["host"], plain["user"], plain["dbname"]) == ("db", "app", "app")
     own = conninfo_to_dict(source_conninfo("host=db options='-c search_path=app -c TimeZone=PST8PDT'"))
     assert own["options"].startswith("-c search_path=app -c TimeZone=PST8PDT -c DateStyle=ISO")
-    assert own["options"].endswith("-c TimeZone=UTC -c extra_float_digits=1 -c bytea_output=hex")
+    assert own["options"].endswith("-c TimeZone=UTC -c extra_float_digits=1 -c bytea_output=hex "
+                                   "-c statement_timeout=0 -c lock_timeout=0 "
+                                   "-c idle_in_transaction_session_timeout=0 -c row_security=off")
 
 
 def test_type_aliases_read_domains_as_their_base_and_unknown_arrays_as_text_arrays(pg_dsn: str) -> None:

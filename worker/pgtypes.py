@@ -56,13 +56,15 @@ OUTPUT_SETTINGS = (("DateStyle", "ISO"), ("IntervalStyle", "postgres"), ("TimeZo
 
 
 def source_conninfo(dsn: str) -> str:
-    """`dsn` with `OUTPUT_SETTINGS` and `NO_TIMEOUTS` pinned in its libpq `options`.
+    """`dsn` with `OUTPUT_SETTINGS`, `NO_TIMEOUTS` and `row_security = off` (a read that
+    row-level security would filter fails instead: the stream is never filtered) pinned
+    in its libpq `options`.
 
     They come after any the DSN has: a later `-c` wins, so the DSN's own options (a
     `search_path`, say) are kept and these override what it, the role or the
     database set. Raises `psycopg.ProgrammingError` for a DSN libpq cannot parse.
     """
-    return pinned_conninfo(dsn, OUTPUT_SETTINGS + NO_TIMEOUTS)
+    return pinned_conninfo(dsn, OUTPUT_SETTINGS + NO_TIMEOUTS + (("row_security", "off"),))
 
 
 class ValueDecodeError(DecodeError):

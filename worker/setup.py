@@ -89,19 +89,19 @@ def ensure_publication(conn: psycopg.Connection, name: str, table_shapes: Sequen
     row = conn.execute("SELECT puballtables, pubviaroot, " + ("pubgencols::text = 's'" if generated else "true")
                        + " FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
     if row is None:
-        conn.execute(sql.SQL("CREATE PUBLICATION {p} FOR TABLE {t} WITH ({o})").format(
+        _publication_ddl(conn, sql.SQL("CREATE PUBLICATION {p} FOR TABLE {t} WITH ({o})").format(
             p=sql.Identifier(name), t=sql.SQL(", ").join(idents), o=sql.SQL(", ".join(options))))
         report.created_publication = True
         return
     check_publication(conn, name, table_shapes)
     all_tables, via_root, stored = row
     if not via_root and _any(conn, oids, "relkind = 'p'"):
-        conn.execute(sql.SQL("ALTER PUBLICATION {p} SET (publish_via_partition_root = true)").format(
+        _publication_ddl(conn, sql.SQL("ALTER PUBLICATION {p} SET (publish_via_partition_root = true)").format(
             p=sql.Identifier(name)))
         report.via_partition_root = True
     if not stored and _any(conn, oids, "EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid "
                                        "AND a.attgenerated = 's' AND NOT a.attisdropped)"):
-        conn.execute(sql.SQL("ALTER PUBLICATION {p} SET (publish_generated_columns = stored)").format(
+        _publication_ddl(conn, sql.SQL("ALTER PUBLICATION {p} SET (publish_generated_columns = stored)").format(
             p=sql.Identifier(name)))
         report.generated_columns = True
     if all_tables:
@@ -116,9 +116,48 @@ def ensure_publication(conn: psycopg.Connection, name: str, table_shapes: Sequen
     for relation, ident in zip(tables, idents):
         schema, table = split_relation(relation)
         if f"{schema}.{table}" not in present:
-            conn.execute(sql.SQL("ALTER PUBLICATION {p} ADD TABLE {t}").format(
+            _publication_ddl(conn, sql.SQL("ALTER PUBLICATION {p} ADD TABLE {t}").format(
                 p=sql.Identifier(name), t=ident))
             report.added_tables.append(relation)
+
+
+def _publication_ddl(conn: psycopg.Connection, statement: sql.Composed) -> None:
+    """Run one publication statement; a role that may not gets the statement to have run.
+
+    Postgres lets only a table's owner add it to a publication (and only the
+    publication's owner alter it), which a role made for replication often is not.
+    """
+    try:
+        conn.execute(statement)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        text = statement.as_string(conn)
+        raise ConfigurationError(
+            f"role {conn.info.user!r} may not run `{text}` (server said: "
+            f"{exc.diag.message_primary or exc}); only the owner of the tables (and of the "
+            f"publication) or a superuser may. Have one run `{text};` once, then run "
+            "setup again: it uses the publication as it finds it") from None
+
+
+def check_row_security(conn: psycopg.Connection, table_shapes: Sequence[TableShape]) -> None:
+    """Refuse a table whose row-level security applies to this role.
+
+    The copy reads rows through the role's policies, while the stream carries every
+    row whatever the policies: the index would miss the rows the policies hide until
+    each one changes. The connections also pin `row_security = off`, so a read the
+    policies would filter fails instead of returning fewer rows (as pg_dump does).
+    """
+    by_oid = {shape.oid: shape.relation for shape in table_shapes}
+    for (oid,) in conn.execute(
+            "SELECT c.oid::int FROM pg_class c WHERE c.oid = ANY(%s::oid[]) AND c.relrowsecurity "
+            "AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user) "
+            "AND (c.relforcerowsecurity OR NOT pg_has_role(current_user, c.relowner, 'USAGE')) "
+            "ORDER BY 1", (list(by_oid),)).fetchall():
+        user = sql.Identifier(conn.info.user).as_string(conn)
+        raise ConfigurationError(
+            f"table {by_oid[oid]} has row-level security that applies to role {conn.info.user!r}: "
+            "the copy would read only the rows its policies show, while the stream carries "
+            f"every row. As a superuser run ALTER ROLE {user} BYPASSRLS; (the role then reads "
+            "every row, as logical replication does)")
 
 
 _OPERATIONS = ("insert", "update", "delete", "truncate")
@@ -250,6 +289,7 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
     with psycopg.connect(source_dsn, autocommit=True) as source:
         check_wal_level(source)
         table_shapes = shapes(source, tables, search_schema)
+        check_row_security(source, table_shapes)
         ensure_publication(source, publication, table_shapes, report)
         report.replaced = reset_replaced(applier, source, table_shapes)
         todo = set(pending_tables(applier, tables))
