@@ -226,6 +226,27 @@ def test_setup_refuses_a_missing_table_and_a_table_without_key(items: str, tmp_p
     assert query(dsn, "SELECT count(*) FROM pg_publication") == [(0,)]
 
 
+@pytest.mark.parametrize(("ddl", "name", "message"), [
+    ("CREATE VIEW recent AS SELECT * FROM items", "public.recent",
+     "'public.recent' is a view; logical replication carries only tables' changes"),
+    ("CREATE MATERIALIZED VIEW recent AS SELECT * FROM items", "public.recent",
+     "'public.recent' is a materialized view"),
+    ("CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY, title text)", "public.scratch",
+     "table 'public.scratch' is UNLOGGED: its changes are not written to the WAL"),
+    ("CREATE TABLE \"Items2\" (id int PRIMARY KEY, title text)", "public.items2",
+     "table 'public.items2' does not exist in the source database; fix the [tables] key or "
+     "create the table; did you mean 'public.Items2'? (names are case-sensitive)"),
+])
+def test_setup_says_why_a_relation_cannot_be_followed(items: str, tmp_path: Path, ddl: str, name: str,
+                                                      message: str) -> None:
+    run_sql(items, ddl)
+    config = write_config(tmp_path / "slipstream.toml", items, ITEMS_TOML.replace("public.items", name))
+    result = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2, shown(result)
+    assert message in result.stderr, shown(result)
+    assert slot_row(items) is None and query(items, "SELECT count(*) FROM pg_publication") == [(0,)]
+
+
 def test_a_database_error_no_command_expects_is_one_line_not_a_traceback(
         items: str, tmp_path: Path) -> None:
     dsn = items

@@ -65,12 +65,12 @@ def table_shape(conn: psycopg.Connection, relation: str) -> TableShape:
     """
     schema, table = split_relation(relation)
     row = conn.execute(
-        "SELECT c.oid, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')", (schema, table)).fetchone()
-    if row is None:
-        raise ConfigurationError(f"table {relation!r} does not exist in the source database; "
-                                 "fix the [tables] key or create the table")
-    oid, ident = row
+        "SELECT c.oid, c.relreplident, c.relkind::text, c.relpersistence::text FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s "
+        "AND c.relkind IN ('r', 'p', 'v', 'm', 'f')", (schema, table)).fetchone()
+    if row is None or row[2] not in ("r", "p") or row[3] != "p":
+        raise ConfigurationError(_not_a_table(conn, relation, row and (row[2], row[3])))
+    oid, ident = row[:2]
     published = ("",) + (("s",) if publishes_stored_generated(conn) else ())
     aliases = type_aliases(conn)
     columns, unpublished = [], []
@@ -99,6 +99,28 @@ def table_shape(conn: psycopg.Connection, relation: str) -> TableShape:
             f"cannot be followed; add a primary key, or run ALTER TABLE {relation} REPLICA IDENTITY "
             "USING INDEX <unique index> (or REPLICA IDENTITY FULL)")
     return TableShape(relation, tuple(columns), key, tuple(unpublished), int(oid), ident)
+
+
+_NOT_TABLES = {"v": "a view", "m": "a materialized view", "f": "a foreign table"}
+
+
+def _not_a_table(conn: psycopg.Connection, relation: str, kind: tuple[str, str] | None) -> str:
+    """Why `relation` cannot be followed, and what to do about it."""
+    if kind is not None and kind[0] in _NOT_TABLES:
+        return (f"{relation!r} is {_NOT_TABLES[kind[0]]}; logical replication carries only "
+                "tables' changes: configure the tables it reads from instead")
+    if kind is not None:
+        return (f"table {relation!r} is {'UNLOGGED' if kind[1] == 'u' else 'TEMPORARY'}: its "
+                "changes are not written to the WAL, so logical replication cannot carry them; "
+                f"make it an ordinary table (ALTER TABLE {relation} SET LOGGED)")
+    schema, table = split_relation(relation)
+    near = conn.execute(
+        "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE lower(n.nspname) = lower(%s) AND lower(c.relname) = lower(%s) AND c.relkind IN ('r', 'p') "
+        "ORDER BY 1 LIMIT 1", (schema, table)).fetchone()
+    hint = f"; did you mean {near[0]!r}? (names are case-sensitive)" if near else ""
+    return (f"table {relation!r} does not exist in the source database; fix the [tables] key "
+            f"or create the table{hint}")
 
 
 def publishes_stored_generated(conn: psycopg.Connection) -> bool:
