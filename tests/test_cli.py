@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from slipstream.index import HashingEmbedder, PostgresBackend, SearchIndex
 
@@ -21,6 +23,7 @@ from .cli_harness import (
     WorkerProcess,
     checkpoint_lsn,
     cli,
+    command,
     environ,
     free_port,
     live_docs,
@@ -224,6 +227,34 @@ def test_setup_refuses_a_missing_table_and_a_table_without_key(items: str, tmp_p
     # Refused before anything was created: no slot is left behind to pin WAL.
     assert slot_row(dsn) is None
     assert query(dsn, "SELECT count(*) FROM pg_publication") == [(0,)]
+
+
+def test_setup_names_the_open_transaction_a_new_slot_waits_for(items: str, tmp_path: Path) -> None:
+    """Regression: a new slot waits for every transaction open on the server to end (it
+    must see each from its start); with one left open (a forgotten BEGIN in psql),
+    `setup` waited without a word. It now names the session, and goes on once it ends."""
+    dsn = items
+    config = write_config(tmp_path / "slipstream.toml", dsn, ITEMS_TOML)
+    blocker = psycopg.connect(dsn, application_name="forgotten-psql")
+    blocker.execute("INSERT INTO items (title) VALUES ('open')")  # a transaction that wrote
+    pid = blocker.info.backend_pid
+    setup = subprocess.Popen(command("setup", "--config", str(config)), cwd=tmp_path, env=environ(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = setup.stdout.readline()  # the notice comes while setup still waits
+        assert line.startswith("slot: waiting for 1 transaction open on the server to end"), line
+        assert f"pid {pid} (user " in line and "app forgotten-psql, idle in transaction" in line, line
+        assert "INSERT INTO items (title) VALUES ('open')" in line, line
+        assert setup.poll() is None
+        blocker.commit()
+        out, err = setup.communicate(timeout=60)
+    finally:
+        blocker.close()
+        if setup.poll() is None:
+            setup.kill()
+            setup.wait()
+    assert setup.returncode == 0, (out, err)
+    assert "slot: created" in out and "snapshot: public.items: 1 rows" in out
 
 
 @pytest.mark.parametrize(("ddl", "name", "message"), [

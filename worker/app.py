@@ -110,7 +110,7 @@ class Worker:
     # -- commands -------------------------------------------------------------------------
 
     def setup(self, progress: Callable[[str, int], None] | None = None, *,
-              copy_pending: bool = True) -> SetupReport:
+              copy_pending: bool = True, notice: Callable[[str], None] | None = None) -> SetupReport:
         self.resolve_tables()
         applier = self.make_applier()
         try:
@@ -120,7 +120,7 @@ class Worker:
                            tables=self.tables, applier=applier,
                            search_schema=self.config.search.schema if self._same_database() else None,
                            chunk_rows=self.config.worker.snapshot_chunk_rows, progress=progress,
-                           copy_pending=copy_pending)
+                           copy_pending=copy_pending, notice=notice)
             report.dead_letters = self.state.open_dead_letters(applier.conn, before)
             applier.conn.commit()
             return report
@@ -223,7 +223,8 @@ class Worker:
         the stream finds out (on reconnect) or the lag poller does first.
         """
         # Tables added to an existing slot's config are copied while streaming (runner backfill).
-        report = self.setup(progress=self._copy_progress(), copy_pending=False)
+        report = self.setup(progress=self._copy_progress(), copy_pending=False,
+                            notice=lambda line: self.log.warning("slot_waiting", detail=line))
         self.log.info("setup_done", created_slot=report.created_slot, copied=report.copied,
                       added_tables=report.added_tables, backfill=report.deferred,
                       via_partition_root=report.via_partition_root,

@@ -79,7 +79,7 @@ def setup(config_path: str) -> None:
     worker = _worker(config_path)
     progress = terminal_progress(worker.estimate_rows)
     try:
-        report = worker.setup(progress=progress)
+        report = worker.setup(progress=progress, notice=click.echo)
     finally:
         progress.close()
         worker.close()

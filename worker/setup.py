@@ -19,6 +19,7 @@ from psycopg import sql
 from slipstream.index.errors import ConfigurationError
 
 from .apply import Applier
+from .blockers import BlockerReport
 from .errors import WalLevelError
 from .incoming import Batch, SourceChange
 from .lsn import parse_lsn
@@ -277,12 +278,14 @@ def slot_exists(conn: psycopg.Connection, slot: str) -> bool:
 def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str],
           applier: Applier, search_schema: str | None, chunk_rows: int = 5000,
           progress: Callable[[str, int], None] | None = None,
-          copy_pending: bool = True) -> SetupReport:
+          copy_pending: bool = True, notice: Callable[[str], None] | None = None) -> SetupReport:
     """Prepare everything `run` needs; safe to run again at any time.
 
     A new slot's tables are always copied here, inside its exported snapshot. With an
     existing slot, tables whose copy has not finished are copied here too, unless
     `copy_pending` is False — then `run` copies them between stream batches instead.
+    `notice` is told, while a new slot waits for transactions open on the server to
+    end, which sessions they are (`BlockerReport`).
     """
     report = SetupReport()
     source_dsn = source_conninfo(source_dsn)  # the copy reads values as the stream sends them
@@ -295,7 +298,8 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
         todo = set(pending_tables(applier, tables))
         if not slot_exists(source, slot):
             with ReplicationConnection.connect(source_dsn) as repl:
-                created = repl.create_slot(slot, export_snapshot=True)
+                with BlockerReport(source_dsn, repl.backend_pid, notice or (lambda line: None)):
+                    created = repl.create_slot(slot, export_snapshot=True)
                 report.created_slot = True
                 with psycopg.connect(source_dsn) as snap:
                     snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
