@@ -73,6 +73,14 @@ def test_issue_a_token_sync_a_shard_and_search_it_like_the_server(served, tmp_pa
     device = [(h["object_id"], h["score"]) for h in json.loads(r.stdout)]
     server = [(h.object_id, h.score) for h in writer.index.search("apple", partition="user-1")]
     assert device == server and {i for i, _ in device} == {"1", "4"}
+    # `slipstream search` asks the server's index the same question, with the same options.
+    r = cli("search", "apple", "--config", str(config), "--partition", "user-1", "--json",
+            cwd=tmp_path, env=env)
+    assert r.returncode == 0, shown(r)
+    assert [(h["object_id"], h["score"]) for h in json.loads(r.stdout)] == device
+    r = cli("search", "apple", "--config", str(config), "--partition", "user-1", "--mode", "precision",
+            cwd=tmp_path, env=env)
+    assert r.returncode == 0 and r.stdout.count(" note ") == 2, shown(r)
 
 
 def test_refusals_and_bad_config_are_one_clear_line(served, tmp_path):

@@ -410,44 +410,27 @@ def shard_sync(url: str, token_: str, out: str, partitions: tuple[str, ...], spa
                f"cursor {report.cursor}")
 
 
-@shard.command("search")
-@click.argument("path", type=click.Path(dir_okay=False, exists=True))
-@click.argument("query")
-@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="A config whose [embedders] embed the query (default: lexical only).")
-@click.option("-k", "k", default=10, show_default=True)
-@click.option("--partition", "partitions", multiple=True)
-@click.option("--space", default=None)
-@click.option("--mode", default="balanced", show_default=True,
-              type=click.Choice(["balanced", "precision", "explore"]))
-@click.option("--object-type", "object_types", multiple=True)
-@click.option("--node-kind", "node_kinds", multiple=True)
-@click.option("--json", "as_json", is_flag=True)
-@_errors
-def shard_search(path: str, query: str, config_path: str | None, k: int,
-                 partitions: tuple[str, ...], space: str | None, mode: str,
-                 object_types: tuple[str, ...], node_kinds: tuple[str, ...], as_json: bool) -> None:
-    """Search a shard file offline, ranked exactly as the server ranks."""
-    from slipstream.index import SearchIndex
-    from slipstream.shardsync.shard import open_shard
+def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `search` and `shard search` share: the server's and the device's search."""
+    for option in reversed([
+            click.argument("query"),
+            click.option("-k", "k", default=10, show_default=True),
+            click.option("--partition", "partitions", multiple=True),
+            click.option("--space", default=None),
+            click.option("--mode", default="balanced", show_default=True,
+                         type=click.Choice(["balanced", "precision", "explore"])),
+            click.option("--object-type", "object_types", multiple=True),
+            click.option("--node-kind", "node_kinds", multiple=True),
+            click.option("--json", "as_json", is_flag=True)]):
+        func = option(func)
+    return func
 
-    backend = open_shard(path)
-    embedders = {}
-    if config_path is not None:
-        from .config import load_config
-        from .embedders import build_embedders
 
-        cfg = load_config(config_path)
-        embedders = build_embedders({s: e for s, e in cfg.embedders.items()
-                                     if s in backend.spaces})
-    index = SearchIndex(backend, embedders, default_space=space if space else (
-        next(iter(embedders)) if len(embedders) == 1 else None))
-    try:
-        results = index.search(query, k=k, partition=list(partitions) or None, space=space,
-                               mode=mode, object_types=list(object_types) or None,
-                               node_kinds=list(node_kinds) or None)
-    finally:
-        backend.close()
+def _search(index: Any, query: str, k: int, partitions: tuple[str, ...], space: str | None, mode: str,
+            object_types: tuple[str, ...], node_kinds: tuple[str, ...], as_json: bool) -> None:
+    results = index.search(query, k=k, partition=list(partitions) or None, space=space,
+                           mode=mode, object_types=list(object_types) or None,
+                           node_kinds=list(node_kinds) or None)
     if as_json:
         click.echo(json.dumps([{"object_type": r.object_type, "object_id": r.object_id,
                                 "node_kind": r.node_kind, "partition": r.partition,
@@ -458,3 +441,56 @@ def shard_search(path: str, query: str, config_path: str | None, k: int,
         click.echo(f"{r.score:.4f} {r.match_type:<8} {r.object_type} {r.object_id}: {r.title}")
     if not results:
         click.echo("(no results)")
+
+
+@main.command()
+@CONFIG
+@_search_options
+@_errors
+def search(config_path: str, **options: Any) -> None:
+    """Search the server's index, as the application's `SearchIndex` does."""
+    from slipstream.index import PostgresBackend, SearchIndex
+
+    from .config import load_config
+    from .embedders import build_embedders
+
+    cfg = load_config(config_path)
+    backend = PostgresBackend(cfg.search.resolve_dsn(cfg.source), schema=cfg.search.schema,
+                              spaces=dict(cfg.spaces), exact_limit=cfg.search.exact_limit,
+                              hnsw=cfg.search.hnsw)
+    try:
+        embedders = build_embedders(cfg.embedders)
+        index = SearchIndex(backend, embedders, default_space=options["space"] or (
+            next(iter(embedders)) if len(embedders) == 1 else None))
+        _search(index, **options)
+    finally:
+        backend.close()
+
+
+@shard.command("search")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="A config whose [embedders] embed the query (default: lexical only).")
+@_search_options
+@_errors
+def shard_search(path: str, config_path: str | None, **options: Any) -> None:
+    """Search a shard file offline, ranked exactly as the server ranks."""
+    from slipstream.index import SearchIndex
+    from slipstream.shardsync.shard import open_shard
+
+    backend = open_shard(path)
+    try:
+        embedders = {}
+        if config_path is not None:
+            from .config import load_config
+            from .embedders import build_embedders
+
+            cfg = load_config(config_path)
+            embedders = build_embedders({s: e for s, e in cfg.embedders.items()
+                                         if s in backend.spaces})
+        space = options["space"]
+        index = SearchIndex(backend, embedders, default_space=space if space else (
+            next(iter(embedders)) if len(embedders) == 1 else None))
+        _search(index, **options)
+    finally:
+        backend.close()
