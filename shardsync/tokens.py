@@ -112,16 +112,21 @@ def read_key(path: str | Path) -> bytes:
         raise ConfigurationError(f"cannot read the token key file {str(path)!r}: {exc}") from exc
 
 
+DEFAULT_LEEWAY = 60.0  # seconds of clock difference forgiven on exp, iat and nbf
+
+
 class TokenVerifier:
     """Verifies device tokens with one key and one algorithm.
 
     `key` is the HS256 secret, or the PEM public key for EdDSA/RS256. `audience`, when
     set, must appear in the token's `aud`; when None, a token carrying `aud` is refused
-    too (a token minted for another service is not ours).
+    too (a token minted for another service is not ours). `leeway` (seconds) forgives
+    the clock difference between the minter and this server: a token whose `iat` is a
+    few seconds ahead of this clock is not refused as not yet valid.
     """
 
     def __init__(self, key: str | bytes, *, algorithm: str = "HS256", audience: str | None = None,
-                 leeway: float = 0.0) -> None:
+                 leeway: float = DEFAULT_LEEWAY) -> None:
         self.algorithm = _check_algorithm(algorithm)
         if algorithm in SYMMETRIC:
             self._key: object = _check_secret(key)

@@ -304,6 +304,13 @@ def test_the_snapshot_cache_size_is_read_and_checked() -> None:
     assert "sync.snapshot_cache_mb" in str(err) and "≥ 0" in str(err)
 
 
+def test_the_token_leeway_is_read_and_checked() -> None:
+    assert parse_config(BASE).sync.token_leeway_seconds == 60
+    assert parse_config(config_with(**{"sync/token_leeway_seconds": 0})).sync.token_leeway_seconds == 0
+    err = error_for(config_with(**{"sync/token_leeway_seconds": 7200}))
+    assert "sync.token_leeway_seconds" in str(err) and "≤ 3600" in str(err)
+
+
 def test_the_sync_metrics_port_is_read_and_checked() -> None:
     assert parse_config(BASE).sync.metrics_port == 9188
     assert parse_config(config_with(**{"sync/metrics_port": 0})).sync.metrics_port == 0

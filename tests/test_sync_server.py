@@ -94,7 +94,7 @@ def _bad_tokens() -> dict[str, str | None]:
     forged_payload = jwt.encode({**good, "partitions": ["A", "B"]}, SECRET, "HS256").split(".")[1]
     return {
         "missing": None,
-        "expired": jwt.encode({**good, "exp": now - 10}, SECRET, "HS256"),
+        "expired": jwt.encode({**good, "exp": now - 61}, SECRET, "HS256"),
         "tampered": f"{head}.{forged_payload}.{sig[:-2]}{'AA' if sig[-2:] != 'AA' else 'BB'}",
         "alg_none": jwt.encode(good, None, algorithm="none"),
         "wrong_key": jwt.encode(good, "another-secret-" + "y" * 32, "HS256"),

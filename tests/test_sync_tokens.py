@@ -38,6 +38,25 @@ def test_hs256_token_round_trip_lists_its_partitions():
     assert grant.allows(["user-1"]) and not grant.allows(["user-1", "user-2"])
 
 
+def test_a_minters_clock_a_little_ahead_or_behind_is_forgiven():
+    """Regression: with no leeway, a token minted by an app server whose clock ran a few
+    seconds ahead was refused as not yet valid (`iat` in the future) until this clock
+    caught up. The default forgives 60 s, on `iat`, `nbf` and `exp` alike."""
+    now = time.time()
+    verifier = TokenVerifier(SECRET)
+    ahead = issue_token(SECRET, ["a"], ttl=600, now=now + 30)
+    assert verifier.verify(ahead).partitions == {"a"}
+    assert verifier.verify(jwt.encode({"partitions": ["a"], "exp": int(now) + 600, "nbf": int(now) + 30},
+                                      SECRET, "HS256")).partitions == {"a"}
+    assert verifier.verify(issue_token(SECRET, ["a"], ttl=10, now=now - 40)).partitions == {"a"}
+    for token in (issue_token(SECRET, ["a"], ttl=600, now=now + 90),  # too far ahead
+                  issue_token(SECRET, ["a"], ttl=10, now=now - 90)):  # expired 80 s ago
+        with pytest.raises(TokenError):
+            verifier.verify(token)
+    with pytest.raises(TokenError, match="ImmatureSignatureError"):
+        TokenVerifier(SECRET, leeway=0).verify(ahead)
+
+
 def test_eddsa_tokens_verify_with_the_public_key_only():
     private, public = ed25519_pair()
     token = issue_token(private, ["a"], algorithm="EdDSA", audience="app")
@@ -58,7 +77,7 @@ def test_bad_tokens_are_refused(case):
     token = {
         "missing": None,
         "garbage": "not.a.jwt",
-        "expired": jwt.encode({"partitions": ["a"], "exp": now - 5}, SECRET, "HS256"),
+        "expired": jwt.encode({"partitions": ["a"], "exp": now - 61}, SECRET, "HS256"),
         "tampered": None,
         "none": jwt.encode(good, None, algorithm="none"),
         "wrong_key": jwt.encode(good, "k" * 40, "HS256"),

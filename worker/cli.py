@@ -287,7 +287,8 @@ def serve(config_path: str, host: str | None, port: int | None, log_level: str) 
         _check_free(bind, s.metrics_port, "sync.metrics_port", cfg.origin)
     settings = ServerSettings(
         dsn=cfg.search.resolve_dsn(cfg.source), schema=cfg.search.schema,
-        verifier=TokenVerifier(s.token_key(), algorithm=s.algorithm, audience=s.audience),
+        verifier=TokenVerifier(s.token_key(), algorithm=s.algorithm, audience=s.audience,
+                               leeway=s.token_leeway_seconds),
         spaces=s.spaces, snapshot_cache_bytes=s.snapshot_cache_mb << 20,
         metrics_host=bind, metrics_port=s.metrics_port)
     uvicorn.run(create_app(settings), host=bind, port=listen_port,

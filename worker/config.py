@@ -251,6 +251,8 @@ class SyncSettings:
     Tokens are verified with the HS256 secret in the environment variable
     `token_secret_env`, or, when `public_key_file` is set, with that PEM public key
     (`algorithm` EdDSA or RS256). `audience`, when set, must be the tokens' `aud`.
+    `token_leeway_seconds` forgives that much clock difference between whoever mints
+    tokens and this server, on `exp` and on an `iat` or `nbf` in the future.
     `spaces` are the embedding spaces a device gets when it asks for none.
     `snapshot_cache_mb` bounds the disk each `serve` process keeps exported shards in, to
     answer the next snapshot request for the same partitions by bringing one forward
@@ -264,6 +266,7 @@ class SyncSettings:
     public_key_file: str | None = None
     algorithm: str = "HS256"
     audience: str | None = None
+    token_leeway_seconds: int = 60
     spaces: tuple[str, ...] | None = None
     snapshot_cache_mb: int = 1024
     metrics_port: int = 9188
@@ -462,8 +465,8 @@ class _Reader(TableReader):
     def sync(self, raw: object, spaces: Mapping[str, int]) -> SyncSettings:
         path: tuple[str, ...] = ("sync",)
         sec = self.section(raw, path, ("listen", "port", "token_secret_env", "public_key_file",
-                                       "algorithm", "audience", "spaces", "snapshot_cache_mb",
-                                       "metrics_port"))
+                                       "algorithm", "audience", "token_leeway_seconds", "spaces",
+                                       "snapshot_cache_mb", "metrics_port"))
         d = SyncSettings()
         algorithm = self.string(sec, (*path, "algorithm"), d.algorithm, '"HS256", "EdDSA" or "RS256"')
         if algorithm not in ("HS256", "EdDSA", "RS256"):
@@ -480,6 +483,8 @@ class _Reader(TableReader):
             token_secret_env=self.env_name(sec, (*path, "token_secret_env")) or d.token_secret_env,
             public_key_file=key_file, algorithm=algorithm,
             audience=self.string(sec, (*path, "audience"), None, "a string") or None,
+            token_leeway_seconds=self.integer(sec, (*path, "token_leeway_seconds"),
+                                              d.token_leeway_seconds, 0, maximum=3600),
             spaces=self.spaces(sec, (*path, "spaces"), spaces),
             snapshot_cache_mb=self.integer(sec, (*path, "snapshot_cache_mb"), d.snapshot_cache_mb, 0),
             metrics_port=self.integer(sec, (*path, "metrics_port"), d.metrics_port, 0, maximum=65535),
