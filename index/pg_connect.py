@@ -16,6 +16,7 @@ partition's export is one long statement. pg_dump lifts the same ones.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -34,5 +35,7 @@ def pinned_conninfo(dsn: str, settings: Sequence[tuple[str, str]] = SESSION_SETT
     """
     params = conninfo_to_dict(dsn)
     pinned = " ".join(f"-c {name}={value}" for name, value in settings)
-    params["options"] = f"{params['options']} {pinned}" if params.get("options") else pinned
+    # A DSN's `options` replaces PGOPTIONS in libpq; keep what the environment asked for.
+    own = params.get("options") or os.environ.get("PGOPTIONS")
+    params["options"] = f"{own} {pinned}" if own else pinned
     return make_conninfo("", **params)

@@ -384,15 +384,20 @@ def test_server_text_python_cannot_hold(pg_dsn: str) -> None:
         assert decode_text(OID["timestamptz"], text) == datetime.max.replace(tzinfo=UTC)
 
 
-def test_source_connections_pin_the_output_settings_after_the_dsns_own() -> None:
+def test_source_connections_pin_the_output_settings_after_the_dsns_own(monkeypatch) -> None:
     from psycopg.conninfo import conninfo_to_dict
 
+    monkeypatch.delenv("PGOPTIONS", raising=False)
     plain = conninfo_to_dict(source_conninfo("postgresql://app@db/app"))
     assert plain["options"] == ("-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC "
                                 "-c extra_float_digits=1 -c bytea_output=hex -c statement_timeout=0 "
                                 "-c lock_timeout=0 -c idle_in_transaction_session_timeout=0 "
                                 "-c row_security=off")
     assert (plain["host"], plain["user"], plain["dbname"]) == ("db", "app", "app")
+    env = conninfo_to_dict(source_conninfo("host=db"))
+    assert env["options"] == plain["options"]
+    monkeypatch.setenv("PGOPTIONS", "-c search_path=app")  # which an `options` would replace
+    assert conninfo_to_dict(source_conninfo("host=db"))["options"] == "-c search_path=app " + plain["options"]
     own = conninfo_to_dict(source_conninfo("host=db options='-c search_path=app -c TimeZone=PST8PDT'"))
     assert own["options"].startswith("-c search_path=app -c TimeZone=PST8PDT -c DateStyle=ISO")
     assert own["options"].endswith("-c TimeZone=UTC -c extra_float_digits=1 -c bytea_output=hex "
