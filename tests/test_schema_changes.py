@@ -197,3 +197,25 @@ def test_another_key_or_a_copy_keyed_by_every_column_is_keyed_anew(pg_dsn: str, 
     # Recorded now: the next setup copies nothing.
     last = cli("setup", "--config", str(config), cwd=tmp_path)
     assert last.returncode == 0 and "snapshot:" not in last.stdout, shown(last)
+
+
+def test_a_copy_keyed_by_a_time_zone_column_before_keys_were_recorded_is_keyed_anew(
+        pg_dsn: str, tmp_path: Path) -> None:
+    """Keys are read in UTC now; a table keyed by a timestamptz (a time-partitioned table's
+    primary key must hold its partition key) was keyed in the server's time zone before
+    keys were recorded, so its documents' ids were other strings: it is copied afresh."""
+    dsn = pg_dsn
+    (database,) = query(dsn, "SELECT current_database()")[0]
+    run_sql(dsn, f"ALTER DATABASE {database} SET TimeZone = 'Europe/Berlin'",
+            "CREATE TABLE events (id int, at timestamptz, owner text, title text, body text, "
+            "PRIMARY KEY (id, at))",
+            "INSERT INTO events VALUES (1, '2026-12-03 10:00+01', 'u1', 'one', 'b')")
+    config = write_config(tmp_path / "slipstream.toml", dsn, TABLE.replace("public.notes", "public.events"))
+    assert cli("setup", "--config", str(config), cwd=tmp_path).returncode == 0
+    assert set(live_docs(dsn, "note")) == {"1:2026-12-03T09\\:00\\:00+00\\:00"}  # in UTC
+    run_sql(dsn, "UPDATE slipstream.snapshot_progress SET key_columns = NULL")  # as before keys were recorded
+    again = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert again.returncode == 0 and "keyed by other columns" in again.stdout, shown(again)
+    assert query(dsn, "SELECT key_columns FROM slipstream.snapshot_progress") == [(["id", "at"],)]
+    last = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert last.returncode == 0 and "snapshot:" not in last.stdout, shown(last)

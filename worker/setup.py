@@ -220,6 +220,9 @@ def check_partitions(conn: psycopg.Connection, table_shapes: Sequence[TableShape
                     f'table\'s, so remove [tables."{shape.relation}"] (the partitioned table covers its rows)')
 
 
+_ZONED = (1184, 1266)  # timestamptz, timetz: their text depends on the session's TimeZone
+
+
 def reset_replaced(applier: Applier, source: psycopg.Connection, table_shapes: Sequence[TableShape]
                    ) -> list[str]:
     """Tables copied before that must be copied afresh, because the stream cannot carry
@@ -234,7 +237,9 @@ def reset_replaced(applier: Applier, source: psycopg.Connection, table_shapes: S
     Their documents are tombstoned, as a TRUNCATE would, and their copy is forgotten,
     in one transaction, so they are copied afresh. A table copied before OIDs or keys
     were recorded adopts its current ones; except a REPLICA IDENTITY FULL table with a
-    primary key, which was keyed by all of its columns then. Returns the reset tables."""
+    primary key, which was keyed by all of its columns then, and a table keyed by a
+    `timestamptz` or `timetz` column, whose values were read in the server's time zone
+    then (in UTC since). Returns the reset tables."""
     conn, state = applier.conn, applier.state
     recorded = {r[0]: r[1:] for r in conn.execute(state.q(
         "SELECT relation, relid::int, key_columns FROM {s}.snapshot_progress")).fetchall()}
@@ -246,6 +251,8 @@ def reset_replaced(applier: Applier, source: psycopg.Connection, table_shapes: S
         relid, key = recorded[shape.relation]
         if key is None and shape.identity == "f":
             key = [c[0] for c in shape.columns]  # how such a table was keyed before
+        elif key is None and any(t in _ZONED for n, t, _ in shape.columns if n in shape.key):
+            key = []  # its keys were read in the server's time zone then, in UTC now
         if (relid is not None and relid != shape.oid) or (key is not None and tuple(key) != shape.key):
             (lsn,) = source.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
             batch = Batch(snapshot=True)
