@@ -32,7 +32,7 @@ from .pgtypes import source_conninfo
 from .progress import estimate_rows, progress_reporter
 from .runner import RunnerSettings, StreamRunner
 from .setup import SetupReport, setup, slot_exists
-from .snapshot import copy_steps, pending_tables, read_row, table_shape
+from .snapshot import TableShape, copy_steps, pending_tables, read_row, table_shape
 from .state import WorkerState
 from .typealias import type_aliases
 
@@ -301,16 +301,19 @@ class Worker:
             letters = self.state.dead_letter_rows(applier.conn, ids=ids)
             applier.conn.commit()
             with psycopg.connect(self.source_dsn, autocommit=True) as source:
+                shapes: dict[str, TableShape] = {}  # read once per table, not per letter
                 for letter_id, _, relation, _, key, _ in letters:
-                    ok = self._retry_one(applier, source, letter_id, relation, key)
+                    if relation not in shapes:
+                        shapes[relation] = table_shape(source, relation)
+                    ok = self._retry_one(applier, source, letter_id, shapes[relation], key)
                     resolved, failing = resolved + ok, failing + (not ok)
         finally:
             applier.close()
         return resolved, failing
 
     def _retry_one(self, applier: Applier, source: psycopg.Connection, letter_id: int,
-                   relation: str, key: str | None) -> bool:
-        shape = table_shape(source, relation)
+                   shape: TableShape, key: str | None) -> bool:
+        relation = shape.relation
         (lsn_text,) = source.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
         batch = Batch(snapshot=True)
         values = read_row(source, shape, json.loads(key)) if key is not None else None
