@@ -120,6 +120,40 @@ def test_a_table_swapped_in_under_its_name_is_copied_afresh_and_the_old_ones_cha
     }
 
 
+def test_a_table_swapped_in_while_the_worker_runs_is_copied_and_followed_without_a_restart(
+        pg_dsn: str, tmp_path: Path) -> None:
+    """Regression: a bulk reload that swaps a new table in under a configured name while
+    the worker ran (create, fill, drop the old, rename) went unseen: the new table is
+    not in the publication, so none of its rows or changes reached the index until a
+    restart. The worker now notices the new OID, sets up again and streams on."""
+    dsn = pg_dsn
+    run_sql(dsn, "CREATE TABLE notes (id int PRIMARY KEY, owner text, title text, body text)",
+            "INSERT INTO notes VALUES (1, 'u1', 'first', 'copied'), (2, 'u1', 'second', 'copied')")
+    config = write_config(tmp_path / "slipstream.toml", dsn, TABLE, worker={"metrics_interval_seconds": 0.3})
+    assert cli("setup", "--config", str(config), cwd=tmp_path).returncode == 0
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(dsn)
+        run_sql(dsn, "UPDATE notes SET body = 'streamed' WHERE id = 1")
+        worker.wait_caught_up(dsn)
+        run_sql(dsn, "CREATE TABLE notes_new (id int PRIMARY KEY, owner text, title text, body text)",
+                "INSERT INTO notes_new VALUES (1, 'u2', 'new one', 'reloaded'), (7, 'u2', 'new seven', 'reloaded')",
+                "BEGIN; DROP TABLE notes; ALTER TABLE notes_new RENAME TO notes; COMMIT;")
+        worker.wait_for("the new table's rows", lambda: set(live_docs(dsn, "note")) == {"1", "7"})
+        assert any(e.get("event") == "table_replaced" and e.get("tables") == ["public.notes"]
+                   for e in worker.events()), worker.output()
+        run_sql(dsn, "INSERT INTO notes VALUES (8, 'u2', 'eight', 'streamed into the new table')",
+                "UPDATE notes SET body = 'edited in the new table' WHERE id = 7")
+        worker.wait_for("the new table's changes", lambda: live_docs(dsn, "note").get("7", ("",) * 3)[2]
+                        == "edited in the new table" and "8" in live_docs(dsn, "note"))
+        assert worker.stop()[0] == 0
+    assert live_docs(dsn, "note") == {
+        "1": ("u2", "new one", "reloaded"),
+        "7": ("u2", "new seven", "edited in the new table"),
+        "8": ("u2", "eight", "streamed into the new table"),
+    }
+    assert query(dsn, "SELECT count(*) FROM slipstream.dead_letters") == [(0,)]
+
+
 def test_a_copy_recorded_without_its_tables_oid_adopts_it_and_is_not_repeated(
         pg_dsn: str, tmp_path: Path) -> None:
     """Search schemas made before the OID was recorded: the table is the same one."""

@@ -8,6 +8,8 @@ the command line calls. Nothing connects at import time.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from .runner import RunnerSettings, StreamRunner
 from .setup import SetupReport, setup, slot_exists
 from .snapshot import TableShape, copy_steps, pending_tables, read_row, table_shape
 from .state import WorkerState
+from .tablewatch import TableWatch
 from .typealias import type_aliases
 
 
@@ -219,23 +222,24 @@ class Worker:
     def run(self, *, http: bool = True) -> None:
         """Set up what is missing, then follow the slot until SIGTERM/SIGINT.
 
-        Raises `SlotInvalidatedError` when the server has invalidated the slot, whether
-        the stream finds out (on reconnect) or the lag poller does first.
+        A configured table dropped and created again under its name while this runs
+        (`TableWatch`) stops the stream after a flush; setup then runs again, which
+        copies the new table, and the stream goes on. Raises `SlotInvalidatedError` when
+        the server has invalidated the slot, whether the stream finds out (on
+        reconnect) or the lag poller does first.
         """
-        # Tables added to an existing slot's config are copied while streaming (runner backfill).
-        report = self.setup(progress=self._copy_progress(), copy_pending=False,
-                            notice=lambda line: self.log.warning("slot_waiting", detail=line))
-        self.log.info("setup_done", created_slot=report.created_slot, copied=report.copied,
-                      added_tables=report.added_tables, backfill=report.deferred,
-                      via_partition_root=report.via_partition_root,
-                      generated_columns=report.generated_columns, replaced=report.replaced)
-        runner = self.runner()
-        runner.install_signal_handlers()
+        runner: StreamRunner | None = None
+        terminating = threading.Event()
         lost: list[SlotLag] = []
+
+        def terminate(*_: object) -> None:
+            terminating.set()
+            if runner is not None:
+                runner.stop()
 
         def on_lost(lag: SlotLag) -> None:
             lost.append(lag)
-            runner.stop()
+            terminate()
 
         self.lag_poller = MetricsPoller(
             self.metrics, self._read_lag, read_pending=self._read_pending, read_ann=self._read_ann,
@@ -245,13 +249,48 @@ class Worker:
         server = None
         port = self.config.worker.http_port
         if http and port:
-            server = HealthServer(self.metrics, host="0.0.0.0", port=port,
-                                  readiness=lambda: (runner.ready.is_set(), "streaming"
-                                                     if runner.ready.is_set() else "not streaming yet"),
-                                  liveness=lambda: (time.monotonic() - runner.last_beat < 60, "loop alive"))
+            server = HealthServer(
+                self.metrics, host="0.0.0.0", port=port,
+                readiness=lambda: (runner is not None and runner.ready.is_set(), "streaming"
+                                   if runner is not None and runner.ready.is_set() else "not streaming yet"),
+                liveness=lambda: (runner is None or time.monotonic() - runner.last_beat < 60,
+                                  "loop alive"))
             server.start()
         try:
-            runner.run()
+            while not terminating.is_set():
+                # A signal during setup ends the process as it always did (setup is safe to
+                # stop anywhere); while streaming, it stops the stream after a flush.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                # Tables added to an existing slot's config are copied while streaming
+                # (runner backfill); so is a table swapped in under a configured name.
+                report = self.setup(progress=self._copy_progress(), copy_pending=False,
+                                    notice=lambda line: self.log.warning("slot_waiting", detail=line))
+                self.log.info("setup_done", created_slot=report.created_slot, copied=report.copied,
+                              added_tables=report.added_tables, backfill=report.deferred,
+                              via_partition_root=report.via_partition_root,
+                              generated_columns=report.generated_columns, replaced=report.replaced)
+                runner = self.runner()
+                signal.signal(signal.SIGTERM, terminate)
+                signal.signal(signal.SIGINT, terminate)
+                replaced: list[str] = []
+
+                def on_replaced(tables: list[str], current: StreamRunner = runner) -> None:
+                    replaced.extend(tables)
+                    current.stop()
+
+                watch = TableWatch(self.source_dsn, self.table_oids, on_replaced,
+                                   interval=self.config.worker.metrics_interval_seconds,
+                                   log=self.log).start()
+                try:
+                    runner.run()
+                finally:
+                    watch.stop()
+                if not replaced or terminating.is_set():
+                    break
+                self.log.warning("table_replaced", tables=replaced,
+                                 action="the stream stopped; setting up again to copy the new table")
+                self._resolved = False  # read the new tables' OIDs, columns and keys
         except SlotInvalidatedError as exc:  # say it with this worker's schema
             raise SlotInvalidatedError(
                 slot_invalidated_message(self.slot, self.config.search.schema,

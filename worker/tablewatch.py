@@ -1,0 +1,82 @@
+"""Notices, while the worker runs, a configured table dropped and created again under its name.
+
+A publication holds tables, not names. After a bulk reload swaps a new table in
+(create it, fill it, drop the old one, rename the new one into its place), the new
+table's changes are not published, and nothing in the stream says so. `TableWatch`
+reads each configured table's OID every `interval` seconds, on a connection of its
+own, and calls `on_replaced(tables)` once when any differs from the OID the worker
+resolved at its start. A table that is gone, with nothing under its name yet, is
+logged once and watched on. The worker then stops its stream, runs `setup` again
+(which tombstones the old table's documents, adds the new table to the publication
+and queues its copy) and streams on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import psycopg
+
+from .snapshot import split_relation
+
+__all__ = ["TableWatch"]
+
+_OIDS = """
+SELECT t.i, c.oid::int FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(s, n, i)
+LEFT JOIN pg_namespace ns ON ns.nspname = t.s
+LEFT JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = t.n AND c.relkind IN ('r', 'p')
+ORDER BY t.i
+"""
+
+
+class TableWatch:
+    """Watches `oids` ({table: OID}) on `dsn`; see the module docstring."""
+
+    def __init__(self, dsn: str, oids: Mapping[str, int], on_replaced: Callable[[list[str]], None],
+                 *, interval: float = 5.0, log: Any = None) -> None:
+        self.dsn, self.oids, self.on_replaced = dsn, dict(oids), on_replaced
+        self.interval, self.log = interval, log
+        self._gone: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="table-watch", daemon=True)
+
+    def start(self) -> TableWatch:
+        if self.oids:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def check(self, conn: psycopg.Connection) -> list[str]:
+        """The tables now under another OID than the one the worker resolved."""
+        tables = list(self.oids)
+        parts = [split_relation(t) for t in tables]
+        rows = conn.execute(_OIDS, ([s for s, _ in parts], [n for _, n in parts])).fetchall()
+        replaced = []
+        for table, (_, oid) in zip(tables, rows, strict=True):
+            if oid is None:
+                if table not in self._gone and self.log is not None:
+                    self.log.warning("table_gone", table=table, hint="its documents stay until a "
+                                     "table of that name is created again or its section is removed")
+                self._gone.add(table)
+            elif oid != self.oids[table]:
+                replaced.append(table)
+        return replaced
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+                    replaced = self.check(conn)
+            except psycopg.Error as exc:  # the stream's own loop reports connection trouble
+                if self.log is not None:
+                    self.log.warning("table_watch_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                continue
+            if replaced:
+                self.on_replaced(replaced)
+                return
