@@ -17,12 +17,14 @@ partition's export is one long statement. pg_dump lifts the same ones.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 __all__ = ["NO_TIMEOUTS", "SESSION_SETTINGS", "pinned_conninfo"]
 
+_SETTING = re.compile(r"(?:-c\s*|--)([A-Za-z_.]+)=(\S+)")
 SESSION_SETTINGS: tuple[tuple[str, str], ...] = (("DateStyle", "ISO"), ("IntervalStyle", "postgres"))
 NO_TIMEOUTS: tuple[tuple[str, str], ...] = (
     ("statement_timeout", "0"), ("lock_timeout", "0"), ("idle_in_transaction_session_timeout", "0"))
@@ -34,8 +36,10 @@ def pinned_conninfo(dsn: str, settings: Sequence[tuple[str, str]] = SESSION_SETT
     Raises `psycopg.ProgrammingError` for a DSN libpq cannot parse.
     """
     params = conninfo_to_dict(dsn)
-    pinned = " ".join(f"-c {name}={value}" for name, value in settings)
     # A DSN's `options` replaces PGOPTIONS in libpq; keep what the environment asked for.
-    own = params.get("options") or os.environ.get("PGOPTIONS")
-    params["options"] = f"{own} {pinned}" if own else pinned
+    own = params.get("options") or os.environ.get("PGOPTIONS") or ""
+    now = {name.lower(): value for name, value in _SETTING.findall(own)}  # the last one wins
+    pinned = " ".join(f"-c {name}={value}" for name, value in settings if now.get(name.lower()) != value)
+    if pinned:  # pinning twice (a DSN pinned already) adds nothing
+        params["options"] = f"{own} {pinned}" if own else pinned
     return make_conninfo("", **params)

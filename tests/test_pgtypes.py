@@ -394,6 +394,8 @@ def test_source_connections_pin_the_output_settings_after_the_dsns_own(monkeypat
                                 "-c lock_timeout=0 -c idle_in_transaction_session_timeout=0 "
                                 "-c row_security=off")
     assert (plain["host"], plain["user"], plain["dbname"]) == ("db", "app", "app")
+    twice = conninfo_to_dict(source_conninfo(source_conninfo("postgresql://app@db/app")))
+    assert twice["options"] == plain["options"]  # pinning a pinned DSN adds nothing
     env = conninfo_to_dict(source_conninfo("host=db"))
     assert env["options"] == plain["options"]
     monkeypatch.setenv("PGOPTIONS", "-c search_path=app")  # which an `options` would replace

@@ -90,13 +90,13 @@ class Worker:
         if self._resolved:
             return
         with psycopg.connect(self.source_dsn) as conn:
+            self.type_aliases = type_aliases(conn)
             for table in self.tables:
-                shape = table_shape(conn, table)
+                shape = table_shape(conn, table, self.type_aliases)
                 self.registry.resolve(table, [c[0] for c in shape.columns], shape.key,
                                       unpublished=shape.unpublished)
                 self.table_oids[table] = shape.oid
                 self.table_keys[table] = shape.key
-            self.type_aliases = type_aliases(conn)
         self._resolved = True
 
     def mapper_for(self, relation: str) -> Callable | None:
@@ -163,7 +163,7 @@ class Worker:
         with psycopg.connect(self.source_dsn, autocommit=True) as source:
             for table in todo:
                 self.log.info("backfill_started", table=table)
-                shape = table_shape(source, table)
+                shape = table_shape(source, table, self.type_aliases)  # decoded as the stream is
                 for copied in copy_steps(applier, source, shape,
                                          chunk_rows=self.config.worker.snapshot_chunk_rows):
                     progress(table, copied)

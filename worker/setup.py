@@ -25,10 +25,11 @@ from .blockers import BlockerReport
 from .errors import WalLevelError
 from .incoming import Batch, SourceChange
 from .lsn import parse_lsn
-from .pgtypes import source_conninfo
+from .pgtypes import OID, source_conninfo
 from .publication import ensure_publication
 from .replication import ReplicationConnection
 from .snapshot import TableShape, copy_table, pending_tables, split_relation, table_shape
+from .typealias import type_aliases
 
 
 @dataclass
@@ -54,6 +55,7 @@ def check_wal_level(conn: psycopg.Connection) -> None:
 
 
 def shapes(conn: psycopg.Connection, tables: Sequence[str], search_schema: str | None) -> list[TableShape]:
+    aliases = type_aliases(conn)
     out = []
     for relation in tables:
         schema, _ = split_relation(relation)
@@ -61,7 +63,7 @@ def shapes(conn: psycopg.Connection, tables: Sequence[str], search_schema: str |
             raise ConfigurationError(
                 f"table {relation!r} is in the search schema {search_schema!r}; the worker must not "
                 "index its own tables — remove it from [tables]")
-        out.append(table_shape(conn, relation))
+        out.append(table_shape(conn, relation, aliases))
     return out
 
 
@@ -87,7 +89,7 @@ def check_row_security(conn: psycopg.Connection, table_shapes: Sequence[TableSha
             "every row, as logical replication does)")
 
 
-_ZONED = (1184, 1266)  # timestamptz, timetz: their text depends on the session's TimeZone
+_ZONED = (OID["timestamptz"], OID["timetz"])  # their text depends on the session's TimeZone
 
 
 def reset_replaced(applier: Applier, source: psycopg.Connection, table_shapes: Sequence[TableShape]

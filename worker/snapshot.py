@@ -16,7 +16,7 @@ row at or after that position, so a copy never overwrites a newer change.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -55,13 +55,15 @@ def split_relation(relation: str) -> tuple[str, str]:
     return schema, table
 
 
-def table_shape(conn: psycopg.Connection, relation: str) -> TableShape:
+def table_shape(conn: psycopg.Connection, relation: str,
+                aliases: Mapping[int, int] | None = None) -> TableShape:
     """Columns and replica-identity key of `relation`, or a ConfigurationError saying what to fix.
 
     The columns are those pgoutput sends, so that a copied row has exactly the columns
     of a streamed one: generated columns are left out unless the server publishes them
     (PostgreSQL 18 publishes STORED ones when the publication asks, as `setup` makes
-    it; none are published before 18, and VIRTUAL ones never).
+    it; none are published before 18, and VIRTUAL ones never). Each column's type is
+    the one to decode it as: `aliases` (`typealias.type_aliases`, read here when None).
     """
     schema, table = split_relation(relation)
     row = conn.execute(
@@ -72,7 +74,8 @@ def table_shape(conn: psycopg.Connection, relation: str) -> TableShape:
         raise ConfigurationError(_not_a_table(conn, relation, row and (row[2], row[3])))
     oid, ident = row[:2]
     published = ("",) + (("s",) if publishes_stored_generated(conn) else ())
-    aliases = type_aliases(conn)
+    if aliases is None:
+        aliases = type_aliases(conn)
     columns, unpublished = [], []
     for name, type_oid, sql_type, generated in conn.execute(
             "SELECT attname, atttypid::int, format_type(atttypid, atttypmod), attgenerated::text "
