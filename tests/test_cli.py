@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import subprocess
 import time
 from pathlib import Path
@@ -241,7 +242,10 @@ def test_setup_names_the_open_transaction_a_new_slot_waits_for(items: str, tmp_p
     setup = subprocess.Popen(command("setup", "--config", str(config)), cwd=tmp_path, env=environ(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = setup.stdout.readline()  # the notice comes while setup still waits
+        # The notice comes while setup still waits (without it, nothing comes: fail, not hang).
+        ready, _, _ = select.select([setup.stdout], [], [], 30)
+        assert ready, "setup printed nothing while it waited for the open transaction"
+        line = setup.stdout.readline()
         assert line.startswith("slot: waiting for 1 transaction open on the server to end"), line
         assert f"pid {pid} (user " in line and "app forgotten-psql, idle in transaction" in line, line
         assert "INSERT INTO items (title) VALUES ('open')" in line, line
