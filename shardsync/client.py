@@ -36,7 +36,7 @@ import httpx
 from slipstream.index import SQLiteBackend
 from slipstream.index.errors import SlipstreamError
 
-from .errors import ResyncRequired, ShardFormatError
+from .errors import ResyncRequired, ShardFormatError, ShardPathError
 from .retry import Decision, RetryPolicy, decide_by_table
 from .shard import apply_page, open_shard, shard_cursor, shard_partitions
 from .wire import WireFormatError, decode_page
@@ -211,10 +211,15 @@ class SyncClient:
                                    timeout=httpx.Timeout(self.timeout, connect=10.0,
                                                          read=max(self.timeout, 300.0))) as r:
                 _check(r)
-                with open(tmp, "wb") as f:
-                    f.writelines(r.iter_bytes(256 * 1024))
-                    f.flush()
-                    os.fsync(f.fileno())
+                try:
+                    with open(tmp, "wb") as f:
+                        f.writelines(r.iter_bytes(256 * 1024))
+                        f.flush()
+                        os.fsync(f.fileno())
+                except OSError as exc:
+                    raise ShardPathError(f"cannot write the shard {self.path}: {exc.strerror or exc} "
+                                         f"({tmp}); give it a directory that exists, is writable and "
+                                         "has room for the snapshot") from exc
             shard = open_shard(tmp)  # refuses anything that is not a readable shard
             try:
                 if self.spaces is None:
@@ -230,7 +235,13 @@ class SyncClient:
     def _install(self, tmp: Path) -> None:
         if self.on_swap is not None and self.path.exists():
             self.on_swap(self.path)  # the app closes its connections to the old shard now
-        os.replace(tmp, self.path)  # atomic: readers see the old shard or the new, whole
+        try:
+            os.replace(tmp, self.path)  # atomic: readers see the old shard or the new, whole
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise ShardPathError(f"cannot put the new shard in place at {self.path}: "
+                                 f"{exc.strerror or exc}") from exc
         with contextlib.suppress(OSError):
             fd = os.open(self.path.parent, os.O_RDONLY)
             try:
@@ -342,6 +353,7 @@ def sync(url: str, token: str, path: str | os.PathLike[str], *, live: bool = Fal
 
 __all__ = [
     "ShardFormatError",
+    "ShardPathError",
     "SyncClient",
     "SyncConnectionError",
     "SyncRefusedError",

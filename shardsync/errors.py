@@ -22,6 +22,11 @@ class ShardFormatError(SlipstreamError):
     or `analyzer`. Nothing in it was changed."""
 
 
+class ShardPathError(SlipstreamError):
+    """The shard's file, or the directory it goes in, cannot be written (no such
+    directory, no permission, no space left). The shard there before is unchanged."""
+
+
 class SlotConflictError(ConfigurationError):
     """A second replication slot tried to write into a schema whose change log is already
     written by another slot; both would assign the same sequence numbers."""

@@ -89,6 +89,14 @@ def test_refusals_and_bad_config_are_one_clear_line(served, tmp_path):
             cwd=tmp_path, env=env)
     assert r.returncode == 1 and "401" in r.stderr and "new device token" in r.stderr
     assert not (tmp_path / "x.db").exists()
+    # A shard path in a directory that does not exist: one line, not a traceback.
+    good = cli("token", "issue", "--config", str(config), "--partition", "user-1", cwd=tmp_path, env=env)
+    r = cli("shard", "sync", url, "--token", good.stdout.strip(), "--out", str(tmp_path / "no" / "x.db"),
+            cwd=tmp_path, env=env)
+    assert r.returncode == 1, shown(r)
+    assert r.stderr.startswith(f"error: cannot write the shard {tmp_path / 'no' / 'x.db'}: No such file "
+                               "or directory"), shown(r)
+    assert "Traceback" not in r.stderr and not (tmp_path / "no").exists()
     r = cli("token", "issue", "--config", str(config), "--partition", "p", cwd=tmp_path,
             env=environ())
     assert r.returncode == 2 and "TEST_SYNC_SECRET" in r.stderr
