@@ -154,6 +154,29 @@ def test_a_table_swapped_in_while_the_worker_runs_is_copied_and_followed_without
     assert query(dsn, "SELECT count(*) FROM slipstream.dead_letters") == [(0,)]
 
 
+def test_a_new_primary_key_while_the_worker_runs_rekeys_the_table_without_a_restart(
+        pg_dsn: str, tmp_path: Path) -> None:
+    dsn = pg_dsn
+    run_sql(dsn, "CREATE TABLE notes (id int PRIMARY KEY, code text NOT NULL, owner text, title text, "
+                 "body text)",
+            "INSERT INTO notes VALUES (1, 'n-1', 'u1', 'one', 'b'), (2, 'n-2', 'u1', 'two', 'b')")
+    config = write_config(tmp_path / "slipstream.toml", dsn, TABLE, worker={"metrics_interval_seconds": 0.3})
+    assert cli("setup", "--config", str(config), cwd=tmp_path).returncode == 0
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(dsn)
+        run_sql(dsn, "BEGIN; ALTER TABLE notes DROP CONSTRAINT notes_pkey; "
+                     "ALTER TABLE notes ADD PRIMARY KEY (code); COMMIT;")
+        worker.wait_for("the documents keyed by the new key",
+                        lambda: set(live_docs(dsn, "note")) == {"n-1", "n-2"})
+        run_sql(dsn, "UPDATE notes SET title = 'two, edited' WHERE code = 'n-2'",
+                "INSERT INTO notes VALUES (3, 'n-3', 'u1', 'three', 'b')")
+        worker.wait_for("changes under the new key", lambda: live_docs(dsn, "note").get(
+            "n-2", ("", ""))[1] == "two, edited" and "n-3" in live_docs(dsn, "note"))
+        assert worker.stop()[0] == 0
+    assert set(live_docs(dsn, "note")) == {"n-1", "n-2", "n-3"}
+    assert query(dsn, "SELECT key_columns FROM slipstream.snapshot_progress") == [(["code"],)]
+
+
 def test_a_copy_recorded_without_its_tables_oid_adopts_it_and_is_not_repeated(
         pg_dsn: str, tmp_path: Path) -> None:
     """Search schemas made before the OID was recorded: the table is the same one."""

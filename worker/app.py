@@ -279,7 +279,7 @@ class Worker:
                     replaced.extend(tables)
                     current.stop()
 
-                watch = TableWatch(self.source_dsn, self.table_oids, on_replaced,
+                watch = TableWatch(self.source_dsn, self.table_oids, on_replaced, keys=self.table_keys,
                                    interval=self.config.worker.metrics_interval_seconds,
                                    log=self.log).start()
                 try:
@@ -289,7 +289,7 @@ class Worker:
                 if not replaced or terminating.is_set():
                     break
                 self.log.warning("table_replaced", tables=replaced,
-                                 action="the stream stopped; setting up again to copy the new table")
+                                 action="the stream stopped; setting up again to copy the table afresh")
                 self._resolved = False  # read the new tables' OIDs, columns and keys
         except SlotInvalidatedError as exc:  # say it with this worker's schema
             raise SlotInvalidatedError(

@@ -1,25 +1,29 @@
-"""Notices, while the worker runs, a configured table dropped and created again under its name.
+"""Notices, while the worker runs, a configured table replaced or keyed anew under its name.
 
 A publication holds tables, not names. After a bulk reload swaps a new table in
 (create it, fill it, drop the old one, rename the new one into its place), the new
-table's changes are not published, and nothing in the stream says so. `TableWatch`
-reads each configured table's OID every `interval` seconds, on a connection of its
-own, and calls `on_replaced(tables)` once when any differs from the OID the worker
-resolved at its start. A table that is gone, with nothing under its name yet, is
-logged once and watched on. The worker then stops its stream, runs `setup` again
-(which tombstones the old table's documents, adds the new table to the publication
-and queues its copy) and streams on.
+table's changes are not published, and nothing in the stream says so. A new primary
+key (or replica identity index) gives every row another key, so the documents made
+under the old one would never be matched again. `TableWatch` reads each configured
+table's OID and key columns every `interval` seconds, on a connection of its own,
+and calls `on_replaced(tables)` once when any differs from what the worker resolved
+at its start. A table that is gone, with nothing under its name yet, or that has no
+key for the moment (between dropping one key and adding the next), is logged and
+watched on. The worker then stops its stream, runs `setup` again (which tombstones
+the old documents, adds a new table to the publication and queues the copy) and
+streams on.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
+from slipstream.index.errors import ConfigurationError
 
-from .snapshot import split_relation
+from .snapshot import split_relation, table_shape
 
 __all__ = ["TableWatch"]
 
@@ -35,8 +39,10 @@ class TableWatch:
     """Watches `oids` ({table: OID}) on `dsn`; see the module docstring."""
 
     def __init__(self, dsn: str, oids: Mapping[str, int], on_replaced: Callable[[list[str]], None],
-                 *, interval: float = 5.0, log: Any = None) -> None:
+                 *, keys: Mapping[str, Sequence[str]] | None = None, interval: float = 5.0,
+                 log: Any = None) -> None:
         self.dsn, self.oids, self.on_replaced = dsn, dict(oids), on_replaced
+        self.keys = {table: tuple(cols) for table, cols in (keys or {}).items()}
         self.interval, self.log = interval, log
         self._gone: set[str] = set()
         self._stop = threading.Event()
@@ -53,7 +59,7 @@ class TableWatch:
             self._thread.join(timeout=10)
 
     def check(self, conn: psycopg.Connection) -> list[str]:
-        """The tables now under another OID than the one the worker resolved."""
+        """The tables now under another OID, or keyed by other columns, than the worker resolved."""
         tables = list(self.oids)
         parts = [split_relation(t) for t in tables]
         rows = conn.execute(_OIDS, ([s for s, _ in parts], [n for _, n in parts])).fetchall()
@@ -64,9 +70,20 @@ class TableWatch:
                     self.log.warning("table_gone", table=table, hint="its documents stay until a "
                                      "table of that name is created again or its section is removed")
                 self._gone.add(table)
-            elif oid != self.oids[table]:
+            elif oid != self.oids[table] or self._rekeyed(conn, table):
                 replaced.append(table)
         return replaced
+
+    def _rekeyed(self, conn: psycopg.Connection, table: str) -> bool:
+        if table not in self.keys:
+            return False
+        try:
+            key = table_shape(conn, table, aliases={}).key
+        except ConfigurationError as exc:  # no key for the moment: look again next time
+            if self.log is not None:
+                self.log.warning("table_key_unreadable", table=table, error=str(exc)[:300])
+            return False
+        return key != self.keys[table]
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
