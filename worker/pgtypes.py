@@ -43,16 +43,17 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from functools import partial
 
-from slipstream.index.pg_connect import NO_TIMEOUTS, pinned_conninfo
+from slipstream.index.pg_connect import NO_TIMEOUTS, SESSION_SETTINGS, pinned_conninfo
 
 from .pgoutput import DecodeError
 
 __all__ = ["ARRAY_ELEMENT", "OID", "OUTPUT_SETTINGS", "OutOfRangeError", "ValueDecodeError",
            "decode_text", "decodes", "source_conninfo"]
 
-# The session settings a value's text depends on, as the decoder expects them.
-OUTPUT_SETTINGS = (("DateStyle", "ISO"), ("IntervalStyle", "postgres"), ("TimeZone", "UTC"),
-                   ("extra_float_digits", "1"), ("bytea_output", "hex"))
+# The session settings a value's text depends on, as the decoder expects them: the ones
+# every slipstream connection pins (ISO dates, `postgres` intervals), and more.
+OUTPUT_SETTINGS = SESSION_SETTINGS + (("TimeZone", "UTC"), ("extra_float_digits", "1"),
+                                      ("bytea_output", "hex"))
 
 
 def source_conninfo(dsn: str) -> str:
