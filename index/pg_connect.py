@@ -12,6 +12,11 @@ read of a `timestamptz`. `pinned_conninfo` adds the settings to a DSN's libpq
 processes that run slipstream's long work: the initial copy reads every table
 inside one exported snapshot, idle between chunks while it indexes them, and a
 partition's export is one long statement. pg_dump lifts the same ones.
+
+Text travels as UTF-8 whatever the database's encoding (`client_encoding=UTF8`):
+the server converts a LATIN1 or WIN1252 source's values, and psycopg would
+otherwise return `bytes` for every text value of a `SQL_ASCII` database and encode
+JSON as UTF-8 into a connection that expects another encoding.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ NO_TIMEOUTS: tuple[tuple[str, str], ...] = (
 
 
 def pinned_conninfo(dsn: str, settings: Sequence[tuple[str, str]] = SESSION_SETTINGS) -> str:
-    """`dsn` with `settings` pinned in its libpq `options`, after any it has.
+    """`dsn` with `settings` pinned in its libpq `options`, after any it has, and UTF-8
+    as its `client_encoding` (replacing any the DSN names).
 
     Raises `psycopg.ProgrammingError` for a DSN libpq cannot parse.
     """
@@ -42,4 +48,5 @@ def pinned_conninfo(dsn: str, settings: Sequence[tuple[str, str]] = SESSION_SETT
     pinned = " ".join(f"-c {name}={value}" for name, value in settings if now.get(name.lower()) != value)
     if pinned:  # pinning twice (a DSN pinned already) adds nothing
         params["options"] = f"{own} {pinned}" if own else pinned
+    params["client_encoding"] = "UTF8"
     return make_conninfo("", **params)

@@ -64,6 +64,23 @@ def tsquery_any(terms: Sequence[str]) -> str:
     return " | ".join("'" + t.replace("\\", "\\\\").replace("'", "''") + "'" for t in terms)
 
 
+def check_encoding(conn: psycopg.Connection) -> None:
+    """Refuse a search database whose encoding is not UTF8.
+
+    Titles, terms and JSON hold any Unicode text: a mapper's literal (an em dash in a
+    title template) or analysis itself (NFKC makes LATIN1's micro sign a Greek mu)
+    yields characters a LATIN1 database cannot store, and a SQL_ASCII one rejects JSON
+    escapes. The source database may keep any encoding: its values are read as UTF-8.
+    """
+    (encoding,) = conn.execute("SHOW server_encoding").fetchone()
+    if encoding.upper() != "UTF8":
+        raise ConfigurationError(
+            f"the search tables need a UTF8 database, and database {conn.info.dbname!r} is "
+            f"{encoding}: create one beside it (CREATE DATABASE search ENCODING 'UTF8' "
+            "TEMPLATE template0) and point the search DSN at it ([search] dsn in the worker's "
+            "configuration); the source database can stay as it is")
+
+
 class PostgresBackend(EmbeddingState, ScopeCacheReads, AnnIndex):
     """The search table in Postgres. `conninfo` is a DSN or an open `ConnectionPool`."""
 
@@ -101,7 +118,7 @@ class PostgresBackend(EmbeddingState, ScopeCacheReads, AnnIndex):
             self._pool, self._owns_pool = conninfo, False
         else:
             conninfo = pinned_conninfo(conninfo)  # ISO dates whatever the database sets
-            self._ensure_extension(conninfo)
+            self._check_database(conninfo)
             self._pool = ConnectionPool(conninfo, min_size=1, max_size=pool_size,
                                         configure=_configure_pooled, open=True)
             self._owns_pool = True
@@ -116,8 +133,10 @@ class PostgresBackend(EmbeddingState, ScopeCacheReads, AnnIndex):
             raise
 
     @staticmethod
-    def _ensure_extension(conninfo: str) -> None:
+    def _check_database(conninfo: str) -> None:
+        """A UTF8 database with pgvector, or a `ConfigurationError` that says what to do."""
         with psycopg.connect(conninfo, autocommit=True) as conn:
+            check_encoding(conn)
             try:
                 conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
             except psycopg.Error as exc:

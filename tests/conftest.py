@@ -94,13 +94,18 @@ def _drop_slots(conn: psycopg.Connection, database: str) -> None:
 
 
 @contextlib.contextmanager
-def _fresh_database(server: _Server) -> Iterator[str]:
-    """A new database with pgvector; dropped (slots first) on exit."""
+def _fresh_database(server: _Server, encoding: str | None = None) -> Iterator[str]:
+    """A new database with pgvector (in `encoding`, C locale, when given); dropped (slots
+    first) on exit."""
     name = "t_" + uuid.uuid4().hex[:12]
+    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if encoding is not None:
+        create += sql.SQL(" ENCODING {} LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0").format(
+            sql.Literal(encoding))
     with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        conn.execute(create)
     dsn = server.dsn(name)
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True, client_encoding="UTF8") as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     try:
         yield dsn

@@ -253,7 +253,6 @@ class ReplicationConnection:
                 "the replication DSN is not a valid libpq connection string or URI"
             ) from None
         params["replication"] = "database"
-        params["client_encoding"] = "UTF8"
         params.setdefault("application_name", "slipstream")
         pgconn = pq.PGconn.connect_start(make_conninfo("", **params).encode())
         user = (pgconn.user or b"").decode(errors="replace")
