@@ -24,6 +24,7 @@ from slipstream.worker.pgoutput import (
     Event,
     Insert,
     Message,
+    NotUtf8,
     Origin,
     Relation,
     StreamAbort,
@@ -35,6 +36,7 @@ from slipstream.worker.pgoutput import (
     Update,
     decode,
 )
+from slipstream.worker.pgtypes import ValueDecodeError, decode_text
 from slipstream.worker.relations import RelationCache, TupleShapeError, UnknownRelationError
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -330,7 +332,6 @@ def test_trailing_bytes_raise_decode_error(data: bytes, expected: Event) -> None
         (b"b" + bytes(40), "unknown message type"),  # Begin Prepare: two-phase is not supported
         (b"Y" + struct.pack(">I", 1) + b"public\x00mood", "unterminated"),
         (b"Y" + struct.pack(">I", 1) + b"\xff\xfe\x00mood\x00", "UTF-8"),
-        (b"I" + struct.pack(">I", 7) + b"N\x00\x01t\x00\x00\x00\x02\xc3(", "UTF-8"),
         (b"I" + struct.pack(">I", 7) + b"X\x00\x00", "expected b'N'"),
         (b"I" + struct.pack(">I", 7) + b"N\x00\x01x", "unknown column kind"),
         (b"I" + struct.pack(">I", 7) + b"N\x00\x01t\xff\xff\xff\xff", "bad length"),
@@ -351,6 +352,18 @@ def test_trailing_bytes_raise_decode_error(data: bytes, expected: Event) -> None
 def test_malformed_messages_raise_decode_error(data: bytes, match: str) -> None:
     with pytest.raises(DecodeError, match=match):
         decode(data)
+
+
+def test_a_text_value_that_is_not_utf8_decodes_as_not_utf8() -> None:
+    """A SQL_ASCII database sends any bytes: the message decodes, the value is marked, and
+    reading it as any type refuses it (its row becomes a dead letter, not the stream)."""
+    event = decode(b"I" + struct.pack(">I", 7) + b"N\x00\x02t\x00\x00\x00\x04caf\xe9t\x00\x00\x00\x02ok")
+    value, plain = event.new
+    assert isinstance(value, NotUtf8) and value == "caf\\xe9" and value.raw == b"caf\xe9"
+    assert type(plain) is str and plain == "ok"
+    for oid in (25, 1009, 3802, 0):  # text, text[], jsonb, a type the decoder does not know
+        with pytest.raises(ValueDecodeError, match="not UTF-8"):
+            decode_text(oid, value)
 
 
 def test_bytes_like_input_is_accepted_and_other_types_rejected() -> None:

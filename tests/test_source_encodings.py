@@ -157,3 +157,53 @@ def test_a_sql_ascii_source_holding_utf8_text_is_indexed(
     report = json.loads(status.stdout)
     assert report["counts"] == [{"object_type": "place", "live": 4, "tombstones": 0}], report
 
+
+LATIN1_BYTES = "convert_from('\\x436166e920636f6e6e75'::bytea, 'SQL_ASCII')"  # 'Café connu' in LATIN1
+
+
+def test_a_sql_ascii_value_that_is_not_utf8_is_its_rows_dead_letter(
+        sql_ascii_dsn: str, other_dsn: str, tmp_path: Path) -> None:
+    """Regression: a SQL_ASCII database stores any bytes, and one value that was not UTF-8
+    (a LATIN1 'é' written by an older client) failed the whole initial copy (`invalid byte
+    sequence for encoding "UTF8": 0xe9`) or, streamed, stopped the stream for good: the
+    server failed the stream at that change on every reconnect, so nothing after it was
+    ever indexed. Such a value is now its row's dead letter, copied or streamed."""
+    source, search = sql_ascii_dsn, other_dsn
+    app = source + " client_encoding=UTF8"
+    run_sql(app, DDL, f"INSERT INTO places VALUES (5, 'user-1', {LATIN1_BYTES}, 'copied', "
+                      "'Lyon', 'l', '{}', '{}', false)")
+    config = write_config(tmp_path / "slipstream.toml", source, TOML,
+                          extra=f"\n[search]\ndsn = {toml_string(search)}\n")
+    setup = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert setup.returncode == 1, shown(setup)  # the copy finished; a row is a dead letter
+    assert "1 rows of public.places went to dead letters" in setup.stderr, shown(setup)
+    assert "bytes are not UTF-8" in setup.stderr, shown(setup)
+    assert sorted(docs(search)) == ["1", "2", "3"]
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(app)
+        run_sql(app, f"INSERT INTO places VALUES (6, 'user-1', 'streamed', {LATIN1_BYTES}, "
+                     "'Lyon', 'l', '{}', '{}', false)",
+                "INSERT INTO places VALUES (7, 'user-1', 'after it', 'still indexed', 'Lyon', 'l', "
+                "'{}', '{}', false)")
+        worker.wait_caught_up(app)
+        assert not [e for e in worker.events() if e.get("event") == "reconnecting"]
+    assert sorted(docs(search)) == ["1", "2", "3", "7"]
+    letters = query(search, "SELECT row_key, op, row_values ->> 'title', row_values ->> 'body', "
+                            "error FROM slipstream.dead_letters ORDER BY id")
+    assert [letter[:4] for letter in letters] == [
+        ('["5"]', "snapshot", "Caf\\xe9 connu", "copied"),
+        ('["6"]', "insert", "streamed", "Caf\\xe9 connu")], letters
+    assert all("not UTF-8" in letter[4] and "SQL_ASCII" in letter[4] for letter in letters), letters
+
+    # The fix the README gives: rewrite the LATIN1 bytes as UTF-8, then retry the letters.
+    recode = "convert_from(convert(convert_to({0}, 'SQL_ASCII'), 'LATIN1', 'UTF8'), 'SQL_ASCII')"
+    with WorkerProcess(config, cwd=tmp_path) as worker:
+        worker.wait_streaming(app)
+        run_sql(app, f"UPDATE places SET title = {recode.format('title')} WHERE id = 5",
+                f"UPDATE places SET body = {recode.format('body')} WHERE id = 6")
+        worker.wait_caught_up(app)
+    retry = cli("deadletter", "retry", "--config", str(config), cwd=tmp_path)
+    assert retry.returncode == 0, shown(retry)
+    assert docs(search)["5"][:2] == ("Café connu", "copied — Lyon")
+    assert docs(search)["6"][:2] == ("streamed", "Café connu — Lyon")
+    assert query(search, "SELECT count(*) FROM slipstream.dead_letters WHERE resolved_at IS NULL") == [(0,)]

@@ -9,7 +9,10 @@ a bug of ours rather than bad input.
 
 Column values in a `TupleData` stay as the server sent them: `NULL`, `UNCHANGED`
 (an unchanged TOASTed value, pgoutput's 'u'), `str` for text format (decoded as
-UTF-8, the database encoding we support) and `bytes` for binary format.
+UTF-8: the connection asks for it) and `bytes` for binary format. A text value
+whose bytes are not UTF-8 (a SQL_ASCII database stores any bytes, and then sends
+them as they are) becomes a `NotUtf8`: the message still decodes, and the value is
+refused where it is read (`pgtypes.decode_text`), so only its row is a dead letter.
 Timestamps become aware UTC datetimes; LSNs, xids and OIDs are plain ints.
 
 Two-phase commit messages (protocol v3 with `two_phase`) are not decoded: they
@@ -38,6 +41,7 @@ __all__ = [
     "Insert",
     "Marker",
     "Message",
+    "NotUtf8",
     "Origin",
     "Relation",
     "StreamAbort",
@@ -69,6 +73,28 @@ class Marker(enum.Enum):
 
 NULL = Marker.NULL
 UNCHANGED = Marker.UNCHANGED
+
+
+class NotUtf8(str):
+    """A text value whose bytes are not UTF-8: shown with `\\xNN` for each byte that is
+    not, and the bytes themselves in `raw` (to name the row to the server again)."""
+
+    __slots__ = ("raw",)
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> NotUtf8:
+        self = super().__new__(cls, raw.decode("utf-8", "backslashreplace"))
+        self.raw = raw
+        return self
+
+
+def text_value(raw: bytes) -> str:
+    """A text value's bytes as `str`; a `NotUtf8` when they are not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return NotUtf8(raw)
+
 
 Value: TypeAlias = Marker | str | bytes
 TupleData: TypeAlias = tuple[Value, ...]
@@ -320,8 +346,7 @@ def _tuple(r: _Reader) -> TupleData:
         elif kind == 0x75:  # 'u'
             values.append(UNCHANGED)
         elif kind == 0x74:  # 't'
-            raw = r.raw(r.i32("value length"), f"column {i} value")
-            values.append(_utf8(raw, f"column {i} text value"))
+            values.append(text_value(r.raw(r.i32("value length"), "column value")))
         elif kind == 0x62:  # 'b'
             values.append(r.raw(r.i32("value length"), f"column {i} value"))
         else:

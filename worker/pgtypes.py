@@ -6,8 +6,11 @@ settings, which a database or role may set to anything (`ALTER DATABASE … SET
 DateStyle = 'SQL, DMY'`); every connection that reads source values therefore
 pins them with `source_conninfo` (`OUTPUT_SETTINGS`: ISO dates, `postgres`
 intervals, UTC, shortest exact floats, hex bytea), so a row reads the same through
-the copy and the stream, whatever the server's configuration. A UTF-8 database is
-assumed (the connections ask for UTF8).
+the copy and the stream, whatever the server's configuration. Values arrive as UTF-8
+whatever the database's encoding (the connections ask for it, and the server
+converts), except in a SQL_ASCII database, which converts nothing: there the copy
+and the stream take the bytes as they are, and a value that is not UTF-8 is
+refused here, as its row's dead letter.
 
 | Postgres type                          | Python                                   |
 | -------------------------------------- | ---------------------------------------- |
@@ -29,8 +32,8 @@ values Python has: `date.max`/`date.min`, `datetime.max`/`datetime.min` (with
 `tzinfo=UTC` for timestamptz). A finite value equal to those extremes reads the
 same: the ambiguity is accepted so that a column always yields one Python type.
 Values Python cannot hold (years BC or after 9999, time '24:00:00') raise
-`OutOfRangeError`; other text that is not valid for its type raises
-`ValueDecodeError`. Both are `DecodeError`s; no other exception escapes.
+`OutOfRangeError`; other text that is not valid for its type, or whose bytes were
+not UTF-8 (`pgoutput.NotUtf8`), raises `ValueDecodeError`. Both are `DecodeError`s; no other exception escapes.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from functools import partial
 
 from slipstream.index.pg_connect import NO_TIMEOUTS, SESSION_SETTINGS, pinned_conninfo
 
-from .pgoutput import DecodeError
+from .pgoutput import DecodeError, NotUtf8
 
 __all__ = ["ARRAY_ELEMENT", "OID", "OUTPUT_SETTINGS", "OutOfRangeError", "ValueDecodeError",
            "decode_text", "decodes", "source_conninfo"]
@@ -401,6 +404,9 @@ def decodes(type_oid: int) -> bool:
 
 def decode_text(type_oid: int, text: str) -> object:
     """Decode one text-format value of type `type_oid`; unknown OIDs return `text` as is."""
+    if text.__class__ is NotUtf8:
+        raise ValueDecodeError(type_oid, text, "its bytes are not UTF-8 (a SQL_ASCII database "
+                               "stores any bytes); store it as UTF-8 at the source")
     element = ARRAY_ELEMENT.get(type_oid)
     parse = _PARSERS.get(type_oid if element is None else element)
     if parse is None:

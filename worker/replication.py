@@ -270,7 +270,16 @@ class ReplicationConnection:
                 message, sqlstate=None, connection_lost=True, user=user, dbname=dbname
             )
         pgconn.nonblocking = 1
-        return cls(pgconn, status_interval=status_interval, receive_timeout=receive_timeout)
+        conn = cls(pgconn, status_interval=status_interval, receive_timeout=receive_timeout)
+        if pgconn.parameter_status(b"server_encoding") == b"SQL_ASCII":
+            # It stores any bytes, and converting them to UTF8 fails the whole stream at
+            # the first value that is not UTF-8: take them as they are (`pgoutput.NotUtf8`).
+            try:
+                conn._command("SET client_encoding = 'SQL_ASCII'")
+            except BaseException:
+                conn.close()
+                raise
+        return conn
 
     def close(self) -> None:
         """Close the connection (the walsender ends; an active slot is released). Idempotent."""

@@ -28,6 +28,7 @@ from slipstream.index.errors import ConfigurationError
 from .apply import Applier
 from .incoming import Batch, SourceChange, row_key
 from .lsn import format_lsn, parse_lsn
+from .pgoutput import NotUtf8, text_value
 from .typealias import type_aliases
 
 
@@ -147,19 +148,43 @@ def _select(shape: TableShape, where: sql.Composable | None, tail: sql.Composabl
 
 
 def _key_match(shape: TableShape, op: str, values: Sequence[str | None]) -> sql.Composed:
-    """`(k1, k2) <op> ('v1'::type1, 'v2'::type2)`: key values given in their output text."""
+    """`(k1, k2) <op> ('v1'::type1, 'v2'::type2)`: key values given in their output text
+    (a `NotUtf8` value as its own bytes)."""
     types = {n: t for n, _, t in shape.columns}
+
+    def literal(v: str | None) -> sql.Composable:
+        if isinstance(v, NotUtf8):
+            return sql.SQL("convert_from({}::bytea, 'SQL_ASCII')").format(sql.Literal(v.raw))
+        return sql.Literal(v)
+
     return sql.SQL("({key}) {op} ({vals})").format(
         key=sql.SQL(", ").join(sql.Identifier(k) for k in shape.key), op=sql.SQL(op),
-        vals=sql.SQL(", ").join(sql.SQL("{}::{}").format(sql.Literal(v), sql.SQL(types[k]))
+        vals=sql.SQL(", ").join(sql.SQL("{}::{}").format(literal(v), sql.SQL(types[k]))
                                 for k, v in zip(shape.key, values)))
 
 
 def _copy_rows(conn: psycopg.Connection, shape: TableShape, stmt: sql.Composed
                ) -> list[dict[str, str | None]]:
     names = [n for n, _, _ in shape.columns]
+    if conn.info.parameter_status("server_encoding") == "SQL_ASCII":
+        return _copy_raw_rows(conn, names, stmt)
     with conn.cursor().copy(stmt) as copy:
         return [dict(zip(names, row)) for row in copy.rows()]
+
+
+def _copy_raw_rows(conn: psycopg.Connection, names: list[str], stmt: sql.Composed
+                   ) -> list[dict[str, str | None]]:
+    """The rows of a SQL_ASCII database, whose bytes converting to UTF8 would check (the
+    first value that is not UTF-8 would fail the whole copy): read as they are, each
+    value a `NotUtf8` when it is not UTF-8, as the stream reads them."""
+    conn.execute("SET client_encoding = 'SQL_ASCII'")  # psycopg then reads text as bytes
+    try:
+        with conn.cursor().copy(stmt) as copy:
+            return [{n: None if v is None else text_value(v) for n, v in zip(names, row)}
+                    for row in copy.rows()]
+    finally:
+        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
+            conn.execute("SET client_encoding = 'UTF8'")
 
 
 def read_chunks(conn: psycopg.Connection, shape: TableShape, after: Sequence[str] | None,
