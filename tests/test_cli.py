@@ -230,6 +230,41 @@ def test_setup_refuses_a_missing_table_and_a_table_without_key(items: str, tmp_p
     assert query(dsn, "SELECT count(*) FROM pg_publication") == [(0,)]
 
 
+def test_a_slot_name_taken_elsewhere_is_refused_and_the_new_name_then_sets_up(
+        items: str, other_dsn: str, tmp_path: Path) -> None:
+    """Regression: `setup` refused a slot name another database used (slot names are
+    cluster-wide: "set [source] slot to another name"), but only after it had claimed the
+    search schema's change log for that name; with the name changed as told, the next
+    `setup` was refused again (`SlotConflictError`) until the claim was deleted by hand.
+    The name is now checked before anything is made, and a claim whose slot never wrote
+    anything and runs nowhere passes to the new name."""
+    dsn = items
+    run_sql(other_dsn, "SELECT pg_create_logical_replication_slot('slipstream', 'pgoutput')")
+    run_sql(dsn, "INSERT INTO items (owner, title, body) VALUES ('alice', 'first note', 'x')")
+    config = write_config(tmp_path / "slipstream.toml", dsn, ITEMS_TOML)
+    refused = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert refused.returncode == 2, shown(refused)
+    assert "already exists for database" in refused.stderr, shown(refused)
+    assert query(dsn, "SELECT count(*) FROM pg_publication") == [(0,)]  # refused before it
+
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace("\n\n[spaces]", '\nslot = "mine"\n\n[spaces]', 1),
+                      encoding="utf-8")
+    renamed = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert renamed.returncode == 0, shown(renamed)
+    assert query(dsn, "SELECT slot FROM slipstream.changelog_writer") == [("mine",)]
+    assert query(dsn, "SELECT title FROM slipstream.docs") == [("first note",)]
+
+    # A claim whose slot did write is kept: a third name is refused, naming the holder.
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace('slot = "mine"', 'slot = "third"'), encoding="utf-8")
+    third = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert third.returncode != 0 and "written by slot 'mine'" in third.stderr, shown(third)
+    assert query(dsn, "SELECT slot FROM slipstream.changelog_writer") == [("mine",)]
+    assert query(dsn, "SELECT slot_name FROM pg_replication_slots "
+                      "WHERE database = current_database()") == [("mine",)]
+
+
 def test_setup_names_the_open_transaction_a_new_slot_waits_for(items: str, tmp_path: Path) -> None:
     """Regression: a new slot waits for every transaction open on the server to end (it
     must see each from its start); with one left open (a forgotten BEGIN in psql),

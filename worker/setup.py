@@ -167,12 +167,13 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
     source_dsn = source_conninfo(source_dsn)  # the copy reads values as the stream sends them
     with psycopg.connect(source_dsn, autocommit=True) as source:
         check_wal_level(source)
+        have_slot = slot_exists(source, slot)  # a name taken elsewhere: refused before any change
         table_shapes = shapes(source, tables, search_schema)
         check_row_security(source, table_shapes)
         ensure_publication(source, publication, table_shapes, report)
         report.replaced = reset_replaced(applier, source, table_shapes)
         todo = set(pending_tables(applier, tables))
-        if not slot_exists(source, slot):
+        if not have_slot:
             with ReplicationConnection.connect(source_dsn) as repl:
                 with BlockerReport(source_dsn, repl.backend_pid, notice or (lambda line: None)):
                     created = repl.create_slot(slot, export_snapshot=True)

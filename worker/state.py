@@ -223,7 +223,24 @@ class WorkerState:
             raise ConfigurationError(
                 f"another slipstream worker is applying slot {slot!r} into schema {self.schema!r}; "
                 "run one worker per slot (stop the other, or give this one its own slot and schema)")
+        owner = self.changelog.writer(conn)
+        if owner is not None and owner != slot and self._never_wrote(conn, owner):
+            # A setup under another slot name that stopped before writing anything (the
+            # name was refused, say): its claim guards nothing, and the user renamed it.
+            self.changelog.release(conn, owner)
         self.changelog.claim(conn, slot)
+
+    def _never_wrote(self, conn: psycopg.Connection, slot: str) -> bool:
+        """No worker of `slot` runs, it has no checkpoint, and the change log is empty."""
+        key = f"slipstream-writer:{self.schema}:{slot}"
+        (free,) = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
+        if not free:
+            return False
+        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+        (wrote,) = conn.execute(self.q(
+            "SELECT EXISTS (SELECT FROM {s}.checkpoints WHERE slot = %s) "
+            "OR EXISTS (SELECT FROM {s}.changes)"), (slot,)).fetchone()
+        return not wrote
 
     def checkpoint(self, conn: psycopg.Connection, slot: str) -> Checkpoint:
         row = conn.execute(self.q(
