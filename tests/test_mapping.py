@@ -136,6 +136,19 @@ def test_empty_partition_is_a_mapper_error_that_says_how_to_skip() -> None:
         toml_mapper(partition="{owner_id}", filter={})(note_row(owner_id=None), "insert")
 
 
+@pytest.mark.parametrize("owner", [None, "", []])
+def test_a_partition_column_that_is_null_is_a_mapper_error_not_a_shared_partition(owner: object) -> None:
+    """Regression: "org-{owner_id}" rendered "org-" for every row whose owner was NULL, so
+    the ownerless rows of all tenants were indexed together in one partition "org-", for
+    any device given a token for it. A partition's column must name a tenant."""
+    mapper = toml_mapper(filter={})
+    with pytest.raises(MapperError, match=r"\.partition: 'org-\{owner_id\}' needs column "
+                                          r"'owner_id', which is NULL or empty .*filter\.not_null"):
+        mapper(note_row(owner_id=owner), "insert")
+    assert [d.partition for d in mapper(note_row(owner_id=0), "insert")] == ["org-0"]
+    assert toml_mapper()(note_row(owner_id=None), "insert") == []  # filter.not_null leaves it out
+
+
 def test_bytea_in_a_template_or_wrong_updated_at_type_is_a_mapper_error() -> None:
     with pytest.raises(MapperError, match=r"\.body: a bytea value"):
         toml_mapper(body="{blob}")(note_row(blob=b"\x00\x01"), "insert")

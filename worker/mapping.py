@@ -241,11 +241,18 @@ class TomlMapper:
             raise MapperError(f"{key_path('tables', self.table, 'id_columns')} "
                               f"{list(self.id_columns)}: {exc}", table=self.table) from exc
         partition = self._render(row, "partition")
-        if not partition:
+        # A partition names the tenant whose devices read the row: a NULL or empty column
+        # names none, and "user-{owner_id}" would put every such row of every tenant in
+        # one partition "user-".
+        missing = [c for c in cfg.partition.columns if to_text(row[c]) == ""]
+        if missing or not partition:
             raise MapperError(
                 f"{key_path('tables', self.table, 'partition')}: {cfg.partition.source!r} "
-                "renders empty for this row (a NULL column?); add the column to "
-                "filter.not_null to skip such rows", table=self.table)
+                + (f"needs column {missing[0]!r}, which is NULL or empty for this row"
+                   if missing else "renders empty for this row")
+                + ", and a partition names the tenant whose devices read the row; add the "
+                "column to filter.not_null to leave such rows out, or give them a partition "
+                "in a Python mapper", table=self.table)
         updated_at = None
         if cfg.updated_at is not None:
             updated_at = self._value(row, cfg.updated_at, "updated_at")
