@@ -11,7 +11,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 from slipstream.index import PostgresBackend, SearchIndex
+from slipstream.index.errors import ConfigurationError
 
 from .apply import Applier, ApplyResult
 from .incoming import Batch, SourceChange, row_key
@@ -108,13 +109,20 @@ class Worker:
             self.state.claim_writer(conn, self.slot)
             conn.commit()
             return Applier(conn, self.index, self.state, self.mapper_for, self.slot,
-                           read_conn=self.backend.connect(autocommit=True))
+                           read_conn=self.backend.connect(autocommit=True),
+                           mapping_of=self.registry.fingerprint)
 
     # -- commands -------------------------------------------------------------------------
 
     def setup(self, progress: Callable[[str, int], None] | None = None, *,
-              copy_pending: bool = True, notice: Callable[[str], None] | None = None) -> SetupReport:
+              copy_pending: bool = True, notice: Callable[[str], None] | None = None,
+              recopy: Sequence[str] = ()) -> SetupReport:
         self.resolve_tables()
+        unknown = [t for t in recopy if t not in self.tables]
+        if unknown:
+            raise ConfigurationError(
+                f"--recopy {unknown[0]!r}: not a configured table (configured: "
+                f"{', '.join(self.tables)})")
         applier = self.make_applier()
         try:
             before = self.state.last_dead_letter_id(applier.conn)
@@ -123,7 +131,7 @@ class Worker:
                            tables=self.tables, applier=applier,
                            search_schema=self.config.search.schema if self._same_database() else None,
                            chunk_rows=self.config.worker.snapshot_chunk_rows, progress=progress,
-                           copy_pending=copy_pending, notice=notice)
+                           copy_pending=copy_pending, notice=notice, recopy=recopy)
             report.dead_letters = self.state.open_dead_letters(applier.conn, before)
             applier.conn.commit()
             return report
@@ -269,7 +277,8 @@ class Worker:
                 self.log.info("setup_done", created_slot=report.created_slot, copied=report.copied,
                               added_tables=report.added_tables, backfill=report.deferred,
                               via_partition_root=report.via_partition_root,
-                              generated_columns=report.generated_columns, replaced=report.replaced)
+                              generated_columns=report.generated_columns, replaced=report.replaced,
+                              remapped=report.remapped)
                 runner = self.runner()
                 signal.signal(signal.SIGTERM, terminate)
                 signal.signal(signal.SIGINT, terminate)

@@ -97,7 +97,8 @@ class Applier:
     """Applies batches for one slot through a dedicated search-database connection."""
 
     def __init__(self, conn: psycopg.Connection, index: SearchIndex, state: WorkerState,
-                 mappers: MapperLookup, slot: str, read_conn: psycopg.Connection | None = None) -> None:
+                 mappers: MapperLookup, slot: str, read_conn: psycopg.Connection | None = None,
+                 mapping_of: Callable[[str], str | None] | None = None) -> None:
         self.conn = conn
         set_json_dumps(json_dumps, conn)  # JSONB parameters: several per row written
         self.read_conn = read_conn or conn  # planning reads; its own connection when pipelined
@@ -105,6 +106,8 @@ class Applier:
         self.backend = index.backend
         self.state = state
         self.mappers = mappers
+        # What decides a table's documents (`Registry.fingerprint`), recorded with its copy.
+        self.mapping_of = mapping_of or (lambda relation: None)
         self.slot = slot
         self.checkpoint = state.checkpoint(conn, slot)
         conn.commit()

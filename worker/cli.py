@@ -69,9 +69,14 @@ def check(config_path: str) -> None:
 
 @main.command()
 @CONFIG
+@click.option("--recopy", "recopy", multiple=True, metavar="SCHEMA.TABLE",
+              help="Copy this configured table again (repeatable).")
 @_errors
-def setup(config_path: str) -> None:
-    """Create the publication, slot and search schema; copy existing rows. Idempotent."""
+def setup(config_path: str, recopy: tuple[str, ...]) -> None:
+    """Create the publication, slot and search schema; copy existing rows. Idempotent.
+
+    A table whose mapping changed in the configuration since its copy is copied again;
+    --recopy copies a table again anyway (after changing a Python mapper's code)."""
     from .logs import configure_logging
     from .progress import terminal_progress
 
@@ -79,7 +84,7 @@ def setup(config_path: str) -> None:
     worker = _worker(config_path)
     progress = terminal_progress(worker.estimate_rows)
     try:
-        report = worker.setup(progress=progress, notice=click.echo)
+        report = worker.setup(progress=progress, notice=click.echo, recopy=recopy)
     finally:
         progress.close()
         worker.close()
@@ -91,6 +96,10 @@ def setup(config_path: str) -> None:
     for table in report.replaced:
         click.echo(f"{table}: dropped and created again, or keyed by other columns, since its "
                    "copy; its documents were tombstoned and it is copied afresh")
+    for table in report.remapped:
+        click.echo(f"{table}: " + ("copied again, as asked" if table in recopy else
+                                   "its mapping changed in the configuration since its copy")
+                   + "; each row's documents are made again (only those that changed are written)")
     for table, n in report.copied.items():
         click.echo(f"snapshot: {table}: {n:,} rows")
     if report.dead_letters:

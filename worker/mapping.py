@@ -312,6 +312,17 @@ class Registry:
         """The mapper for `table`, or None."""
         return self._mappers.get(table)
 
+    def fingerprint(self, table: str) -> str | None:
+        """What decides `table`'s documents, as recorded with its copy: a TOML section's
+        hash, or a Python mapper's name (its code is not seen: after changing it, copy
+        the table again with `slipstream setup --recopy`). None for an unmapped table."""
+        mapper = self._mappers.get(table)
+        if mapper is None:
+            return None
+        if isinstance(mapper, TomlMapper):
+            return "toml:" + mapper.config.fingerprint()
+        return "python:" + _describe(mapper)
+
     def origin(self, table: str) -> str:
         """Where the table's mapper was declared (for messages and logs)."""
         return self._origins[table]

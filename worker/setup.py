@@ -42,6 +42,7 @@ class SetupReport:
     via_partition_root: bool = False  # an existing publication was set to publish via roots
     generated_columns: bool = False  # ... and to publish STORED generated columns
     replaced: list[str] = field(default_factory=list)  # tables dropped and created again: re-copied
+    remapped: list[str] = field(default_factory=list)  # mapped otherwise since their copy: re-copied
     # Rows of the copy that went to dead letters, per table: (count, first error).
     dead_letters: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -137,6 +138,33 @@ def reset_replaced(applier: Applier, source: psycopg.Connection, table_shapes: S
     return replaced
 
 
+def reset_remapped(applier: Applier, tables: Sequence[str], recopy: Sequence[str] = ()) -> list[str]:
+    """Tables whose rows the configuration now maps otherwise than at their copy (another
+    template, filter, chunking, object type or mapper: `Registry.fingerprint`), and the
+    tables in `recopy`: their copy is started again from the first row. Nothing is
+    tombstoned first: each row's copy replaces its documents, tombstoning those the new
+    mapping no longer makes, and writes (and logs) only documents that changed. A copy
+    recorded before mappings were is adopted as it is. Returns the tables reset."""
+    conn, state = applier.conn, applier.state
+    recorded = dict(conn.execute(state.q(
+        "SELECT relation, mapping FROM {s}.snapshot_progress")).fetchall())
+    reset = []
+    for table in tables:
+        if table not in recorded:
+            continue  # never copied: its first copy records its mapping
+        mapping = applier.mapping_of(table)
+        if table in recopy or (recorded[table] is not None and recorded[table] != mapping):
+            conn.execute(state.q(
+                "UPDATE {s}.snapshot_progress SET done = false, last_key = NULL, rows_copied = 0, "
+                "read_lsn = NULL, mapping = %s, updated_at = now() WHERE relation = %s"), (mapping, table))
+            reset.append(table)
+        elif recorded[table] is None:
+            conn.execute(state.q("UPDATE {s}.snapshot_progress SET mapping = %s WHERE relation = %s"),
+                         (mapping, table))
+    conn.commit()
+    return reset
+
+
 def slot_exists(conn: psycopg.Connection, slot: str) -> bool:
     """Whether this database has the slot; a slot of that name elsewhere is a ConfigurationError."""
     row = conn.execute("SELECT database, plugin FROM pg_replication_slots WHERE slot_name = %s",
@@ -154,14 +182,16 @@ def slot_exists(conn: psycopg.Connection, slot: str) -> bool:
 def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str],
           applier: Applier, search_schema: str | None, chunk_rows: int = 5000,
           progress: Callable[[str, int], None] | None = None,
-          copy_pending: bool = True, notice: Callable[[str], None] | None = None) -> SetupReport:
+          copy_pending: bool = True, notice: Callable[[str], None] | None = None,
+          recopy: Sequence[str] = ()) -> SetupReport:
     """Prepare everything `run` needs; safe to run again at any time.
 
     A new slot's tables are always copied here, inside its exported snapshot. With an
     existing slot, tables whose copy has not finished are copied here too, unless
     `copy_pending` is False — then `run` copies them between stream batches instead.
     `notice` is told, while a new slot waits for transactions open on the server to
-    end, which sessions they are (`BlockerReport`).
+    end, which sessions they are (`BlockerReport`). Tables in `recopy`, and tables the
+    configuration now maps otherwise, are copied again (`reset_remapped`).
     """
     report = SetupReport()
     source_dsn = source_conninfo(source_dsn)  # the copy reads values as the stream sends them
@@ -172,6 +202,7 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
         check_row_security(source, table_shapes)
         ensure_publication(source, publication, table_shapes, report)
         report.replaced = reset_replaced(applier, source, table_shapes)
+        report.remapped = reset_remapped(applier, tables, recopy)
         todo = set(pending_tables(applier, tables))
         if not have_slot:
             with ReplicationConnection.connect(source_dsn) as repl:

@@ -301,12 +301,13 @@ def _save_progress(applier: Applier, shape: TableShape, last_key, copied: int, l
     def save(conn: psycopg.Connection) -> None:
         conn.execute(applier.state.q(
             "INSERT INTO {s}.snapshot_progress (relation, last_key, rows_copied, read_lsn, done, relid, "
-            "key_columns) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (relation) DO UPDATE SET "
-            "last_key = coalesce(excluded.last_key, {s}.snapshot_progress.last_key), "
+            "key_columns, mapping) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (relation) "
+            "DO UPDATE SET last_key = coalesce(excluded.last_key, {s}.snapshot_progress.last_key), "
             "rows_copied = excluded.rows_copied, read_lsn = excluded.read_lsn, done = excluded.done, "
-            "relid = excluded.relid, key_columns = excluded.key_columns, updated_at = now()"),
+            "relid = excluded.relid, key_columns = excluded.key_columns, mapping = excluded.mapping, "
+            "updated_at = now()"),
             (shape.relation, Jsonb(last_key) if last_key is not None else None, copied,
-             format_lsn(lsn), done, shape.oid, list(shape.key)))
+             format_lsn(lsn), done, shape.oid, list(shape.key), applier.mapping_of(shape.relation)))
     return save
 
 

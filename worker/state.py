@@ -10,7 +10,8 @@
   unchanged TOAST values, guarantee 6), the search rows it produced (to tombstone
   them on delete, move or truncate, guarantee 4), and the LSN that last wrote it.
 * ``dead_letters`` — changes whose row could not be mapped, kept with the error.
-* ``snapshot_progress`` — per table: how far the initial copy has got.
+* ``snapshot_progress`` — per table: how far the initial copy has got, and what it was
+  read under (the table's OID, key columns and mapping), to copy it again when one changes.
 
 Only one worker applies into a schema at a time: `claim_writer` takes a session
 advisory lock and claims the change log for its slot, which is what makes the
@@ -89,6 +90,11 @@ ALTER TABLE {s}.snapshot_progress ADD COLUMN IF NOT EXISTS relid oid
     # primary key or replica identity index), the table's documents are keyed anew.
     (3, "snapshot_progress.key_columns", """
 ALTER TABLE {s}.snapshot_progress ADD COLUMN IF NOT EXISTS key_columns text[]
+"""),
+    # What decided the table's documents at its copy (`Registry.fingerprint`): when the
+    # configuration maps its rows otherwise, the table is copied again (`setup.reset_remapped`).
+    (4, "snapshot_progress.mapping", """
+ALTER TABLE {s}.snapshot_progress ADD COLUMN IF NOT EXISTS mapping text
 """),
 ]
 

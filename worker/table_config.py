@@ -9,6 +9,8 @@ whole `WorkerConfig` on top of it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -86,6 +88,25 @@ class TableConfig:
     @property
     def path(self) -> str:
         return key_path("tables", self.table)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the documents a row maps to: every key of the
+        section as parsed (templates by their text), not where it was read from. The
+        worker records it with a table's copy and copies the table again when it changes."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, Template):
+                return value.source
+            if dataclasses.is_dataclass(value):
+                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            if isinstance(value, Mapping):
+                return {str(k): plain(v) for k, v in value.items()}
+            if isinstance(value, (tuple, list)):
+                return [plain(v) for v in value]
+            return value
+        section = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                   if f.name not in ("table", "origin")}
+        text = json.dumps(section, sort_keys=True, default=repr, separators=(",", ":"))
+        return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
     def column_uses(self) -> list[tuple[str, str]]:
         """(key path, column) for every column the configuration reads from a row."""
