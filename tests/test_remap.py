@@ -117,3 +117,24 @@ def test_recopy_copies_a_table_again_on_demand_and_an_older_copy_is_adopted(
     assert adopted.returncode == 0 and "mapping changed" not in adopted.stdout, shown(adopted)
     assert last_seq(dsn) == seq
     assert query(dsn, "SELECT mapping IS NOT NULL FROM slipstream.snapshot_progress") == [(True,)]
+
+
+def test_a_space_added_to_the_configuration_embeds_every_row_in_it(pg_dsn: str, tmp_path: Path) -> None:
+    """Regression: existing documents were never embedded in a space added later (and
+    `pending embeddings` said 0), so semantic search in it found only rows written since."""
+    dsn = pg_dsn
+    run_sql(dsn, DDL)
+    config = write_config(tmp_path / "slipstream.toml", dsn, V1)
+    assert cli("setup", "--config", str(config), cwd=tmp_path).returncode == 0
+    seq = last_seq(dsn)
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace("[spaces]\nlocal = 16\n", "[spaces]\nlocal = 16\nwide = 32\n")
+                      .replace("[embedders.local]", '[embedders.wide]\nkind = "hashing"\n\n'
+                                                    "[embedders.local]"), encoding="utf-8")
+    added = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert added.returncode == 0, shown(added)
+    assert "its mapping changed" in added.stdout, shown(added)
+    assert query(dsn, "SELECT count(*), count(emb_wide), count(emb_local) FROM slipstream.docs "
+                      "WHERE NOT deleted") == [(30, 30, 30)]
+    assert query(dsn, "SELECT count(*) FROM slipstream.docs WHERE pending_spaces <> '{}'") == [(0,)]
+    assert last_seq(dsn) - seq == 30  # devices pull every row's new vector

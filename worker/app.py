@@ -100,6 +100,12 @@ class Worker:
                 self.table_keys[table] = shape.key
         self._resolved = True
 
+    def mapping_of(self, relation: str) -> str | None:
+        """What decides `relation`'s documents (`Registry.fingerprint`), with the spaces they
+        are embedded in: a space added to the configuration embeds every row in it."""
+        own = self.registry.fingerprint(relation)
+        return None if own is None else f"{own} spaces={','.join(sorted(self.config.spaces))}"
+
     def mapper_for(self, relation: str) -> Callable | None:
         return partial(self.registry.map, relation) if relation in self.registry else None
 
@@ -110,7 +116,7 @@ class Worker:
             conn.commit()
             return Applier(conn, self.index, self.state, self.mapper_for, self.slot,
                            read_conn=self.backend.connect(autocommit=True),
-                           mapping_of=self.registry.fingerprint)
+                           mapping_of=self.mapping_of)
 
     # -- commands -------------------------------------------------------------------------
 
