@@ -122,7 +122,7 @@ class Worker:
 
     def setup(self, progress: Callable[[str, int], None] | None = None, *,
               copy_pending: bool = True, notice: Callable[[str], None] | None = None,
-              recopy: Sequence[str] = ()) -> SetupReport:
+              recopy: Sequence[str] = (), forget: Sequence[str] = ()) -> SetupReport:
         self.resolve_tables()
         unknown = [t for t in recopy if t not in self.tables]
         if unknown:
@@ -137,7 +137,7 @@ class Worker:
                            tables=self.tables, applier=applier,
                            search_schema=self.config.search.schema if self._same_database() else None,
                            chunk_rows=self.config.worker.snapshot_chunk_rows, progress=progress,
-                           copy_pending=copy_pending, notice=notice, recopy=recopy)
+                           copy_pending=copy_pending, notice=notice, recopy=recopy, forget=forget)
             report.dead_letters = self.state.open_dead_letters(applier.conn, before)
             applier.conn.commit()
             return report
@@ -285,6 +285,10 @@ class Worker:
                               via_partition_root=report.via_partition_root,
                               generated_columns=report.generated_columns, replaced=report.replaced,
                               remapped=report.remapped)
+                if report.unconfigured:
+                    self.log.warning("tables_unconfigured", tables=report.unconfigured,
+                                     action="their documents stay searchable; `slipstream setup "
+                                            "--forget TABLE` tombstones them")
                 runner = self.runner()
                 signal.signal(signal.SIGTERM, terminate)
                 signal.signal(signal.SIGINT, terminate)

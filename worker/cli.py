@@ -71,8 +71,11 @@ def check(config_path: str) -> None:
 @CONFIG
 @click.option("--recopy", "recopy", multiple=True, metavar="SCHEMA.TABLE",
               help="Copy this configured table again (repeatable).")
+@click.option("--forget", "forget", multiple=True, metavar="SCHEMA.TABLE",
+              help="Tombstone the documents of a table no longer configured, and take it out "
+                   "of the publication (repeatable).")
 @_errors
-def setup(config_path: str, recopy: tuple[str, ...]) -> None:
+def setup(config_path: str, recopy: tuple[str, ...], forget: tuple[str, ...]) -> None:
     """Create the publication, slot and search schema; copy existing rows. Idempotent.
 
     A table whose mapping changed in the configuration since its copy is copied again;
@@ -84,7 +87,7 @@ def setup(config_path: str, recopy: tuple[str, ...]) -> None:
     worker = _worker(config_path)
     progress = terminal_progress(worker.estimate_rows)
     try:
-        report = worker.setup(progress=progress, notice=click.echo, recopy=recopy)
+        report = worker.setup(progress=progress, notice=click.echo, recopy=recopy, forget=forget)
     finally:
         progress.close()
         worker.close()
@@ -100,6 +103,12 @@ def setup(config_path: str, recopy: tuple[str, ...]) -> None:
         click.echo(f"{table}: " + ("copied again, as asked" if table in recopy else
                                    "its mapping changed in the configuration since its copy")
                    + "; each row's documents are made again (only those that changed are written)")
+    for table in report.forgotten:
+        click.echo(f"{table}: forgotten: its documents are tombstoned (devices delete them too) "
+                   "and it is out of the publication")
+    for table in report.unconfigured:
+        click.echo(f"{table}: no longer configured; its documents stay searchable. "
+                   f"`slipstream setup --forget {table}` tombstones them")
     for table, n in report.copied.items():
         click.echo(f"snapshot: {table}: {n:,} rows")
     if report.dead_letters:

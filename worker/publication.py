@@ -96,6 +96,17 @@ def _publication_ddl(conn: psycopg.Connection, statement: sql.Composed) -> None:
             "setup again: it uses the publication as it finds it") from None
 
 
+def release_table(conn: psycopg.Connection, name: str, relation: str) -> bool:
+    """Drop `relation` ("schema.table") from publication `name` if it is in it; True if it was."""
+    schema, table = relation.split(".", 1)
+    if conn.execute("SELECT FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s "
+                    "AND tablename = %s", (name, schema, table)).fetchone() is None:
+        return False
+    _publication_ddl(conn, sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+        sql.Identifier(name), sql.Identifier(schema, table)))
+    return True
+
+
 _OPERATIONS = ("insert", "update", "delete", "truncate")
 
 

@@ -26,7 +26,7 @@ from .errors import WalLevelError
 from .incoming import Batch, SourceChange
 from .lsn import parse_lsn
 from .pgtypes import OID, source_conninfo
-from .publication import ensure_publication
+from .publication import ensure_publication, release_table
 from .replication import ReplicationConnection
 from .snapshot import TableShape, copy_table, pending_tables, split_relation, table_shape
 from .typealias import type_aliases
@@ -43,6 +43,9 @@ class SetupReport:
     generated_columns: bool = False  # ... and to publish STORED generated columns
     replaced: list[str] = field(default_factory=list)  # tables dropped and created again: re-copied
     remapped: list[str] = field(default_factory=list)  # mapped otherwise since their copy: re-copied
+    # Tables copied before but no longer configured: their documents stay until forgotten.
+    unconfigured: list[str] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)  # ... tombstoned, and out of the publication
     # Rows of the copy that went to dead letters, per table: (count, first error).
     dead_letters: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -138,6 +141,36 @@ def reset_replaced(applier: Applier, source: psycopg.Connection, table_shapes: S
     return replaced
 
 
+def forget_tables(applier: Applier, source: psycopg.Connection, publication: str,
+                  tables: Sequence[str], forget: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(tables copied before that the configuration no longer lists, those of them
+    forgotten). Forgetting one (`forget`) takes it out of the publication and tombstones
+    its documents, as a TRUNCATE would, so devices delete them too; the others' documents
+    stay searchable, as a table left out of the configuration by mistake should."""
+    conn, state = applier.conn, applier.state
+    recorded = [r for (r,) in conn.execute(state.q(
+        "SELECT relation FROM {s}.snapshot_progress ORDER BY 1")).fetchall()]
+    conn.commit()
+    unconfigured = [r for r in recorded if r not in tables]
+    for relation in forget:
+        if relation not in unconfigured:
+            raise ConfigurationError(
+                f"--forget {relation!r}: " + ("it is still configured; remove its [tables] section "
+                                              "first" if relation in tables else
+                                              "no table of that name was ever copied here")
+                + (f" (copied and no longer configured: {', '.join(unconfigured)})"
+                   if unconfigured else ""))
+    for relation in forget:
+        release_table(source, publication, relation)  # first: a role that may not changes nothing
+        (lsn,) = source.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        batch = Batch(snapshot=True)
+        batch.changes.append(SourceChange(kind="truncate", relation=relation,
+                                          commit_lsn=parse_lsn(lsn), truncated=(relation,)))
+        applier.apply(batch, also=lambda c, r=relation: c.execute(
+            state.q("DELETE FROM {s}.snapshot_progress WHERE relation = %s"), (r,)))
+    return [r for r in unconfigured if r not in forget], list(forget)
+
+
 def reset_remapped(applier: Applier, tables: Sequence[str], recopy: Sequence[str] = ()) -> list[str]:
     """Tables whose rows the configuration now maps otherwise than at their copy (another
     template, filter, chunking, object type or mapper: `Registry.fingerprint`), and the
@@ -183,7 +216,7 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
           applier: Applier, search_schema: str | None, chunk_rows: int = 5000,
           progress: Callable[[str, int], None] | None = None,
           copy_pending: bool = True, notice: Callable[[str], None] | None = None,
-          recopy: Sequence[str] = ()) -> SetupReport:
+          recopy: Sequence[str] = (), forget: Sequence[str] = ()) -> SetupReport:
     """Prepare everything `run` needs; safe to run again at any time.
 
     A new slot's tables are always copied here, inside its exported snapshot. With an
@@ -191,7 +224,8 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
     `copy_pending` is False — then `run` copies them between stream batches instead.
     `notice` is told, while a new slot waits for transactions open on the server to
     end, which sessions they are (`BlockerReport`). Tables in `recopy`, and tables the
-    configuration now maps otherwise, are copied again (`reset_remapped`).
+    configuration now maps otherwise, are copied again (`reset_remapped`); tables no
+    longer configured are reported, and those in `forget` forgotten (`forget_tables`).
     """
     report = SetupReport()
     source_dsn = source_conninfo(source_dsn)  # the copy reads values as the stream sends them
@@ -203,6 +237,8 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
         ensure_publication(source, publication, table_shapes, report)
         report.replaced = reset_replaced(applier, source, table_shapes)
         report.remapped = reset_remapped(applier, tables, recopy)
+        report.unconfigured, report.forgotten = forget_tables(applier, source, publication,
+                                                              tables, forget)
         todo = set(pending_tables(applier, tables))
         if not have_slot:
             with ReplicationConnection.connect(source_dsn) as repl:
