@@ -58,10 +58,17 @@ def analyze(text: str) -> list[str]:
     if "\n" not in text:
         terms = _recent.get(text)
         if terms is None:
+            global _recent_chars
             terms = _analyze(text)
-            if len(_recent) >= _RECENT_MAX:
-                _recent.popitem(last=False)  # the oldest goes
-            _recent[text] = terms
+            if text not in _recent:
+                _recent[text] = terms
+                _recent_chars += len(text)
+            while len(_recent) > _RECENT_MAX or _recent_chars > _RECENT_CHARS:
+                try:
+                    _recent_chars -= len(_recent.popitem(last=False)[0])  # the oldest goes
+                except KeyError:  # emptied by another thread: the count starts again
+                    _recent_chars = 0
+                    break
         return list(terms)
     # Line by line: the write path analyses a row's title and body, and then embeds
     # "title\nbody", so the second pass finds both in `_recent`. The same terms either
@@ -79,8 +86,12 @@ def analyze(text: str) -> list[str]:
 # batch of embeddings first (a batch of 2,000 rows holds 4,000 titles and bodies).
 # An OrderedDict: evicting a plain dict's oldest key (`next(iter(d))`) scans past every
 # slot deleted before it, which made a full cache cost O(size) per new text.
+# Bounded in texts and in characters too: a table of long texts (a megabyte each, and
+# their terms about as much again) would otherwise hold gigabytes here.
 _recent: OrderedDict[str, list[str]] = OrderedDict()
 _RECENT_MAX = 8192
+_RECENT_CHARS = 16 * 1024 * 1024
+_recent_chars = 0
 
 
 def _analyze(text: str) -> list[str]:

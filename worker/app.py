@@ -136,7 +136,8 @@ class Worker:
             report = setup(self.source_dsn, slot=self.slot, publication=self.publication,
                            tables=self.tables, applier=applier,
                            search_schema=self.config.search.schema if self._same_database() else None,
-                           chunk_rows=self.config.worker.snapshot_chunk_rows, progress=progress,
+                           chunk_rows=self.config.worker.snapshot_chunk_rows,
+                           chunk_bytes=self.config.worker.batch_max_bytes, progress=progress,
                            copy_pending=copy_pending, notice=notice, recopy=recopy, forget=forget)
             report.dead_letters = self.state.open_dead_letters(applier.conn, before)
             applier.conn.commit()
@@ -179,7 +180,8 @@ class Worker:
                 self.log.info("backfill_started", table=table)
                 shape = table_shape(source, table, self.type_aliases)  # decoded as the stream is
                 for copied in copy_steps(applier, source, shape,
-                                         chunk_rows=self.config.worker.snapshot_chunk_rows):
+                                         chunk_rows=self.config.worker.snapshot_chunk_rows,
+                                         chunk_bytes=self.config.worker.batch_max_bytes):
                     progress(table, copied)
                     yield copied
                 self.log.info("backfill_done", table=table)

@@ -214,7 +214,7 @@ def slot_exists(conn: psycopg.Connection, slot: str) -> bool:
 
 def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str],
           applier: Applier, search_schema: str | None, chunk_rows: int = 5000,
-          progress: Callable[[str, int], None] | None = None,
+          chunk_bytes: int | None = None, progress: Callable[[str, int], None] | None = None,
           copy_pending: bool = True, notice: Callable[[str], None] | None = None,
           recopy: Sequence[str] = (), forget: Sequence[str] = ()) -> SetupReport:
     """Prepare everything `run` needs; safe to run again at any time.
@@ -254,14 +254,15 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
                     for shape in table_shapes:
                         if shape.relation in todo:
                             report.copied[shape.relation] = copy_table(
-                                applier, snap, shape, chunk_rows=chunk_rows,
+                                applier, snap, shape, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes,
                                 snapshot_lsn=created.consistent_point, progress=progress)
                     snap.rollback()
             return report
         for shape in table_shapes:
             if shape.relation in todo and copy_pending:
                 report.copied[shape.relation] = copy_table(
-                    applier, source, shape, chunk_rows=chunk_rows, progress=progress)
+                    applier, source, shape, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes,
+                    progress=progress)
             elif shape.relation in todo:
                 report.deferred.append(shape.relation)
     return report

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psycopg
 from psycopg import sql
@@ -187,23 +187,61 @@ def _copy_raw_rows(conn: psycopg.Connection, names: list[str], stmt: sql.Compose
             conn.execute("SET client_encoding = 'UTF8'")
 
 
-def read_chunks(conn: psycopg.Connection, shape: TableShape, after: Sequence[str] | None,
-                chunk_rows: int) -> Iterator[list[dict[str, str | None]]]:
-    """Rows as {column: text}, in key order after the key `after`, `chunk_rows` at a time."""
+_RAW_LENGTH = frozenset((17, 19, 25, 1042, 1043))  # bytea, name, text, bpchar, varchar
+
+
+def _row_bytes(shape: TableShape) -> sql.Composed:
+    """A row's size in bytes, read without detoasting: a string's own length (a TOASTed
+    value's length is in its pointer), other values' stored size."""
+    return sql.SQL(" + ").join(
+        sql.SQL("coalesce({}({}), 0)").format(
+            sql.SQL("octet_length" if oid in _RAW_LENGTH else "pg_column_size"), sql.Identifier(name))
+        for name, oid, _ in shape.columns)
+
+
+def _chunk_end(conn: psycopg.Connection, shape: TableShape, where: sql.Composable | None,
+               chunk_rows: int, chunk_bytes: int | None) -> list[str | None] | None:
+    """The key of a chunk's last row: at most `chunk_rows` rows after `where`, and no more
+    than `chunk_bytes` of them (at least one row); None when none is left."""
     schema, table = split_relation(shape.relation)
-    order = sql.SQL(" ORDER BY {keys} LIMIT {n}").format(
-        keys=sql.SQL(", ").join(sql.Identifier(schema, table, k) for k in shape.key),
-        n=sql.Literal(chunk_rows))
+    keys = sql.SQL(", ").join(sql.Identifier(k) for k in shape.key)
+    desc = sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(k)) for k in shape.key)
+    inner = sql.SQL("SELECT {keys}, {size} AS sz FROM {t}{where} ORDER BY {keys} LIMIT {n}").format(
+        keys=keys, size=_row_bytes(shape) if chunk_bytes else sql.SQL("0"),
+        t=sql.Identifier(schema, table), n=sql.Literal(chunk_rows),
+        where=sql.SQL(" WHERE ") + where if where is not None else sql.SQL(""))
+    stmt = sql.SQL(
+        "COPY (SELECT {keys} FROM (SELECT {keys}, sz, sum(sz) OVER (ORDER BY {keys}) AS running "
+        "FROM ({inner}) r) s WHERE running <= {budget} OR running = sz ORDER BY {desc} LIMIT 1"
+        ") TO STDOUT"
+    ).format(keys=keys, inner=inner, desc=desc, budget=sql.Literal(chunk_bytes or 1))
+    columns = {c[0]: c for c in shape.columns}
+    rows = _copy_rows(conn, replace(shape, columns=tuple(columns[k] for k in shape.key)), stmt)
+    return [rows[0][k] for k in shape.key] if rows else None
+
+
+def read_chunks(conn: psycopg.Connection, shape: TableShape, after: Sequence[str] | None,
+                chunk_rows: int, chunk_bytes: int | None = None) -> Iterator[list[dict[str, str | None]]]:
+    """Rows as {column: text}, in key order after the key `after`, `chunk_rows` at a time
+    and, with `chunk_bytes`, no more than that many bytes of them (a chunk is at least one
+    row): a table of long texts is copied in as many rows as fit, not `chunk_rows` of
+    them at once."""
+    schema, table = split_relation(shape.relation)
+    order = sql.SQL(" ORDER BY {keys}").format(
+        keys=sql.SQL(", ").join(sql.Identifier(schema, table, k) for k in shape.key))
     last = list(after) if after is not None else None
     while True:
         where = _key_match(shape, ">", last) if last is not None else None
-        chunk = _copy_rows(conn, shape, _select(shape, where, order))
+        end = _chunk_end(conn, shape, where, chunk_rows, chunk_bytes)
+        if end is None:
+            return
+        upto = _key_match(shape, "<=", end)
+        chunk = _copy_rows(conn, shape, _select(
+            shape, upto if where is None else sql.SQL("{} AND {}").format(where, upto), order))
         if not chunk:
             return
         yield chunk
         last = [chunk[-1][k] for k in shape.key]
-        if len(chunk) < chunk_rows:
-            return
 
 
 def read_row(conn: psycopg.Connection, shape: TableShape, key: Sequence[str | None]
@@ -214,7 +252,7 @@ def read_row(conn: psycopg.Connection, shape: TableShape, key: Sequence[str | No
 
 
 def copy_steps(applier: Applier, source: psycopg.Connection, shape: TableShape, *,
-               chunk_rows: int = 5000, snapshot_lsn: int | None = None,
+               chunk_rows: int = 5000, chunk_bytes: int | None = None, snapshot_lsn: int | None = None,
                progress: Callable[[str, int], None] | None = None) -> Iterator[int]:
     """Copy one table through `applier`, one chunk per step, resuming from its saved position.
 
@@ -224,7 +262,7 @@ def copy_steps(applier: Applier, source: psycopg.Connection, shape: TableShape, 
     before it, which is what guards newer streamed changes. Each chunk is planned only
     after the one before has committed, so stream batches may run between steps.
     """
-    for batch, also, copied in _chunks(applier, source, shape, chunk_rows, snapshot_lsn):
+    for batch, also, copied in _chunks(applier, source, shape, chunk_rows, chunk_bytes, snapshot_lsn):
         applier.apply(batch, also=also)
         if progress is not None and batch.changes:
             progress(shape.relation, copied)
@@ -232,7 +270,7 @@ def copy_steps(applier: Applier, source: psycopg.Connection, shape: TableShape, 
 
 
 def copy_table(applier: Applier, source: psycopg.Connection, shape: TableShape, *,
-               chunk_rows: int = 5000, snapshot_lsn: int | None = None,
+               chunk_rows: int = 5000, chunk_bytes: int | None = None, snapshot_lsn: int | None = None,
                progress: Callable[[str, int], None] | None = None) -> int:
     """Copy a whole table at once (as `copy_steps`); returns the rows copied in all.
 
@@ -245,7 +283,8 @@ def copy_table(applier: Applier, source: psycopg.Connection, shape: TableShape, 
     copied = 0
     with ThreadPoolExecutor(1, thread_name_prefix="slipstream-copy-commit") as committer:
         pending: tuple[Future, Batch, int] | None = None
-        for batch, also, total in _chunks(applier, source, shape, chunk_rows, snapshot_lsn):
+        for batch, also, total in _chunks(applier, source, shape, chunk_rows, chunk_bytes,
+                                          snapshot_lsn):
             planned = applier.plan(batch)
             if pending is not None:
                 _committed(pending, shape, progress)
@@ -265,7 +304,7 @@ def _committed(pending: tuple[Future, Batch, int], shape: TableShape,
 
 
 def _chunks(applier: Applier, source: psycopg.Connection, shape: TableShape, chunk_rows: int,
-            snapshot_lsn: int | None) -> Iterator[tuple[Batch, Callable[[psycopg.Connection], None], int]]:
+            chunk_bytes: int | None, snapshot_lsn: int | None) -> Iterator[tuple[Batch, Callable[[psycopg.Connection], None], int]]:
     """Each chunk's batch of `snapshot` changes with the progress row its transaction
     writes, and the rows copied once it commits; last, an empty batch marking the copy
     done."""
@@ -277,7 +316,7 @@ def _chunks(applier: Applier, source: psycopg.Connection, shape: TableShape, chu
         return
     after = row[0] if row is not None else None
     copied = int(row[1]) if row is not None else 0
-    chunks = read_chunks(source, shape, after, chunk_rows)
+    chunks = read_chunks(source, shape, after, chunk_rows, chunk_bytes)
     while True:
         read_lsn = snapshot_lsn
         if read_lsn is None:
