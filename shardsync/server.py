@@ -127,9 +127,15 @@ class ChangeNotifier:
     HISTORY = 4096
 
     def __init__(self, dsn: str, log_: ChangeLog, pool: AsyncConnectionPool,
-                 fallback_interval: float = 1.0) -> None:
+                 fallback_interval: float = 1.0, heartbeat: float = 30.0) -> None:
         self.dsn, self.log, self.pool = dsn, log_, pool
         self.fallback_interval = fallback_interval
+        # A LISTEN connection only receives: one a NAT or load balancer dropped without a
+        # word would wait forever, devices learning of changes only as their long polls
+        # time out. After `heartbeat` seconds without a notification it asks the server
+        # for a row, which keeps such middleboxes from dropping it, and reconnects if no
+        # answer comes within `heartbeat` seconds more.
+        self.heartbeat = heartbeat
         self.latest = 0
         self.connected = False
         self._history: deque[Announced] = deque(maxlen=self.HISTORY)
@@ -201,15 +207,18 @@ class ChangeNotifier:
         delay = 0.1
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(
+                        self.dsn, autocommit=True, connect_timeout=10) as conn:
                     await conn.execute(f'LISTEN "{self.log.channel}"')
                     self.connected = True
                     missed = await self.max_seq()
                     self.announce(missed, None)  # while down: maybe anything
                     self._ready.set()
                     delay = 0.1
-                    async for note in conn.notifies():
-                        await self._on_notify(note.payload)
+                    while True:
+                        async for note in conn.notifies(timeout=self.heartbeat):
+                            await self._on_notify(note.payload)
+                        await self._beat(conn)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the connection dropped: poll, reconnect
@@ -219,6 +228,22 @@ class ChangeNotifier:
             self.announce(self.latest, None)  # wake waiters into polling mode
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _beat(self, conn: psycopg.AsyncConnection) -> None:
+        """One round trip on the LISTEN connection, or `ConnectionError` if none within
+        `heartbeat` seconds. The connection is closed before its query is abandoned:
+        cancelling the query would send a cancel request and wait out its time limit."""
+        beat = asyncio.ensure_future(conn.execute("SELECT 1"))
+        done, _ = await asyncio.wait({beat}, timeout=self.heartbeat)
+        if beat in done:
+            beat.result()
+            return
+        await conn.close()
+        beat.cancel()
+        await asyncio.wait({beat}, timeout=1.0)
+        if beat.done() and not beat.cancelled():
+            beat.exception()  # retrieved: the connection's end is the error to report
+        raise ConnectionError(f"no answer to a heartbeat within {self.heartbeat:g} s")
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="slipstream-sync-listen")

@@ -476,6 +476,47 @@ def test_the_notifier_wakes_only_waiters_whose_partitions_changed():
     assert not n.concerns(n.latest - 5, ["A"])
 
 
+def test_a_listen_connection_gone_silent_is_noticed_and_replaced(pg_dsn, writer):
+    """Regression: the LISTEN connection only receives, so one a NAT or load balancer
+    dropped without a word (no FIN, no RST) waited for notifications forever; the server
+    still took itself for connected, and live devices heard of changes only when their
+    long polls timed out. It now sends a heartbeat after a quiet spell and reconnects
+    when no answer comes, polling meanwhile."""
+    import asyncio
+
+    from psycopg_pool import AsyncConnectionPool
+    from slipstream.shardsync.server import ChangeNotifier
+
+    async def until(condition, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def scenario() -> None:
+        pool = AsyncConnectionPool(pg_dsn, min_size=1, max_size=2, open=False)
+        await pool.open()
+        with Proxy.for_dsn(pg_dsn) as proxy:
+            notifier = ChangeNotifier(proxy.dsn(pg_dsn), ChangeLog(), pool, heartbeat=0.5)
+            await notifier.start()
+            try:
+                assert notifier.connected
+                proxy.pause()  # silent: the socket stays open, nothing passes
+                assert await until(lambda: not notifier.connected, 5), "the silence went unnoticed"
+                proxy.resume()
+                assert await until(lambda: notifier.connected, 15), "no new LISTEN connection"
+                before = notifier.latest
+                writer.apply([doc("n900", "A", text(900))])  # the NOTIFY of its commit reaches it
+                assert await until(lambda: notifier.latest > before, 5)
+            finally:
+                await notifier.stop()
+                await pool.close()
+
+    asyncio.run(scenario())
+
+
 def test_free_text_partition_names_travel_as_query_parameters(server, writer, tmp_path):
     odd = "user {42}/../ä&partition=B?#%20"
     writer.apply([doc("1", odd, text(1)), doc("2", "B", text(2))])
