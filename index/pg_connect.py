@@ -13,6 +13,12 @@ processes that run slipstream's long work: the initial copy reads every table
 inside one exported snapshot, idle between chunks while it indexes them, and a
 partition's export is one long statement. pg_dump lifts the same ones.
 
+A connection lost without a word (a NAT or load balancer dropping an idle one, a
+host gone) is noticed within about a minute: TCP keepalives start after 30 idle
+seconds (they also keep such middleboxes from dropping it), and data left
+unacknowledged for 60 seconds ends it, where the operating system's defaults wait
+two hours and a quarter of an hour. A DSN that sets any of these keeps its own.
+
 Text travels as UTF-8 whatever the database's encoding (`client_encoding=UTF8`):
 the server converts a LATIN1 or WIN1252 source's values, and psycopg would
 otherwise return `bytes` for every text value of a `SQL_ASCII` database and encode
@@ -35,9 +41,14 @@ NO_TIMEOUTS: tuple[tuple[str, str], ...] = (
     ("statement_timeout", "0"), ("lock_timeout", "0"), ("idle_in_transaction_session_timeout", "0"))
 
 
+_LIVENESS = (("keepalives", "1"), ("keepalives_idle", "30"), ("keepalives_interval", "10"),
+             ("keepalives_count", "3"), ("tcp_user_timeout", "60000"))
+
+
 def pinned_conninfo(dsn: str, settings: Sequence[tuple[str, str]] = SESSION_SETTINGS) -> str:
-    """`dsn` with `settings` pinned in its libpq `options`, after any it has, and UTF-8
-    as its `client_encoding` (replacing any the DSN names).
+    """`dsn` with `settings` pinned in its libpq `options`, after any it has, UTF-8 as its
+    `client_encoding` (replacing any the DSN names), and TCP liveness checks (unless the
+    DSN sets its own).
 
     Raises `psycopg.ProgrammingError` for a DSN libpq cannot parse.
     """
@@ -49,4 +60,6 @@ def pinned_conninfo(dsn: str, settings: Sequence[tuple[str, str]] = SESSION_SETT
     if pinned:  # pinning twice (a DSN pinned already) adds nothing
         params["options"] = f"{own} {pinned}" if own else pinned
     params["client_encoding"] = "UTF8"
+    for name, value in _LIVENESS:
+        params.setdefault(name, value)
     return make_conninfo("", **params)

@@ -129,3 +129,21 @@ partition = "{owner}"
         worker.wait_caught_up(dsn)
     assert query(dsn, "SELECT count(*) FROM slipstream.docs WHERE body = 'changed'") == [(3000,)]
     assert query(dsn, "SELECT count(*) FROM slipstream.dead_letters") == [(0,)]
+
+
+def test_connections_notice_a_silent_loss_within_a_minute_unless_the_dsn_says_otherwise(pg_dsn: str) -> None:
+    """Without them, a connection a NAT dropped while idle hung its next statement for the
+    operating system's quarter of an hour (unacknowledged data) or two hours (keepalives)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+    from slipstream.index.pg_connect import pinned_conninfo
+
+    with psycopg.connect(pinned_conninfo(pg_dsn)) as conn:  # libpq takes them, on a real server
+        used = conninfo_to_dict(conn.info.dsn)
+    assert {k: used.get(k) for k in ("keepalives_idle", "keepalives_interval", "keepalives_count",
+                                     "tcp_user_timeout")} == {
+        "keepalives_idle": "30", "keepalives_interval": "10", "keepalives_count": "3",
+        "tcp_user_timeout": "60000"}
+    own = conninfo_to_dict(pinned_conninfo("host=db dbname=app keepalives_idle=5 tcp_user_timeout=0"))
+    assert own["keepalives_idle"] == "5" and own["tcp_user_timeout"] == "0"
+    assert own["keepalives_count"] == "3" and own["client_encoding"] == "UTF8"
