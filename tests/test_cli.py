@@ -329,6 +329,19 @@ def test_a_database_error_no_command_expects_is_one_line_not_a_traceback(
                              '"slipstream.dead_letters" does not exist (SQLSTATE 42P01)\n'), shown(result)
 
 
+def test_a_database_that_does_not_answer_is_named_as_unreachable(tmp_path: Path) -> None:
+    """Regression: a server that was down (or a DSN naming the wrong port) was reported as
+    "the database stopped the command: connection failed …", as if it had refused it."""
+    config = write_config(tmp_path / "slipstream.toml", f"host=127.0.0.1 port={free_port()} "
+                          "dbname=app user=app connect_timeout=5", ITEMS_TOML)
+    for command in (["setup"], ["status"], ["run", "--no-http"]):
+        result = cli(*command, "--config", str(config), cwd=tmp_path)
+        assert result.returncode == 1, shown(result)  # not 2: a supervisor restarts it
+        assert result.stderr.startswith("error: cannot reach the database: connection failed"), \
+            shown(result)
+        assert "Connection refused" in result.stderr and "Traceback" not in result.stderr
+
+
 # -- dead letters ------------------------------------------------------------------------
 
 MAPPER_MODULE = '''

@@ -38,7 +38,12 @@ def _errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except psycopg.Error as exc:  # one the command does not handle itself: still one line
             state = f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else ""
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"error: the database stopped the command: {message}{state}", err=True)
+            if isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None:
+                # No answer at all: the server is down, unreachable, or the DSN names another.
+                click.echo(f"error: cannot reach the database: {message}; check that the server "
+                           "is up and that the DSN names it ([source] dsn, [search] dsn)", err=True)
+            else:
+                click.echo(f"error: the database stopped the command: {message}{state}", err=True)
             sys.exit(1)
     return wrapper
 
