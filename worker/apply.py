@@ -77,6 +77,13 @@ class _Effects:
     log: dict[tuple[DocKey, str], tuple[str, int]] = field(default_factory=dict)
     dead: list[DeadLetter] = field(default_factory=list)
     truncated: list[tuple[str, int]] = field(default_factory=list)
+    # Rows whose last change here applied (or deleted them), in relations with open dead
+    # letters: their letters are settled.
+    settled: dict[tuple[str, str], None] = field(default_factory=dict)
+
+    def letters(self) -> list[DeadLetter]:
+        """The letters to write: one per row, its last."""
+        return list({(d.relation, d.row_key): d for d in self.dead}.values())
 
     def _log(self, key: DocKey, partition: str, op: str, lsn: int) -> None:
         self.log.pop((key, partition), None)  # re-append: entries keep commit order
@@ -110,6 +117,8 @@ class Applier:
         self.mapping_of = mapping_of or (lambda relation: None)
         self.slot = slot
         self.checkpoint = state.checkpoint(conn, slot)
+        # Relations with open dead letters: a later change of a row settles its letters.
+        self.lettered = state.lettered_relations(conn)
         conn.commit()
         # Source states of batches planned but not yet committed, so the next batch can be
         # planned while the previous one commits: key -> (state, batch number).
@@ -210,8 +219,16 @@ class Applier:
             if ref.key not in keep:
                 fx.tombstone(ref.key, ref.partition, lsn)
 
+    def _succeeded(self, k: tuple[str, str], fx: _Effects) -> None:
+        """Row `k`'s latest change applied: its open letters and any this batch made are settled."""
+        if k[0] in self.lettered:
+            fx.settled[k] = None
+        if fx.dead:
+            fx.dead = [d for d in fx.dead if (d.relation, d.row_key) != k]
+
     def _delete(self, change: SourceChange, overlay, touched, fx: _Effects) -> None:
         k = (change.relation, change.key)
+        self._succeeded(k, fx)
         prev = overlay.get(k)
         if prev is None:
             return
@@ -222,6 +239,7 @@ class Applier:
 
     def _truncate(self, change: SourceChange, overlay, pending, touched, fx: _Effects) -> None:
         for relation in change.truncated:
+            fx.dead = [d for d in fx.dead if d.relation != relation]  # the rows are gone
             live = {(relation, rk): docs for rk, docs in self.state.source_rows_of(self.read_conn, relation)}
             for k, st in {**pending, **overlay}.items():
                 if k[0] == relation:
@@ -246,6 +264,7 @@ class Applier:
         if change.old_key is not None and change.old_key != change.key:
             old_k = (change.relation, change.old_key)
             old = overlay.get(old_k)
+            self._succeeded(old_k, fx)  # the row under its old key is gone
             if old is not None:
                 base = old
                 if not old.deleted:
@@ -268,6 +287,7 @@ class Applier:
         mapper = self.mappers(change.relation)
         touched.add(k)
         if mapper is None:
+            self._succeeded(k, fx)
             overlay[k] = SourceState(values, old_docs, lsn, False)
             return
         docs = mapped if mapped is not None else _map(mapper, values, change)
@@ -276,6 +296,7 @@ class Applier:
                                       _describe(docs)))
             overlay[k] = SourceState(values, old_docs, lsn, False)
             return
+        self._succeeded(k, fx)
         self._drop_docs(old_docs, {d.key for d in docs}, lsn, fx)
         by_key = {r.key: r.partition for r in old_docs}
         for doc in docs:
@@ -299,6 +320,10 @@ class Applier:
         started = time.perf_counter()
         batch, fx = planned.batch, planned.fx
         tombstones = [k for k, d in fx.final.items() if d is None]
+        letters = fx.letters()
+        # A row's earlier letters are settled by its change here, applied or failing again.
+        settled = list(dict.fromkeys([*fx.settled, *((d.relation, d.row_key) for d in letters)]))
+        settled_relations = [r for r, _ in fx.truncated if r in self.lettered]
         cp = self.checkpoint
         noop = {p.doc.key for p in planned.prepared if p.unchanged}  # devices would see nothing new
         entries = [ChangeEntry(partition, key[0], key[1], key[2], op, lsn)
@@ -322,7 +347,8 @@ class Applier:
                 *self.backend.tombstone_statements(tombstones),
                 *self.state.changelog.append_statements(entries, cp.last_seq + 1),
                 *self.state.write_statements(fx.truncated, [
-                    (rel, key, st) for (rel, key), st in planned.states.items()], fx.dead),
+                    (rel, key, st) for (rel, key), st in planned.states.items()], letters,
+                    settled, settled_relations),
                 self.state.checkpoint_statement(self.slot, new_cp)])
         else:
             small = (len(planned.prepared) < COPY_THRESHOLD and len(entries) < COPY_MIN_ROWS
@@ -336,11 +362,15 @@ class Applier:
                     self.state.mark_relation_deleted(self.conn, relation, lsn)
                 self.state.save_source_rows(self.conn, [
                     (rel, key, st) for (rel, key), st in planned.states.items()])
-                self.state.add_dead_letters(self.conn, fx.dead)
+                settle = self.state.settle_statement(settled, settled_relations)
+                if settle is not None:
+                    self.conn.execute(*settle)
+                self.state.add_dead_letters(self.conn, letters)
                 self.state.save_checkpoint(self.conn, self.slot, new_cp)
                 if also is not None:
                     also(self.conn)
         self.checkpoint = new_cp
+        self.lettered.update(d.relation for d in letters)
         with self._pending_lock:
             for k in planned.states:
                 if self._pending.get(k, (None, 0))[1] == planned.number:
@@ -349,11 +379,11 @@ class Applier:
                 if self._inflight.get(k, (None, 0))[1] == planned.number:
                     del self._inflight[k]
         dead_by_table: dict[str, int] = {}
-        for letter in fx.dead:
+        for letter in letters:
             dead_by_table[letter.relation] = dead_by_table.get(letter.relation, 0) + 1
         return ApplyResult(new_cp, len(batch.completed), len(batch.changes),
                            len(planned.prepared) - len(noop),
-                           len(tombstones), len(fx.dead),
+                           len(tombstones), len(letters),
                            planned.seconds + time.perf_counter() - started, dead_by_table)
 
     @on_search_database("compact the change log")

@@ -96,6 +96,12 @@ ALTER TABLE {s}.snapshot_progress ADD COLUMN IF NOT EXISTS key_columns text[]
     (4, "snapshot_progress.mapping", """
 ALTER TABLE {s}.snapshot_progress ADD COLUMN IF NOT EXISTS mapping text
 """),
+    # A row has at most one open letter: a later change of it settles the ones before
+    # (`WorkerState.settle_statement`), found by this index.
+    (5, "dead_letters_open_rows", """
+CREATE INDEX IF NOT EXISTS dead_letters_open_rows ON {s}.dead_letters (relation, row_key)
+    WHERE resolved_at IS NULL
+"""),
 ]
 
 
@@ -333,6 +339,28 @@ class WorkerState:
             + stage + self.q(_SOURCE_ROWS_UPSERT))
         conn.execute(b"TRUNCATE " + stage)
 
+    def lettered_relations(self, conn: psycopg.Connection) -> set[str]:
+        """The relations with open dead letters."""
+        return {r for (r,) in conn.execute(self.q(
+            "SELECT DISTINCT relation FROM {s}.dead_letters WHERE resolved_at IS NULL"))}
+
+    def settle_statement(self, rows: Sequence[tuple[str, str]], relations: Sequence[str] = ()
+                         ) -> tuple[bytes, list[Any]] | None:
+        """Resolve the open letters of `rows` ((relation, row_key): a later change of the
+        row applied, or failed and is the row's letter now) and of every row of
+        `relations` (truncated); None when there are none."""
+        where, params = [], []
+        if rows:
+            where.append("(relation, row_key) IN (" + ", ".join(["(%s, %s)"] * len(rows)) + ")")
+            params += [v for row in rows for v in row]
+        if relations:
+            where.append("relation = ANY(%s)")
+            params.append(list(relations))
+        if not where:
+            return None
+        return (self.q("UPDATE {s}.dead_letters SET resolved_at = now() WHERE resolved_at IS NULL "
+                       "AND (" + " OR ".join(where) + ")"), params)
+
     def add_dead_letters(self, conn: psycopg.Connection, letters: Sequence[DeadLetter]) -> None:
         if not letters:
             return
@@ -342,13 +370,17 @@ class WorkerState:
 
     def write_statements(self, relations_truncated: Sequence[tuple[str, int]],
                          rows: Sequence[tuple[str, str, SourceState]],
-                         letters: Sequence[DeadLetter]) -> list[tuple[bytes, list[Any]]]:
-        """`mark_relation_deleted` for each truncated relation, then `save_source_rows` and
-        `add_dead_letters`, as (query, params) for a caller that sends its whole
-        transaction as one query (multi-row inserts)."""
+                         letters: Sequence[DeadLetter], settled: Sequence[tuple[str, str]] = (),
+                         settled_relations: Sequence[str] = ()) -> list[tuple[bytes, list[Any]]]:
+        """`mark_relation_deleted` for each truncated relation, `settle_statement`, then
+        `save_source_rows` and `add_dead_letters`, as (query, params) for a caller that
+        sends its whole transaction as one query (multi-row inserts)."""
         out: list[tuple[bytes, list[Any]]] = [
             (self.q(_MARK_RELATION_DELETED), [lsn_text(lsn), relation])
             for relation, lsn in relations_truncated]
+        settle = self.settle_statement(settled, settled_relations)
+        if settle is not None:
+            out.append(settle)
         if rows:
             out.append((self.q(_SAVE_SOURCE_ROWS + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(rows))
                                + _SOURCE_ROWS_UPSERT),
