@@ -265,6 +265,20 @@ def test_a_slot_name_taken_elsewhere_is_refused_and_the_new_name_then_sets_up(
                       "WHERE database = current_database()") == [("mine",)]
 
 
+def test_setup_refuses_id_columns_that_need_not_identify_a_row(items: str, tmp_path: Path) -> None:
+    dsn = items
+    config = write_config(tmp_path / "slipstream.toml", dsn,
+                          ITEMS_TOML + 'id_columns = ["owner"]\n')
+    result = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2, shown(result)
+    assert 'tables."public.items".id_columns' in result.stderr
+    assert "CREATE UNIQUE INDEX ON public.items (owner)" in result.stderr
+    assert slot_row(dsn) is None  # refused before anything was made
+    run_sql(dsn, "CREATE UNIQUE INDEX ON items (owner)")  # as the message says: now it does
+    result = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, shown(result)
+
+
 def test_setup_names_the_open_transaction_a_new_slot_waits_for(items: str, tmp_path: Path) -> None:
     """Regression: a new slot waits for every transaction open on the server to end (it
     must see each from its start); with one left open (a forgotten BEGIN in psql),

@@ -176,6 +176,23 @@ def test_resolved_fills_id_columns_from_the_replica_identity_and_checks_columns(
         m.resolved(columns, [])
 
 
+def test_id_columns_must_hold_a_key_the_table_keeps_unique() -> None:
+    """Regression: `id_columns = ["owner_id"]` was taken as given, so every note of an owner
+    mapped to one document, each overwriting the last, and deleting any note deleted it."""
+    columns = set(note_row())
+    unique = [["id"], ["author_id", "created_at"]]
+    with pytest.raises(ConfigError) as info:
+        toml_mapper(id_columns=["owner_id"]).resolved(columns, ["id"], unique=unique)
+    assert info.value.path == 'tables."public.notes".id_columns'
+    assert "no primary key or unique index lies within them" in str(info.value)
+    assert "CREATE UNIQUE INDEX ON public.notes (owner_id)" in str(info.value)
+    for ids in (["id"], ["owner_id", "id"], ["created_at", "author_id", "title"]):
+        toml_mapper(id_columns=ids).resolved(columns, ["id"], unique=unique)
+    # A table that declares nothing unique (REPLICA IDENTITY FULL, no key) is taken at its word.
+    [doc] = toml_mapper(id_columns=["owner_id"]).resolved(columns, list(columns))(note_row(), "insert")
+    assert doc.object_id == "42"
+
+
 # -- object ids --------------------------------------------------------------------------------
 
 def test_object_id_single_and_composite_with_escaping() -> None:

@@ -95,7 +95,7 @@ class Worker:
             for table in self.tables:
                 shape = table_shape(conn, table, self.type_aliases)
                 self.registry.resolve(table, [c[0] for c in shape.columns], shape.key,
-                                      unpublished=shape.unpublished)
+                                      unpublished=shape.unpublished, unique=shape.unique)
                 self.table_oids[table] = shape.oid
                 self.table_keys[table] = shape.key
         self._resolved = True

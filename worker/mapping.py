@@ -141,15 +141,28 @@ class TomlMapper:
         return self.config.table
 
     def resolved(self, columns: Collection[str], key_columns: Sequence[str],
-                 unpublished: Collection[str] = ()) -> TomlMapper:
+                 unpublished: Collection[str] = (),
+                 unique: Sequence[Sequence[str]] = ()) -> TomlMapper:
         """This mapper checked against the table's columns, with id columns filled in.
 
         `key_columns` are the replica identity columns, used when the configuration
         names no `id_columns`; `unpublished`, the table's generated columns the stream
-        does not carry. Raises `ConfigError` naming the key that is wrong.
+        does not carry; `unique`, the column sets the table keeps unique: configured
+        `id_columns` must hold one of them when there are any, or two rows would share a
+        document (and deleting either would delete it). Raises `ConfigError` naming the
+        key that is wrong.
         """
         self.config.check_columns(columns, unpublished)
-        ids = self.config.id_columns or tuple(key_columns)
+        own = self.config.id_columns
+        if own and unique and not any(set(u) <= set(own) for u in unique):
+            raise ConfigError(
+                f"{list(own)} need not identify a row of {self.table}: no primary key or unique "
+                f"index lies within them (unique: {', '.join(map(str, map(list, unique)))}), so "
+                "two rows could share one document, and deleting either would delete it; name "
+                "columns that hold one of those, or make these unique (CREATE UNIQUE INDEX ON "
+                f"{self.table} ({', '.join(own)}))",
+                path=key_path("tables", self.table, "id_columns"), source=self.config.origin)
+        ids = own or tuple(key_columns)
         if not ids:
             raise ConfigError(
                 f"{self.table} has no primary key or replica identity, so rows have no id; set "
@@ -364,15 +377,16 @@ class Registry:
         self._origins.setdefault(table, origin)
 
     def resolve(self, table: str, columns: Collection[str], key_columns: Sequence[str],
-                *, unpublished: Collection[str] = ()) -> None:
-        """Check a TOML mapper against the table's columns and fill in its id columns.
+                *, unpublished: Collection[str] = (), unique: Sequence[Sequence[str]] = ()) -> None:
+        """Check a TOML mapper against the table's columns and fill in its id columns
+        (see `TomlMapper.resolved`).
 
         The worker calls this once it knows the table (from the catalog or a Relation
         message); Python mappers are left as they are. Raises `ConfigError`.
         """
         mapper = self._mappers.get(table)
         if isinstance(mapper, TomlMapper):
-            self._mappers[table] = mapper.resolved(columns, key_columns, unpublished)
+            self._mappers[table] = mapper.resolved(columns, key_columns, unpublished, unique)
 
     def map(self, table: str, row: Mapping[str, object], op: str) -> list[IndexDoc]:
         """Run the table's mapper on one row; every failure is a `MapperError`."""

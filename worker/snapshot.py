@@ -43,6 +43,9 @@ class TableShape:
     unpublished: tuple[str, ...] = ()  # generated columns the stream does not carry
     oid: int = 0  # the table's pg_class OID: a table created again under its name has another
     identity: str = "d"  # pg_class.relreplident: d(efault), i(ndex), f(ull)
+    # The column sets a constraint or index keeps unique (primary key, unique indexes
+    # without a predicate or expression): `id_columns` must hold one of them.
+    unique: tuple[tuple[str, ...], ...] = ()
 
     @property
     def type_oids(self) -> tuple[tuple[str, int], ...]:
@@ -102,7 +105,12 @@ def table_shape(conn: psycopg.Connection, relation: str,
             f"table {relation!r} has no primary key or replica identity, so updates and deletes "
             f"cannot be followed; add a primary key, or run ALTER TABLE {relation} REPLICA IDENTITY "
             "USING INDEX <unique index> (or REPLICA IDENTITY FULL)")
-    return TableShape(relation, tuple(columns), key, tuple(unpublished), int(oid), ident)
+    unique = tuple(tuple(r[0]) for r in conn.execute(
+        "SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_index i JOIN pg_attribute a "
+        "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) WHERE i.indrelid = %s "
+        "AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL GROUP BY i.indexrelid "
+        "ORDER BY 1", (oid,)).fetchall())
+    return TableShape(relation, tuple(columns), key, tuple(unpublished), int(oid), ident, unique)
 
 
 _NOT_TABLES = {"v": "a view", "m": "a materialized view", "f": "a foreign table"}
