@@ -152,8 +152,15 @@ def test_a_partition_column_that_is_null_is_a_mapper_error_not_a_shared_partitio
 def test_bytea_in_a_template_or_wrong_updated_at_type_is_a_mapper_error() -> None:
     with pytest.raises(MapperError, match=r"\.body: a bytea value"):
         toml_mapper(body="{blob}")(note_row(blob=b"\x00\x01"), "insert")
-    with pytest.raises(MapperError, match=r"\.updated_at: .* not a timestamp"):
-        toml_mapper()(note_row(updated_at=date(2025, 1, 1)), "insert")
+    with pytest.raises(MapperError, match=r"\.updated_at: .* holds a str, not a timestamp"):
+        toml_mapper()(note_row(updated_at="yesterday"), "insert")
+
+
+def test_a_date_column_as_updated_at_is_the_start_of_that_day_in_utc() -> None:
+    """Regression: an `updated_on date` column named as updated_at made every row a dead
+    letter ("holds a date, not a timestamp")."""
+    [doc] = toml_mapper()(note_row(updated_at=date(2025, 1, 2)), "insert")
+    assert doc.source_updated_at == datetime(2025, 1, 2, tzinfo=UTC)
 
 
 def test_invalid_document_becomes_mapper_error_with_cause() -> None:

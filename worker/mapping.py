@@ -51,7 +51,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, date, datetime, time
 from types import MappingProxyType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -269,6 +269,8 @@ class TomlMapper:
         updated_at = None
         if cfg.updated_at is not None:
             updated_at = self._value(row, cfg.updated_at, "updated_at")
+            if isinstance(updated_at, date) and not isinstance(updated_at, datetime):
+                updated_at = datetime.combine(updated_at, time.min, UTC)  # a day: its start, UTC
             if updated_at is not None and not isinstance(updated_at, datetime):
                 raise MapperError(
                     f"{key_path('tables', self.table, 'updated_at')}: column {cfg.updated_at!r} "
