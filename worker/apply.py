@@ -75,15 +75,12 @@ class _Effects:
     final: dict[DocKey, IndexDoc | None] = field(default_factory=dict)
     partitions: dict[DocKey, str] = field(default_factory=dict)
     log: dict[tuple[DocKey, str], tuple[str, int]] = field(default_factory=dict)
-    dead: list[DeadLetter] = field(default_factory=list)
+    # The letters to write, one per row (relation, row_key): its last failing change here.
+    dead: dict[tuple[str, str], DeadLetter] = field(default_factory=dict)
     truncated: list[tuple[str, int]] = field(default_factory=list)
     # Rows whose last change here applied (or deleted them), in relations with open dead
     # letters: their letters are settled.
     settled: dict[tuple[str, str], None] = field(default_factory=dict)
-
-    def letters(self) -> list[DeadLetter]:
-        """The letters to write: one per row, its last."""
-        return list({(d.relation, d.row_key): d for d in self.dead}.values())
 
     def _log(self, key: DocKey, partition: str, op: str, lsn: int) -> None:
         self.log.pop((key, partition), None)  # re-append: entries keep commit order
@@ -223,8 +220,7 @@ class Applier:
         """Row `k`'s latest change applied: its open letters and any this batch made are settled."""
         if k[0] in self.lettered:
             fx.settled[k] = None
-        if fx.dead:
-            fx.dead = [d for d in fx.dead if (d.relation, d.row_key) != k]
+        fx.dead.pop(k, None)
 
     def _delete(self, change: SourceChange, overlay, touched, fx: _Effects) -> None:
         k = (change.relation, change.key)
@@ -239,7 +235,8 @@ class Applier:
 
     def _truncate(self, change: SourceChange, overlay, pending, touched, fx: _Effects) -> None:
         for relation in change.truncated:
-            fx.dead = [d for d in fx.dead if d.relation != relation]  # the rows are gone
+            for k in [k for k in fx.dead if k[0] == relation]:  # the rows are gone
+                del fx.dead[k]
             live = {(relation, rk): docs for rk, docs in self.state.source_rows_of(self.read_conn, relation)}
             for k, st in {**pending, **overlay}.items():
                 if k[0] == relation:
@@ -276,10 +273,10 @@ class Applier:
         if missing:
             stored = base.values if base is not None and not base.deleted else None
             if stored is None or any(c not in stored for c in missing):
-                fx.dead.append(DeadLetter(lsn, change.relation, change.key, change.kind,
-                                          {c: v for c, v in values.items() if v is not UNCHANGED},
-                                          f"unchanged TOAST column(s) {missing} but no stored value "
-                                          "for this row; re-run the snapshot for this table"))
+                fx.dead[k] = DeadLetter(lsn, change.relation, change.key, change.kind,
+                                        {c: v for c, v in values.items() if v is not UNCHANGED},
+                                        f"unchanged TOAST column(s) {missing} but no stored value "
+                                        "for this row; re-run the snapshot for this table")
                 return
             for c in missing:
                 values[c] = stored[c]
@@ -292,8 +289,8 @@ class Applier:
             return
         docs = mapped if mapped is not None else _map(mapper, values, change)
         if isinstance(docs, Exception):  # a bad row must not stop the stream
-            fx.dead.append(DeadLetter(lsn, change.relation, change.key, change.kind, values,
-                                      _describe(docs)))
+            fx.dead[k] = DeadLetter(lsn, change.relation, change.key, change.kind, values,
+                                    _describe(docs))
             overlay[k] = SourceState(values, old_docs, lsn, False)
             return
         self._succeeded(k, fx)
@@ -320,7 +317,7 @@ class Applier:
         started = time.perf_counter()
         batch, fx = planned.batch, planned.fx
         tombstones = [k for k, d in fx.final.items() if d is None]
-        letters = fx.letters()
+        letters = list(fx.dead.values())
         # A row's earlier letters are settled by its change here, applied or failing again.
         settled = list(dict.fromkeys([*fx.settled, *((d.relation, d.row_key) for d in letters)]))
         settled_relations = [r for r, _ in fx.truncated if r in self.lettered]

@@ -127,18 +127,24 @@ def reset_replaced(applier: Applier, source: psycopg.Connection, table_shapes: S
         elif key is None and any(t in _ZONED for n, t, _ in shape.columns if n in shape.key):
             key = []  # its keys were read in the server's time zone then, in UTC now
         if (relid is not None and relid != shape.oid) or (key is not None and tuple(key) != shape.key):
-            (lsn,) = source.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-            batch = Batch(snapshot=True)
-            batch.changes.append(SourceChange(kind="truncate", relation=shape.relation,
-                                              commit_lsn=parse_lsn(lsn), truncated=(shape.relation,)))
-            applier.apply(batch, also=lambda c, r=shape.relation: c.execute(
-                state.q("DELETE FROM {s}.snapshot_progress WHERE relation = %s"), (r,)))
+            _tombstone_table(applier, source, shape.relation)
             replaced.append(shape.relation)
         elif relid is None or key is None:
             conn.execute(state.q("UPDATE {s}.snapshot_progress SET relid = %s, key_columns = %s "
                                  "WHERE relation = %s"), (shape.oid, list(shape.key), shape.relation))
             conn.commit()
     return replaced
+
+
+def _tombstone_table(applier: Applier, source: psycopg.Connection, relation: str) -> None:
+    """Tombstone every document of `relation`, as a TRUNCATE would, and forget its copy,
+    in one transaction."""
+    (lsn,) = source.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    batch = Batch(snapshot=True)
+    batch.changes.append(SourceChange(kind="truncate", relation=relation, commit_lsn=parse_lsn(lsn),
+                                      truncated=(relation,)))
+    applier.apply(batch, also=lambda c: c.execute(applier.state.q(
+        "DELETE FROM {s}.snapshot_progress WHERE relation = %s"), (relation,)))
 
 
 def forget_tables(applier: Applier, source: psycopg.Connection, publication: str,
@@ -162,12 +168,7 @@ def forget_tables(applier: Applier, source: psycopg.Connection, publication: str
                    if unconfigured else ""))
     for relation in forget:
         release_table(source, publication, relation)  # first: a role that may not changes nothing
-        (lsn,) = source.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-        batch = Batch(snapshot=True)
-        batch.changes.append(SourceChange(kind="truncate", relation=relation,
-                                          commit_lsn=parse_lsn(lsn), truncated=(relation,)))
-        applier.apply(batch, also=lambda c, r=relation: c.execute(
-            state.q("DELETE FROM {s}.snapshot_progress WHERE relation = %s"), (r,)))
+        _tombstone_table(applier, source, relation)
     return [r for r in unconfigured if r not in forget], list(forget)
 
 
