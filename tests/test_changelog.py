@@ -21,6 +21,13 @@ CREATE TABLE slipstream.changes (seq bigint PRIMARY KEY, partition text NOT NULL
     op char(1) NOT NULL CHECK (op IN ('u', 'd')), source_lsn pg_lsn,
     recorded_at timestamptz NOT NULL DEFAULT now());
 CREATE INDEX changes_partition_seq ON slipstream.changes (partition, seq);
+CREATE TABLE slipstream.source_rows (relation text NOT NULL, row_key text NOT NULL,
+    row_values jsonb, docs jsonb NOT NULL DEFAULT '[]', lsn pg_lsn NOT NULL,
+    deleted boolean NOT NULL DEFAULT false, PRIMARY KEY (relation, row_key));
+CREATE TABLE slipstream.dead_letters (id bigserial PRIMARY KEY, source_lsn pg_lsn,
+    relation text NOT NULL, row_key text, op text NOT NULL, row_values jsonb, error text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(), retried_at timestamptz, resolved_at timestamptz);
+CREATE INDEX dead_letters_open ON slipstream.dead_letters (id) WHERE resolved_at IS NULL;
 CREATE TABLE slipstream.snapshot_progress (relation text PRIMARY KEY, last_key jsonb,
     rows_copied bigint NOT NULL DEFAULT 0, read_lsn pg_lsn, done boolean NOT NULL DEFAULT false,
     updated_at timestamptz NOT NULL DEFAULT now());
