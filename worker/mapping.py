@@ -132,6 +132,7 @@ class TomlMapper:
                               path=key_path("tables", config.table, "python"), source=config.origin)
         self.config = config
         self.id_columns = tuple(id_columns or config.id_columns)
+        self._partition_columns = config.partition.columns  # read once, checked per row
 
     def __repr__(self) -> str:
         return f"TomlMapper({self.config.table!r}, id_columns={self.id_columns!r})"
@@ -257,7 +258,7 @@ class TomlMapper:
         # A partition names the tenant whose devices read the row: a NULL or empty column
         # names none, and "user-{owner_id}" would put every such row of every tenant in
         # one partition "user-".
-        missing = [c for c in cfg.partition.columns if to_text(row[c]) == ""]
+        missing = [c for c in self._partition_columns if to_text(row[c]) == ""]
         if missing or not partition:
             raise MapperError(
                 f"{key_path('tables', self.table, 'partition')}: {cfg.partition.source!r} "

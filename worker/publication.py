@@ -98,7 +98,7 @@ def _publication_ddl(conn: psycopg.Connection, statement: sql.Composed) -> None:
 
 def release_table(conn: psycopg.Connection, name: str, relation: str) -> bool:
     """Drop `relation` ("schema.table") from publication `name` if it is in it; True if it was."""
-    schema, table = relation.split(".", 1)
+    schema, table = split_relation(relation)
     if conn.execute("SELECT FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s "
                     "AND tablename = %s", (name, schema, table)).fetchone() is None:
         return False
