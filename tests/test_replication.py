@@ -246,14 +246,18 @@ def read_txns(
     *,
     timeout: float = 10.0,
     on_commit: Callable[[Txn], None] | None = None,
+    read_timeout: float = 0.2,
 ) -> list[Txn]:
-    """Read until `count` transactions have committed; fail the test after `timeout`."""
+    """Read until `count` transactions have committed; fail the test after `timeout`.
+    With `read_timeout=0`, read what is ready and sleep briefly when nothing is."""
     txns: list[Txn] = []
     current: Txn | None = None
     deadline = time.monotonic() + timeout
     while len(txns) < count:
         assert time.monotonic() < deadline, f"only {len(txns)} of {count} transactions arrived"
-        msg = conn.read_message(timeout=0.2)
+        msg = conn.read_message(timeout=read_timeout)
+        if msg is None and read_timeout == 0:
+            time.sleep(0.01)
         if not isinstance(msg, XLogData):
             continue
         kind = msg.payload[:1]
@@ -506,18 +510,25 @@ def test_wal_level_below_logical_says_how_to_fix(pg_server) -> None:
 
 
 def _expect_connection_error(
-    conn: ReplicationConnection, within: float = 5.0
+    conn: ReplicationConnection, within: float = 5.0, timeout: float = 0.2
 ) -> ReplicationConnectionError:
+    """Read until the connection fails. `timeout=0` reads as the worker's loop does:
+    what is ready now, then a sleep (the loop's poll) before the next look."""
     deadline = time.monotonic() + within
     with pytest.raises(ReplicationConnectionError) as info:
         while time.monotonic() < deadline:
-            conn.read_message(timeout=0.2)
+            if conn.read_message(timeout=timeout) is None and timeout == 0:
+                time.sleep(0.02)
     assert conn.closed and classify(info.value) == "retry"
     return info.value
 
 
+READ_WAYS = pytest.mark.parametrize("read_timeout", [0.2, 0], ids=["waiting", "ready-only"])
+
+
+@READ_WAYS
 def test_terminated_walsender_raises_connection_error(
-    pg_dsn: str, repl: ReplicationConnection
+    pg_dsn: str, repl: ReplicationConnection, read_timeout: float
 ) -> None:
     repl.create_slot(SLOT, export_snapshot=False)
     repl.start_replication(SLOT, publication_names=[PUB])
@@ -527,11 +538,12 @@ def test_terminated_walsender_raises_connection_error(
             (repl.backend_pid,),
         ).fetchone()
     assert row == (True,)
-    error = _expect_connection_error(repl)
+    error = _expect_connection_error(repl, timeout=read_timeout)
     assert error.sqlstate == "57P01"
 
 
-def test_silent_network_is_detected_by_receive_timeout(pg_dsn: str) -> None:
+@READ_WAYS
+def test_silent_network_is_detected_by_receive_timeout(pg_dsn: str, read_timeout: float) -> None:
     _setup(pg_dsn)
     with Proxy.for_dsn(pg_dsn) as proxy:
         conn = ReplicationConnection.connect(proxy.dsn(pg_dsn), receive_timeout=1.0)
@@ -540,8 +552,26 @@ def test_silent_network_is_detected_by_receive_timeout(pg_dsn: str) -> None:
         _read_for(conn, 0.2)
         proxy.pause()  # no bytes, no error: only the client's own timer can notice
         started = time.monotonic()
-        error = _expect_connection_error(conn, within=4)
+        error = _expect_connection_error(conn, within=4, timeout=read_timeout)
         assert time.monotonic() - started < 2.5 and "no message from the server" in str(error)
+
+
+def test_ready_only_reads_deliver_the_stream_and_see_a_cut(pg_dsn: str) -> None:
+    """`read_message(timeout=0)` takes what libpq holds or the socket has ready without
+    waiting: every message still arrives, in order, and a cut connection still fails
+    with the typed, retryable error."""
+    _setup(pg_dsn)
+    with Proxy.for_dsn(pg_dsn) as proxy:
+        conn = ReplicationConnection.connect(proxy.dsn(pg_dsn))
+        conn.create_slot(SLOT, export_snapshot=False)
+        conn.start_replication(SLOT, publication_names=[PUB])
+        _insert(pg_dsn, 1, 2, 3)
+        txns = read_txns(conn, 3, read_timeout=0)
+        assert [t.ids for t in txns] == [[1], [2], [3]]
+        assert all(t.kinds == [b"B", b"R", b"I", b"C"] if i == 0 else t.kinds == [b"B", b"I", b"C"]
+                   for i, t in enumerate(txns))
+        proxy.cut()
+        _expect_connection_error(conn, timeout=0)
 
 
 def test_cut_mid_stream_then_resume_from_last_flushed_lsn(pg_dsn: str) -> None:

@@ -50,6 +50,7 @@ from .replication_proto import (
     connect_gen,
     encode_status_update,
     execute_gen,
+    fetch_results_gen,
     parse_copy_data,
     pg_now_us,
     read_copy_data_gen,
@@ -166,6 +167,7 @@ class _State(Enum):
 
 
 _SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
+_FULL_PATH = object()  # `_ready_copy_data`: libpq reported something the general path reports
 
 
 def _slot_name(name: str) -> str:
@@ -411,6 +413,12 @@ class ReplicationConnection:
         reported positions) before it is returned.
         """
         self._require(_State.STREAMING, "read_message")
+        if timeout == 0:
+            ready = self._ready_copy_data()
+            if ready is None:
+                return None
+            if ready is not _FULL_PATH:
+                return self._received(ready)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             now = time.monotonic()
@@ -422,31 +430,65 @@ class ReplicationConnection:
                 data = self._wait(read_copy_data_gen(self._pgconn), max(wake, 0.0))
             except WaitTimeout:
                 now = time.monotonic()
-                if (
-                    self._ping_sent_at is not None
-                    and self.receive_timeout is not None
-                    and (now - self._ping_sent_at >= self.receive_timeout / 2)
-                ):
-                    raise self._fail(
-                        f"no message from the server for {now - self._last_received:.0f} s, "
-                        "even after asking for a reply",
-                        connection_lost=True,
-                    ) from None
+                self._check_silence(now)
                 if deadline is not None and now >= deadline:
                     return None
                 continue
             if not isinstance(data, bytes):
                 raise self._stream_ended(data)
-            self._last_received = time.monotonic()
-            self._ping_sent_at = None
+            return self._received(data)
+
+    def _ready_copy_data(self) -> bytes | object | None:
+        """`read_message(timeout=0)` for the common case, without a generator or a poll(2):
+        the payload libpq holds or reads at once from its non-blocking socket, or None
+        when nothing has arrived. `_FULL_PATH` when libpq reports anything else, for the
+        general path to read again and report as it does."""
+        now = time.monotonic()
+        self._send_due_status(now)
+        pgconn = self._pgconn
+        try:
+            nbytes, data = pgconn.get_copy_data(1)
+            if nbytes == 0:
+                pgconn.consume_input()
+                nbytes, data = pgconn.get_copy_data(1)
+        except psycopg.Error:
+            return _FULL_PATH
+        if nbytes > 0:
+            return bytes(data)
+        if nbytes == -1:  # the server ended the copy: what follows says why
             try:
-                message = parse_copy_data(data)
-            except ReplicationProtocolError:
-                self.close()
-                raise
-            if isinstance(message, Keepalive) and message.reply_requested:
-                self._send_status_update(reply=False)
-            return message
+                results = self._wait(fetch_results_gen(pgconn), self.receive_timeout)
+            except WaitTimeout:
+                raise self._fail("the replication stream ended without a reason",
+                                 connection_lost=True) from None
+            raise self._stream_ended(results)
+        self._check_silence(now)
+        return None
+
+    def _check_silence(self, now: float) -> None:
+        """Give up on a server that has not answered a request for a reply in time."""
+        if (
+            self._ping_sent_at is not None
+            and self.receive_timeout is not None
+            and (now - self._ping_sent_at >= self.receive_timeout / 2)
+        ):
+            raise self._fail(
+                f"no message from the server for {now - self._last_received:.0f} s, "
+                "even after asking for a reply",
+                connection_lost=True,
+            )
+
+    def _received(self, data: bytes) -> ReplicationMessage:
+        self._last_received = time.monotonic()
+        self._ping_sent_at = None
+        try:
+            message = parse_copy_data(data)
+        except ReplicationProtocolError:
+            self.close()
+            raise
+        if isinstance(message, Keepalive) and message.reply_requested:
+            self._send_status_update(reply=False)
+        return message
 
     def send_status(
         self,
