@@ -1,4 +1,4 @@
-"""The `slipstream` command line: setup, run, status, dead letters, and the demo.
+"""The `slipstream` command line: setup, run, status, dead letters, teardown, and the demo.
 
 Every command reads one TOML config (`--config`, or `$SLIPSTREAM_CONFIG`, or
 ./slipstream.toml). Any `SlipstreamError`, or a database error a command does not
@@ -184,6 +184,40 @@ def status(config_path: str, as_json: bool) -> None:
                f"   awaiting HNSW: {st.ann_queue:,}")
     for t, n in st.dead_letters_by_table.items():
         click.echo(f"  dead letters in {t}: {n:,} (`slipstream deadletter list` shows them)")
+
+
+@main.command()
+@CONFIG
+@click.option("--keep-index", is_flag=True,
+              help="Keep the search schema (index, change log, worker state); drop only the "
+                   "source's slot and publication.")
+@click.option("--keep-publication", is_flag=True,
+              help="Keep the publication (when other consumers use it).")
+@click.option("--yes", is_flag=True, help="Drop without asking.")
+@_errors
+def teardown(config_path: str, keep_index: bool, keep_publication: bool, yes: bool) -> None:
+    """Undo `setup`: drop the replication slot and the publication on the source, and
+    the search schema. A slot nobody reads keeps WAL forever: run this when you stop
+    using slipstream. Refuses, dropping nothing, while a worker streams from the slot."""
+    from .config import load_config
+    from .pgtypes import source_conninfo
+    from .teardown import plan_teardown, run_teardown
+
+    config = load_config(config_path)
+    source_dsn = source_conninfo(config.source.resolve_dsn())
+    search_dsn = config.search.resolve_dsn(config.source)
+    plan = plan_teardown(source_dsn, search_dsn, slot=config.source.slot,
+                         publication=config.source.publication, schema=config.search.schema,
+                         keep_publication=keep_publication, keep_index=keep_index)
+    for line in plan.describe():
+        click.echo(line)
+    if plan.empty:
+        click.echo("nothing to drop")
+        return
+    if not yes:
+        click.confirm("drop these?", abort=True)
+    run_teardown(plan, source_dsn, search_dsn)
+    click.echo("dropped: " + ", ".join(plan.dropped))
 
 
 @main.group()

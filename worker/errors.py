@@ -233,6 +233,11 @@ class TableRenamedError(ConfigurationError):
     followed it: its changes now arrive under a name the configuration does not list."""
 
 
+class TeardownRefusedError(SlipstreamError):
+    """`slipstream teardown` will not drop something (a schema shared with the
+    application, a slot of another database); it names what and why."""
+
+
 class EmbeddingError(SlipstreamError):
     """The embedding service failed or answered something unusable; rows stay pending."""
 
