@@ -286,7 +286,7 @@ class Worker:
                               added_tables=report.added_tables, backfill=report.deferred,
                               via_partition_root=report.via_partition_root,
                               generated_columns=report.generated_columns, replaced=report.replaced,
-                              remapped=report.remapped)
+                              remapped=report.remapped, resynced=report.resynced)
                 if report.unconfigured:
                     self.log.warning("tables_unconfigured", tables=report.unconfigured,
                                      action="their documents stay searchable; `slipstream setup "

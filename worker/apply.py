@@ -161,7 +161,7 @@ class Applier:
         for i, change in enumerate(batch.changes):
             if change.kind == "truncate":
                 self._truncate(change, overlay, pending, touched, fx)
-            elif change.kind == "delete":
+            elif change.kind in ("delete", "vanished"):
                 self._delete(change, overlay, touched, fx)
             else:
                 self._upsert(change, overlay, touched, fx, mapped.get(i))
@@ -186,7 +186,7 @@ class Applier:
         calling it before the source states are read gives what `_upsert` would get."""
         out: dict[int, list[IndexDoc] | Exception] = {}
         for i, change in enumerate(changes):
-            if change.kind in ("truncate", "delete") or change.values is None:
+            if change.kind in ("truncate", "delete", "vanished") or change.values is None:
                 continue
             if any(v is UNCHANGED for v in change.values.values()):
                 continue  # completed from the stored state first
@@ -224,8 +224,10 @@ class Applier:
 
     def _delete(self, change: SourceChange, overlay, touched, fx: _Effects) -> None:
         k = (change.relation, change.key)
-        self._succeeded(k, fx)
         prev = overlay.get(k)
+        if change.kind == "vanished" and (prev is None or prev.lsn >= change.commit_lsn):
+            return  # the stream has applied this row since the copy missed it
+        self._succeeded(k, fx)
         if prev is None:
             return
         if not prev.deleted:

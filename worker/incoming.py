@@ -28,8 +28,10 @@ __all__ = ["Batch", "Columns", "RawRow", "SourceChange", "TxnEnd", "columns_of",
 class SourceChange:
     """One row change (or a truncate) from the source, in commit order.
 
-    `kind` is insert, update, delete, truncate, or snapshot (a row read by the initial
-    copy or a backfill, applied only if nothing newer has been applied for that row).
+    `kind` is insert, update, delete, truncate, snapshot (a row read by the initial
+    copy or a backfill, applied only if nothing newer has been applied for that row),
+    or vanished (a row a copy after a gap in the stream did not find: deleted, likewise
+    only if nothing newer has been applied for it).
     """
 
     kind: str

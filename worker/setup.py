@@ -46,6 +46,9 @@ class SetupReport:
     # Tables copied before but no longer configured: their documents stay until forgotten.
     unconfigured: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)  # ... tombstoned, and out of the publication
+    # Copied before under a slot that is gone: copied again in the new slot's snapshot,
+    # and their rows deleted while no slot recorded changes tombstoned (`mark_resync`).
+    resynced: list[str] = field(default_factory=list)
     # Rows of the copy that went to dead letters, per table: (count, first error).
     dead_letters: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -199,6 +202,29 @@ def reset_remapped(applier: Applier, tables: Sequence[str], recopy: Sequence[str
     return reset
 
 
+def mark_resync(applier: Applier, source: psycopg.Connection, tables: Sequence[str]) -> list[str]:
+    """Before a new slot is made for a search schema that already holds copies: every
+    configured table copied before is to be copied again, because nothing recorded what
+    changed since the old slot went (dropped by hand, by `teardown --keep-index`, or
+    invalidated). The WAL position now, before the new slot exists, is stored with it:
+    the copy stamps each row it reads at the slot's consistent point, after it, so a
+    row stored before it and not read again was deleted meanwhile, and the copy's last
+    step tombstones it (`snapshot._vanished`). Stored in the same transaction as the
+    reset, so a setup that stops before its copy finishes still finishes both."""
+    conn, state = applier.conn, applier.state
+    recorded = {r for (r,) in conn.execute(state.q("SELECT relation FROM {s}.snapshot_progress"))}
+    conn.commit()
+    todo = [t for t in tables if t in recorded]
+    if not todo:
+        return []
+    (lsn,) = source.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    conn.execute(state.q(
+        "UPDATE {s}.snapshot_progress SET done = false, last_key = NULL, rows_copied = 0, "
+        "resync_lsn = %s::pg_lsn, updated_at = now() WHERE relation = ANY(%s)"), (lsn, todo))
+    conn.commit()
+    return todo
+
+
 def slot_exists(conn: psycopg.Connection, slot: str) -> bool:
     """Whether this database has the slot; a slot of that name elsewhere is a ConfigurationError."""
     row = conn.execute("SELECT database, plugin FROM pg_replication_slots WHERE slot_name = %s",
@@ -240,6 +266,8 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
         report.remapped = reset_remapped(applier, tables, recopy)
         report.unconfigured, report.forgotten = forget_tables(applier, source, publication,
                                                               tables, forget)
+        if not have_slot:
+            report.resynced = mark_resync(applier, source, tables)
         todo = set(pending_tables(applier, tables))
         if not have_slot:
             with ReplicationConnection.connect(source_dsn) as repl:

@@ -317,8 +317,9 @@ def _chunks(applier: Applier, source: psycopg.Connection, shape: TableShape, chu
     writes, and the rows copied once it commits; last, an empty batch marking the copy
     done."""
     state, conn = applier.state, applier.conn
-    row = conn.execute(state.q("SELECT last_key, rows_copied, done FROM {s}.snapshot_progress "
-                               "WHERE relation = %s"), (shape.relation,)).fetchone()
+    row = conn.execute(state.q("SELECT last_key, rows_copied, done, resync_lsn::text "
+                               "FROM {s}.snapshot_progress WHERE relation = %s"),
+                       (shape.relation,)).fetchone()
     conn.commit()
     if row is not None and row[2]:
         return
@@ -341,7 +342,33 @@ def _chunks(applier: Applier, source: psycopg.Connection, shape: TableShape, chu
         copied += len(chunk)
         last_key = [chunk[-1][k] for k in shape.key]
         yield batch, _save_progress(applier, shape, last_key, copied, read_lsn, False), copied
+    if row is not None and row[3] is not None:
+        for batch in _vanished(applier, shape.relation, parse_lsn(row[3]), chunk_rows):
+            yield batch, lambda c: None, copied
     yield (Batch(snapshot=True), _save_progress(applier, shape, None, copied, snapshot_lsn or 0, True), copied)
+
+
+def _vanished(applier: Applier, relation: str, resync_lsn: int, page: int) -> Iterator[Batch]:
+    """Batches deleting the rows of `relation` stored before `resync_lsn` that neither the
+    copy (which stamps every row it reads at or after it) nor the stream has touched
+    since: rows deleted while no slot recorded it. Keyset pages, so a page planned
+    before the one before it commits is never read twice; read on the planning
+    connection, as the one that commits may be committing the page before meanwhile."""
+    state, conn = applier.state, applier.read_conn
+    after = ""
+    while True:
+        keys = [k for (k,) in conn.execute(state.q(
+            "SELECT row_key FROM {s}.source_rows WHERE relation = %s AND NOT deleted "
+            "AND lsn < %s::pg_lsn AND row_key > %s ORDER BY row_key LIMIT %s"),
+            (relation, format_lsn(resync_lsn), after, page))]
+        conn.commit()
+        if not keys:
+            return
+        batch = Batch(snapshot=True)
+        batch.changes.extend(SourceChange(kind="vanished", relation=relation, commit_lsn=resync_lsn,
+                                          key=k) for k in keys)
+        yield batch
+        after = keys[-1]
 
 
 def _save_progress(applier: Applier, shape: TableShape, last_key, copied: int, lsn: int, done: bool):
@@ -351,6 +378,7 @@ def _save_progress(applier: Applier, shape: TableShape, last_key, copied: int, l
             "key_columns, mapping) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (relation) "
             "DO UPDATE SET last_key = coalesce(excluded.last_key, {s}.snapshot_progress.last_key), "
             "rows_copied = excluded.rows_copied, read_lsn = excluded.read_lsn, done = excluded.done, "
+            "resync_lsn = CASE WHEN excluded.done THEN NULL ELSE {s}.snapshot_progress.resync_lsn END, "
             "relid = excluded.relid, key_columns = excluded.key_columns, mapping = excluded.mapping, "
             "updated_at = now()"),
             (shape.relation, Jsonb(last_key) if last_key is not None else None, copied,

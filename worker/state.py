@@ -102,6 +102,12 @@ ALTER TABLE {s}.snapshot_progress ADD COLUMN IF NOT EXISTS mapping text
 CREATE INDEX IF NOT EXISTS dead_letters_open_rows ON {s}.dead_letters (relation, row_key)
     WHERE resolved_at IS NULL
 """),
+    # A table copied again because its slot was made anew (`setup.mark_resync`): its
+    # rows stored before this WAL position and not read by the copy were deleted while
+    # no slot recorded it, and the copy's last step tombstones them.
+    (6, "snapshot_progress_resync", """
+ALTER TABLE {s}.snapshot_progress ADD COLUMN IF NOT EXISTS resync_lsn pg_lsn
+"""),
 ]
 
 
