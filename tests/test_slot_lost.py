@@ -81,7 +81,8 @@ def test_lost_slot_stops_the_worker_saying_what_happened_and_what_to_run(
     assert "replication slot 'slipstream' was invalidated" in err, shown(run)
     assert "max_slot_wal_keep_size" in err
     assert "SELECT pg_drop_replication_slot('slipstream');" in err
-    assert "DROP SCHEMA search_idx CASCADE;" in err and "`slipstream setup`" in err
+    assert "`slipstream setup`" in err and "rows deleted meanwhile tombstoned" in err
+    assert "DROP SCHEMA search_idx CASCADE;" in err  # the other way, from nothing
     # `status` shows it too, without failing.
     status = cli("status", "--config", str(config), "--json", cwd=tmp_path)
     assert status.returncode == 0, shown(status)
@@ -89,6 +90,20 @@ def test_lost_slot_stops_the_worker_saying_what_happened_and_what_to_run(
     text = cli("status", "--config", str(config), cwd=tmp_path)
     assert text.returncode == 0, shown(text)
     assert "WAL lost" in text.stdout and "pg_drop_replication_slot('slipstream')" in text.stderr
+
+    # The way out it names: drop the slot, then setup copies again and settles the gap.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_drop_replication_slot('slipstream')")
+        conn.execute("UPDATE notes SET title = 'one, edited while lost' WHERE title = 'one'")
+        conn.execute("DELETE FROM notes WHERE title = 'two'")
+        conn.execute("INSERT INTO notes (title, body) VALUES ('three', 'third')")
+    again = cli("setup", "--config", str(config), cwd=tmp_path)
+    assert again.returncode == 0, shown(again)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        expected = {str(i): t for i, t in conn.execute("SELECT id, title FROM notes")}
+        live = {i: t for i, t in conn.execute(
+            "SELECT object_id, title FROM search_idx.docs WHERE NOT deleted")}
+    assert live == expected and "one, edited while lost" in live.values(), live
 
 
 # --- without a server ------------------------------------------------------------------

@@ -115,12 +115,14 @@ def slot_invalidated_message(slot: str, schema: str = "slipstream", detail: str 
     return (
         f"replication slot {slot!r} was invalidated by the server (wal_status = 'lost'){said}: "
         "it fell further behind than max_slot_wal_keep_size allows, the WAL it still needed "
-        "was removed, and changes made since can no longer be streamed. The index must be "
-        f"rebuilt from a fresh copy: stop every worker, run SELECT pg_drop_replication_slot("
-        f"'{slot}'); on the source and DROP SCHEMA {_ident(schema)} CASCADE; on the search "
-        "database, then `slipstream setup` (a new slot and a full copy; devices re-download "
-        "their shards). To keep it from recurring, raise max_slot_wal_keep_size (or set it "
-        "to -1) and alert on slipstream_slot_lag_bytes."
+        "was removed, and changes made since can no longer be streamed. To recover, stop "
+        f"every worker, run SELECT pg_drop_replication_slot('{slot}'); on the source, then "
+        "`slipstream setup`: a new slot, in whose snapshot every table is copied again, "
+        "rows changed meanwhile rewritten and rows deleted meanwhile tombstoned, so devices "
+        f"catch up by delta (DROP SCHEMA {_ident(schema)} CASCADE; on the search database "
+        "before setup starts the index from nothing instead, and devices re-download their "
+        "shards). To keep it from recurring, raise max_slot_wal_keep_size (or set it to -1) "
+        "and alert on slipstream_slot_lag_bytes."
     )
 
 
