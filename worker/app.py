@@ -302,7 +302,7 @@ class Worker:
 
                 watch = TableWatch(self.source_dsn, self.table_oids, on_replaced, keys=self.table_keys,
                                    interval=self.config.worker.metrics_interval_seconds,
-                                   log=self.log).start()
+                                   publication=self.publication, log=self.log).start()
                 try:
                     runner.run()
                 finally:
@@ -310,7 +310,8 @@ class Worker:
                 if not replaced or terminating.is_set():
                     break
                 self.log.warning("table_replaced", tables=replaced,
-                                 action="the stream stopped; setting up again to copy the table afresh")
+                                 action="the stream stopped; setting up again to copy the table afresh "
+                                        "(or to put it back in the publication and catch it up)")
                 self._resolved = False  # read the new tables' OIDs, columns and keys
         except SlotInvalidatedError as exc:  # say it with this worker's schema
             raise SlotInvalidatedError(

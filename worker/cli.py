@@ -105,8 +105,9 @@ def setup(config_path: str, recopy: tuple[str, ...], forget: tuple[str, ...]) ->
         click.echo(f"{table}: dropped and created again, or keyed by other columns, since its "
                    "copy; its documents were tombstoned and it is copied afresh")
     for table in report.resynced:
-        click.echo(f"{table}: copied before under a slot that is gone, so changes since were "
-                   "not recorded: copied again, and rows deleted meanwhile tombstoned")
+        click.echo(f"{table}: its changes went unrecorded for a while (the slot was made anew, "
+                   "or the table was out of the publication): copied again, and rows deleted "
+                   "meanwhile tombstoned")
     for table in report.remapped:
         click.echo(f"{table}: " + ("copied again, as asked" if table in recopy else
                                    "its mapping changed in the configuration since its copy")

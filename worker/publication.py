@@ -23,7 +23,7 @@ from .snapshot import TableShape, publishes_stored_generated, split_relation
 if TYPE_CHECKING:
     from .setup import SetupReport
 
-__all__ = ["check_partitions", "check_publication", "ensure_publication"]
+__all__ = ["check_partitions", "check_publication", "ensure_publication", "published"]
 
 
 def ensure_publication(conn: psycopg.Connection, name: str, table_shapes: Sequence[TableShape],
@@ -64,19 +64,28 @@ def ensure_publication(conn: psycopg.Connection, name: str, table_shapes: Sequen
         report.generated_columns = True
     if all_tables:
         return  # FOR ALL TABLES: every table is in it already
-    # Members as published (a partitioned table shows as its partitions until the option
-    # is on) and as added: a partitioned table is in pg_publication_rel itself.
-    present = {f"{s}.{t}" for s, t in conn.execute(
-        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s "
-        "UNION SELECT n.nspname, c.relname FROM pg_publication_rel r "
-        "JOIN pg_publication p ON p.oid = r.prpubid JOIN pg_class c ON c.oid = r.prrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = %s", (name, name))}
+    present = published(conn, name)
     for relation, ident in zip(tables, idents):
         schema, table = split_relation(relation)
         if f"{schema}.{table}" not in present:
             _publication_ddl(conn, sql.SQL("ALTER PUBLICATION {p} ADD TABLE {t}").format(
                 p=sql.Identifier(name), t=ident))
             report.added_tables.append(relation)
+
+
+def published(conn: psycopg.Connection, name: str) -> set[str] | None:
+    """The tables ("schema.table") publication `name` holds; None when it holds every
+    table (FOR ALL TABLES), an empty set when there is no such publication. Members as
+    published (a partitioned table shows as its partitions until the option is on) and
+    as added: a partitioned table is in pg_publication_rel itself."""
+    row = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
+    if row is not None and row[0]:
+        return None
+    return {f"{s}.{t}" for s, t in conn.execute(
+        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s "
+        "UNION SELECT n.nspname, c.relname FROM pg_publication_rel r "
+        "JOIN pg_publication p ON p.oid = r.prpubid JOIN pg_class c ON c.oid = r.prrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = %s", (name, name))}
 
 
 def _publication_ddl(conn: psycopg.Connection, statement: sql.Composed) -> None:

@@ -203,14 +203,16 @@ def reset_remapped(applier: Applier, tables: Sequence[str], recopy: Sequence[str
 
 
 def mark_resync(applier: Applier, source: psycopg.Connection, tables: Sequence[str]) -> list[str]:
-    """Before a new slot is made for a search schema that already holds copies: every
-    configured table copied before is to be copied again, because nothing recorded what
-    changed since the old slot went (dropped by hand, by `teardown --keep-index`, or
-    invalidated). The WAL position now, before the new slot exists, is stored with it:
-    the copy stamps each row it reads at the slot's consistent point, after it, so a
-    row stored before it and not read again was deleted meanwhile, and the copy's last
-    step tombstones it (`snapshot._vanished`). Stored in the same transaction as the
-    reset, so a setup that stops before its copy finishes still finishes both."""
+    """Tables copied before whose changes went unrecorded for a while are to be copied
+    again: before a new slot is made for a search schema that already holds copies
+    (the old slot dropped by hand, by `teardown --keep-index`, or invalidated), and
+    for a table found out of the publication (taken out by hand, or the publication
+    dropped) and put back. The WAL position now is stored with the reset: the copy
+    stamps each row it reads at a later one (the new slot's consistent point, or where
+    each chunk is read), so a row stored before it and not read again was deleted
+    meanwhile, and the copy's last step tombstones it (`snapshot._vanished`). Stored in
+    the same statement as the reset, so a setup that stops before its copy finishes
+    still finishes both. Returns the tables reset."""
     conn, state = applier.conn, applier.state
     recorded = {r for (r,) in conn.execute(state.q("SELECT relation FROM {s}.snapshot_progress"))}
     conn.commit()
@@ -268,6 +270,9 @@ def setup(source_dsn: str, *, slot: str, publication: str, tables: Sequence[str]
                                                               tables, forget)
         if not have_slot:
             report.resynced = mark_resync(applier, source, tables)
+        else:  # a table that was out of the publication: its changes meanwhile were not sent
+            report.resynced = mark_resync(applier, source, list(tables) if report.created_publication
+                                          else report.added_tables)
         todo = set(pending_tables(applier, tables))
         if not have_slot:
             with ReplicationConnection.connect(source_dsn) as repl:

@@ -1,4 +1,5 @@
-"""Notices, while the worker runs, a configured table replaced or keyed anew under its name.
+"""Notices, while the worker runs, a configured table replaced, keyed anew under its name,
+or taken out of the publication.
 
 A publication holds tables, not names. After a bulk reload swaps a new table in
 (create it, fill it, drop the old one, rename the new one into its place), the new
@@ -9,9 +10,11 @@ table's OID and key columns every `interval` seconds, on a connection of its own
 and calls `on_replaced(tables)` once when any differs from what the worker resolved
 at its start. A table that is gone, with nothing under its name yet, or that has no
 key for the moment (between dropping one key and adding the next), is logged and
-watched on. The worker then stops its stream, runs `setup` again (which tombstones
-the old documents, adds a new table to the publication and queues the copy) and
-streams on.
+watched on. A table taken out of the publication (by hand, or the publication
+dropped) has its changes no longer sent, with nothing in the stream to say so either.
+The worker then stops its stream, runs `setup` again (which tombstones the old
+documents, puts the table back in the publication and queues the copy that catches it
+up, `setup.mark_resync`) and streams on.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import psycopg
 from slipstream.index.errors import ConfigurationError
 
+from .publication import published
 from .snapshot import split_relation, table_shape
 
 __all__ = ["TableWatch"]
@@ -40,8 +44,9 @@ class TableWatch:
 
     def __init__(self, dsn: str, oids: Mapping[str, int], on_replaced: Callable[[list[str]], None],
                  *, keys: Mapping[str, Sequence[str]] | None = None, interval: float = 5.0,
-                 log: Any = None) -> None:
+                 publication: str | None = None, log: Any = None) -> None:
         self.dsn, self.oids, self.on_replaced = dsn, dict(oids), on_replaced
+        self.publication = publication
         self.keys = {table: tuple(cols) for table, cols in (keys or {}).items()}
         self.interval, self.log = interval, log
         self._gone: set[str] = set()
@@ -59,10 +64,12 @@ class TableWatch:
             self._thread.join(timeout=10)
 
     def check(self, conn: psycopg.Connection) -> list[str]:
-        """The tables now under another OID, or keyed by other columns, than the worker resolved."""
+        """The tables now under another OID, or keyed by other columns, than the worker
+        resolved, or out of its publication."""
         tables = list(self.oids)
         parts = [split_relation(t) for t in tables]
         rows = conn.execute(_OIDS, ([s for s, _ in parts], [n for _, n in parts])).fetchall()
+        members = published(conn, self.publication) if self.publication is not None else None
         replaced = []
         for table, (_, oid) in zip(tables, rows, strict=True):
             if oid is None:
@@ -71,6 +78,10 @@ class TableWatch:
                                      "table of that name is created again or its section is removed")
                 self._gone.add(table)
             elif oid != self.oids[table] or self._rekeyed(conn, table):
+                replaced.append(table)
+            elif members is not None and table not in members:
+                if self.log is not None:
+                    self.log.warning("table_unpublished", table=table, publication=self.publication)
                 replaced.append(table)
         return replaced
 
